@@ -1,0 +1,131 @@
+"""Blockwise 4-bit quantization (NF4/FP4) and double quant, in plain PyTorch: the reference and CPU path.
+
+Layout (bitsandbytes-compatible): the weight is flattened row-major and cut into blocks of `blocksize`
+elements (the last block may be short); each block is scaled by its absmax into [-1, 1] and every value
+replaced by the index of the nearest code-book entry; two codes share a byte, the first in the high nibble.
+Double quant stores the fp32 absmax values again as 8-bit codes of `absmax - mean(absmax)` in blocks of 256
+with the signed dynamic map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shardq.config import NESTED_BLOCKSIZE
+
+_TINY = 1e-38  # floor for an all-zero block's absmax: its codes are zero either way
+
+
+def n_blocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)
+
+
+def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 absmax of each block of a flat fp32 tensor (the last block may be short)."""
+    n = flat.numel()
+    nb = n_blocks(n, blocksize)
+    pad = nb * blocksize - n
+    padded = torch.nn.functional.pad(flat.abs(), (0, pad)) if pad else flat.abs()
+    return padded.reshape(nb, blocksize).amax(dim=1)
+
+
+def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Each value times 1/absmax of its block (a multiply by the reciprocal, as the CUDA kernels do)."""
+    inv = 1.0 / absmax.clamp_min(_TINY)
+    return flat * inv.repeat_interleave(blocksize)[: flat.numel()]
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index (int64) of the nearest entry of `code` for each value. Where two entries are equal (FP4's +0
+    and -0), the one whose sign matches the value is taken: negatives get the sign bit, as in bitsandbytes'
+    CUDA kernels."""
+    code = code.to(device=scaled.device, dtype=torch.float32)
+    order = torch.argsort(code, stable=True)
+    sorted_code = code[order]
+    mids = (sorted_code[:-1] + sorted_code[1:]) / 2
+    q = order[torch.bucketize(scaled, mids)]
+    twin = _twins(code)
+    if twin is not None:
+        wrong_sign = torch.signbit(code[q]) != (scaled < 0)
+        q = torch.where(wrong_sign, twin[q], q)
+    return q
+
+
+def _twins(code: torch.Tensor) -> torch.Tensor | None:
+    """For each index, the other index holding an equal value (itself if none); None if all differ."""
+    eq = code[:, None] == code[None, :]
+    eq.fill_diagonal_(False)
+    if not bool(eq.any()):
+        return None
+    idx = torch.arange(code.numel(), device=code.device)
+    return torch.where(eq.any(dim=1), eq.to(torch.int64).argmax(dim=1), idx)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [ceil(n/2), 1] from n 4-bit codes, the first of each pair in the high nibble (odd n: pad 0)."""
+    q = q.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """int64 codes [numel] from a packed uint8 tensor (high nibble first)."""
+    p = packed.reshape(-1).to(torch.int64)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
+
+
+def quantize_4bit_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization of `A` to the 16-entry `code`: (packed uint8 [ceil(n/2),1], absmax fp32)."""
+    flat = A.reshape(-1).float()
+    absmax = _block_absmax(flat, blocksize)
+    scaled = _scale_blocks(flat, absmax, blocksize).clamp(-1, 1)
+    # the odd tail is padded with a quantized 0.0, as the CUDA kernel loads 0 past the end
+    if scaled.numel() % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    q = nearest_code(scaled, code)
+    return pack_nibbles(q), absmax
+
+
+def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                        shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_4bit_ref`: code value times block absmax, computed in fp32, cast to `dtype`."""
+    numel = math.prod(shape)
+    q = unpack_nibbles(packed, numel)
+    vals = code.to(device=packed.device, dtype=torch.float32)[q]
+    scale = absmax.float().repeat_interleave(blocksize)[:numel]
+    return (vals * scale).reshape(shape).to(dtype)
+
+
+# ---- double quant: the absmax statistics as 8-bit dynamic codes in blocks of 256 ----
+
+@dataclass
+class NestedAbsmax:
+    """Double-quantized absmax: real absmax[i] = code[q[i]] * nested_absmax[i // 256] + offset."""
+
+    q: torch.Tensor              # uint8 [nblocks]
+    nested_absmax: torch.Tensor  # fp32 [ceil(nblocks / 256)]
+    code: torch.Tensor           # fp32 [256], the signed dynamic map
+    offset: torch.Tensor         # fp32 scalar, mean of the absmax values
+
+
+def quantize_absmax(absmax: torch.Tensor, dyn_code: torch.Tensor) -> NestedAbsmax:
+    """Double quant of fp32 absmax values: subtract their mean, quantize blockwise (256) to `dyn_code`."""
+    absmax = absmax.float()
+    offset = absmax.mean()
+    centred = absmax - offset
+    nested = _block_absmax(centred, NESTED_BLOCKSIZE)
+    scaled = _scale_blocks(centred, nested, NESTED_BLOCKSIZE)
+    q = nearest_code(scaled, dyn_code).to(torch.uint8)
+    return NestedAbsmax(q=q, nested_absmax=nested, code=dyn_code.float(), offset=offset)
+
+
+def dequantize_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, code: torch.Tensor,
+                      offset: float | torch.Tensor) -> torch.Tensor:
+    """fp32 absmax from double-quantized statistics."""
+    vals = code.to(device=q.device, dtype=torch.float32)[q.reshape(-1).to(torch.int64)]
+    scale = nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: q.numel()]
+    return vals * scale + offset
