@@ -1,0 +1,555 @@
+"""Run a model across GPUs, the CPU and disk following an accelerate-format device map.
+
+`dispatch_model(model, device_map)` places every block (device-map entry) and hooks it:
+
+- a GPU block is moved to its GPU; its hook moves incoming activations there (GPU→GPU copies are
+  non-blocking, peer-to-peer where the driver allows);
+- a "cpu" block runs in one of two modes (`offload_modes`): "cpu" computes on the CPU in fp32 (the
+  bitsandbytes fp32-offload behaviour: floating weights are cast to fp32, floating inputs too, and outputs go
+  back to the input dtype on the main device), or "stream": its weights stay in pinned host memory and are
+  copied to the execution GPU for each forward, the next block's copy overlapping the current compute
+  (`shardq.offload.Streamer`);
+- a "disk" block's weights live in `offload_dir` as safetensors and are read ahead by a thread, then streamed.
+
+The model's outputs come back on the main device (`execution_device`, else the first GPU of the map, else the
+CPU). Without a GPU everything runs on the CPU, through the same streaming code. Readable state:
+`model.shardq_device_map` (normalised map), `model.shardq_offload_modes` (how each block runs),
+`memory_report(model)` / `format_memory_report(...)` (bytes per device, allocator counters on GPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
+from shardq.offload import DiskBlock, HostBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
+    write_disk_offload
+
+MODES = ("gpu", "cpu", "stream", "disk")
+
+
+class DispatchError(ValueError):
+    """A device map or offload setting that cannot be run; raised before anything is moved."""
+
+
+@dataclass
+class _Ref:
+    """One place a tensor is reachable from: `holder._parameters[attr]` or `holder._buffers[attr]`."""
+
+    holder: nn.Module
+    attr: str
+    is_param: bool
+
+    def get(self) -> torch.Tensor:
+        return (self.holder._parameters if self.is_param else self.holder._buffers)[self.attr]
+
+    def set(self, value: torch.Tensor | None) -> None:
+        (self.holder._parameters if self.is_param else self.holder._buffers)[self.attr] = value
+
+
+@dataclass
+class _Tensor:
+    """A distinct tensor of the model (tied tensors appear once) and every block that reaches it."""
+
+    tensor: torch.Tensor
+    names: list[str]
+    refs: dict[str, list[_Ref]] = field(default_factory=dict)  # block name -> refs inside that block
+    home: str | None = None  # block that holds it; None = host memory shared by offloaded blocks
+    dtype: torch.dtype | None = None  # dtype before dispatch
+
+
+@dataclass
+class Block:
+    """Runtime state of one device-map entry."""
+
+    name: str
+    device: DeviceKey
+    mode: str
+    exec_device: torch.device
+    out_device: torch.device | None = None
+    owned: list[_Tensor] = field(default_factory=list)
+    borrowed: list[_Tensor] = field(default_factory=list)
+    streamed: bool = False
+    targets: list[_Tensor | None] = field(default_factory=list)  # per streamed tensor (block layout order)
+    in_dtype: torch.dtype | None = None
+    orig_dtype: torch.dtype | None = None  # floating dtype of its weights before dispatch ("cpu" outputs return to it)
+    saved: list[tuple[_Ref, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Runtime:
+    """Everything `dispatch_model` set up; kept on the model as `model.shardq_runtime`."""
+
+    device_map: dict[str, DeviceKey]
+    modes: dict[str, str]
+    main_device: torch.device
+    blocks: dict[str, Block]
+    streamer: Streamer | None
+    offload_dir: Path | None
+    handles: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# moving nested activations
+
+
+def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """`obj` with every tensor inside (tuples, lists, dicts, dataclasses/ModelOutput) on `device`.
+
+    Floating tensors are cast to `dtype` when given. Other objects (a transformers KV cache, say) pass through
+    untouched: each layer keeps its own cache tensors on its own device.
+    """
+    if isinstance(obj, torch.Tensor):
+        cast = dtype is not None and obj.is_floating_point() and obj.dtype != dtype
+        if obj.device == device and not cast:
+            return obj
+        blocking = device.type == "cpu" and obj.device.type != "cpu"  # GPU→host must finish before use
+        return obj.to(device=device, dtype=dtype if cast else None, non_blocking=not blocking)
+    if isinstance(obj, (list, tuple)):
+        items = [move_to(v, device, dtype) for v in obj]
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, Mapping):
+        moved = {k: move_to(v, device, dtype) for k, v in obj.items()}
+        try:
+            return type(obj)(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
+        except TypeError:
+            return moved
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: move_to(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+def _first_float_dtype(obj: Any) -> torch.dtype | None:
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype if obj.is_floating_point() else None
+    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in items:
+        found = _first_float_dtype(v)
+        if found is not None:
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validating the map
+
+
+def _device_of(key: DeviceKey) -> torch.device:
+    return torch.device("cuda", key) if isinstance(key, int) else torch.device("cpu")
+
+
+def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, DeviceKey]:
+    """The device map with checked keys (module names, in model order) and normalised device keys."""
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise DispatchError(f"device_map must be a non-empty dict of module name -> device, got {device_map!r}; "
+                            "use {'': 0} to put the whole model on GPU 0")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    unknown = [k for k in device_map if k not in modules]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, list(modules), n=1) for k in unknown}
+        detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise DispatchError(f"device_map names modules the model does not have: {detail}; keys must be module names "
+                            "from model.named_modules() ('' is the whole model)")
+    count = gpu_count()
+    out = {}
+    for name in (n for n in modules if n in device_map):
+        try:
+            key = normalize_device(device_map[name], count)
+        except ValueError as e:
+            raise DispatchError(f"device_map[{name!r}]: {e}") from None
+        if key not in ("cpu", "disk") and not isinstance(key, int):
+            raise DispatchError(f"device_map[{name!r}] = {device_map[name]!r}: use a GPU index, 'cpu' or 'disk'")
+        out[name] = key
+    seen: dict[int, str] = {}
+    for name in out:
+        other = seen.setdefault(id(modules[name]), name)
+        if other != name:
+            raise DispatchError(f"device_map entries {other!r} and {name!r} are the same module object (an alias); "
+                                "keep only one of them")
+    return out
+
+
+def _resolve_modes(entries: dict[str, DeviceKey], offload_modes: Any, has_gpu: bool) -> dict[str, str]:
+    default = "stream" if has_gpu else "cpu"
+    if offload_modes is None or isinstance(offload_modes, str):
+        forced = {k: offload_modes or default for k, v in entries.items() if v == "cpu"}
+    elif isinstance(offload_modes, Mapping):
+        stray = [k for k in offload_modes if entries.get(k) != "cpu"]
+        if stray:
+            raise DispatchError(f"offload_modes names {stray}, which are not 'cpu' entries of the device map; "
+                                "a mode applies only to blocks mapped to 'cpu'")
+        forced = {k: offload_modes.get(k, default) for k, v in entries.items() if v == "cpu"}
+    else:
+        raise DispatchError(f"offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, got {offload_modes!r}")
+    bad = {k: m for k, m in forced.items() if m not in ("cpu", "stream")}
+    if bad:
+        raise DispatchError(f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
+                            "or 'stream' (weights copied to the GPU for each forward)")
+    modes = {}
+    for name, key in entries.items():
+        modes[name] = "gpu" if isinstance(key, int) else "disk" if key == "disk" else forced[name]
+    return modes
+
+
+def _owner(name: str, entries: Mapping[str, Any]) -> str | None:
+    """The entry that holds tensor or module `name`: its longest prefix among the entries."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in entries:
+            return prefix
+    return None
+
+
+def _check_nesting(entries: dict[str, DeviceKey], modes: dict[str, str]) -> None:
+    for name, mode in modes.items():
+        if mode in ("stream", "disk"):
+            inner = [e for e in entries if e != name and (name == "" or e.startswith(name + "."))]
+            if inner:
+                raise DispatchError(f"block {name!r} is offloaded ({mode}) but contains other device-map entries "
+                                    f"{inner[:5]}; map its children instead, or put {name!r} on a GPU or the CPU")
+
+
+def _collect_tensors(model: nn.Module, entries: dict[str, DeviceKey]) -> list[_Tensor]:
+    """Every distinct parameter and buffer, with the blocks reaching it; uncovered tensors are an error."""
+    found: dict[int, _Tensor] = {}
+    uncovered = []
+    for is_param, named in ((True, model.named_parameters(remove_duplicate=False)),
+                            (False, model.named_buffers(remove_duplicate=False))):
+        for qname, t in named:
+            if t is None:
+                continue
+            block = _owner(qname, entries)
+            if block is None:
+                uncovered.append(qname)
+                continue
+            holder_name, _, attr = qname.rpartition(".")
+            rec = found.setdefault(id(t), _Tensor(t, [], dtype=t.dtype))
+            rec.names.append(qname)
+            rec.refs.setdefault(block, []).append(_Ref(model.get_submodule(holder_name), attr, is_param))
+    if uncovered:
+        raise DispatchError(f"{len(uncovered)} tensors are not covered by the device map, e.g. {uncovered[:5]}; "
+                            "add entries for their modules (or '' for everything not listed)")
+    return list(found.values())
+
+
+def _choose_homes(tensors: list[_Tensor], modes: dict[str, str]) -> None:
+    """A tied tensor lives once: on its first GPU block, else its first CPU block, else in host memory."""
+    for rec in tensors:
+        blocks = list(rec.refs)
+        if len(blocks) == 1:
+            rec.home = blocks[0]
+            continue
+        for wanted in ("gpu", "cpu"):
+            rec.home = next((b for b in blocks if modes[b] == wanted), None)
+            if rec.home is not None:
+                break
+
+
+def _check_loaded(tensors: list[_Tensor], modes: dict[str, str], disk: dict[str, DiskBlock]) -> None:
+    meta = [r.names[0] for r in tensors if r.tensor.device.type == "meta" and not (
+        r.home is not None and modes[r.home] == "disk" and r.home in disk)]
+    if meta:
+        raise DispatchError(f"{len(meta)} tensors are still on the meta device (never loaded), e.g. {meta[:5]}; "
+                            "load the weights first (shardq.load_sharded) or map those blocks to 'disk' with their "
+                            "weights written to offload_dir")
+
+
+def _check_disk(blocks: dict[str, Block], offload_dir: Path | None) -> dict[str, DiskBlock]:
+    """Open existing disk blocks and check them against the module's tensors."""
+    disk_blocks = [b for b in blocks.values() if b.mode == "disk"]
+    if not disk_blocks:
+        return {}
+    if offload_dir is None:
+        raise DispatchError(f"blocks {[b.name for b in disk_blocks][:5]} are mapped to 'disk' but no offload_dir was "
+                            "given; pass offload_dir='some/folder'")
+    have = read_disk_index(offload_dir)["blocks"] if (offload_dir / "index.json").exists() else {}
+    out = {}
+    for b in disk_blocks:
+        if b.name not in have:
+            continue
+        stored = open_disk_block(offload_dir, b.name)
+        want = {_local(b.name, r): (r.tensor.dtype, tuple(r.tensor.shape)) for r in b.owned}
+        got = {s.name: (s.dtype, s.shape) for s in stored.specs}
+        wrong = [f"{k}: module {v[0]} {list(v[1])}, file " + (f"{got[k][0]} {list(got[k][1])}" if k in got else "missing")
+                 for k, v in want.items() if got.get(k) != v]
+        if wrong:
+            raise DispatchError(f"offload file for block {b.name!r} does not match the module: {wrong[:5]}; "
+                                "delete the offload folder and load again")
+        out[b.name] = stored
+    return out
+
+
+def _local(block: str, rec: _Tensor) -> str:
+    """The tensor's name relative to `block` (first of its names inside the block)."""
+    for n in rec.names:
+        if block == "":
+            return n
+        if n.startswith(block + "."):
+            return n[len(block) + 1:]
+    raise KeyError(block)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# placing
+
+
+def _set_all(rec: _Tensor, value: torch.Tensor, replace: bool = False) -> None:
+    """Point every reference of `rec` at `value` (in place through `.data` unless `replace`)."""
+    if not replace and value.device.type != "meta":
+        rec.tensor.data = value
+        return
+    new = nn.Parameter(value, requires_grad=False) if isinstance(rec.tensor, nn.Parameter) else value
+    for refs in rec.refs.values():
+        for ref in refs:
+            ref.set(new)
+    rec.tensor = new
+
+
+def _place(rt: Runtime, disk: dict[str, DiskBlock], pin: bool) -> None:
+    for b in rt.blocks.values():
+        if b.mode == "gpu":
+            for rec in b.owned:
+                _set_all(rec, rec.tensor.data.to(b.exec_device))
+        elif b.mode == "cpu":
+            for rec in b.owned:
+                t = rec.tensor.data
+                _set_all(rec, t.to("cpu", torch.float32 if t.is_floating_point() else None))
+        elif b.mode == "stream":
+            block = pack_host_block(b.name, {_local(b.name, r): r.tensor.data for r in b.owned}, pin)
+            for rec, view in zip(b.owned, views(block.buffer, block.specs)):
+                _set_all(rec, view)
+            b.targets = list(b.owned)
+            rt.streamer.add(block)
+        elif b.mode == "disk":
+            if b.name not in disk:
+                write_disk_offload(rt.offload_dir, b.name, {_local(b.name, r): r.tensor.data for r in b.owned})
+                disk[b.name] = open_disk_block(rt.offload_dir, b.name)
+            by_name = {_local(b.name, r): r for r in b.owned}
+            b.targets = [by_name.get(s.name) for s in disk[b.name].specs]
+            for rec in b.owned:
+                _set_all(rec, torch.empty(rec.tensor.shape, dtype=rec.tensor.dtype, device="meta"), replace=True)
+            rt.streamer.add(disk[b.name])
+    for rec in {id(r): r for b in rt.blocks.values() for r in b.borrowed}.values():
+        if rec.home is None:  # tied tensor of offloaded blocks only: one host copy, fetched by each of them
+            host = rec.tensor.data.to("cpu")
+            _set_all(rec, host.pin_memory() if pin and not host.is_pinned() else host)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hooks
+
+
+def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
+    for ref in rec.refs[b.name]:
+        b.saved.append((ref, ref.get()))
+        ref.set(value)
+
+
+def _pre_hook(rt: Runtime, b: Block):
+    cast = torch.float32 if b.mode == "cpu" else None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if b.mode == "cpu":
+            b.in_dtype = _first_float_dtype((args, kwargs))
+        args, kwargs = move_to((args, kwargs), b.exec_device, cast)
+        if b.streamed:
+            for rec, view in zip(b.targets, rt.streamer.acquire(b.name)):
+                if rec is not None:
+                    _swap_in(b, rec, view)
+        for rec in b.borrowed:
+            want = cast if (cast is not None and rec.dtype.is_floating_point) else rec.dtype
+            _swap_in(b, rec, rec.tensor.data.to(b.exec_device, want, non_blocking=True))
+        return args, kwargs
+
+    return hook
+
+
+def _post_hook(rt: Runtime, b: Block):
+    def hook(module: nn.Module, args: tuple, output: Any):
+        while b.saved:
+            ref, original = b.saved.pop()
+            ref.set(original)
+        if b.streamed:
+            rt.streamer.release(b.name)
+        if b.out_device is not None:
+            back = (b.orig_dtype or b.in_dtype) if b.mode == "cpu" else None
+            output = move_to(output, b.out_device, back)
+        return output
+
+    return hook
+
+
+def _root_hooks(model: nn.Module, rt: Runtime) -> None:
+    if "" not in rt.blocks:
+        rt.handles.append(model.register_forward_pre_hook(
+            lambda m, args, kwargs: move_to((args, kwargs), rt.main_device), with_kwargs=True))
+    rt.handles.append(model.register_forward_hook(lambda m, args, out: move_to(out, rt.main_device), always_call=True))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_modes: Any = None,
+                   execution_device: Any = None, offload_dir: str | Path | None = None,
+                   prefetch: bool = True) -> nn.Module:
+    """Place `model`'s blocks by `device_map` and hook them so a plain `model(...)` runs across devices.
+
+    `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
+    blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
+    all or a dict per block; default "stream" with a GPU, "cpu" without. `execution_device`: the GPU that
+    streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
+    disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).
+    `prefetch`: copy the next offloaded block while the current one computes. Everything is checked before
+    anything moves. Returns the model.
+    """
+    if hasattr(model, "shardq_runtime"):
+        raise DispatchError("this model is already dispatched; build or load a fresh model to dispatch it again")
+    entries = normalize_map(model, device_map)
+    has_gpu = gpu_count() > 0
+    modes = _resolve_modes(entries, offload_modes, has_gpu)
+    _check_nesting(entries, modes)
+    main = _main_device(entries, modes, execution_device, has_gpu)
+    stream_dev = main if main.type == "cuda" else torch.device("cpu")
+    tensors = _collect_tensors(model, entries)
+    _choose_homes(tensors, modes)
+    blocks = _make_blocks(entries, modes, tensors, main, stream_dev)
+    offload_dir = Path(offload_dir) if offload_dir is not None else None
+    disk = _check_disk(blocks, offload_dir)
+    _check_loaded(tensors, modes, disk)
+
+    streamer = Streamer(stream_dev, prefetch) if any(m in ("stream", "disk") for m in modes.values()) else None
+    rt = Runtime(entries, modes, main, blocks, streamer, offload_dir)
+    _place(rt, disk, pin=stream_dev.type == "cuda")
+    if streamer is not None:
+        streamer.allocate()
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for b in blocks.values():
+        rt.handles.append(modules[b.name].register_forward_pre_hook(_pre_hook(rt, b), with_kwargs=True))
+        rt.handles.append(modules[b.name].register_forward_hook(_post_hook(rt, b), always_call=True))
+    _root_hooks(model, rt)
+    model.shardq_runtime = rt
+    model.shardq_device_map = dict(entries)
+    model.shardq_offload_modes = dict(modes)
+    return model
+
+
+def _main_device(entries: dict[str, DeviceKey], modes: dict[str, str], execution_device: Any,
+                 has_gpu: bool) -> torch.device:
+    if execution_device is not None:
+        try:
+            key = normalize_device(execution_device, gpu_count())
+        except ValueError as e:
+            raise DispatchError(f"execution_device: {e}") from None
+        if key == "disk":
+            raise DispatchError("execution_device cannot be 'disk': give a GPU index or 'cpu'")
+        return _device_of(key)
+    first_gpu = next((k for k in entries.values() if isinstance(k, int)), None)
+    if first_gpu is not None:
+        return _device_of(first_gpu)
+    if has_gpu and any(m in ("stream", "disk") for m in modes.values()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _make_blocks(entries: dict[str, DeviceKey], modes: dict[str, str], tensors: list[_Tensor],
+                 main: torch.device, stream_dev: torch.device) -> dict[str, Block]:
+    blocks = {}
+    for name, key in entries.items():
+        mode = modes[name]
+        exec_dev = _device_of(key) if mode == "gpu" else torch.device("cpu") if mode == "cpu" else stream_dev
+        parent = _owner(name.rpartition(".")[0], {k: v for k, v in entries.items() if k != name}) if name else None
+        blocks[name] = Block(name, key, mode, exec_dev, streamed=mode in ("stream", "disk"))
+        if parent is not None:
+            blocks[name].out_device = _exec_of(parent, entries, modes, stream_dev)
+        elif mode == "cpu":
+            blocks[name].out_device = main
+    for rec in tensors:
+        home_dev = None if rec.home is None else blocks[rec.home].exec_device
+        for bname in rec.refs:
+            b = blocks[bname]
+            if bname == rec.home:
+                b.owned.append(rec)
+            elif not (home_dev == b.exec_device and modes[rec.home] in ("gpu", "cpu")):
+                b.borrowed.append(rec)
+            if b.orig_dtype is None and rec.dtype.is_floating_point:
+                b.orig_dtype = rec.dtype
+    return blocks
+
+
+def _exec_of(name: str, entries: dict[str, DeviceKey], modes: dict[str, str], stream_dev: torch.device) -> torch.device:
+    mode = modes[name]
+    return _device_of(entries[name]) if mode == "gpu" else torch.device("cpu") if mode == "cpu" else stream_dev
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading the state
+
+
+def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Bytes per device key ("0", "1", "cpu", "disk") of a dispatched model.
+
+    For each key: `blocks` (count), `placed` (weights held there: resident GPU/CPU weights, pinned host copies
+    of streamed blocks under "cpu", files under "disk"), `stream_slots` (the two streaming buffers on the
+    execution device); for GPUs also the allocator's `allocated`, `peak_allocated` and `reserved` bytes.
+    """
+    rt: Runtime = getattr(model, "shardq_runtime", None)
+    if rt is None:
+        raise DispatchError("memory_report needs a model returned by shardq.dispatch_model or shardq.load_sharded")
+    report: dict[str, dict[str, int]] = {}
+
+    def row(key: Any) -> dict[str, int]:
+        return report.setdefault(str(key), {"blocks": 0, "placed": 0, "stream_slots": 0})
+
+    for b in rt.blocks.values():
+        key = b.device if b.mode != "stream" else "cpu"
+        row(key)["blocks"] += 1
+        row(key)["placed"] += sum(r.tensor.numel() * r.tensor.element_size() for r in b.owned if r.tensor.device.type != "meta")
+    if rt.streamer is not None:
+        for blk in rt.streamer.blocks.values():
+            if isinstance(blk, DiskBlock):
+                row("disk")["placed"] += blk.nbytes
+        key = rt.streamer.device.index if rt.streamer.device.type == "cuda" else "cpu"
+        row(key)["stream_slots"] += sum(s.buffer.numel() for s in rt.streamer.slots)
+    for key, vals in report.items():
+        if key.isdigit():
+            i = int(key)
+            vals.update(allocated=torch.cuda.memory_allocated(i), peak_allocated=torch.cuda.max_memory_allocated(i),
+                        reserved=torch.cuda.memory_reserved(i))
+    return report
+
+
+def format_memory_report(report: dict[str, dict[str, int]]) -> str:
+    """A readable table of `memory_report(model)`."""
+    cols = ["blocks", "placed", "stream_slots", "allocated", "peak_allocated", "reserved"]
+    lines = [f"{'device':<8}" + "".join(f"{c:>16}" for c in cols)]
+    for key, vals in report.items():
+        cells = [str(vals[c]) if c == "blocks" else format_size(vals[c]) if c in vals else "-" for c in cols]
+        lines.append(f"{key:<8}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def remove_dispatch(model: nn.Module) -> nn.Module:
+    """Remove shardq's hooks and stop the streamer; offloaded weights stay where they are."""
+    rt: Runtime | None = getattr(model, "shardq_runtime", None)
+    if rt is None:
+        return model
+    for h in rt.handles:
+        h.remove()
+    if rt.streamer is not None:
+        rt.streamer.close()
+    for attr in ("shardq_runtime", "shardq_device_map", "shardq_offload_modes"):
+        delattr(model, attr)
+    return model

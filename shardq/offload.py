@@ -1,0 +1,414 @@
+"""Weight stores for offloaded blocks and the streamer that brings them to the execution device.
+
+A *block* is one entry of a device map (a module and everything under it). An offloaded block's tensors live
+either in one flat pinned host buffer (`HostBlock`, mode "stream") or in a safetensors file of the offload
+folder (`DiskBlock`, mode "disk"). For each forward the `Streamer` copies a block's bytes in ONE transfer into
+one of two preallocated slots on the execution device and hands out views of it, so the device never holds
+more than two streamed blocks. On a GPU the copies run on a side stream: while block i computes, block i+1 is
+already being copied (events order compute after copy, and a slot is only overwritten once the compute that
+read it has finished). Disk blocks are read by a background thread into pinned staging buffers ahead of use.
+Without a GPU the same code runs on the CPU with plain copies, so CI exercises it for real.
+
+Nothing here depends on a quantization format: a block is a list of named tensors of any dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "shardq-offload-1"
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class OffloadError(ValueError):
+    """A problem with offloaded weights (missing or damaged offload file, mismatched tensors)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor of a block lies inside the block's flat byte buffer."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class HostBlock:
+    """A block held in one flat host buffer (pinned when a GPU will read it)."""
+
+    name: str
+    specs: list[TensorSpec]
+    buffer: torch.Tensor  # uint8, flat
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+
+@dataclass
+class DiskBlock:
+    """A block stored as one safetensors file; `data_offset` is where its data section starts in the file."""
+
+    name: str
+    specs: list[TensorSpec]
+    path: Path
+    data_offset: int
+    nbytes: int
+
+
+Block = HostBlock | DiskBlock
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _round_up(n: int, k: int = ALIGN) -> int:
+    return (n + k - 1) // k * k
+
+
+def layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[TensorSpec], int]:
+    """Aligned flat layout for `tensors` (in the given order): their specs and the total byte size."""
+    specs, offset = [], 0
+    for name, t in tensors.items():
+        n = _nbytes(t)
+        specs.append(TensorSpec(name, t.dtype, tuple(t.shape), offset, n))
+        offset = _round_up(offset + n)
+    return specs, offset
+
+
+def views(buffer: torch.Tensor, specs: list[TensorSpec]) -> list[torch.Tensor]:
+    """Typed, shaped views of a flat uint8 `buffer` laid out by `specs` (no copies)."""
+    out = []
+    for s in specs:
+        raw = buffer[s.offset : s.offset + s.nbytes]
+        out.append(raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype, device=buffer.device))
+    return out
+
+
+def pack_host_block(name: str, tensors: Mapping[str, torch.Tensor], pin: bool) -> HostBlock:
+    """Copy `tensors` into one flat host buffer (pinned if `pin`) and return the block.
+
+    The caller re-points its parameters at `views(block.buffer, block.specs)` so the original storage is freed.
+    """
+    specs, total = layout(tensors)
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+    for spec, view, t in zip(specs, views(buffer, specs), tensors.values()):
+        if spec.nbytes:
+            view.copy_(t.detach())
+    return HostBlock(name, specs, buffer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# disk offload folder: one safetensors file per block plus index.json
+
+
+def _block_file(module_name: str) -> str:
+    return (module_name or "_root") + ".safetensors"
+
+
+def write_disk_offload(offload_dir: str | os.PathLike, module_name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write one block's tensors (names relative to the block module) to the offload folder and index them.
+
+    The loader calls this for every block planned on "disk"; `dispatch_model` reads the folder back. The file is
+    a plain safetensors file; the index maps block names to files and tensor dtypes/shapes.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(offload_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, t in tensors.items() if t.device.type == "meta"]
+    if bad:
+        raise OffloadError(f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device (not loaded)")
+    cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    path = folder / _block_file(module_name)
+    tmp = path.with_suffix(".tmp")
+    save_file(cpu, str(tmp), metadata={"format": INDEX_FORMAT, "block": module_name})
+    os.replace(tmp, path)
+    index = read_disk_index(folder) if (folder / INDEX_NAME).exists() else {"format": INDEX_FORMAT, "blocks": {}}
+    index["blocks"][module_name] = {
+        "file": path.name,
+        "tensors": {k: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in cpu.items()},
+    }
+    tmp_index = folder / (INDEX_NAME + ".tmp")
+    tmp_index.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_index, folder / INDEX_NAME)
+    return path
+
+
+def read_disk_index(offload_dir: str | os.PathLike) -> dict:
+    """The offload folder's index (block name → file and tensor dtypes/shapes)."""
+    path = Path(offload_dir) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OffloadError(f"offload folder {offload_dir} has no {INDEX_NAME}; write blocks with write_disk_offload") from None
+    except json.JSONDecodeError as e:
+        raise OffloadError(f"{path} is not valid JSON ({e}); delete the offload folder and load again") from None
+    if index.get("format") != INDEX_FORMAT or not isinstance(index.get("blocks"), dict):
+        raise OffloadError(f"{path} is not a shardq offload index (format {index.get('format')!r})")
+    return index
+
+
+def open_disk_block(offload_dir: str | os.PathLike, module_name: str) -> DiskBlock:
+    """Parse and check a block's safetensors header (dtypes, shapes, file size) without reading its data."""
+    index = read_disk_index(offload_dir)
+    entry = index["blocks"].get(module_name)
+    if entry is None:
+        raise OffloadError(f"block {module_name!r} is not in {Path(offload_dir) / INDEX_NAME}; "
+                           f"it holds {sorted(index['blocks'])}")
+    path = Path(offload_dir) / entry["file"]
+    size = path.stat().st_size if path.exists() else -1
+    if size < 8:
+        raise OffloadError(f"offload file {path} is missing or empty; delete the offload folder and load again")
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        if hlen > size - 8:
+            raise OffloadError(f"offload file {path} is truncated (header of {hlen} bytes, file of {size})")
+        header = json.loads(f.read(hlen))
+    header.pop("__metadata__", None)
+    specs, end = [], 0
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, stop = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if start % torch.empty((), dtype=dtype).element_size():
+            raise OffloadError(f"tensor {name!r} in {path} is not aligned to its dtype; rewrite it with write_disk_offload")
+        specs.append(TensorSpec(name, dtype, tuple(info["shape"]), start, stop - start))
+        end = max(end, stop)
+    if 8 + hlen + end > size:
+        raise OffloadError(f"offload file {path} is truncated: needs {8 + hlen + end} bytes, has {size}; "
+                           "delete the offload folder and load again")
+    return DiskBlock(module_name, specs, path, 8 + hlen, end)
+
+
+def read_block_into(block: DiskBlock, out: torch.Tensor, wait: torch.cuda.Event | None = None) -> torch.Tensor:
+    """Read a disk block's data section into the flat uint8 host tensor `out` (after `wait`, if given)."""
+    if wait is not None:
+        wait.synchronize()
+    target = out[: block.nbytes].numpy()
+    with open(block.path, "rb") as f:
+        f.seek(block.data_offset)
+        got = f.readinto(memoryview(target))
+    if got != block.nbytes:
+        raise OffloadError(f"offload file {block.path} is truncated: read {got} of {block.nbytes} bytes")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the streamer
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    owner: str | None = None
+    busy: bool = False
+    last_use: int = 0
+    ready: torch.cuda.Event | None = None  # copy into the slot done (GPU)
+    free: torch.cuda.Event | None = None  # compute reading the slot done (GPU)
+    free_recorded: bool = False
+
+
+@dataclass
+class _Staging:
+    buffer: torch.Tensor
+    free: torch.cuda.Event | None = None  # H2D copy out of it done
+    free_recorded: bool = False
+
+
+@dataclass
+class Streamer:
+    """Brings offloaded blocks to `device`, two slots deep, with prefetch of the predicted next block.
+
+    Use: `add(block)` for every offloaded block, `allocate()` once, then around each block's forward
+    `acquire(name)` (typed views on `device`) and `release(name)`.
+    """
+
+    device: torch.device
+    prefetch: bool = True
+    blocks: dict[str, Block] = field(default_factory=dict)
+    slots: list[_Slot] = field(default_factory=list)
+    staging: list[_Staging] = field(default_factory=list)
+    successor: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "prefetched": 0, "disk_reads": 0})
+    _last: str | None = None
+    _clock: int = 0
+    _reads: dict[str, tuple[Future, int]] = field(default_factory=dict)
+    _reader: ThreadPoolExecutor | None = None
+    _stream: torch.cuda.Stream | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def add(self, block: Block) -> None:
+        self.blocks[block.name] = block
+
+    def slot_bytes(self) -> int:
+        """Bytes of one slot: the largest streamed block."""
+        return max((b.nbytes for b in self.blocks.values()), default=0)
+
+    def allocate(self) -> None:
+        """Allocate the two device slots (and pinned staging for disk blocks) once, up front."""
+        nbytes = _round_up(max(self.slot_bytes(), 1))
+        self.slots = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=self.device)) for _ in range(2)]
+        disk = [b.nbytes for b in self.blocks.values() if isinstance(b, DiskBlock)]
+        if disk:
+            self.staging = [_Staging(torch.empty(max(disk), dtype=torch.uint8, pin_memory=self.cuda)) for _ in range(2)]
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardq-disk")
+        if self.cuda:
+            self._stream = torch.cuda.Stream(self.device)
+            for s in self.slots:
+                s.ready, s.free = torch.cuda.Event(), torch.cuda.Event()
+            for st in self.staging:
+                st.free = torch.cuda.Event()
+
+    def close(self) -> None:
+        """Stop the disk reader and drop the slots."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+        self._reader, self.slots, self.staging, self._reads = None, [], [], {}
+
+    # ---- prediction
+
+    def predict(self, name: str) -> str:
+        """The block expected after `name`: the one seen after it last time, else the next registered one."""
+        if name in self.successor:
+            return self.successor[name]
+        order = list(self.blocks)
+        return order[(order.index(name) + 1) % len(order)]
+
+    # ---- forward interface
+
+    def acquire(self, name: str) -> list[torch.Tensor]:
+        """Views of block `name` on the device, valid until `release(name)`; starts prefetching the next block."""
+        if self._last is not None and self._last != name:
+            self.successor[self._last] = name
+        self._last = name
+        self._clock += 1
+        slot = self._slot_of(name)
+        if slot is None:
+            slot = self._free_slot()
+            self._load(name, slot)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        slot.busy, slot.last_use = True, self._clock
+        if self.prefetch and len(self.blocks) > 1:
+            self._prefetch_after(name)
+        return views(slot.buffer, self.blocks[name].specs)
+
+    def release(self, name: str) -> None:
+        """Mark block `name`'s slot reusable once the compute queued so far has finished."""
+        slot = self._slot_of(name)
+        if slot is None or not slot.busy:
+            return
+        if self.cuda:
+            slot.free.record(torch.cuda.current_stream(self.device))
+            slot.free_recorded = True
+        slot.busy = False
+        if self.prefetch and len(self.blocks) > 1:
+            nxt = self.predict(name)
+            if self._slot_of(nxt) is None and self._host_ready(nxt):
+                self._try_load(nxt)
+
+    # ---- internals
+
+    def _slot_of(self, name: str) -> _Slot | None:
+        return next((s for s in self.slots if s.owner == name), None)
+
+    def _free_slot(self) -> _Slot | None:
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        return min(free, key=lambda s: (s.owner is not None, s.last_use))
+
+    def _prefetch_after(self, name: str) -> None:
+        nxt = self.predict(name)
+        if nxt != name and self._slot_of(nxt) is None:
+            if self._host_ready(nxt):
+                self._try_load(nxt)
+            else:
+                self._start_read(nxt)
+        after = self.predict(nxt)
+        if after not in (name, nxt):
+            self._start_read(after)
+
+    def _try_load(self, name: str) -> None:
+        slot = self._free_slot()
+        if slot is not None:
+            self._load(name, slot)
+            self.stats["prefetched"] += 1
+
+    def _host_ready(self, name: str) -> bool:
+        block = self.blocks[name]
+        if isinstance(block, HostBlock):
+            return True
+        pending = self._reads.get(name)
+        return pending is not None and pending[0].done()
+
+    def _start_read(self, name: str) -> None:
+        block = self.blocks.get(name)
+        if not isinstance(block, DiskBlock) or name in self._reads or self._slot_of(name) is not None:
+            return
+        used = {idx for _, idx in self._reads.values()}
+        idx = next((i for i in range(len(self.staging)) if i not in used), None)
+        if idx is None:
+            return
+        st = self.staging[idx]
+        wait = st.free if (self.cuda and st.free_recorded) else None
+        self._reads[name] = (self._reader.submit(read_block_into, block, st.buffer, wait), idx)
+        self.stats["disk_reads"] += 1
+
+    def _host_buffer(self, name: str) -> tuple[torch.Tensor, _Staging | None]:
+        block = self.blocks[name]
+        if isinstance(block, HostBlock):
+            return block.buffer, None
+        if name not in self._reads:
+            self._start_read(name)
+        if name not in self._reads:  # both staging buffers hold pending reads: wait for the older one
+            oldest = next(iter(self._reads))
+            self._reads[oldest][0].result()
+            self._reads.pop(oldest)
+            self._start_read(name)
+        future, idx = self._reads.pop(name)
+        return future.result(), self.staging[idx]
+
+    def _load(self, name: str, slot: _Slot | None) -> None:
+        if slot is None:
+            raise RuntimeError(f"cannot stream block {name!r}: both streaming slots are in use by running blocks "
+                               "(streamed blocks must not be nested in each other)")
+        host, staging = self._host_buffer(name)
+        n = self.blocks[name].nbytes
+        if self.cuda:
+            with torch.cuda.stream(self._stream):
+                if slot.free_recorded:
+                    self._stream.wait_event(slot.free)
+                slot.buffer[:n].copy_(host[:n], non_blocking=True)
+                slot.ready.record(self._stream)
+                if staging is not None:
+                    staging.free.record(self._stream)
+                    staging.free_recorded = True
+        else:
+            slot.buffer[:n].copy_(host[:n])
+        slot.owner = name
+        self.stats["copies"] += 1
+        self.stats["bytes"] += n
