@@ -1,0 +1,136 @@
+"""transformers glue: meta-device models from a local config.json, no-split blocks, tied parameters.
+
+Everything here reads local files only (a directory path never reaches the hub) and allocates no weights:
+models are built under `torch.device("meta")`, so a 70B architecture costs a few MB of Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelConfigError(ValueError):
+    """A config.json that is missing or names an architecture transformers cannot build."""
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelConfigError("building a model from config.json needs transformers: pip install 'shardq[hf]'") from None
+    return transformers
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """The transformers config of a local checkpoint directory, read offline (no hub access, no remote code)."""
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise ModelConfigError(f"{cfg_file} does not exist: a checkpoint directory needs the config.json that "
+                               "save_pretrained writes next to the safetensors files")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if "model_type" not in raw:
+        raise ModelConfigError(f"{cfg_file} has no 'model_type': it is not a transformers config.json")
+    tf = _transformers()
+    try:
+        return tf.AutoConfig.from_pretrained(str(cfg_file.parent))
+    except (ValueError, KeyError) as exc:
+        raise ModelConfigError(f"{cfg_file}: transformers {tf.__version__} cannot read model_type "
+                               f"{raw['model_type']!r} ({exc}); upgrade transformers or check the config") from None
+
+
+def model_class(config: Any) -> Any:
+    """The class to build: the config's first listed architecture, else a seq2seq LM, causal LM or base model."""
+    tf = _transformers()
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(tf, name, None)
+        if cls is not None:
+            return cls
+    autos = ["AutoModelForSeq2SeqLM"] if getattr(config, "is_encoder_decoder", False) else []
+    autos += ["AutoModelForCausalLM", "AutoModel"]
+    for auto in autos:
+        mapping = getattr(tf, auto)._model_mapping
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise ModelConfigError(f"transformers has no model class for config {type(config).__name__}")
+
+
+def meta_model_from_config(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """Build `config`'s model on the meta device in `dtype` (config's dtype, else float32), weights tied."""
+    dtype = dtype or _config_dtype(config) or torch.float32
+    cls = model_class(config)
+    with torch.device("meta"):
+        try:
+            model = cls._from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = cls._from_config(config, torch_dtype=dtype)
+    model.eval()
+    return model
+
+
+def meta_model_from_dir(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model for the local `path`/config.json on the meta device (offline, no weights read)."""
+    return meta_model_from_config(load_config(path), dtype)
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    return None
+
+
+def no_split_modules(model: nn.Module) -> list[str]:
+    """Class names of blocks that must stay on one device.
+
+    transformers' `_no_split_modules` of the model and its pretrained submodules; when none are declared,
+    the classes repeated within a ModuleList (decoder layers of a hand-written model).
+    """
+    names: set[str] = set()
+    for m in model.modules():
+        declared = getattr(m, "_no_split_modules", None)
+        if declared:
+            names.update(declared)
+    if names:
+        return sorted(names)
+    return sorted(repeated_block_classes(model))
+
+
+def repeated_block_classes(model: nn.Module) -> set[str]:
+    """Classes that appear at least twice among the children of some ModuleList and hold tensors."""
+    found: set[str] = set()
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList):
+            counts = Counter(type(c).__name__ for c in m if _has_tensors(c))
+            found.update(name for name, n in counts.items() if n >= 2)
+    return found
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def tied_parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (embedding and lm_head), each sorted; groups of 2+."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return sorted(sorted(names) for names in by_id.values() if len(names) > 1)
+
+
+def base_model_prefix(model: nn.Module) -> str:
+    """transformers' `base_model_prefix` when the model wraps a base model under that name, else ""."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return prefix if prefix and hasattr(model, prefix) else ""

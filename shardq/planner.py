@@ -1,0 +1,602 @@
+"""The planner: where every block of a model goes, its bytes as placed, and how offloaded blocks run.
+
+`plan_model` works on a module tree (the meta device is enough): it cuts the tree into units (no-split blocks
+such as decoder layers, else leaf modules), groups units that share tied parameters, then places them with a
+strategy ("auto"/"sequential": fill GPUs in order, then the CPU, then disk; "balanced": spread over the GPUs)
+or checks an explicit accelerate-format `device_map`. Every device's placed bytes plus its working reserve stay
+within its `max_memory` budget; `plan` does the same for a checkpoint directory, reading headers only.
+
+Reserves (the runtime's working memory, counted against the budget):
+  GPU  load        largest tensor quantized there on load: its source-dtype copy + an fp32 working copy
+                   (unquantized tensors are copied straight into place)
+       activations one block's forward for the workload (batch x seq_len), + fp32 logits where the head runs
+       stream      on the execution GPU: two buffers of the largest streamed block (prefetch double buffering)
+  CPU  (when it holds blocks) the largest tensor read, fp32 activations when blocks compute there, and one
+       staging buffer of the largest disk block.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import hf, sizing
+from .config import QuantConfig
+from .memory import DeviceKey, format_size, get_max_memory, normalize_device
+from .sizing import TensorEntry
+
+STRATEGIES = ("auto", "sequential", "balanced")
+OFFLOAD_MODES = ("cpu", "stream")
+DEFAULT_WORKLOAD = (1, 512)
+
+
+class PlanError(ValueError):
+    """A model that cannot be placed under the given budgets, or an invalid device map."""
+
+
+@dataclass
+class Placement:
+    """One block: its device, bytes as placed there, storage ("int8", "nf4", "fp4", "fp32", dtype) and run mode."""
+
+    name: str
+    device: DeviceKey
+    nbytes: int
+    quant: str
+    run: str
+    params: int
+
+
+@dataclass
+class Plan:
+    """A placement of every block, with per-device budgets, reserves and totals (bytes)."""
+
+    placements: list[Placement]
+    device_map: dict[str, DeviceKey]
+    budgets: dict[DeviceKey, int]
+    reserves: dict[DeviceKey, int]
+    reserve_detail: dict[DeviceKey, dict[str, int]]
+    totals: dict[DeviceKey, int]
+    quant: QuantConfig
+    strategy: str
+    execution_device: int | None
+    workload: tuple[int, int]
+    dtype: str
+    tied_groups: list[list[str]] = field(default_factory=list)
+    no_split: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def offload_modes(self) -> dict[str, str]:
+        """How each block not resident on a GPU runs: "cpu", "stream" or "disk"."""
+        return {p.name: p.run for p in self.placements if not isinstance(p.device, int)}
+
+    def free(self, device: DeviceKey) -> int:
+        """Budget left on `device` after its placed bytes and its reserve."""
+        return self.budgets[device] - self.totals.get(device, 0) - self.reserves.get(device, 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.totals.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
+        return {
+            "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
+            "quant": _quant_dict(self.quant), "execution_device": self.execution_device,
+            "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
+            "offload_modes": self.offload_modes, "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
+            "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
+            "free": {str(k): self.free(k) for k in self.budgets}, "tied_groups": self.tied_groups,
+            "no_split": self.no_split, "warnings": self.warnings, "mismatches": self.mismatches,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def _quant_dict(q: QuantConfig) -> dict[str, Any]:
+    d = asdict(q)
+    d["compute_dtype"] = str(q.compute_dtype).removeprefix("torch.") if q.compute_dtype else None
+    d["skip_modules"] = list(q.skip)
+    return d
+
+
+@dataclass
+class _Unit:
+    name: str
+    entries: list[TensorEntry]
+    order: int
+
+
+@dataclass
+class _Ctx:
+    """Everything the placement needs, computed once per plan."""
+
+    units: list[_Unit]
+    budgets: dict[DeviceKey, int]
+    gpus: list[int]
+    exec_dev: int | None
+    cpu_mode: str
+    act: int
+    act_fp32: int
+    head_act: int
+    head_unit: str | None
+    quant: QuantConfig
+
+
+@dataclass
+class _Assumed:
+    """Reserves that depend on later decisions, fixed for one placement pass and raised until they hold."""
+
+    stream: int = 0
+    head_on_exec: bool = False
+    disk_staging: int = 0
+
+
+def plan_model(
+    model: nn.Module,
+    quant: Any = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    device_map: str | Mapping[str, Any] = "auto",
+    no_split: Sequence[str] | None = None,
+    workload: tuple[int, int] = DEFAULT_WORKLOAD,
+    gpus: Any = None,
+    offload_mode: str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+) -> Plan:
+    """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
+
+    `device_map` is a strategy ("auto" = "sequential", "balanced") or an accelerate-format dict of module
+    names to devices, which is validated and checked against the budgets. `no_split` lists block classes or
+    module names kept whole (default: transformers' `_no_split_modules`, else repeated ModuleList children).
+    `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
+    ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU).
+    """
+    q = QuantConfig.from_any(quant)
+    batch, seq_len = _check_workload(workload)
+    budgets = get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir)
+    split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
+    entries = sizing.tensor_entries(model, q)
+    ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    if isinstance(device_map, Mapping):
+        assign, units = _explicit(model, ctx, device_map, entries, split_guard, gpus)
+        ctx.units = units
+        strategy = "explicit"
+    elif device_map in STRATEGIES:
+        assign = _place(ctx, balanced=device_map == "balanced")
+        strategy = device_map
+    else:
+        raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "
+                        "of module names to devices, e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
+    return _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+
+
+def _check_workload(workload: Any) -> tuple[int, int]:
+    try:
+        batch, seq_len = (int(x) for x in workload)
+    except (TypeError, ValueError):
+        raise PlanError(f"workload={workload!r} must be (batch, seq_len), e.g. (1, 512)") from None
+    if batch < 1 or seq_len < 1:
+        raise PlanError(f"workload={workload!r} must have batch >= 1 and seq_len >= 1")
+    return batch, seq_len
+
+
+def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], entries: dict[str, TensorEntry],
+             split_guard: set[str], workload: tuple[int, int], offload_mode: str | None) -> _Ctx:
+    gpus = [k for k in budgets if isinstance(k, int)]
+    exec_dev = next((g for g in gpus if budgets[g] > 0), None)
+    if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
+        raise PlanError(f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
+                        "'stream' (copy weights to a GPU for each forward)")
+    if offload_mode == "stream" and exec_dev is None:
+        raise PlanError("offload_mode='stream' needs a GPU with a budget > 0 to run streamed blocks: give one in "
+                        "max_memory, or use offload_mode='cpu'")
+    cpu_mode = offload_mode or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
+    dims = sizing.model_dims(model)
+    itemsize = _compute_itemsize(model, q)
+    units = [_Unit(n, _unit_entries(model, n, entries), i) for i, n in enumerate(decompose(model, split_guard))]
+    return _Ctx(
+        units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
+        act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
+        head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
+    )
+
+
+def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
+    if q.compute_dtype is not None:
+        return q.compute_dtype.itemsize
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return dtype.itemsize
+
+
+def decompose(model: nn.Module, split_guard: set[str], prefix: str = "") -> list[str]:
+    """Unit names under `prefix`: a no-split block, a module holding tensors itself, or a leaf, kept whole."""
+    module = model.get_submodule(prefix) if prefix else model
+    whole = type(module).__name__ in split_guard or prefix in split_guard
+    own = any(t is not None for t in module._parameters.values()) or any(
+        t is not None for t in module._buffers.values())
+    children = list(module.named_children())
+    if whole or own or not children:
+        return [prefix] if _has_tensors(module) else []
+    out: list[str] = []
+    for name, _ in children:
+        out += decompose(model, split_guard, f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _unit_entries(model: nn.Module, name: str, entries: dict[str, TensorEntry]) -> list[TensorEntry]:
+    module = model.get_submodule(name) if name else model
+    pre = f"{name}." if name else ""
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    return [entries[pre + n] for n in names]
+
+
+def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[_Unit]) -> str | None:
+    """The unit holding the output head (the last Linear whose width is the vocabulary)."""
+    if not dims.vocab:
+        return None
+    heads = [n for n, m in model.named_modules() if (s := sizing.linear_shape(m)) is not None and s[0] == dims.vocab]
+    if not heads:
+        return None
+    head = heads[-1]
+    for u in units:
+        if u.name == "" or head == u.name or head.startswith(u.name + "."):
+            return u.name
+    return None
+
+
+def _mode(ctx: _Ctx, dev: DeviceKey) -> str:
+    return "gpu" if isinstance(dev, int) else ("disk" if dev == "disk" else ctx.cpu_mode)
+
+
+def _fp32(ctx: _Ctx, dev: DeviceKey) -> bool:
+    return not isinstance(dev, int) and ctx.cpu_mode == "cpu"
+
+
+def _bytes(ctx: _Ctx, units: list[_Unit], dev: DeviceKey) -> int:
+    return sizing.unique_bytes([e for u in units for e in u.entries], fp32=_fp32(ctx, dev))
+
+
+def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -> dict[str, int]:
+    """The working reserve of `dev` holding `units`, by purpose."""
+    names = {u.name for u in units}
+    if isinstance(dev, int):
+        if not units and dev != ctx.exec_dev:
+            return {}
+        load = max((e.source_bytes + 4 * e.numel for u in units for e in u.entries if e.quantized), default=0)
+        head = ctx.head_unit in names or (dev == ctx.exec_dev and assumed.head_on_exec)
+        out = {"load": load, "activations": ctx.act + (ctx.head_act if head else 0)}
+        if dev == ctx.exec_dev and assumed.stream:
+            out["stream"] = assumed.stream
+        return out
+    if dev == "cpu" and (units or assumed.disk_staging):
+        out = {"load": max((e.source_bytes for u in units for e in u.entries), default=0)}
+        if ctx.cpu_mode == "cpu":
+            out["activations"] = ctx.act_fp32 + (ctx.head_act if ctx.head_unit in names else 0)
+        if assumed.disk_staging:
+            out["disk staging"] = assumed.disk_staging
+        return out
+    return {}
+
+
+def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
+    """The reserves that `assign` actually needs (streamed blocks, head on the execution GPU, disk staging)."""
+    off = [u for u in ctx.units if not isinstance(assign[u.name], int)]
+    gpu_streamed = off if ctx.cpu_mode == "stream" else []
+    disk = [u for u in off if assign[u.name] == "disk"]
+    return _Assumed(
+        stream=2 * max((_bytes(ctx, [u], "disk") for u in gpu_streamed), default=0),
+        head_on_exec=ctx.cpu_mode == "stream" and any(u.name == ctx.head_unit for u in off),
+        disk_staging=max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
+    )
+
+
+def _tied_groups(units: list[_Unit]) -> list[list[_Unit]]:
+    """Units merged when they share a tensor (tied weights), in the order of their first member."""
+    parent = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, u in enumerate(units):
+        for e in u.entries:
+            j = owner.setdefault(e.key, i)
+            parent[find(i)] = find(j)
+    groups: dict[int, list[_Unit]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault(find(i), []).append(u)
+    return sorted(groups.values(), key=lambda g: g[0].order)
+
+
+def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
+    """Place units with the strategy, raising the assumed reserves until the plan meets them."""
+    groups = _tied_groups(ctx.units)
+    caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
+    assumed = _Assumed()
+    for _ in range(4 * len(ctx.units) + 4):
+        assign = _fill(ctx, groups, caps, assumed)
+        need = _needs(ctx, assign)
+        if need.stream <= assumed.stream and need.disk_staging <= assumed.disk_staging and (
+                assumed.head_on_exec or not need.head_on_exec):
+            return assign
+        assumed = _Assumed(max(assumed.stream, need.stream), assumed.head_on_exec or need.head_on_exec,
+                           max(assumed.disk_staging, need.disk_staging))
+    raise PlanError("the planner did not settle on its reserves; report this model to shardq")
+
+
+def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed) -> dict[str, DeviceKey]:
+    """Sequential fill: each group on the current device if it fits with the reserve, else on the next one."""
+    devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
+    held: dict[DeviceKey, list[_Unit]] = {d: [] for d in devices}
+    assign: dict[str, DeviceKey] = {}
+    di = 0
+    for gi, group in enumerate(groups):
+        while di < len(devices):
+            dev = devices[di]
+            trial = held[dev] + group
+            if _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]:
+                held[dev] = trial
+                assign.update({u.name: dev for u in group})
+                break
+            di += 1
+        else:
+            raise _missing_error(ctx, groups[gi:], held, caps, assumed, devices)
+    return assign
+
+
+def _balanced_caps(ctx: _Ctx, groups: list[list[_Unit]]) -> dict[DeviceKey, int]:
+    """Per-GPU caps that spread the model evenly when it fits on the GPUs; the last GPU keeps its budget."""
+    gpus = [g for g in ctx.gpus if ctx.budgets[g] > 0]
+    caps = dict(ctx.budgets)
+    if len(gpus) < 2:
+        return caps
+    total = _bytes(ctx, ctx.units, gpus[0])
+    biggest = max((_bytes(ctx, g, gpus[0]) for g in groups), default=0)
+    largest_load = max((e.source_bytes + 4 * e.numel for u in ctx.units for e in u.entries if e.quantized), default=0)
+    per_gpu_reserve = ctx.act + ctx.head_act + largest_load
+    if total + len(gpus) * per_gpu_reserve > sum(ctx.budgets[g] for g in gpus):
+        return caps
+    share = -(-total // len(gpus)) + biggest + per_gpu_reserve
+    for g in gpus[:-1]:
+        caps[g] = min(ctx.budgets[g], share)
+    return caps
+
+
+def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, list[_Unit]],
+                   caps: dict[DeviceKey, int], assumed: _Assumed, devices: list[DeviceKey]) -> PlanError:
+    """How many bytes do not fit and where the model stopped, with what to change."""
+    last = devices[-1] if devices else "cpu"
+    units = [u for g in left for u in g]
+    rows, room = [], 0
+    for d in devices:
+        used = _bytes(ctx, held[d], d) + sum(_reserve(ctx, d, held[d], assumed).values())
+        rows.append(f"{_dev_name(d)}: {format_size(used)} used of {format_size(ctx.budgets[d])}")
+        room = max(0, caps[d] - used) if d == last else room
+    need = _bytes(ctx, units, last)
+    missing = max(need - room, 1)
+    biggest = max(ctx.budgets.values(), default=0)
+    one = _bytes(ctx, left[0], last)
+    why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
+           f"(largest {format_size(biggest)});" if one > biggest else "")
+    hint = "" if "disk" in ctx.budgets else " add 'disk' to max_memory to offload the rest to disk, or"
+    return PlanError(
+        f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
+        f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room. "
+        f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
+        "or shrink the workload (batch, seq_len).")
+
+
+def _dev_name(d: DeviceKey) -> str:
+    return f"GPU {d}" if isinstance(d, int) else d
+
+
+def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entries: dict[str, TensorEntry],
+              split_guard: set[str], gpus: Any) -> tuple[dict[str, DeviceKey], list[_Unit]]:
+    """Validate an accelerate-format device_map and cut each entry into units on its device."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    num_gpus = len(ctx.gpus) if gpus is not None else None
+    resolved: dict[str, DeviceKey] = {}
+    for key, value in device_map.items():
+        if not isinstance(key, str):
+            raise PlanError(f"device_map key {key!r} must be a module name (str)")
+        if key not in modules:
+            raise PlanError(_unknown_name(key, modules, entries))
+        try:
+            dev = normalize_device(value, num_gpus)
+        except ValueError as exc:
+            raise PlanError(f"device_map[{key!r}]: {exc}") from None
+        if dev not in ctx.budgets:
+            raise PlanError(f"device_map puts {key!r} on {_dev_name(dev)}, which has no budget in max_memory "
+                            f"{list(ctx.budgets)}: add it to max_memory or map the module elsewhere")
+        resolved[key] = dev
+    _check_overlaps(list(resolved))
+    _check_coverage(resolved, entries)
+    units: list[_Unit] = []
+    assign: dict[str, DeviceKey] = {}
+    for key, dev in resolved.items():
+        for name in decompose(model, split_guard, key) if _has_tensors(modules[key]) else []:
+            units.append(_Unit(name, _unit_entries(model, name, entries), len(units)))
+            assign[name] = dev
+    order = {n: i for i, n in enumerate(modules)}
+    units.sort(key=lambda u: order.get(u.name, 0))
+    for i, u in enumerate(units):
+        u.order = i
+    return assign, units
+
+
+def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, TensorEntry]) -> str:
+    if key in entries:
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        return (f"device_map key {key!r} names a tensor, not a module: map its module {owner!r} (or a parent) "
+                "instead")
+    close = difflib.get_close_matches(key, [m for m in modules if m], n=3, cutoff=0.6)
+    hint = f" Did you mean {close}?" if close else ""
+    tops = [n for n in modules if n and "." not in n]
+    return f"device_map key {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
+
+
+def _check_overlaps(keys: list[str]) -> None:
+    for a in keys:
+        for b in keys:
+            if a != b and (a == "" or b.startswith(a + ".")):
+                raise PlanError(f"device_map entries {a!r} and {b!r} overlap ({b!r} is inside {a!r}): give each "
+                                "module once, either the parent or its children")
+
+
+def _check_coverage(resolved: Mapping[str, DeviceKey], entries: Mapping[str, TensorEntry]) -> None:
+    def covered(name: str) -> bool:
+        return any(k == "" or name.startswith(k + ".") for k in resolved)
+
+    left = [n for n in entries if not covered(n)]
+    if left:
+        owners = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in left))
+        raise PlanError(f"device_map leaves {len(left)} tensor(s) unplaced, in module(s) {owners[:6]}"
+                        f"{' ...' if len(owners) > 6 else ''}: add them (or a parent) to the device_map")
+
+
+def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: str, no_split: list[str],
+           workload: tuple[int, int]) -> Plan:
+    """Assemble the Plan and check every budget (explicit maps are checked here; strategies already hold)."""
+    need = _needs(ctx, assign)
+    held: dict[DeviceKey, list[_Unit]] = {d: [] for d in ctx.budgets}
+    for u in ctx.units:
+        held[assign[u.name]].append(u)
+    totals = {d: _bytes(ctx, held[d], d) for d in ctx.budgets}
+    detail = {d: _reserve(ctx, d, held[d], need) for d in ctx.budgets}
+    reserves = {d: sum(v.values()) for d, v in detail.items()}
+    for d in ctx.budgets:
+        if totals[d] + reserves[d] > ctx.budgets[d]:
+            over = totals[d] + reserves[d] - ctx.budgets[d]
+            stream = (" The stream reserve is two buffers of the largest offloaded block; offload_mode='cpu' "
+                      "computes offloaded blocks on the CPU instead." if detail[d].get("stream") else "")
+            raise PlanError(f"{_dev_name(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
+                            f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
+                            f"max_memory of {format_size(ctx.budgets[d])}: move modules off {_dev_name(d)}, raise its "
+                            f"cap, or shrink the workload (batch, seq_len).{stream}")
+    placements = [_placement(ctx, u, assign[u.name]) for u in ctx.units]
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), "float32")
+    return Plan(
+        placements=placements, device_map={u.name: assign[u.name] for u in ctx.units}, budgets=dict(ctx.budgets),
+        reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
+        execution_device=ctx.exec_dev, workload=workload, dtype=dtype,
+        tied_groups=hf.tied_parameter_groups(model), no_split=no_split, warnings=_tie_warnings(ctx, assign),
+        source=type(model).__name__,
+    )
+
+
+def _fmt_detail(detail: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {format_size(v)}" for k, v in detail.items() if v) or "none"
+
+
+def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
+    fp32 = _fp32(ctx, dev)
+    if fp32:
+        storage = "fp32"
+    elif any(e.quantized for e in u.entries):
+        storage = ctx.quant.method
+    else:
+        storage = next((str(e.dtype).removeprefix("torch.") for e in u.entries if e.dtype.is_floating_point), "int")
+    params = sum({e.key: e.numel for e in u.entries}.values())
+    return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, _mode(ctx, dev), params)
+
+
+def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
+    where: dict[int, dict[DeviceKey, str]] = {}
+    for u in ctx.units:
+        for e in u.entries:
+            where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
+    return [f"tied tensor {', '.join(names.values())} is split over devices {[_dev_name(d) for d in names]}: "
+            "it is stored once per device" for names in where.values() if len(names) > 1]
+
+
+QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
+                        ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".offset")
+
+
+def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = None, **kwargs: Any) -> Plan:
+    """Plan a model object, or a checkpoint directory (config.json + safetensors) from its headers alone.
+
+    For a directory, the model is built on the meta device in `dtype` (default: the checkpoint's floating
+    dtype), `quant` defaults to the config's `quantization_config`, and the checkpoint's tensor names and
+    shapes are checked against the model: differences land in `Plan.mismatches`. Other keyword arguments
+    go to `plan_model`.
+    """
+    if isinstance(source, nn.Module):
+        return plan_model(source, quant, **kwargs)
+    if not isinstance(source, (str, os.PathLike)):
+        raise PlanError(f"cannot plan a {type(source).__name__}: give an nn.Module or a checkpoint directory path")
+    from .checkpoint import index_checkpoint
+
+    path = os.fspath(source)
+    config = hf.load_config(path)
+    index = index_checkpoint(path)
+    if quant is None and getattr(config, "quantization_config", None) is not None:
+        quant = config.quantization_config
+    model = hf.meta_model_from_config(config, _resolve_dtype(dtype) or _checkpoint_dtype(index))
+    result = plan_model(model, quant, **kwargs)
+    result.mismatches = check_checkpoint(model, index.tensors)
+    result.source = path
+    return result
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise PlanError(f"dtype={dtype!r} is not a floating dtype: use float16, bfloat16 or float32")
+    return value
+
+
+def _checkpoint_dtype(index: Any) -> torch.dtype | None:
+    """The floating dtype holding most of the checkpoint's bytes (its working dtype)."""
+    floats = {d: n for d, n in index.dtype_counts().items() if d.is_floating_point}
+    return max(floats, key=floats.get) if floats else None
+
+
+def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
+    """Differences between the model's state and a checkpoint's tensors (names and shapes), as messages.
+
+    Tied copies and non-persistent buffers the checkpoint may omit are not reported; a checkpoint saved from
+    the base model (without `base_model_prefix`) is matched as transformers matches it; bitsandbytes
+    quantization statistics are expected extras.
+    """
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {n: n for n in tensors}
+    prefix = hf.base_model_prefix(model)
+    if prefix and not set(names) & set(state):
+        names = {n: f"{prefix}.{n}" for n in tensors}
+    ckpt = {model_name: tensors[n] for n, model_name in names.items()}
+    tied = {n for group in hf.tied_parameter_groups(model) for n in group if any(g in ckpt for g in group)}
+    missing = [k for k in state if k not in ckpt and k not in tied]
+    extra = [k for k in ckpt if k not in state and not k.endswith(QUANT_STATE_SUFFIXES)]
+    wrong = []
+    for k, info in ckpt.items():
+        if k in state and tuple(info.shape) != state[k]:
+            prequantized = info.dtype in (torch.uint8, torch.int8)
+            if not prequantized:
+                wrong.append(f"{k}: checkpoint {list(info.shape)} vs model {list(state[k])}")
+    out = []
+    for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
+                         ("shape differs", wrong)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            out.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:8])}{more}")
+    return out

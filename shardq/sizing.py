@@ -1,0 +1,146 @@
+"""Exact bytes of every tensor as stored for a `QuantConfig`, and the activation estimate of a workload.
+
+Formulas (DESIGN.md "Stored formats"), for a quantized weight of `numel = out*in` elements:
+  int8:  numel + 4*out                               (int8 codes + fp32 SCB per output row)
+  4-bit: ceil(numel/2) + 4*nblocks + 64              (packed nibbles + fp32 absmax + fp32 quant_map[16])
+         double quant: nblocks + 4*ceil(nblocks/256) + 1024 + 4 replaces 4*nblocks
+         (uint8 absmax codes + fp32 nested absmax + fp32 nested map[256] + fp32 offset)
+with nblocks = ceil(numel/blocksize). Quantized: the `weight` of an `nn.Linear` (or transformers `Conv1D`) whose
+name the config does not skip and which is not tied to another parameter (a tied head shares the embedding's
+full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed on the
+CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import NESTED_BLOCKSIZE, QuantConfig
+
+QUANT_MAP_BYTES = 16 * 4
+NESTED_MAP_BYTES = 256 * 4
+OFFSET_BYTES = 4
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One parameter or buffer: `key` identifies the tensor object (tied names share it)."""
+
+    name: str
+    key: int
+    numel: int
+    dtype: torch.dtype
+    quantized: bool
+    stored: int  # bytes on a GPU, streamed from the CPU, or on disk in the stored (maybe quantized) format
+    fp32: int  # bytes when kept unquantized in fp32 on the CPU
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes of the tensor in its own dtype, as read from the checkpoint."""
+        return self.numel * self.dtype.itemsize
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, quant: QuantConfig) -> int:
+    """Bytes of one linear weight `[out, in]` as stored by `quant` (DESIGN.md formulas)."""
+    numel = out_features * in_features
+    if quant.method == "int8":
+        return numel + 4 * out_features
+    if quant.is_4bit:
+        nblocks = math.ceil(numel / quant.blocksize)
+        if quant.double_quant:
+            stats = nblocks + 4 * math.ceil(nblocks / NESTED_BLOCKSIZE) + NESTED_MAP_BYTES + OFFSET_BYTES
+        else:
+            stats = 4 * nblocks
+        return math.ceil(numel / 2) + stats + QUANT_MAP_BYTES
+    raise ValueError(f"quantization method {quant.method!r} stores no quantized weights")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of an nn.Linear or transformers Conv1D (weight stored [in, out]); else None."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        w = module.weight
+        return int(w.shape[1]), int(w.shape[0])
+    return None
+
+
+def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntry]:
+    """Every parameter and buffer by full name (tied names included), sized for `quant`."""
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    out: dict[str, TensorEntry] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        shape = linear_shape(module)
+        quantizable = shape is not None and quant.method != "none" and not quant.skips(mod_name)
+        for kind, tensors in (("p", module._parameters), ("b", module._buffers)):
+            for tname, t in tensors.items():
+                if t is None:
+                    continue
+                full = f"{mod_name}.{tname}" if mod_name else tname
+                q = quantizable and kind == "p" and tname == "weight" and counts[id(t)] == 1
+                own = t.numel() * t.dtype.itemsize
+                fp32 = t.numel() * 4 if t.is_floating_point() else own
+                stored = quantized_weight_bytes(shape[0], shape[1], quant) if q else own
+                out[full] = TensorEntry(full, id(t), t.numel(), t.dtype, q, stored, fp32)
+    return out
+
+
+def unique_bytes(entries: list[TensorEntry], fp32: bool = False) -> int:
+    """Bytes of `entries` with each tensor counted once (tied names share one tensor)."""
+    seen: dict[int, int] = {}
+    for e in entries:
+        seen[e.key] = e.fp32 if fp32 else e.stored
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Widths of a transformer that set its activation memory."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+
+
+def model_dims(model: nn.Module) -> Dims:
+    """Hidden, MLP, head and vocab sizes from a transformers config, else guessed from the Linear layers."""
+    cfg = getattr(model, "config", None)
+
+    def first(*names: str) -> int:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 0
+
+    shapes = [s for m in model.modules() if (s := linear_shape(m)) is not None]
+    ins = Counter(i for _, i in shapes)
+    hidden = first("hidden_size", "d_model", "n_embd", "dim") or (ins.most_common(1)[0][0] if ins else 0)
+    vocab = first("vocab_size")
+    widths = [o for o, _ in shapes if o != vocab]
+    inter = first("intermediate_size", "ffn_dim", "d_ff", "n_inner", "decoder_ffn_dim") or max(widths, default=4 * hidden)
+    heads = first("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+    return Dims(hidden, inter, heads, vocab)
+
+
+def activation_bytes(dims: Dims, batch: int, seq_len: int, itemsize: int) -> int:
+    """Peak activations of one block's forward for `batch` x `seq_len` tokens (inference, no grad).
+
+    Hidden states in and out, q/k/v and the attention output (6 x hidden), the MLP's up/gate outputs
+    (2 x intermediate), and eager attention's scores and probabilities (2 x heads x seq_len^2).
+    """
+    tokens = batch * seq_len
+    per_token = 6 * dims.hidden + 2 * dims.intermediate
+    scores = 2 * batch * dims.heads * seq_len * seq_len
+    return (tokens * per_token + scores) * itemsize
+
+
+def head_bytes(dims: Dims, batch: int, seq_len: int) -> int:
+    """The output head's logits, which transformers returns in fp32: batch x seq_len x vocab x 4."""
+    return batch * seq_len * dims.vocab * 4
