@@ -1,0 +1,572 @@
+"""`load_sharded`: plan, validate, quantize on load from safetensors, then dispatch across GPUs, CPU and disk.
+
+The order is what makes the memory promises hold:
+
+1. every check first: the checkpoint's headers (truncation), its names and shapes against the model (one error
+   listing every missing, unexpected and mis-shaped tensor), meta buffers nobody can fill, and the plan
+   (the planner raises when the model does not fit or the map is bad). Nothing is allocated before this ends.
+2. the model becomes a meta skeleton (real weights become the source), quantized layers replace `nn.Linear`
+   on meta where the plan stores them quantized.
+3. tensors stream one at a time in file order: read → moved to the device of their block → quantized there →
+   assigned; the float copy dies at once, so host RAM holds about one tensor beyond what is placed there and a
+   GPU never more than its placed bytes plus the planner's load reserve. Blocks planned on "disk" are written to
+   the offload folder as soon as their last tensor arrived and dropped from memory.
+4. `dispatch_model` hooks the blocks. On any failure every change to the model is undone, so the caller gets
+   the model back as it was (still meta, or with its own weights) and no device memory stays allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardq import sizing
+from shardq.checkpoint import CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
+from shardq.config import QuantConfig
+from shardq.dispatch import dispatch_model
+from shardq.memory import format_size
+from shardq.offload import write_disk_offload
+from shardq.planner import Plan, Placement, plan_model
+from shardq.progress import byte_bar
+from shardq.quant.linear import QuantLinear, empty_quantized
+
+QUANTIZED = ("int8", "nf4", "fp4")
+
+
+class LoadError(ValueError):
+    """A checkpoint that does not fit the model, or a load that cannot start; raised before anything is placed."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sources: where each tensor's bytes come from
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor to load: its name in the source, shape, dtype, bytes, and how to read it (CPU tensor)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    read: Callable[[], torch.Tensor]
+    order: tuple[str, int] = ("", 0)
+
+
+def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
+    """Every tensor of a safetensors checkpoint, read lazily from its byte range."""
+    out = {}
+    for info in index:
+        out[info.name] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
+                                      (info.file, info.start))
+    return out
+
+
+def _reader(info: TensorInfo) -> Callable[[], torch.Tensor]:
+    return lambda: read_tensor(info)
+
+
+def module_source(model: nn.Module) -> dict[str, SourceTensor]:
+    """The model's own (real) weights as the source, one entry per distinct tensor of its state_dict."""
+    out: dict[str, SourceTensor] = {}
+    seen: set[int] = set()
+    meta = []
+    for i, (name, t) in enumerate(model.state_dict(keep_vars=True).items()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.device.type == "meta":
+            meta.append(name)
+            continue
+        out[name] = SourceTensor(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(),
+                                 (lambda t=t: t.detach()), ("", i))
+    if meta:
+        raise LoadError(f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}) and no checkpoint "
+                        "was given: pass checkpoint='path/to/dir or file.safetensors' to fill them")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# matching checkpoint names to the model
+
+
+@dataclass
+class Slot:
+    """One distinct tensor of the model: every (module, attribute) that refers to it and its names."""
+
+    names: list[str]
+    refs: list[tuple[nn.Module, str, bool]]  # (holder, attribute, is_parameter)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    persistent: bool
+
+    def get(self) -> torch.Tensor:
+        holder, attr, is_param = self.refs[0]
+        return (holder._parameters if is_param else holder._buffers)[attr]
+
+
+def model_slots(model: nn.Module) -> dict[str, Slot]:
+    """Distinct tensors by their first name, with every reference (tied parameters share one slot)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    by_id: dict[int, Slot] = {}
+    for is_param in (True, False):
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            store = module._parameters if is_param else module._buffers
+            for attr, t in store.items():
+                if t is None:
+                    continue
+                full = f"{mod_name}.{attr}" if mod_name else attr
+                slot = by_id.get(id(t))
+                if slot is None:
+                    slot = by_id[id(t)] = Slot([], [], tuple(t.shape), t.dtype, False)
+                if full not in slot.names:
+                    slot.names.append(full)
+                if (module, attr, is_param) not in slot.refs:
+                    slot.refs.append((module, attr, is_param))
+                slot.persistent = slot.persistent or full in persistent
+    return {s.names[0]: s for s in by_id.values()}
+
+
+@dataclass
+class KeyMatch:
+    """Checkpoint name → slot name, plus what was deliberately left out (extra copies of tied tensors)."""
+
+    mapping: dict[str, str]
+    ignored: list[str] = field(default_factory=list)
+    transform: str = "identity"
+
+
+def _ignore_patterns(model: nn.Module, attr: str) -> list[re.Pattern]:
+    pats = getattr(model, attr, None) or []
+    return [re.compile(p) for p in pats]
+
+
+def _candidate_transforms(ckpt: Iterable[str], model_names: set[str]) -> list[tuple[str, Callable[[str], str | None]]]:
+    """Name rewrites for the usual prefix differences (a base model's checkpoint in a head model, and back)."""
+    out: list[tuple[str, Callable[[str], str | None]]] = [("identity", lambda k: k)]
+    heads = {k.split(".", 1)[0] for k in ckpt if "." in k}
+    for p in sorted(heads):
+        out.append((f"strip {p}.", lambda k, p=p: k[len(p) + 1:] if k.startswith(p + ".") else None))
+    for p in sorted({n.split(".", 1)[0] for n in model_names if "." in n}):
+        out.append((f"add {p}.", lambda k, p=p: f"{p}.{k}"))
+    return out
+
+
+def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapping[str, Slot]) -> KeyMatch:
+    """Map the source's names onto the model's slots; raise one LoadError listing every problem."""
+    name_to_slot = {n: key for key, s in slots.items() if s.persistent for n in s.names}
+    best: tuple[int, str, Callable[[str], str | None]] | None = None
+    for label, fn in _candidate_transforms(source, set(name_to_slot)):
+        hits = sum(1 for k in source if fn(k) in name_to_slot)
+        if best is None or hits > best[0]:
+            best = (hits, label, fn)
+    assert best is not None
+    _, label, fn = best
+    skip_unexpected = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
+    skip_missing = _ignore_patterns(model, "_keys_to_ignore_on_load_missing")
+    mapping: dict[str, str] = {}
+    ignored, unexpected, wrong = [], [], []
+    for key, src in source.items():
+        target = fn(key)
+        slot_key = name_to_slot.get(target) if target is not None else None
+        if slot_key is None:
+            if target is None or any(p.search(key) for p in skip_unexpected):
+                ignored.append(key)  # outside the stripped prefix (a head the model lacks) or declared ignorable
+            else:
+                unexpected.append(key)
+            continue
+        if slot_key in mapping.values():
+            ignored.append(key)  # a second copy of a tied tensor
+            continue
+        if tuple(src.shape) != slots[slot_key].shape:
+            wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slots[slot_key].shape)}")
+            continue
+        mapping[key] = slot_key
+    loaded = set(mapping.values())
+    missing = [k for k, s in slots.items() if s.persistent and k not in loaded and not
+               any(p.search(n) for n in s.names for p in skip_missing)]
+    if unexpected or missing or wrong:
+        raise LoadError(_mismatch_message(missing, unexpected, wrong, label))
+    return KeyMatch(mapping, ignored, label)
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str], label: str) -> str:
+    def part(title: str, items: list[str]) -> str:
+        if not items:
+            return ""
+        more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+        return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + more
+
+    how = "" if label == "identity" else f" (after the name rewrite '{label}')"
+    return ("the checkpoint does not match the model" + how + ":"
+            + part("missing from the checkpoint", missing)
+            + part("unexpected in the checkpoint (no such tensor in the model)", unexpected)
+            + part("wrong shape", wrong)
+            + "\nNothing was loaded. Build the model from the checkpoint's own config.json "
+              "(shardq.meta_model_from_dir / load_sharded_from_dir), or give the checkpoint saved from this model.")
+
+
+def fill_meta_buffers(model: nn.Module, slots: Mapping[str, Slot], backed: set[str], journal: Journal) -> None:
+    """Recompute non-persistent buffers built on meta (rotary `inv_freq`) with transformers' own `_init_weights`.
+
+    Only modules that hold nothing but such buffers are touched, so no weight is ever re-initialised.
+    """
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    meta_ids = {id(s.get()) for k, s in slots.items() if k not in backed and s.get().device.type == "meta"}
+    for module in model.modules():
+        own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+        if not own or not all(id(t) in meta_ids for t in own) or module._parameters:
+            continue
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                journal.set_tensor(module, name, False, torch.empty_like(buf, device="cpu"))
+        init(module)
+
+
+def check_meta_buffers(slots: Mapping[str, Slot], source_backed: set[str]) -> None:
+    """Tensors that are neither in the checkpoint nor real (a non-persistent buffer built on meta) cannot be filled."""
+    bad = [k for k, s in slots.items() if k not in source_backed and s.get().device.type == "meta"]
+    if bad:
+        raise LoadError(f"{len(bad)} tensors are on the meta device and not in the checkpoint, e.g. {bad[:4]} "
+                        "(non-persistent buffers such as rotary inv_freq): build the model with "
+                        "shardq.meta_model_from_dir or accelerate.init_empty_weights() (include_buffers=False), "
+                        "which keep buffers real")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# undoing a failed load
+
+
+class Journal:
+    """Remembers the first value of every tensor slot and module it changes, to put them all back on failure."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[int, str, bool], tuple[nn.Module, str, bool, Any]] = {}
+        self._modules: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def set_tensor(self, holder: nn.Module, attr: str, is_param: bool, value: torch.Tensor | None) -> None:
+        store = holder._parameters if is_param else holder._buffers
+        key = (id(holder), attr, is_param)
+        if key not in self._tensors:
+            self._tensors[key] = (holder, attr, is_param, store.get(attr))
+        store[attr] = value
+
+    def swap_module(self, parent: nn.Module, attr: str, new: nn.Module) -> None:
+        self._modules.append((parent, attr, parent._modules[attr]))
+        parent._modules[attr] = new
+
+    def rollback(self) -> None:
+        for parent, attr, old in reversed(self._modules):
+            parent._modules[attr] = old
+        for holder, attr, is_param, old in self._tensors.values():
+            (holder._parameters if is_param else holder._buffers)[attr] = old
+        self._modules.clear()
+        self._tensors.clear()
+
+
+def _assign(journal: Journal, slot: Slot, value: torch.Tensor) -> None:
+    """Point every reference of `slot` at `value` (a Parameter where the model had one)."""
+    was_param = slot.refs[0][2]
+    new = nn.Parameter(value, requires_grad=False) if was_param else value
+    for holder, attr, is_param in slot.refs:
+        journal.set_tensor(holder, attr, is_param, new)
+
+
+def to_skeleton(slots: Mapping[str, Slot], backed: set[str], journal: Journal, dtype: torch.dtype | None) -> None:
+    """Replace every source-backed tensor by a meta tensor (in `dtype` if floating and given), ties kept."""
+    for key in backed:
+        slot = slots[key]
+        want = dtype if dtype is not None and slot.dtype.is_floating_point else slot.dtype
+        _assign(journal, slot, torch.empty(slot.shape, dtype=want, device="meta"))
+        slot.dtype = want
+
+
+# --------------------------------------------------------------------------------------------------------------
+# where each tensor goes
+
+
+@dataclass
+class Route:
+    """Where one slot is loaded: `device` (torch device it is put on), `dtype`, the disk block it is written into
+    (None: stays in memory), and the quantized module it fills (None: assigned as is)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    disk_block: str | None = None
+    qmodule: nn.Module | None = None
+    transpose: bool = False
+    home: torch.device | None = None  # where a quantized module's tensors end up, when not where it is quantized
+
+
+def owner_unit(name: str, units: Mapping[str, Placement]) -> Placement:
+    """The placement whose module holds tensor or module `name` (its longest prefix among the units)."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        p = units.get(".".join(parts[:i]))
+        if p is not None:
+            return p
+    raise LoadError(f"tensor {name!r} is in no block of the plan: the device map must cover every module")
+
+
+def _quant_device(p: Placement, plan: Plan, need: int) -> torch.device:
+    """Quantize on the block's GPU; for offloaded blocks on the execution GPU when its reserve has room."""
+    if isinstance(p.device, int):
+        return torch.device("cuda", p.device)
+    ex = plan.execution_device
+    if p.run in ("stream", "disk") and ex is not None and torch.cuda.is_available():
+        room = plan.reserve_detail.get(ex, {})
+        if need <= room.get("load", 0) + room.get("stream", 0):
+            return torch.device("cuda", ex)
+    return torch.device("cpu")
+
+
+def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal) -> dict[str, nn.Module]:
+    """Replace, on meta, each linear the plan stores quantized by an empty Linear8bit/Linear4bit."""
+    units = {p.name: p for p in plan.placements}
+    entries = sizing.tensor_entries(model, cfg)
+    out = {}
+    for name, module in list(model.named_modules()):
+        shape = sizing.linear_shape(module)
+        entry = entries.get(f"{name}.weight")
+        if shape is None or entry is None or not entry.quantized or owner_unit(name, units).quant not in QUANTIZED:
+            continue
+        dtype = module.weight.dtype
+        new = empty_quantized(shape[1], shape[0], module.bias is not None, cfg, device="meta", dtype=dtype)
+        new.shardq_transposed = not isinstance(module, nn.Linear)  # transformers Conv1D stores [in, out]
+        parent, _, attr = name.rpartition(".")
+        journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
+        out[f"{name}.weight"] = new
+    return out
+
+
+def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn.Module]) -> dict[str, Route]:
+    """A route for every slot of the (swapped) model."""
+    units = {p.name: p for p in plan.placements}
+    routes: dict[str, Route] = {}
+    for key, slot in slots.items():
+        places = [owner_unit(n, units) for n in slot.names]
+        qmod = qweights.get(key)
+        if qmod is not None:
+            p = places[0]
+            dev = _quant_device(p, plan, math.prod(_float_shape(qmod)) * (qmod.dtype.itemsize + 4))
+            home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
+            routes[key] = Route(dev, qmod.dtype, p.name if p.run == "disk" else None, qmod,
+                                getattr(qmod, "shardq_transposed", False), home)
+            continue
+        gpu = next((p for p in places if isinstance(p.device, int)), None)
+        want = torch.float32 if places[0].quant == "fp32" and slot.dtype.is_floating_point else slot.dtype
+        if gpu is not None:
+            routes[key] = Route(torch.device("cuda", gpu.device), slot.dtype)
+        elif len({p.name for p in places}) == 1 and places[0].run == "disk":
+            routes[key] = Route(torch.device("cpu"), want, places[0].name)
+        else:
+            routes[key] = Route(torch.device("cpu"), want)
+    return routes
+
+
+def _float_shape(qmod: nn.Module) -> tuple[int, int]:
+    return qmod.out_features, qmod.in_features
+
+
+# --------------------------------------------------------------------------------------------------------------
+# streaming
+
+
+@dataclass
+class LoadStats:
+    """What the load did: bytes read, seconds, tensors, disk blocks written, peak GPU allocation per device."""
+
+    bytes_read: int = 0
+    tensors: int = 0
+    seconds: float = 0.0
+    disk_blocks: list[str] = field(default_factory=list)
+    gpu_peak: dict[int, int] = field(default_factory=dict)
+
+
+def _fetch(src: SourceTensor, route: Route) -> torch.Tensor:
+    """Read one tensor and move it to its device in its target dtype, casting where it moves fewer bytes."""
+    t = src.read()
+    if route.transpose:
+        t = t.t()
+    want = route.dtype if t.is_floating_point() else t.dtype
+    if want.itemsize < t.dtype.itemsize:
+        t = t.to(want)
+    t = t.to(route.device, non_blocking=False)
+    return t.to(want).contiguous()
+
+
+def _store(journal: Journal, slot: Slot, route: Route, value: torch.Tensor) -> None:
+    """Quantize into the route's module, or assign the value to every reference of the slot."""
+    if route.qmodule is None:
+        _assign(journal, slot, value)
+        return
+    q = route.qmodule
+    bias = q.bias.detach() if q.bias is not None else None
+    q.load_from_float(value, bias)
+    if route.home is None or route.home == route.device:
+        return
+    for name, buf in list(q._buffers.items()):
+        if buf is not None and buf.device.type != "meta":
+            q._buffers[name] = buf.to(route.home)
+    if q.bias is not None and q.bias.device.type != "meta":
+        q.bias = nn.Parameter(q.bias.detach().to(route.home), requires_grad=False)
+
+
+def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: KeyMatch, routes: Mapping[str, Route],
+                   journal: Journal, offload_dir: Path | None, progress: bool) -> LoadStats:
+    """Load every mapped tensor in file order; write each disk block once its last tensor arrived."""
+    stats = LoadStats()
+    slots = model_slots(model)
+    pending: dict[str, int] = {}
+    for key in match.mapping.values():
+        block = routes[key].disk_block
+        if block is not None:
+            pending[block] = pending.get(block, 0) + 1
+    disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None}
+    order = sorted(match.mapping, key=lambda k: source[k].order)
+    total = sum(source[k].nbytes for k in order)
+    start = time.perf_counter()
+    with byte_bar(total, enabled=progress) as bar:
+        for ckpt_key in order:
+            slot_key = match.mapping[ckpt_key]
+            route = routes[slot_key]
+            _store(journal, slots[slot_key], route, _fetch(source[ckpt_key], route))
+            stats.bytes_read += source[ckpt_key].nbytes
+            stats.tensors += 1
+            bar.update(source[ckpt_key].nbytes)
+            block = route.disk_block
+            if block is not None:
+                pending[block] -= 1
+                if pending[block] == 0:
+                    flush_disk_block(model, block, journal, offload_dir)
+                    stats.disk_blocks.append(block)
+    for block in sorted(disk_blocks - set(stats.disk_blocks)):
+        flush_disk_block(model, block, journal, offload_dir)
+        stats.disk_blocks.append(block)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def flush_disk_block(model: nn.Module, block: str, journal: Journal, offload_dir: Path | None) -> None:
+    """Write the tensors that live only in `block` to the offload folder, then leave them on meta."""
+    assert offload_dir is not None
+    module = model.get_submodule(block) if block else model
+    pre = f"{block}." if block else ""
+    slots_by_id = {id(s.get()): s for s in model_slots(model).values()}
+    tensors: dict[str, torch.Tensor] = {}
+    owned: list[Slot] = []
+    seen: set[int] = set()
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for local, t in named:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        slot = slots_by_id[id(t)]
+        if not all(n.startswith(pre) for n in slot.names):
+            continue
+        tensors[local] = t.detach()
+        owned.append(slot)
+    write_disk_offload(offload_dir, block, tensors)
+    for slot in owned:
+        t = slot.get()
+        _assign(journal, slot, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _open_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | None) -> dict[str, SourceTensor]:
+    if checkpoint is None:
+        return module_source(model)
+    return checkpoint_source(index_checkpoint(checkpoint))
+
+
+def _check_offload_dir(plan: Plan, offload_dir: str | os.PathLike | None) -> Path | None:
+    disk = [p.name for p in plan.placements if p.run == "disk"]
+    if disk and offload_dir is None:
+        raise LoadError(f"the plan puts {len(disk)} block(s) on disk (e.g. {disk[:3]}) but no offload_dir was given: "
+                        "pass offload_dir='some/folder' (it is created), or raise the CPU/GPU caps")
+    return Path(offload_dir) if offload_dir is not None else None
+
+
+def _reset_peaks() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, *, max_memory: Mapping[Any, Any] | None = None,
+                 quant: Any = None, device_map: str | Mapping[str, Any] = "auto",
+                 offload_dir: str | os.PathLike | None = None, offload_mode: str | None = None,
+                 workload: tuple[int, int] = (1, 512), dtype: torch.dtype | None = None,
+                 progress: bool | str = True, prefetch: bool = True) -> nn.Module:
+    """Load `model`'s weights from `checkpoint` (or its own weights) under `max_memory`, quantized by `quant`,
+    and dispatch it across GPUs, CPU and disk. Returns the model, with `model.shardq_plan` (the Plan),
+    `model.shardq_device_map`, `model.shardq_offload_modes` and `model.shardq_load_stats`.
+
+    `model`: any nn.Module, with real weights or built on the meta device. `checkpoint`: a .safetensors file or a
+    directory (single file or shards with model.safetensors.index.json); None loads the model's own weights.
+    `quant`: QuantConfig, transformers BitsAndBytesConfig, its dict, or "int8"/"nf4"/"fp4"/"none".
+    `device_map`: "auto"/"sequential", "balanced", or an explicit accelerate-format dict. `offload_dir`:
+    folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or "stream"
+    (weights copied to the GPU per forward) for CPU blocks. `workload` = (batch, seq_len) sizes the activation
+    reserve. `dtype`: cast floating weights to it (default: the model's own dtypes). `progress`: tqdm bar over
+    bytes for loads of 256 MiB or more (False: never, "always": any size).
+    Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
+    left as it was and nothing stays allocated.
+    """
+    if hasattr(model, "shardq_runtime"):
+        raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LoadError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
+    cfg = QuantConfig.from_any(quant)
+    source = _open_checkpoint(model, checkpoint)
+    slots = model_slots(model)
+    match = match_keys(source, model, slots)
+    backed = set(match.mapping.values())
+    journal = Journal()
+    try:
+        fill_meta_buffers(model, slots, backed, journal)
+        check_meta_buffers(slots, backed)
+        to_skeleton(slots, backed, journal, dtype)
+        plan = plan_model(model, quant=cfg, max_memory=max_memory, device_map=device_map, workload=workload,
+                          offload_mode=offload_mode, offload_dir=offload_dir)
+        folder = _check_offload_dir(plan, offload_dir)
+        _reset_peaks()
+        qweights = swap_quantized(model, plan, cfg, journal)
+        routes = plan_routes(model_slots(model), plan, qweights)
+        stats = stream_tensors(model, source, match, routes, journal, folder, progress)
+        offload_modes = {p.name: p.run for p in plan.placements if p.device == "cpu"}
+        dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
+                       execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch)
+    except BaseException:
+        journal.rollback()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        raise
+    stats.gpu_peak = {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} \
+        if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    model.shardq_plan = plan
+    model.shardq_load_stats = stats
+    return model
+
+
+def load_sharded_from_dir(path: str | os.PathLike, *, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """Build the transformers model of the local directory `path` (its config.json, offline) on the meta device
+    and `load_sharded` it from the safetensors files there. Keyword arguments go to `load_sharded`."""
+    from shardq.hf import meta_model_from_dir
+
+    model = meta_model_from_dir(path, dtype=dtype)
+    return load_sharded(model, path, dtype=dtype, **kwargs)
