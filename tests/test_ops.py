@@ -56,3 +56,75 @@ def test_gemm_4bit_matches_dequantized_reference(qt, dtype, shape, bs):
     same_precision = (x.double() @ wdq.to(dtype).double().T + bias.double()).to(dtype)
     tol = 4 * max(_rel(same_precision, ref), 1e-6)
     assert _rel(out, ref) <= tol
+
+
+def test_gemm_4bit_with_double_quant_equals_dequantized_absmax():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 130, generator=g)  # 610 blocks of 64: three nested blocks of 256
+    code = codebooks.code_4bit("nf4")
+    packed, absmax = torch.ops.shardq.quantize_4bit(w, code, 64)
+    dq = blockwise.quantize_absmax(absmax, codebooks.dynamic_map())
+    x = torch.randn(4, 130, generator=g)
+    out = torch.ops.shardq.gemm_4bit(x, packed, dq.q, code, 64, 300, 130, dq.nested_absmax, dq.code,
+                                     dq.offset.item(), None)
+    real = blockwise.dequantize_absmax(dq.q, dq.nested_absmax, dq.code, dq.offset.item())
+    wdq = torch.ops.shardq.dequantize_4bit(packed, real, code, 64, [300, 130], torch.float64)
+    assert _rel(out, x.double() @ wdq.T) < 1e-6
+
+
+def _samples():
+    g = torch.Generator().manual_seed(5)
+    code = codebooks.code_4bit("fp4")
+    w = torch.randn(12, 40, generator=g)
+    packed, absmax = blockwise.quantize_4bit_ref(w, code, 32)
+    dq = blockwise.quantize_absmax(absmax, codebooks.dynamic_map())
+    q8, scb = int8.quantize_rowwise_ref(w)
+    x = torch.randn(3, 40, generator=g)
+    x[:, 4] *= 20
+    b = torch.randn(12, generator=g)
+    return {
+        "quantize_4bit": [(w, code, 32), (w.half(), code, 64)],
+        "dequantize_4bit": [(packed, absmax, code, 32, [12, 40], torch.bfloat16)],
+        "gemm_4bit": [(x, packed, absmax, code, 32, 12, 40, None, None, 0.0, b),
+                      (x.bfloat16(), packed, dq.q, code, 32, 12, 40, dq.nested_absmax, dq.code, dq.offset.item(), None)],
+        "quantize_int8_rowwise": [(w,), (x.half(),)],
+        "int8_linear": [(x, q8, scb, b, 6.0), (x.half(), q8, scb, None, 0.0)],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opcheck(name):
+    op = getattr(torch.ops.shardq, name).default
+    for args in _samples()[name]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_fake_kernels_give_shapes_without_data():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 40)
+        packed = torch.empty(240, 1, dtype=torch.uint8)
+        out = torch.ops.shardq.gemm_4bit(x, packed, torch.empty(15), torch.empty(16), 32, 12, 40, None, None, 0.0, None)
+        assert out.shape == (2, 5, 12) and out.dtype == x.dtype
+        q, s = torch.ops.shardq.quantize_int8_rowwise(torch.empty(7, 40, dtype=torch.float16))
+        assert q.dtype == torch.int8 and s.shape == (7,) and s.dtype == torch.float32
+        p, a = torch.ops.shardq.quantize_4bit(torch.empty(7, 41), torch.empty(16), 64)
+        assert p.shape == (144, 1) and a.shape == (5,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_cuda_matches_cpu_reference(name):
+    for args in _samples()[name]:
+        cpu = getattr(torch.ops.shardq, name)(*args)
+        gpu = getattr(torch.ops.shardq, name)(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+        cpu = cpu if isinstance(cpu, tuple) else (cpu,)
+        gpu = gpu if isinstance(gpu, tuple) else (gpu,)
+        for c, d in zip(cpu, gpu):
+            assert c.dtype == d.dtype and c.shape == d.shape
+            if c.is_floating_point():
+                tol = 1e-5 if c.dtype == torch.float32 else 2e-2
+                assert _rel(d.cpu(), c) <= tol, name
+            else:
+                assert (d.cpu().int() != c.int()).float().mean() < 1e-3, name
