@@ -101,31 +101,41 @@ class Runtime:
 # moving nested activations
 
 
+_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
 def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """`obj` with every tensor inside (tuples, lists, dicts, dataclasses/ModelOutput) on `device`.
 
     Floating tensors are cast to `dtype` when given. Other objects (a transformers KV cache, say) pass through
-    untouched: each layer keeps its own cache tensors on its own device.
+    untouched: each layer keeps its own cache tensors on its own device. Containers whose contents did not
+    change are returned as they are (this runs on every block call, so it is kept cheap).
     """
+    if isinstance(obj, _ATOMS):
+        return obj
     if isinstance(obj, torch.Tensor):
-        cast = dtype is not None and obj.is_floating_point() and obj.dtype != dtype
-        if obj.device == device and not cast:
+        cast = dtype is not None and obj.dtype != dtype and obj.is_floating_point()
+        if not cast and obj.device == device:
             return obj
         blocking = device.type == "cpu" and obj.device.type != "cpu"  # GPU→host must finish before use
         return obj.to(device=device, dtype=dtype if cast else None, non_blocking=not blocking)
     if isinstance(obj, (list, tuple)):
         items = [move_to(v, device, dtype) for v in obj]
-        if hasattr(obj, "_fields"):
-            return type(obj)(*items)
-        return type(obj)(items)
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, Mapping):
         moved = {k: move_to(v, device, dtype) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
         try:
             return type(obj)(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
         except TypeError:
             return moved
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: move_to(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj) if f.init}
+        if all(changes[k] is getattr(obj, k) for k in changes):
+            return obj
         return dataclasses.replace(obj, **changes)
     return obj
 

@@ -1,0 +1,95 @@
+"""Dispatch overhead per token: the same model with shardq's hooks vs plain, in one run.
+
+The model (8-layer Llama-style fp16, 3.76 GB, as bench_offload.py) is split by a device map into per-block
+entries. With two or more GPUs the first half of the layers goes to GPU 0 and the rest to GPU 1 (activations
+cross GPUs); with one GPU every entry is on GPU 0, so what is measured is the hooks' own cost (moving
+arguments, bookkeeping), not the inter-GPU copy: the table says which. Per-token latency is taken from greedy
+`generate()` of 64 new tokens with the KV cache (the normal decoding path), and from a 1-token forward.
+
+    python bench/bench_dispatch.py           # writes $OUT/bench_dispatch.json and prints a table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.bench_offload import DEV, bench_ms, block_map, build_model, forward  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+NEW_TOKENS = 64
+
+
+def generate_ms_per_token(model, ids, reps: int = 5) -> float:
+    """Median over `reps` greedy generations of the wall time per new token."""
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3 / NEW_TOKENS)
+    return statistics.median(times)
+
+
+def split_map(model, ngpu: int) -> dict:
+    dmap = block_map(model, 0)
+    if ngpu >= 2:
+        n = len(model.model.layers)
+        for i in range(n // 2, n):
+            dmap[f"model.layers.{i}"] = 1
+        dmap["model.norm"] = dmap["lm_head"] = 1
+    return dmap
+
+
+def main() -> None:
+    from shardq.dispatch import dispatch_model
+
+    ngpu = torch.cuda.device_count()
+    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "ngpu": ngpu,
+                 "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)"}
+    model = build_model()
+    ids = torch.randint(0, 32000, (1, 16), device=DEV)
+    one = ids[:, :1]
+    ref = forward(model, one)
+    plain = {"generate_ms_per_token": generate_ms_per_token(model, ids),
+             "forward_1tok_ms": bench_ms(lambda: forward(model, one), reps=50, warm=10)}
+    with torch.inference_mode():
+        ref_tokens = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    dmap = split_map(model, ngpu)
+    if ngpu < 2:  # keep everything on GPU 0; the hooks still run per block
+        model = dispatch_model(model, dmap)
+    else:
+        model = dispatch_model(model.to("cpu"), dmap)
+    hooked = {"generate_ms_per_token": generate_ms_per_token(model, ids),
+              "forward_1tok_ms": bench_ms(lambda: forward(model, one), reps=50, warm=10)}
+    with torch.inference_mode():
+        tokens = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    out = forward(model, one)
+    res.update(plain=plain, dispatched=hooked, entries=len(dmap),
+               generate_equal=bool(torch.equal(tokens.cpu(), ref_tokens.cpu())),
+               relerr=round(((out.float() - ref.float()).norm() / ref.float().norm()).item(), 6))
+    for k in plain:
+        res[f"overhead_{k}"] = round(hooked[k] / plain[k] - 1, 4)
+    with open(os.path.join(OUT, "bench_dispatch.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['gpu']} x{ngpu}, torch {res['torch']}: {res['what']}; {len(dmap)} map entries")
+    print(f"{'metric':<26}{'plain ms':>10}{'shardq ms':>11}{'overhead':>10}")
+    for k in plain:
+        print(f"{k:<26}{plain[k]:>10.3f}{hooked[k]:>11.3f}{res['overhead_' + k]:>10.1%}")
+    print(f"generate equal: {res['generate_equal']}, 1-token relerr {res['relerr']}")
+
+
+if __name__ == "__main__":
+    main()
