@@ -182,3 +182,16 @@ def test_cuda_layer_matches_cpu(key):
     qg = _cls(cfg).from_linear(lin.cuda(), cfg)
     assert qg.weight.device.type == "cuda"
     assert _rel(qg(x.cuda()).cpu(), cpu) < 2e-2
+
+
+@pytest.mark.parametrize("key", sorted(CFGS))
+def test_dtype_casts_keep_the_stored_formats(key):
+    cfg = CFGS[key]
+    q = _cls(cfg).from_linear(_linear(64, 8, True, 5), cfg)
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    q.half()
+    assert q.bias.dtype == torch.float16
+    for n, b in q.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    q.to("cpu", torch.bfloat16)
+    assert all(torch.equal(b, before[n]) for n, b in q.named_buffers())

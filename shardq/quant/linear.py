@@ -45,7 +45,20 @@ def _check_weight(module: nn.Module, weight: torch.Tensor) -> None:
         raise ValueError("weight is on the meta device: load real values before quantizing")
 
 
-class Linear4bit(nn.Module):
+class _Quantized(nn.Module):
+    """Shared by both layers: `.half()`/`.to(dtype)` may cast the bias but never the stored formats."""
+
+    def _apply(self, fn, recurse=True):
+        before = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, new in list(self._buffers.items()):
+            old = before.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)  # move only: quantized data keep their dtype
+        return self
+
+
+class Linear4bit(_Quantized):
     """NF4/FP4 blockwise-quantized linear layer (bitsandbytes layout, optional double quant)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: QuantConfig | None = None,
@@ -152,7 +165,7 @@ class Linear4bit(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(_Quantized):
     """LLM.int8() linear layer: int8 weight with per-row absmax `SCB`, outlier columns in the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: QuantConfig | None = None,

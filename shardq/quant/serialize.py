@@ -109,6 +109,15 @@ def bnb_config_dict(cfg: QuantConfig) -> dict[str, Any]:
     return d
 
 
+def _main_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The float dtype holding the most bytes among the unquantized tensors."""
+    by: dict[torch.dtype, int] = {}
+    for k, t in tensors.items():
+        if t.is_floating_point() and ".weight." not in k and not k.endswith(".SCB"):
+            by[t.dtype] = by.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(by, key=by.get) if by else torch.float16
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig | None = None) -> Path:
     """Write `model.safetensors` (bitsandbytes layout) and `config.json` (the model's transformers config if it
     has one, with `quantization_config`) into directory `path`; returns the directory."""
@@ -124,6 +133,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig |
     hf_cfg = getattr(model, "config", None)
     config = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else {}
     config["quantization_config"] = qdict
+    if config:  # transformers loads the unquantized tensors in the dtype config.json names
+        config["dtype"] = _dtype_name(_main_float_dtype(tensors))
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     return root
 
