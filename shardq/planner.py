@@ -54,7 +54,11 @@ class Placement:
 
 @dataclass
 class Plan:
-    """A placement of every block, with per-device budgets, reserves and totals (bytes)."""
+    """A placement of every block, with per-device budgets, reserves and totals (bytes).
+
+    `cpu_mode` is how blocks placed on the CPU run: "cpu" (fp32, computed there) or "stream" (to the
+    execution GPU); disk blocks are read back and run the same way.
+    """
 
     placements: list[Placement]
     device_map: dict[str, DeviceKey]
@@ -67,6 +71,7 @@ class Plan:
     execution_device: int | None
     workload: tuple[int, int]
     dtype: str
+    cpu_mode: str = "stream"
     tied_groups: list[list[str]] = field(default_factory=list)
     no_split: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -90,7 +95,7 @@ class Plan:
         keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return {
             "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
-            "quant": _quant_dict(self.quant), "execution_device": self.execution_device,
+            "quant": _quant_dict(self.quant), "execution_device": self.execution_device, "cpu_mode": self.cpu_mode,
             "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
             "offload_modes": self.offload_modes, "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
             "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
@@ -171,7 +176,7 @@ def plan_model(
         ctx.units = units
         strategy = "explicit"
     elif device_map in STRATEGIES:
-        assign = _place(ctx, balanced=device_map == "balanced")
+        assign = _place_with_exec_choice(ctx, balanced=device_map == "balanced")
         strategy = device_map
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "
@@ -262,12 +267,24 @@ def _mode(ctx: _Ctx, dev: DeviceKey) -> str:
     return "gpu" if isinstance(dev, int) else ("disk" if dev == "disk" else ctx.cpu_mode)
 
 
+def _cpu_quantized(ctx: _Ctx, dev: DeviceKey) -> bool:
+    """On a machine without a GPU, quantized weights off-GPU stay packed (computed by the reference kernels);
+    only fp32_cpu_offload, or a GPU to fall back on, keeps CPU blocks in full fp32."""
+    return (not isinstance(dev, int) and ctx.cpu_mode == "cpu" and ctx.exec_dev is None
+            and ctx.quant.method != "none" and not ctx.quant.fp32_cpu_offload)
+
+
 def _fp32(ctx: _Ctx, dev: DeviceKey) -> bool:
-    return not isinstance(dev, int) and ctx.cpu_mode == "cpu"
+    return not isinstance(dev, int) and ctx.cpu_mode == "cpu" and not _cpu_quantized(ctx, dev)
 
 
 def _bytes(ctx: _Ctx, units: list[_Unit], dev: DeviceKey) -> int:
-    return sizing.unique_bytes([e for u in units for e in u.entries], fp32=_fp32(ctx, dev))
+    entries = [e for u in units for e in u.entries]
+    if _cpu_quantized(ctx, dev):  # packed weights as stored, other floats in fp32 where the CPU computes
+        quantized = {e.key for e in entries if e.quantized}
+        return (sizing.unique_bytes([e for e in entries if e.key in quantized])
+                + sizing.unique_bytes([e for e in entries if e.key not in quantized], fp32=dev == "cpu"))
+    return sizing.unique_bytes(entries, fp32=_fp32(ctx, dev))
 
 
 def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -> dict[str, int]:
@@ -325,13 +342,56 @@ def _tied_groups(units: list[_Unit]) -> list[list[_Unit]]:
     return sorted(groups.values(), key=lambda g: g[0].order)
 
 
+def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
+    """Place with the first GPU running streamed blocks; if its stream buffers do not fit, try the other GPUs
+    (largest budget first). Returns the first placement within budgets, else the first one found (whose
+    overflow the final check reports), else re-raises the first error."""
+    first = ctx.exec_dev
+    others = sorted((g for g in ctx.gpus if ctx.budgets[g] > 0 and g != first), key=lambda g: -ctx.budgets[g])
+    candidates = [first] + (others if ctx.cpu_mode == "stream" else [])
+    fallback: tuple[int | None, dict[str, DeviceKey]] | None = None
+    error: PlanError | None = None
+    for g in candidates:
+        ctx.exec_dev = g
+        try:
+            assign = _place(ctx, balanced)
+        except PlanError as exc:
+            error = error or exc
+            continue
+        if _within_budgets(ctx, assign):
+            return assign
+        fallback = fallback or (g, assign)
+    if fallback is None:
+        raise error or PlanError("no placement found")
+    ctx.exec_dev = fallback[0]
+    return fallback[1]
+
+
 def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
-    """Place units with the strategy, raising the assumed reserves until the plan meets them."""
+    """Place units with the strategy; when the execution GPU cannot hold the stream buffers, keep the largest
+    streamed block on a GPU instead (pinned) and place again."""
     groups = _tied_groups(ctx.units)
     caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
+    pinned: list[int] = []
+    assign = _settle(ctx, groups, caps, pinned)
+    while not _within_budgets(ctx, assign):
+        streamed = [i for i, g in enumerate(groups) if i not in pinned and ctx.cpu_mode == "stream"
+                    and not isinstance(assign[g[0].name], int)]
+        if not streamed:
+            break
+        pinned.append(max(streamed, key=lambda i: _bytes(ctx, groups[i], "disk")))
+        try:
+            assign = _settle(ctx, groups, caps, pinned)
+        except PlanError:
+            break
+    return assign
+
+
+def _settle(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], pinned: list[int]) -> dict[str, DeviceKey]:
+    """Fill repeatedly, raising the assumed reserves until the placement needs no more than assumed."""
     assumed = _Assumed()
     for _ in range(4 * len(ctx.units) + 4):
-        assign = _fill(ctx, groups, caps, assumed)
+        assign = _fill(ctx, groups, caps, assumed, pinned)
         need = _needs(ctx, assign)
         if need.stream <= assumed.stream and need.disk_staging <= assumed.disk_staging and (
                 assumed.head_on_exec or not need.head_on_exec):
@@ -341,23 +401,43 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
 
 
-def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed) -> dict[str, DeviceKey]:
-    """Sequential fill: each group on the current device if it fits with the reserve, else on the next one."""
+def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
+    need = _needs(ctx, assign)
+    for d in ctx.budgets:
+        units = [u for u in ctx.units if assign[u.name] == d]
+        if _bytes(ctx, units, d) + sum(_reserve(ctx, d, units, need).values()) > ctx.budgets[d]:
+            return False
+    return True
+
+
+def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
+          pinned: list[int]) -> dict[str, DeviceKey]:
+    """Pinned groups on the first GPU with room, then a sequential fill: each group on the current device if it
+    fits with the reserve, else on the next one."""
     devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
     held: dict[DeviceKey, list[_Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
+
+    def fits(dev: DeviceKey, trial: list[_Unit]) -> bool:
+        return _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]
+
+    for gi in pinned:
+        dev = next((d for d in devices if isinstance(d, int) and fits(d, held[d] + groups[gi])), None)
+        if dev is None:
+            raise _missing_error(ctx, [groups[gi]], held, caps, assumed, devices)
+        held[dev] += groups[gi]
+        assign.update({u.name: dev for u in groups[gi]})
     di = 0
     for gi, group in enumerate(groups):
-        while di < len(devices):
-            dev = devices[di]
-            trial = held[dev] + group
-            if _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]:
-                held[dev] = trial
-                assign.update({u.name: dev for u in group})
-                break
+        if gi in pinned:
+            continue
+        while di < len(devices) and not fits(devices[di], held[devices[di]] + group):
             di += 1
-        else:
-            raise _missing_error(ctx, groups[gi:], held, caps, assumed, devices)
+        if di == len(devices):
+            raise _missing_error(ctx, [g for i, g in enumerate(groups[gi:], gi) if i not in pinned], held, caps,
+                                 assumed, devices)
+        held[devices[di]] += group
+        assign.update({u.name: devices[di] for u in group})
     return assign
 
 
@@ -373,7 +453,7 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[_Unit]]) -> dict[DeviceKey, int]
     per_gpu_reserve = ctx.act + ctx.head_act + largest_load
     if total + len(gpus) * per_gpu_reserve > sum(ctx.budgets[g] for g in gpus):
         return caps
-    share = -(-total // len(gpus)) + biggest + per_gpu_reserve
+    share = -(-total // len(gpus)) + biggest // 2 + per_gpu_reserve  # half a block of slack per GPU
     for g in gpus[:-1]:
         caps[g] = min(ctx.budgets[g], share)
     return caps
@@ -384,13 +464,14 @@ def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, lis
     """How many bytes do not fit and where the model stopped, with what to change."""
     last = devices[-1] if devices else "cpu"
     units = [u for g in left for u in g]
-    rows, room = [], 0
+    rows = []
     for d in devices:
         used = _bytes(ctx, held[d], d) + sum(_reserve(ctx, d, held[d], assumed).values())
         rows.append(f"{_dev_name(d)}: {format_size(used)} used of {format_size(ctx.budgets[d])}")
-        room = max(0, caps[d] - used) if d == last else room
     need = _bytes(ctx, units, last)
-    missing = max(need - room, 1)
+    everything = held.get(last, []) + units
+    missing = max(1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values())
+                  - caps.get(last, 0))
     biggest = max(ctx.budgets.values(), default=0)
     one = _bytes(ctx, left[0], last)
     why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
@@ -495,7 +576,7 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
     return Plan(
         placements=placements, device_map={u.name: assign[u.name] for u in ctx.units}, budgets=dict(ctx.budgets),
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
-        execution_device=ctx.exec_dev, workload=workload, dtype=dtype,
+        execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split, warnings=_tie_warnings(ctx, assign),
         source=type(model).__name__,
     )
@@ -506,10 +587,10 @@ def _fmt_detail(detail: Mapping[str, int]) -> str:
 
 
 def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
-    fp32 = _fp32(ctx, dev)
-    if fp32:
+    quantized = any(e.quantized for e in u.entries)
+    if _fp32(ctx, dev) or (_cpu_quantized(ctx, dev) and dev == "cpu" and not quantized):
         storage = "fp32"
-    elif any(e.quantized for e in u.entries):
+    elif quantized:
         storage = ctx.quant.method
     else:
         storage = next((str(e.dtype).removeprefix("torch.") for e in u.entries if e.dtype.is_floating_point), "int")
@@ -549,14 +630,14 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
     index = index_checkpoint(path)
     if quant is None and getattr(config, "quantization_config", None) is not None:
         quant = config.quantization_config
-    model = hf.meta_model_from_config(config, _resolve_dtype(dtype) or _checkpoint_dtype(index))
+    model = hf.meta_model_from_config(config, resolve_dtype(dtype) or _checkpoint_dtype(index))
     result = plan_model(model, quant, **kwargs)
     result.mismatches = check_checkpoint(model, index.tensors)
     result.source = path
     return result
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)

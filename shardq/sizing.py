@@ -5,10 +5,12 @@ Formulas (DESIGN.md "Stored formats"), for a quantized weight of `numel = out*in
   4-bit: ceil(numel/2) + 4*nblocks + 64              (packed nibbles + fp32 absmax + fp32 quant_map[16])
          double quant: nblocks + 4*ceil(nblocks/256) + 1024 + 4 replaces 4*nblocks
          (uint8 absmax codes + fp32 nested absmax + fp32 nested map[256] + fp32 offset)
-with nblocks = ceil(numel/blocksize). Quantized: the `weight` of an `nn.Linear` (or transformers `Conv1D`) whose
-name the config does not skip and which is not tied to another parameter (a tied head shares the embedding's
-full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed on the
-CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized.
+with nblocks = ceil(numel/blocksize). Quantized: the `weight` of an `nn.Linear` (exactly, as
+`shardq.quant.quantize_model` replaces them; GPT-2's `Conv1D` stays in its dtype) whose name the config does not
+skip and which is not tied to another parameter (a tied head shares the embedding's full-precision tensor, as
+bitsandbytes keeps it). Everything else keeps its own dtype; modules computed on the
+CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except that
+on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntr
     out: dict[str, TensorEntry] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         shape = linear_shape(module)
-        quantizable = shape is not None and quant.method != "none" and not quant.skips(mod_name)
+        quantizable = type(module) is nn.Linear and quant.method != "none" and not quant.skips(mod_name)
         for kind, tensors in (("p", module._parameters), ("b", module._buffers)):
             for tname, t in tensors.items():
                 if t is None:

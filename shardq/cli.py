@@ -1,0 +1,135 @@
+"""`python -m shardq plan`: preview where a checkpoint's blocks go under memory caps, reading headers only.
+
+    python -m shardq plan ./my-model --gpus 2x24GB --quant nf4 --max-memory 0=20GB,1=20GB,cpu=64GB
+    python -m shardq plan ./my-model/config.json --quant int8 --json      # from a config alone, no weights
+
+Exit status: 0 with a plan, 2 when the input is bad or the model cannot be placed (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import QuantConfig
+from .planner import STRATEGIES, Plan, plan, resolve_dtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shardq plan",
+        description="Preview a device map: which device holds each block, its bytes as stored, and the budget left. "
+                    "Reads config.json and safetensors headers only; no weight bytes, no GPU needed.")
+    p.add_argument("source", help="checkpoint directory (config.json + safetensors, single or sharded), "
+                                  "or a config.json file to plan from the architecture alone")
+    p.add_argument("--max-memory", metavar="CAPS",
+                   help="per-device caps, e.g. '0=600MB,1=1GB,cpu=8GB,disk=100GB' or a JSON dict "
+                        "(default: free GPU memory, available host memory, free disk)")
+    p.add_argument("--gpus", metavar="SPEC", help="plan for hypothetical GPUs, e.g. '2x24GB' or '24GB,16GB'")
+    p.add_argument("--quant", help="none, int8, nf4 or fp4 (default: the checkpoint's quantization_config, else none)")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics again")
+    p.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64)")
+    p.add_argument("--fp32-cpu-offload", action="store_true",
+                   help="keep CPU blocks unquantized in fp32 and compute them on the CPU")
+    p.add_argument("--skip-modules", metavar="NAMES", help="comma-separated modules kept unquantized (default lm_head)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="auto/sequential fill GPUs in order; "
+                                                                           "balanced spreads over GPUs")
+    p.add_argument("--device-map", metavar="MAP", help="explicit map: JSON dict or a .json file, module -> device")
+    p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
+    p.add_argument("--offload-mode", choices=("cpu", "stream"), help="how CPU blocks run (default: cpu with "
+                                                                      "--fp32-cpu-offload or no GPU, else stream)")
+    p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
+    p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
+    p.add_argument("--dtype", help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--offload-dir", help="offload folder; its free space is the default disk budget")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--full", action="store_true", help="one row per block (no folding of identical layers)")
+    return p
+
+
+def parse_caps(text: str | None) -> dict[str, Any] | None:
+    """'0=600MB,cpu=8GB' or a JSON object -> {key: size}; sizes are parsed later by get_max_memory."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            caps = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--max-memory {text!r} is not valid JSON: {exc}") from None
+        if not isinstance(caps, dict):
+            raise ValueError(f"--max-memory {text!r} must be a JSON object")
+        return caps
+    caps = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--max-memory entry {part!r} is not DEVICE=SIZE: write e.g. '0=600MB,1=1GB,cpu=8GB'")
+        caps[key.strip()] = value.strip()
+    return caps
+
+
+def parse_device_map(text: str | None) -> dict[str, Any] | None:
+    """A device map from inline JSON or a JSON file."""
+    if text is None:
+        return None
+    raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
+    try:
+        dm = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--device-map is neither a JSON object nor a JSON file: {exc}") from None
+    if not isinstance(dm, dict):
+        raise ValueError("--device-map must be a JSON object of module names to devices")
+    return dm
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _quant(args: argparse.Namespace) -> QuantConfig | None:
+    extra = {"double_quant": args.double_quant, "blocksize": args.blocksize, "fp32_cpu_offload": args.fp32_cpu_offload}
+    if args.skip_modules is not None:
+        extra["skip_modules"] = tuple(_names(args.skip_modules) or ())
+    if args.quant is None and not args.fp32_cpu_offload and args.skip_modules is None and not args.double_quant:
+        return None  # a pre-quantized checkpoint's own quantization_config applies
+    return QuantConfig(method=QuantConfig.from_any(args.quant).method, **extra)
+
+
+def run(args: argparse.Namespace) -> Plan:
+    """Build the plan the arguments describe."""
+    kwargs: dict[str, Any] = dict(
+        max_memory=parse_caps(args.max_memory), gpus=args.gpus, device_map=parse_device_map(args.device_map)
+        or args.strategy, no_split=_names(args.no_split), workload=(args.batch, args.seq_len),
+        offload_mode=args.offload_mode, offload_dir=args.offload_dir)
+    source = Path(args.source)
+    if source.is_file() and source.suffix == ".json":
+        from . import hf
+
+        model = hf.meta_model_from_dir(source, resolve_dtype(args.dtype))
+        result = plan(model, _quant(args), **kwargs)
+        result.source = os.fspath(source)
+        result.warnings.append("planned from config.json alone: the checkpoint's tensors were not checked")
+        return result
+    return plan(os.fspath(source), _quant(args), dtype=args.dtype, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        result = run(args)
+    except ValueError as exc:  # PlanError, CheckpointError, ModelConfigError, QuantConfigError, bad sizes
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(result.to_json())
+    else:
+        from .report import format_plan
+
+        print(format_plan(result, full=args.full))
+    return 0

@@ -1,0 +1,88 @@
+"""An independent oracle for plans: recompute every device's bytes from the model and check the promises."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shardq.config import QuantConfig
+from shardq.planner import Plan
+
+
+def oracle_weight_bytes(linear: nn.Linear, quant: QuantConfig) -> int:
+    """Bytes of one quantized Linear weight, written out from DESIGN.md independently of shardq.sizing."""
+    out_f, in_f = linear.weight.shape
+    n = out_f * in_f
+    if quant.method == "int8":
+        return n + 4 * out_f
+    nb = -(-n // quant.blocksize)
+    stats = (nb + 4 * -(-nb // 256) + 256 * 4 + 4) if quant.double_quant else 4 * nb
+    return -(-n // 2) + stats + 16 * 4
+
+
+def _covering(plan: Plan, name: str) -> str:
+    keys = [k for k in plan.device_map if k == "" or name == k or name.startswith(k + ".")]
+    assert len(keys) == 1, f"{name} is covered by {keys}"
+    return keys[0]
+
+
+def expected_totals(model: nn.Module, plan: Plan) -> dict:
+    """Per-device bytes recomputed from the model's tensors and the plan's device_map."""
+    q = plan.quant
+    shared = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    seen: dict = {d: {} for d in plan.budgets}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        tensors = list(mod._parameters.items()) + list(mod._buffers.items())
+        for tname, t in tensors:
+            if t is None:
+                continue
+            full = f"{mname}.{tname}" if mname else tname
+            key = _covering(plan, full)
+            dev = plan.device_map[key]
+            quantized = (type(mod) is nn.Linear and tname == "weight" and q.method != "none" and not q.skips(mname)
+                         and shared[id(t)] == 1)
+            # without a GPU, quantized weights stay packed off-GPU (unless fp32_cpu_offload asks for fp32)
+            packed = plan.execution_device is None and q.method != "none" and not q.fp32_cpu_offload
+            fp32 = not isinstance(dev, int) and plan.cpu_mode == "cpu" and not (packed and (quantized or dev == "disk"))
+            if fp32:
+                size = t.numel() * (4 if t.is_floating_point() else t.element_size())
+            elif quantized:
+                size = oracle_weight_bytes(mod, q)
+            else:
+                size = t.numel() * t.element_size()
+            seen[dev][id(t)] = size
+    return {d: sum(v.values()) for d, v in seen.items()}
+
+
+def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None:
+    """Every promise a plan makes: coverage, exact bytes, caps with reserves, tied groups, stream buffers."""
+    assert plan.totals == expected_totals(model, plan)
+    for d, budget in plan.budgets.items():
+        assert plan.totals[d] + plan.reserves[d] <= budget, (d, plan.totals[d], plan.reserves[d], budget)
+        assert plan.reserves[d] == sum(plan.reserve_detail[d].values())
+    assert [p.name for p in plan.placements] == list(plan.device_map)
+    for p in plan.placements:
+        assert p.device == plan.device_map[p.name]
+        assert p.run == ("gpu" if isinstance(p.device, int) else "disk" if p.device == "disk" else plan.cpu_mode)
+    if tied_together and plan.strategy != "explicit":
+        for group in plan.tied_groups:
+            devices = {plan.device_map[_covering(plan, n)] for n in group}
+            assert len(devices) == 1, (group, devices)
+    streamed = [p.nbytes for p in plan.placements if p.run == "stream" or (p.run == "disk" and plan.cpu_mode == "stream")]
+    if streamed:
+        assert plan.execution_device is not None
+        assert plan.reserve_detail[plan.execution_device]["stream"] >= 2 * max(streamed)
+    for d in plan.budgets:
+        if isinstance(d, int) and plan.totals[d]:
+            assert plan.reserve_detail[d]["activations"] > 0
+    assert set(plan.offload_modes) == {p.name for p in plan.placements if not isinstance(p.device, int)}
+    assert not any(math.isnan(v) for v in plan.totals.values())
+
+
+def meta_linear(out_f: int, in_f: int, bias: bool = True, dtype: torch.dtype = torch.float16) -> nn.Linear:
+    with torch.device("meta"):
+        return nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
