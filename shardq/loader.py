@@ -365,7 +365,8 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn
                                 getattr(qmod, "shardq_transposed", False), home)
             continue
         gpu = next((p for p in places if isinstance(p.device, int)), None)
-        want = torch.float32 if places[0].quant == "fp32" and slot.dtype.is_floating_point else slot.dtype
+        fp32 = places[0].quant == "fp32" or places[0].run == "cpu"  # the CPU computes in fp32
+        want = torch.float32 if fp32 and slot.dtype.is_floating_point else slot.dtype
         if gpu is not None:
             routes[key] = Route(torch.device("cuda", gpu.device), slot.dtype)
         elif len({p.name for p in places}) == 1 and places[0].run == "disk":
