@@ -7,6 +7,7 @@ arguments, bookkeeping), not the inter-GPU copy: the table says which. Per-token
 `generate()` of 64 new tokens with the KV cache (the normal decoding path), and from a 1-token forward.
 
     python bench/bench_dispatch.py           # writes $OUT/bench_dispatch.json and prints a table
+    python bench/bench_dispatch.py --small   # a tiny model: a smoke test of this script (runs without a GPU)
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ def generate_ms_per_token(model, ids, reps: int = 5) -> float:
         model.generate(ids, **kw)
         times = []
         for _ in range(reps):
-            torch.cuda.synchronize()
+            _sync()
             t0 = time.perf_counter()
             model.generate(ids, **kw)
-            torch.cuda.synchronize()
+            _sync()
             times.append((time.perf_counter() - t0) * 1e3 / NEW_TOKENS)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def split_map(model, ngpu: int) -> dict:
@@ -57,10 +63,10 @@ def main() -> None:
     from shardq.dispatch import dispatch_model
 
     ngpu = torch.cuda.device_count()
-    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "ngpu": ngpu,
-                 "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)"}
+    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if ngpu else "cpu", "ngpu": ngpu,
+                 "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)" if ngpu else "CPU smoke test"}
     model = build_model()
-    ids = torch.randint(0, 32000, (1, 16), device=DEV)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device=DEV)
     one = ids[:, :1]
     ref = forward(model, one)
     plain = {"generate_ms_per_token": generate_ms_per_token(model, ids),
@@ -68,7 +74,9 @@ def main() -> None:
     with torch.inference_mode():
         ref_tokens = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
     dmap = split_map(model, ngpu)
-    if ngpu < 2:  # keep everything on GPU 0; the hooks still run per block
+    if ngpu == 0:
+        model = dispatch_model(model, {k: "cpu" for k in dmap}, offload_modes="cpu")
+    elif ngpu == 1:  # keep everything on GPU 0; the hooks still run per block
         model = dispatch_model(model, dmap)
     else:
         model = dispatch_model(model.to("cpu"), dmap)

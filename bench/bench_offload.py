@@ -6,6 +6,7 @@ effective rate (bytes streamed / latency) and its ratio to the pinned H2D bandwi
 with 4-bit (NF4) blocks streamed packed; shardq without prefetch, to show what the overlap buys.
 
     python bench/bench_offload.py            # writes $OUT/bench_offload.json (or /tmp) and prints a table
+    python bench/bench_offload.py --small    # a tiny model: a smoke test of this script (runs without a GPU)
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 OUT = os.environ.get("OUT", "/tmp")
-DEV = torch.device("cuda", 0)
+DEV = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+SMALL = "--small" in sys.argv
 
 
 def bench_ms(fn, reps: int, warm: int) -> float:
-    """Median CUDA-event time of `fn()` in ms."""
+    """Median CUDA-event time of `fn()` in ms (host clock without a GPU)."""
     for _ in range(warm):
         fn()
+    if DEV.type == "cpu":
+        return statistics.median(_host_times(fn, reps))
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -43,8 +47,19 @@ def bench_ms(fn, reps: int, warm: int) -> float:
     return statistics.median(times)
 
 
+def _host_times(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def pinned_h2d_gbps() -> float:
     """Pinned host→device copy rate of 1 GiB (the physical limit of CPU offload)."""
+    if DEV.type == "cpu":
+        return float("nan")
     h = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
     h.random_(0, 255)
     d = torch.empty_like(h, device=DEV)
@@ -56,8 +71,12 @@ def pinned_h2d_gbps() -> float:
 def build_model(layers: int = 8):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000)
+    if SMALL:
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=1000)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
@@ -88,17 +107,19 @@ def run_shardq(model_cpu, ids, ref, prefetch: bool, reps: int) -> dict:
     from shardq.dispatch import dispatch_model
 
     t0 = time.perf_counter()
-    model = dispatch_model(model_cpu, block_map(model_cpu, "cpu"), offload_modes="stream", execution_device=0,
-                           prefetch=prefetch)
+    model = dispatch_model(model_cpu, block_map(model_cpu, "cpu"), offload_modes="stream",
+                           execution_device=0 if DEV.type == "cuda" else None, prefetch=prefetch)
     setup_s = time.perf_counter() - t0
     st = model.shardq_runtime.streamer
     nbytes = sum(b.nbytes for b in st.blocks.values())
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated(DEV)
-    torch.cuda.reset_peak_memory_stats(DEV)
+    gpu = DEV.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(DEV)
+    base = torch.cuda.memory_allocated(DEV) if gpu else 0
     out = forward(model, ids)
     t = bench_ms(lambda: forward(model, ids), reps=reps, warm=2)
-    peak = torch.cuda.max_memory_allocated(DEV) - base
+    peak = torch.cuda.max_memory_allocated(DEV) - base if gpu else 0
     return {"token_ms": round(t, 2), "streamed_GB": round(nbytes / 1e9, 3), "eff_GBps": round(nbytes / (t / 1e3) / 1e9, 2),
             "relerr": relerr(out, ref), "setup_s": round(setup_s, 2),
             "slot_MB": round(sum(s.buffer.numel() for s in st.slots) / 1e6, 1),
@@ -124,21 +145,26 @@ def run_4bit(gpu_model, ids, reps: int) -> dict:
     ref = forward(qmodel, ids)
     resident = bench_ms(lambda: forward(qmodel, ids), reps=20, warm=3)
     qmodel.to("cpu")
-    torch.cuda.empty_cache()
+    _empty_cache()
     res = run_shardq(qmodel, ids, ref, prefetch=True, reps=reps)
     res.pop("model")
     res["gpu_resident_token_ms"] = round(resident, 2)
     return res
 
 
+def _empty_cache() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
-    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
+    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu"}
     res["h2d_pinned_GBps"] = round(pinned_h2d_gbps(), 1)
     print("pinned H2D GB/s:", res["h2d_pinned_GBps"], flush=True)
     gpu_model = build_model()
     nbytes = sum(p.numel() * p.element_size() for p in gpu_model.parameters())
     res["param_GB"] = round(nbytes / 1e9, 3)
-    ids = torch.randint(0, 32000, (1, 1), device=DEV)
+    ids = torch.randint(0, gpu_model.config.vocab_size, (1, 1), device=DEV)
     ref = forward(gpu_model, ids)
     res["gpu_resident_token_ms"] = round(bench_ms(lambda: forward(gpu_model, ids), reps=30, warm=5), 2)
     for name, prefetch, reps in (("shardq_stream", True, 20), ("shardq_stream_noprefetch", False, 10)):
@@ -151,14 +177,14 @@ def main() -> None:
             res[name] = {"error": repr(e)[:300]}
         print(name, res[name], flush=True)
         gc.collect()
-        torch.cuda.empty_cache()
+        _empty_cache()
     try:
         res["accelerate_cpu_offload"] = run_accelerate(copy.deepcopy(gpu_model).to("cpu"), ids, ref, nbytes)
     except Exception as e:
         res["accelerate_cpu_offload"] = {"error": repr(e)[:300]}
     print("accelerate", res["accelerate_cpu_offload"], flush=True)
     gc.collect()
-    torch.cuda.empty_cache()
+    _empty_cache()
     try:
         res["shardq_stream_nf4"] = run_4bit(gpu_model, ids, reps=20)
     except Exception as e:
