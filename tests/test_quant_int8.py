@@ -39,12 +39,24 @@ def _weights(out_f, in_f, g):
     return w
 
 
-def test_rowwise_quantization_matches_bitsandbytes():
-    f = load_file(FIX / "int8.safetensors")
+SUFFIXES = [s for s in ("", "_cuda") if (FIX / f"int8{s}.safetensors").exists()]
+
+
+def _same_codes(ours: torch.Tensor, theirs: torch.Tensor, exact: bool) -> bool:
+    """Equal, or (CUDA: a fast reciprocal may round a value just off a .5 boundary) off by one rarely."""
+    if exact:
+        return torch.equal(ours, theirs)
+    diff = (ours.int() - theirs.int()).abs()
+    return bool(diff.max() <= 1) and (diff > 0).float().mean().item() < 5e-3
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_rowwise_quantization_matches_bitsandbytes(suffix):
+    f = load_file(FIX / f"int8{suffix}.safetensors")
     q, s = torch.ops.shardq.quantize_int8_rowwise(f["W"])
-    assert torch.equal(q, f["CB"]) and torch.equal(s, f["SCB"])
+    assert _same_codes(q, f["CB"], not suffix) and torch.equal(s, f["SCB"])
     q, s = torch.ops.shardq.quantize_int8_rowwise(f["x"].reshape(-1, f["x"].shape[-1]))
-    assert torch.equal(q, f["x_q"]) and torch.equal(s, f["x_scale"])
+    assert _same_codes(q, f["x_q"], not suffix) and torch.equal(s, f["x_scale"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -105,8 +117,9 @@ def test_outlier_decomposition_helps_and_is_a_no_op_without_outliers():
     assert int8.outlier_columns(x, 6.0).tolist() == [10, 100, 200]
 
 
-def test_matches_bitsandbytes_layer_outputs():
-    f = load_file(FIX / "int8.safetensors")
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_matches_bitsandbytes_layer_outputs(suffix):
+    f = load_file(FIX / f"int8{suffix}.safetensors")
     x, bias = f["x"], f["bias"]
     exact = x.double() @ f["W"].double().T + bias.double()
     for thr in (0.0, 6.0):

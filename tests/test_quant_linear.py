@@ -195,3 +195,25 @@ def test_dtype_casts_keep_the_stored_formats(key):
         assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
     q.to("cpu", torch.bfloat16)
     assert all(torch.equal(b, before[n]) for n, b in q.named_buffers())
+
+
+_FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "bnb"
+
+
+@pytest.mark.parametrize("suffix", [s for s in ("", "_cuda") if (_FIX / f"linear4bit{s}.safetensors").exists()])
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16])
+def test_linear4bit_matches_bitsandbytes_layer(suffix, qt, cd):
+    from safetensors.torch import load_file
+
+    f = load_file(_FIX / f"linear4bit{suffix}.safetensors")
+    lin = nn.Linear(130, 40)
+    with torch.no_grad():
+        lin.weight.copy_(f["W"])
+        lin.bias.copy_(f["bias"])
+    q = Linear4bit.from_linear(lin, QuantConfig(method=qt, double_quant=True, compute_dtype=cd))
+    out = q(f["x"])
+    ref = f[f"out_{qt}_{str(cd).removeprefix('torch.')}"]
+    assert out.dtype == ref.dtype == torch.float32
+    # same stored weights; bitsandbytes' CUDA kernels accumulate in another order
+    assert _rel(out, ref) < (1e-6 if cd == torch.float32 and not suffix else 8e-3)
