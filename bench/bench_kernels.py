@@ -1,0 +1,234 @@
+"""Side-by-side benchmark of shardq's quantized matmuls against fp16 cuBLAS and bitsandbytes, in one run.
+
+    python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
+
+For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant) and Linear8bit (threshold
+6 and 0), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
+outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
+  - as a module call: CUDA events around one call, Python launch cost included, median of 30;
+  - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;
+rotating over enough weight copies (≥ 4× L2) that weights stream from HBM, not L2. Effective weight GB/s =
+stored weight bytes / graph time. The HBM copy bandwidth (read + write of 1 GiB) is measured in the same run.
+Writes kernels_bench.json and kernels_bench.md under --out ($OUT or /tmp) and prints a compact table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from shardq.config import QuantConfig  # noqa: E402
+from shardq.quant.linear import Linear4bit, Linear8bit  # noqa: E402
+
+DEV = torch.device("cuda")
+SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,4097x1000"
+MS = "1,2,7,16,32,256,4096"
+ROTATE_BYTES = 4 * 50 * 2**20
+
+
+def events_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def hbm_copy_gbps() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEV).random_(0, 255)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    t = events_ms(lambda: y.copy_(x), 20)
+    del x, y
+    return 2 * (1 << 30) / (t / 1e3) / 1e9
+
+
+def weight_bytes(mod: nn.Module) -> int:
+    """Bytes of the stored weight and its statistics (not bias)."""
+    total = 0
+    for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+        if name != "bias":
+            total += t.numel() * t.element_size()
+    qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+    if qs is not None:  # bitsandbytes keeps absmax in the quant state
+        total += qs.absmax.numel() * qs.absmax.element_size()
+        if getattr(qs, "state2", None) is not None:
+            total += qs.state2.absmax.numel() * 4 + 256 * 4
+    scb = getattr(getattr(mod, "weight", None), "SCB", None)
+    if scb is not None and not any(t is scb for t in mod.buffers()):
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def build(kind: str, w: torch.Tensor):
+    """One module of `kind` holding weight `w` (fp16 [N, K] on the CPU), on the GPU."""
+    n, k = w.shape
+    lin = nn.Linear(k, n, bias=False, dtype=torch.float16)
+    lin.weight.data.copy_(w)
+    if kind == "fp16":
+        return lin.to(DEV)
+    if kind.startswith("sq_nf4"):
+        return Linear4bit.from_linear(lin.to(DEV), QuantConfig(method="nf4", double_quant=kind.endswith("_dq")))
+    if kind.startswith("sq_int8"):
+        thr = 6.0 if kind.endswith("t6") else 0.0
+        return Linear8bit.from_linear(lin.to(DEV), QuantConfig(method="int8", threshold=thr))
+    import bitsandbytes as bnb
+
+    if kind.startswith("bnb_nf4"):
+        dq = kind.endswith("_dq")
+        m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, compress_statistics=dq, quant_type="nf4")
+        m.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=dq, quant_type="nf4")
+        return m.to(DEV)
+    thr = 6.0 if kind.endswith("t6") else 0.0
+    m = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=thr)
+    m.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    return m.to(DEV)
+
+
+def time_kind(mods: list, x: torch.Tensor) -> dict:
+    with torch.inference_mode():
+        out = mods[0](x)
+        i = [0]
+
+        def call():
+            mods[i[0] % len(mods)](x)
+            i[0] += 1
+
+        for _ in range(3):
+            call()
+        res = {"module_us": events_ms(call, 30) * 1e3, "out": out}
+        calls = max(2 * len(mods), 20)
+        try:
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for j in range(calls):
+                    mods[j % len(mods)](x)
+            g.replay()
+            res["graph_us"] = events_ms(g.replay, 5) * 1e3 / calls
+        except Exception as exc:  # some peers cannot be captured (host syncs)
+            res["graph_error"] = repr(exc)[:120]
+            torch.cuda.synchronize()
+    return res
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
+    rows = [{"K": k, "N": n, "M": m} for m in ms]
+    g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
+
+    def weight():
+        return (torch.randn(n, k, generator=g, device=DEV) * 0.02).half().cpu()
+
+    for kind in kinds:
+        first = build(kind, weight())
+        copies = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, weight_bytes(first)))))
+        mods = [first] + [build(kind, weight()) for _ in range(copies - 1)]
+        ref_mod = build("fp16", first.dequantize().weight.data.cpu()) if hasattr(first, "dequantize") else None
+        for row in rows:
+            x = torch.randn(row["M"], k, device=DEV, dtype=torch.float16)
+            x[:, :: max(1, k // 8)] *= 20.0
+            try:
+                r = time_kind(mods, x)
+            except Exception as exc:
+                row[kind + "_error"] = repr(exc)[:160]
+                continue
+            row[kind + "_us"] = round(r["module_us"], 1)
+            if "graph_us" in r:
+                row[kind + "_graph_us"] = round(r["graph_us"], 1)
+            t = r.get("graph_us", r["module_us"])
+            row[kind + "_GBps"] = round(weight_bytes(first) / (t / 1e6) / 1e9, 1)
+            if ref_mod is not None:
+                with torch.inference_mode():
+                    row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
+        del mods, first, ref_mod
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict], hbm: float) -> str:
+    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("bnb_nf4", "bnb nf4"),
+            ("sq_int8_t6", "sq i8t6"), ("bnb_int8_t6", "bnb i8t6"), ("sq_int8_t0", "sq i8t0"),
+            ("bnb_int8_t0", "bnb i8t0")]
+    head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
+    head += " | nf4 GB/s (% HBM) | fp16/nf4 | fp16/i8t6 |"
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            call, gr = r.get(key + "_us"), r.get(key + "_graph_us")
+            cells.append("–" if call is None else f"{call:g} / {gr:g}" if gr is not None else f"{call:g} / –")
+        t16 = r.get("fp16_graph_us") or r.get("fp16_us")
+        tq = r.get("sq_nf4_graph_us") or r.get("sq_nf4_us")
+        t8 = r.get("sq_int8_t6_graph_us") or r.get("sq_int8_t6_us")
+        gbps = r.get("sq_nf4_GBps")
+        extra = [f"{gbps:g} ({100 * gbps / hbm:.0f}%)" if gbps else "–",
+                 f"{t16 / tq:.2f}" if t16 and tq else "–", f"{t16 / t8:.2f}" if t16 and t8 else "–"]
+        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | " + " | ".join(cells + extra) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--ms", default=MS)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--no-bnb", action="store_true")
+    args = ap.parse_args(argv)
+    import shardq.kernels
+
+    if not shardq.kernels.available():
+        print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
+        return 1
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_int8_t6", "sq_int8_t0"]
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
+    if not args.no_bnb:
+        try:
+            import bitsandbytes as bnb
+
+            res["bnb"] = bnb.__version__
+            kinds += ["bnb_nf4", "bnb_nf4_dq", "bnb_int8_t6", "bnb_int8_t0"]
+        except Exception as exc:
+            res["bnb_error"] = repr(exc)[:200]
+    res["hbm_copy_GBps"] = round(hbm_copy_gbps(), 1)
+    print(f"HBM copy {res['hbm_copy_GBps']} GB/s on {res['gpu']}", flush=True)
+    ms = [int(m) for m in args.ms.split(",")]
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        t0 = time.time()
+        rows += bench_shape(k, n, ms, kinds)
+        print(f"{shape} done in {time.time() - t0:.0f}s", flush=True)
+    res["rows"] = rows
+    md = table(rows, res["hbm_copy_GBps"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels_bench.json").write_text(json.dumps(res, indent=1))
+    (out / "kernels_bench.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

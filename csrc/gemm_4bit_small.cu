@@ -1,0 +1,290 @@
+// 4-bit (nf4/fp4, optional double quant) matmul for decode-sized batches (M <= 32): out = x @ W.T + bias.
+//
+// Fast path (fp16/bf16, K % 32 == 0, power-of-two blocksize >= 32, 16-byte aligned): each thread streams
+// 16 packed bytes (32 weights of one row) per step with one 128-bit load, so every weight byte is read once.
+// A byte becomes a pair of 16-bit codes through a 256-entry table kept lane-private in shared memory
+// (entry e of lane l sits in bank l, so lookups never conflict), is scaled by its block's absmax (decoded
+// inline for double quant) and fed to tensor-core mma.m16n8k16 with fp32 accumulation. The k order inside
+// each mma is permuted identically for x and W (a dot product does not care), which lets the 32 contiguous
+// weights a thread loaded map straight onto its B fragments. The 8 warps of a CTA split K and reduce in
+// shared memory; CTAs stride over groups of 8*NT output rows.
+//
+// Generic path (any K, blocksize, dtype incl. fp32, any alignment): one CTA per output row, per-element
+// nibble addressing, so blocks and bytes may straddle rows.
+#include "common.cuh"
+
+namespace shardq {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTableWords = 256 * 32;
+
+template <typename T> struct Half2Of;
+template <> struct Half2Of<__half> { using type = __half2; };
+template <> struct Half2Of<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t scale_pair(uint32_t v, uint32_t s) {
+  using H2 = typename Half2Of<T>::type;
+  H2 r = __hmul2(*reinterpret_cast<H2*>(&v), *reinterpret_cast<H2*>(&s));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t byte_of(const uint4& v, int q) {
+  const uint32_t w = q < 4 ? v.x : q < 8 ? v.y : q < 12 ? v.z : v.w;
+  return (w >> ((q & 3) * 8)) & 0xFF;
+}
+
+struct Small4Args {
+  const void* x;
+  const uint8_t* w;
+  Absmax am;
+  const float* code;
+  const void* bias;
+  void* out;
+  int M, N, K, bs_shift;
+};
+
+// Loads the 16 packed bytes and the block scale of row n at column kt (zeros outside the matrix).
+template <typename T>
+__device__ __forceinline__ void load_w(const Small4Args& p, int n, int kt, uint4& wv, uint32_t& sc) {
+  if (kt < p.K && n < p.N) {
+    const int64_t e = (int64_t)n * p.K + kt;
+    wv = __ldcs(reinterpret_cast<const uint4*>(p.w + (e >> 1)));
+    const float s = p.am.get(e >> p.bs_shift);
+    sc = pack_pair<T>(s, s);
+  } else {
+    wv = make_uint4(0, 0, 0, 0);
+    sc = 0;
+  }
+}
+
+// 32 activations of row r at columns kt.. as 16 packed pairs (zeros outside x).
+template <typename T>
+__device__ __forceinline__ void load_x(const Small4Args& p, int r, int kt, uint32_t* dst) {
+  if (r < p.M && kt < p.K) {
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)r * p.K + kt);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 v = __ldg(src + q);
+      dst[4 * q] = v.x; dst[4 * q + 1] = v.y; dst[4 * q + 2] = v.z; dst[4 * q + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 16; ++q) dst[q] = 0;
+  }
+}
+
+template <typename T, int NT, int MT>
+__device__ __forceinline__ void mma_step(const uint32_t* tbl, const uint4* wv, const uint32_t* sc,
+                                         uint32_t (*xa)[2][16], float (*acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    uint32_t b[NT][2];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      b[i][0] = scale_pair<T>(tbl[byte_of(wv[i], 2 * j) * 32], sc[i]);
+      b[i][1] = scale_pair<T>(tbl[byte_of(wv[i], 2 * j + 1) * 32], sc[i]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint32_t a[4] = {xa[mt][0][2 * j], xa[mt][1][2 * j], xa[mt][0][2 * j + 1], xa[mt][1][2 * j + 1]};
+#pragma unroll
+      for (int i = 0; i < NT; ++i) mma16816<T>(acc[mt][i], a, b[i][0], b[i][1]);
+    }
+  }
+}
+
+template <typename T, int NT, int MT>
+__global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
+  extern __shared__ uint32_t smem[];
+  uint32_t* table = smem;                                        // [256 bytes][32 lanes]
+  float* red = reinterpret_cast<float*>(smem + kTableWords);     // [kWarps][MT*16][NT*8]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  for (int i = tid; i < kTableWords; i += kThreads) {
+    const int byte = i >> 5;
+    table[i] = pack_pair<T>(__ldg(p.code + (byte >> 4)), __ldg(p.code + (byte & 15)));
+  }
+  __syncthreads();
+  const uint32_t* tbl = table + lane;
+  const int nsteps = (p.K + 127) / 128;
+  const int ngroups = (p.N + NT * 8 - 1) / (NT * 8);
+  for (int grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
+    const int n0 = grp * NT * 8;
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mt][i][c] = 0.f;
+    uint4 wv[NT];
+    uint32_t sc[NT];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) load_w<T>(p, n0 + 8 * i + g, warp * 128 + t * 32, wv[i], sc[i]);
+    for (int s = warp; s < nsteps; s += kWarps) {
+      const int kt = s * 128 + t * 32;
+      uint4 cw[NT];
+      uint32_t cs[NT];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) { cw[i] = wv[i]; cs[i] = sc[i]; }
+#pragma unroll
+      for (int i = 0; i < NT; ++i) load_w<T>(p, n0 + 8 * i + g, kt + kWarps * 128, wv[i], sc[i]);
+      uint32_t xa[MT][2][16];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        load_x<T>(p, mt * 16 + g, kt, xa[mt][0]);
+        load_x<T>(p, mt * 16 + g + 8, kt, xa[mt][1]);
+      }
+      mma_step<T, NT, MT>(tbl, cw, cs, xa, acc);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int m = mt * 16 + g + (c >> 1) * 8, nl = i * 8 + 2 * t + (c & 1);
+          red[(warp * MT * 16 + m) * NT * 8 + nl] = acc[mt][i][c];
+        }
+    __syncthreads();
+    for (int idx = tid; idx < MT * 16 * NT * 8; idx += kThreads) {
+      const int m = idx / (NT * 8), nl = idx % (NT * 8), n = n0 + nl;
+      if (m < p.M && n < p.N) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[(w * MT * 16 + m) * NT * 8 + nl];
+        if (p.bias) s += to_f32(static_cast<const T*>(p.bias)[n]);
+        static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(s);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, const uint8_t* __restrict__ w, Absmax am,
+                                                     const float* __restrict__ code, const T* __restrict__ bias,
+                                                     T* __restrict__ out, int M, int N, int K, int64_t blocksize) {
+  __shared__ float cs[16];
+  __shared__ float red[8][4];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid < 16) cs[tid] = code[tid];
+  __syncthreads();
+  for (int n = blockIdx.x; n < N; n += gridDim.x) {
+    for (int m0 = 0; m0 < M; m0 += 8) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int k = tid; k < K; k += 128) {
+        const int64_t e = (int64_t)n * K + k;
+        const float wv = cs[nibble_at(w, e)] * am.get(e / blocksize);
+#pragma unroll
+        for (int r = 0; r < 8; ++r)
+          if (m0 + r < M) acc[r] += wv * to_f32(x[(int64_t)(m0 + r) * K + k]);
+      }
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        float v = acc[r];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) red[r][warp] = v;
+      }
+      __syncthreads();
+      if (tid < 8 && m0 + tid < M) {
+        float s = red[tid][0] + red[tid][1] + red[tid][2] + red[tid][3];
+        if (bias) s += to_f32(bias[n]);
+        out[(int64_t)(m0 + tid) * N + n] = from_f32<T>(s);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+int sm_count() {
+  static int cache[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return 132;
+  if (!cache[dev]) cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev);
+  return cache[dev] > 0 ? cache[dev] : 132;
+}
+
+template <typename T, int NT, int MT>
+cudaError_t launch_mma(const Small4Args& p, cudaStream_t stream) {
+  const int smem = (kTableWords + kWarps * MT * 16 * NT * 8) * 4;
+  static bool configured[64] = {false};  // the attribute is per function and device: set once each
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
+    cudaError_t err = cudaFuncSetAttribute(gemm4_small_mma<T, NT, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) configured[dev] = true;
+  }
+  const int ngroups = (p.N + NT * 8 - 1) / (NT * 8);
+  const int grid = ngroups < 3 * sm_count() ? ngroups : 3 * sm_count();
+  gemm4_small_mma<T, NT, MT><<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_mma(const Small4Args& p, cudaStream_t stream) {
+  const int sms = sm_count();
+  const bool two_m = p.M > 16;
+  if (p.N >= 64 * sms) return two_m ? launch_mma<T, 4, 2>(p, stream) : launch_mma<T, 4, 1>(p, stream);
+  if (p.N >= 16 * sms) return two_m ? launch_mma<T, 2, 2>(p, stream) : launch_mma<T, 2, 1>(p, stream);
+  return two_m ? launch_mma<T, 1, 2>(p, stream) : launch_mma<T, 1, 1>(p, stream);
+}
+
+}  // namespace
+}  // namespace shardq
+
+using namespace shardq;
+
+// out[M,N] = x[M,K] @ W[N,K].T (+ bias). absmax: fp32 per block, or (absmax_q, nested_absmax, nested_code,
+// offset) for double quant. Uses the tensor-core path when M <= 32 and the layout allows it.
+SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float* absmax, const void* absmax_q,
+                                      const float* nested_absmax, const float* nested_code, float offset,
+                                      const float* code, const void* bias, void* out, int64_t M, int64_t N,
+                                      int64_t K, int64_t blocksize, int dtype, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (M <= 0 || N <= 0 || K <= 0 || blocksize <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  const int shift = log2_exact(blocksize);
+  const bool aligned = ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
+  const bool fast = dtype != kF32 && M <= 32 && K % 32 == 0 && shift >= 5 && aligned;
+  if (fast) {
+    const Small4Args p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift};
+    SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
+  }
+  SHARDQ_DISPATCH_ALL(dtype, T, {
+    const unsigned grid = (unsigned)(N < 65536 ? N : 65536);
+    gemm4_generic<T><<<grid, 128, 0, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), am, code,
+                                               static_cast<const T*>(bias), static_cast<T*>(out), (int)M, (int)N,
+                                               (int)K, blocksize);
+    return cudaGetLastError();
+  });
+  return cudaErrorInvalidValue;
+}

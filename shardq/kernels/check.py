@@ -1,0 +1,98 @@
+"""`python -m shardq.kernels --check`: build, load and check every CUDA op against the reference.
+
+Prints a status table: the build (path, time or the compiler's message) and, per op, which path ran and the
+relative error against the pure-PyTorch reference on fresh random inputs with outliers. Exit status 0 only if
+the library loaded and every op matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CheckRow:
+    op: str
+    case: str
+    rel_err: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tol
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _cases(dev: torch.device) -> list[CheckRow]:
+    from shardq.kernels.cuda_ops import reference
+    from shardq.quant import blockwise, codebooks
+
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(int(time.time()))
+    for qt in ("nf4", "fp4"):
+        code = codebooks.code_4bit(qt, dev)
+        w = torch.randn(384, 1024, device=dev, generator=g)
+        w[:, 7] *= 30.0
+        packed, absmax = torch.ops.shardq.quantize_4bit(w, code, 64)
+        rp, ra = reference("quantize_4bit")(w, code, 64)
+        rows.append(CheckRow("quantize_4bit", qt, float((packed != rp).float().mean()), 1e-4))
+        deq = torch.ops.shardq.dequantize_4bit(packed, absmax, code, 64, [384, 1024], torch.float16)
+        rdeq = blockwise.dequantize_4bit_ref(rp, ra, code, 64, [384, 1024], torch.float16)
+        rows.append(CheckRow("dequantize_4bit", qt, _rel(deq, rdeq), 1e-3))
+        for m in (1, 7, 64):
+            x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=g)
+            out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, 384, 1024, None, None, 0.0, None)
+            ref = reference("gemm_4bit")(x, packed, absmax, code, 64, 384, 1024, None, None, 0.0, None)
+            rows.append(CheckRow("gemm_4bit", f"{qt} M={m}", _rel(out, ref), 5e-3))
+    a = torch.randn(300, 1000, device=dev, dtype=torch.float16, generator=g)
+    q, s = torch.ops.shardq.quantize_int8_rowwise(a)
+    rq, rs = reference("quantize_int8_rowwise")(a)
+    rows.append(CheckRow("quantize_int8_rowwise", "300x1000", float((q.int() - rq.int()).abs().max()), 1.0))
+    w8, scb = reference("quantize_int8_rowwise")(torch.randn(512, 1024, device=dev, generator=g))
+    for m in (1, 7, 64):
+        x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=g)
+        x[:, ::128] *= 20.0
+        out = torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0)
+        ref = reference("int8_linear")(x, w8, scb, None, 6.0)
+        rows.append(CheckRow("int8_linear", f"M={m} thr=6", _rel(out, ref), 5e-3))
+    return rows
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shardq.kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="build, load and check every op (default)")
+    parser.parse_args(argv)
+    import shardq.ops  # noqa: F401  (defines the ops and registers the CUDA kernels)
+    from shardq.kernels import build, lib
+
+    t0 = time.time()
+    loaded = lib.load() is not None
+    print(f"{'library':<24}{'loaded' if loaded else 'UNAVAILABLE'}  ({time.time() - t0:.1f}s)  {lib.path() or ''}")
+    if not loaded:
+        print(f"{'reason':<24}{lib.error()}")
+    print(f"{'sources':<24}{build.csrc_dir()}")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible: the ops run the PyTorch reference")
+        return 0 if loaded else 1
+    dev = torch.device("cuda", torch.cuda.current_device())
+    print(f"{'device':<24}{torch.cuda.get_device_name(dev)}")
+    rows = _cases(dev)
+    print(f"\n{'op':<24}{'case':<14}{'rel err':>10}{'tol':>10}  status")
+    for r in rows:
+        print(f"{r.op:<24}{r.case:<14}{r.rel_err:>10.2e}{r.tol:>10.0e}  {'ok' if r.ok else 'FAIL'}")
+    return 0 if loaded and all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

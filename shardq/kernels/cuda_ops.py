@@ -1,0 +1,270 @@
+"""CUDA implementations of the `shardq::*` ops: argument checks, torch-allocated outputs, one library call.
+
+Each wrapper checks devices/dtypes/shapes (clear errors before any launch), allocates outputs and scratch with
+torch (so CUDA-graph capture and the caching allocator see every byte), passes raw pointers and the current
+stream to the library, and never synchronizes. If the library is unavailable it calls the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shardq.kernels import lib as _lib
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this many rows
+# Scratch cap for the large-M 4-bit path (weight rows dequantized per cuBLAS call), in bytes.
+DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")) * 2**20)
+
+
+def reference(name: str) -> Callable:
+    """The pure-PyTorch reference implementation of op `name` (the default kernel in shardq.ops)."""
+    import shardq.ops as ops
+
+    fn = getattr(getattr(ops, name), "_init_fn", None)
+    if fn is not None:
+        return fn
+
+    def via_cpu(*args):
+        dev = next(a.device for a in args if isinstance(a, Tensor))
+        cpu = [a.cpu() if isinstance(a, Tensor) else a for a in args]
+        out = getattr(torch.ops.shardq, name)(*cpu)
+        return tuple(o.to(dev) for o in out) if isinstance(out, tuple) else out.to(dev)
+
+    return via_cpu
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _same_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move the layer and its "
+                             f"input to one device")
+
+
+class _on_device:
+    """Make `device` current for the launch (the launchers query the current device)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.index != torch.cuda.current_device() else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _check_code(code: Tensor) -> None:
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be an fp32 tensor of 16 values, got {code.dtype} {tuple(code.shape)}")
+
+
+def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                 nested_offset: float, nblocks: int) -> tuple:
+    """(plain fp32 ptr, uint8 codes ptr, nested absmax ptr, nested code ptr, offset) for the launchers."""
+    if absmax.numel() != nblocks:
+        raise ValueError(f"absmax has {absmax.numel()} entries, expected {nblocks} (one per block)")
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be fp32 without double quant, got {absmax.dtype}")
+        return absmax.contiguous().data_ptr(), None, None, None, 0.0
+    if nested_code is None or nested_code.numel() != 256 or nested_code.dtype != torch.float32:
+        raise ValueError("double quant needs nested_code as an fp32 tensor of 256 values")
+    if absmax.dtype != torch.uint8 or nested_absmax.dtype != torch.float32:
+        raise ValueError(f"double quant needs uint8 absmax codes and fp32 nested_absmax, got {absmax.dtype} and "
+                         f"{nested_absmax.dtype}")
+    if nested_absmax.numel() != -(-nblocks // 256):
+        raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, expected ceil({nblocks}/256)")
+    return (None, absmax.contiguous().data_ptr(), nested_absmax.contiguous().data_ptr(),
+            nested_code.contiguous().data_ptr(), float(nested_offset))
+
+
+def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+              in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+              nested_offset: float, bias: Optional[Tensor]) -> Tensor:
+    lib = _lib.load()
+    if lib is None or x.dtype not in DTYPE_CODES:
+        return reference("gemm_4bit")(x, packed, absmax, code, blocksize, out_features, in_features,
+                                      nested_absmax, nested_code, nested_offset, bias)
+    n, k = out_features, in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {k}")
+    if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
+        raise ValueError(f"packed must be uint8 with ceil({n}*{k}/2) bytes, got {packed.dtype} {packed.numel()}")
+    _check_code(code)
+    _same_device(x.device, packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
+                 nested_code=nested_code, bias=bias)
+    am = _absmax_args(absmax, nested_absmax, nested_code, nested_offset, -(-n * k // blocksize))
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    packed, code = packed.contiguous(), code.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    dt = DTYPE_CODES[x.dtype]
+    with _on_device(x.device):
+        if m <= SMALL_M:
+            rc = lib.shardq_gemm_4bit_small(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b),
+                                            out.data_ptr(), m, n, k, blocksize, dt, _stream(x))
+            _lib.check(rc, "gemm_4bit_small")
+        else:
+            _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+                     b: Optional[Tensor], out: Tensor) -> None:
+    """Large M: dequantize row chunks of W into scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
+    rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * x2.element_size())))
+    w = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
+    dt, stream = DTYPE_CODES[x2.dtype], _stream(x2)
+    for n0 in range(0, n, rows):
+        nr = min(rows, n - n0)
+        wc = w[:nr]
+        rc = lib.shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), wc.data_ptr(), n0 * k, nr * k,
+                                        blocksize, dt, stream)
+        _lib.check(rc, "dequantize_4bit")
+        bc = None if b is None else b[n0:n0 + nr]
+        if nr == n:  # one chunk: cuBLAS writes the output directly
+            if bc is None:
+                torch.mm(x2, wc.t(), out=out)
+            else:
+                torch.addmm(bc, x2, wc.t(), out=out)
+        else:
+            out[:, n0:n0 + nr] = F.linear(x2, wc, bc)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
+                    dtype: torch.dtype) -> Tensor:
+    lib = _lib.load()
+    if lib is None or dtype not in DTYPE_CODES:
+        return reference("dequantize_4bit")(packed, absmax, code, blocksize, shape, dtype)
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed must be uint8 with ceil({numel}/2) bytes, got {packed.dtype} {packed.numel()}")
+    _check_code(code)
+    _same_device(packed.device, absmax=absmax, code=code)
+    am = _absmax_args(absmax, None, None, 0.0, -(-numel // blocksize))
+    out = torch.empty(list(shape), dtype=dtype, device=packed.device)
+    packed, code = packed.contiguous(), code.contiguous()
+    with _on_device(packed.device):
+        rc = lib.shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), out.data_ptr(), 0, numel,
+                                        blocksize, DTYPE_CODES[dtype], _stream(packed))
+    _lib.check(rc, "dequantize_4bit")
+    return out
+
+
+def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    lib = _lib.load()
+    if lib is None or A.dtype not in DTYPE_CODES:
+        return reference("quantize_4bit")(A, code, blocksize)
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    _check_code(code)
+    _same_device(A.device, code=code)
+    a = A.contiguous()
+    n = a.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=a.device)
+    absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=a.device)
+    with _on_device(a.device):
+        rc = lib.shardq_quantize_4bit(a.data_ptr(), code.contiguous().data_ptr(), packed.data_ptr(),
+                                      absmax.data_ptr(), n, blocksize, DTYPE_CODES[a.dtype], _stream(a))
+    _lib.check(rc, "quantize_4bit")
+    return packed, absmax
+
+
+def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
+    lib = _lib.load()
+    if lib is None or A.dtype not in DTYPE_CODES or A.dim() == 0:
+        return reference("quantize_int8_rowwise")(A)
+    a = A.contiguous()
+    cols = a.shape[-1]
+    rows = a.numel() // cols if cols else 0
+    q = torch.empty(a.shape, dtype=torch.int8, device=a.device)
+    scale = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    with _on_device(a.device):
+        rc = lib.shardq_quantize_int8_rowwise(a.data_ptr(), q.data_ptr(), scale.data_ptr(), rows, cols,
+                                              DTYPE_CODES[a.dtype], _stream(a))
+    _lib.check(rc, "quantize_int8_rowwise")
+    return q, scale
+
+
+def _int8_scratch(m: int, k: int, device: torch.device) -> tuple[Tensor, dict[str, int]]:
+    """One uint8 buffer for colmax f32[k], outlier list i32[k], count i32, row absmax f32[m], q int8[m, k]."""
+    sizes = {"colmax": 4 * k, "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k}
+    offsets, pos = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = pos
+        pos += -(-size // 256) * 256
+    return torch.empty(pos, dtype=torch.uint8, device=device), offsets
+
+
+def _check_int8_args(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+    if scale.dtype != torch.float32 or scale.numel() != weight.shape[0]:
+        raise ValueError(f"scale (SCB) must be fp32 with one value per output row ({weight.shape[0]}), got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    _same_device(x.device, weight=weight, scale=scale, bias=bias)
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+    lib = _lib.load()
+    if lib is None or x.dtype not in DTYPE_CODES:
+        return reference("int8_linear")(x, weight, scale, bias, threshold)
+    _check_int8_args(x, weight, scale, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    w, scb = weight.contiguous(), scale.contiguous()
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    buf, off = _int8_scratch(m, k, x.device)
+    base = buf.data_ptr()
+    p = {name: base + o for name, o in off.items()}
+    dt, stream = DTYPE_CODES[x.dtype], _stream(x)
+    with _on_device(x.device):
+        rc = lib.shardq_int8_prepare(x2.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"],
+                                     m, k, float(threshold), dt, stream)
+        _lib.check(rc, "int8_prepare")
+        tail = (x2.data_ptr(), w.data_ptr(), scb.data_ptr(), p["list"], p["count"], _ptr(b), out.data_ptr(),
+                m, n, k, dt, stream)
+        if m <= SMALL_M or k % 8 or n % 8:
+            rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
+            _lib.check(rc, "int8_gemv")
+        else:
+            q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
+            acc = torch._int_mm(q, w.t())
+            rc = lib.shardq_int8_epilogue(acc.data_ptr(), p["row_absmax"], *tail)
+            _lib.check(rc, "int8_epilogue")
+    return out.reshape(*x.shape[:-1], n)
+
+
+KERNELS: dict[str, Callable] = {
+    "quantize_4bit": quantize_4bit,
+    "dequantize_4bit": dequantize_4bit,
+    "gemm_4bit": gemm_4bit,
+    "quantize_int8_rowwise": quantize_int8_rowwise,
+    "int8_linear": int8_linear,
+}

@@ -1,0 +1,118 @@
+"""Kernels package without a GPU: csrc/ compiles with nvcc (if present), registration is cheap and lazy,
+a failed build falls back to the reference with one warning that carries the compiler's message."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import shardq.ops  # noqa: F401
+from shardq.kernels import build, cuda_ops, lib
+
+HAS_NVCC = build.find_nvcc() is not None
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+def test_csrc_compiles_and_exports_every_launcher(tmp_path):
+    so = build.compile_library(tmp_path / build.LIB_NAME, archs=("80", "90"))
+    loaded = ctypes.CDLL(str(so))  # no CUDA call: loading needs no GPU
+    assert loaded.shardq_abi_version() == lib.ABI_VERSION
+    for name in lib.SIGNATURES:
+        assert hasattr(loaded, name), f"{name} missing from {so}"
+
+
+def test_cuda_kernels_registered_beside_reference():
+    for name in cuda_ops.KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shardq::{name}", "CUDA"), name
+        assert cuda_ops.reference(name) is getattr(shardq.ops, name)._init_fn
+
+
+def test_import_does_not_build_or_touch_gpu():
+    code = ("import torch; torch.cuda.init = None; import shardq.ops; from shardq.kernels import lib; "
+            "assert not lib._state['tried']")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cache_key_follows_sources(tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "a.cu").write_text("// one\n")
+    tc = build.Toolchain(nvcc="nvcc", version="13.0")
+    k1 = build.cache_key(tc, ["-O3"], src)
+    (src / "a.cu").write_text("// two\n")
+    assert build.cache_key(tc, ["-O3"], src) != k1
+    assert build.cache_key(build.Toolchain("nvcc", "12.4"), ["-O3"], src) != build.cache_key(tc, ["-O3"], src)
+
+
+def test_arch_flags_include_ptx_of_newest(monkeypatch):
+    monkeypatch.setenv("SHARDQ_CUDA_ARCHS", "80;90")
+    flags = build.arch_flags()
+    assert "arch=compute_80,code=sm_80" in flags and "arch=compute_90,code=compute_90" in flags
+
+
+@pytest.fixture
+def fresh_lib(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHARDQ_CACHE", str(tmp_path / "cache"))
+    lib.reset_for_tests()
+    yield
+    lib.reset_for_tests()
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+def test_build_error_warns_once_with_compiler_message(fresh_lib, monkeypatch, tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "broken.cu").write_text("int f() { return undefined_symbol_xyz; }\n")
+    monkeypatch.setenv("SHARDQ_CSRC", str(src))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lib.load() is None
+        assert lib.load() is None
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "undefined_symbol_xyz" in msgs[0] and "reference" in msgs[0]
+    assert "undefined_symbol_xyz" in lib.error()
+
+
+def test_missing_nvcc_is_reported(fresh_lib, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    with pytest.warns(RuntimeWarning, match="nvcc was not found"):
+        assert lib.load() is None
+
+
+def test_fallback_wrappers_use_reference(fresh_lib, monkeypatch):
+    """With the library unavailable, each CUDA wrapper returns exactly what the reference returns."""
+    monkeypatch.setenv("SHARDQ_DISABLE_KERNELS", "1")
+    from shardq.quant import codebooks
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    code = codebooks.code_4bit("nf4")
+    x = torch.randn(3, 64, generator=g)
+    with pytest.warns(RuntimeWarning, match="SHARDQ_DISABLE_KERNELS"):
+        packed, absmax = cuda_ops.quantize_4bit(w, code, 64)
+    rp, ra = cuda_ops.reference("quantize_4bit")(w, code, 64)
+    assert torch.equal(packed, rp) and torch.equal(absmax, ra)
+    out = cuda_ops.gemm_4bit(x, packed, absmax, code, 64, 24, 64, None, None, 0.0, None)
+    assert torch.equal(out, cuda_ops.reference("gemm_4bit")(x, packed, absmax, code, 64, 24, 64, None, None, 0.0,
+                                                            None))
+    q, s = cuda_ops.quantize_int8_rowwise(w)
+    assert torch.equal(cuda_ops.int8_linear(x, q, s, None, 6.0),
+                       cuda_ops.reference("int8_linear")(x, q, s, None, 6.0))
+
+
+def test_check_cli_runs_without_gpu(fresh_lib, monkeypatch):
+    monkeypatch.setenv("SHARDQ_DISABLE_KERNELS", "1")
+    from shardq.kernels import check
+
+    if torch.cuda.is_available():
+        pytest.skip("covered by the GPU run")
+    assert check.run([]) == 1  # library disabled: reported, non-zero
