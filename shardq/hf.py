@@ -31,6 +31,9 @@ def _transformers() -> Any:
 def load_config(path: str | os.PathLike) -> Any:
     """The transformers config of a local checkpoint directory, read offline (no hub access, no remote code)."""
     p = Path(path)
+    if not p.exists():
+        raise ModelConfigError(f"{p} does not exist: give a checkpoint directory holding config.json and the "
+                               "safetensors files, or a config.json")
     cfg_file = p / "config.json" if p.is_dir() else p
     if not cfg_file.is_file():
         raise ModelConfigError(f"{cfg_file} does not exist: a checkpoint directory needs the config.json that "

@@ -1,0 +1,134 @@
+"""`python -m shardq plan` / tools/plan.py: table, JSON, options, and errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _f_models import save_checkpoint
+from shardq.cli import main, parse_caps
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = {"transformer.word_embeddings": 0, "transformer.word_embeddings_layernorm": 0, "lm_head": "cpu",
+        "transformer.h": 0, "transformer.ln_f": 0}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"llama": save_checkpoint("llama", root / "llama", shards=3, hidden=64, layers=6, vocab=300),
+            "bloom": save_checkpoint("bloom", root / "bloom", hidden=64, layers=2, vocab=300)}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_table_folds_layers_and_shows_totals(ckpt, capsys):
+    rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "2x1GB", "--quant", "nf4", "--max-memory",
+                      "0=150KB,1=1GB,cpu=1GB", "--seq-len", "8")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"shardq plan of {ckpt['llama']}: float16, quantization nf4")
+    assert any(line.startswith("module") and "% of budget" in line for line in lines)
+    assert any("model.layers.{" in line and "blocks)" in line for line in lines)
+    for dev in ("GPU 0", "GPU 1", "cpu"):
+        assert any(line.startswith(dev) for line in lines)
+    assert lines[-1].startswith("total ") and "nothing offloaded" in lines[-1]
+    rc, full, _ = _run(capsys, ckpt["llama"], "--gpus", "2x1GB", "--quant", "nf4", "--full", "--seq-len", "8")
+    assert all(f"model.layers.{i} " in full for i in range(6))
+
+
+def test_json_output(ckpt, capsys):
+    rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "fp4", "--double-quant", "--json",
+                      "--max-memory", '{"0": "300KB", "cpu": "200KB", "disk": "1GB"}', "--batch", "2", "--seq-len", "4")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["quant"]["method"] == "fp4" and d["quant"]["double_quant"] is True
+    assert d["workload"] == [2, 4] and d["budgets"] == {"0": 300000, "cpu": 200000, "disk": 10**9}
+    assert set(d["offload_modes"].values()) <= {"stream", "disk"} and d["offload_modes"]
+    for dev, budget in d["budgets"].items():
+        assert d["totals"][dev] + d["reserves"][dev] <= budget
+
+
+def test_offloaded_summary_line(ckpt, capsys):
+    rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "int8", "--max-memory",
+                      "0=400KB,cpu=150KB,disk=1GB", "--seq-len", "8")
+    assert rc == 0
+    last = out.splitlines()[-1]
+    assert "offloaded" in last and "to cpu" in last and "to disk" in last and "run on GPU 0" in last
+
+
+def test_seed_device_map_from_file(ckpt, capsys, tmp_path):
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps(SEED))
+    rc, out, _ = _run(capsys, ckpt["bloom"], "--gpus", "1x24GB", "--quant", "int8", "--fp32-cpu-offload",
+                      "--device-map", f, "--json", "--seq-len", "8")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["strategy"] == "explicit" and d["offload_modes"] == {"lm_head": "cpu"}
+    assert next(p for p in d["placements"] if p["name"] == "lm_head")["quant"] == "fp32"
+    rc, out, _ = _run(capsys, ckpt["bloom"], "--gpus", "1x24GB", "--device-map", json.dumps(SEED), "--seq-len", "8")
+    assert rc == 0 and "warning: tied tensor" in out
+
+
+def test_config_only_source(ckpt, capsys):
+    rc, out, _ = _run(capsys, ckpt["llama"] / "config.json", "--gpus", "2x24GB", "--strategy", "balanced",
+                      "--quant", "int8", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["strategy"] == "balanced" and any("config.json alone" in w for w in d["warnings"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max-memory", "0=lots"], "lots"), (["--max-memory", "0:1GB"], "DEVICE=SIZE"),
+    (["--max-memory", "{bad"], "not valid JSON"), (["--quant", "int3"], "int3"),
+    (["--max-memory", "5=1GB"], "GPU '5' does not exist"), (["--device-map", "{\"nope\": 0}"], "not a module"),
+    (["--device-map", "nofile"], "neither a JSON object nor a JSON file"), (["--batch", "0"], "batch >= 1"),
+    (["--dtype", "int8"], "not a floating dtype"), (["--blocksize", "3", "--quant", "nf4"], "blocksize"),
+    (["--max-memory", "0=1KB,cpu=1KB"], "does not fit in max_memory"),
+])
+def test_errors_exit_2_with_message(ckpt, capsys, argv, match):
+    rc, out, err = _run(capsys, ckpt["llama"], "--gpus", "2x1GB", *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and match in err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    rc, _, err = _run(capsys, tmp_path / "nowhere")
+    assert rc == 2 and "nowhere does not exist: give a checkpoint directory" in err
+
+
+def test_no_gpu_here_without_hypothetical_gpus(ckpt, capsys, monkeypatch):
+    from shardq import memory
+
+    monkeypatch.setattr(memory, "gpu_count", lambda: 0)
+    rc, _, err = _run(capsys, ckpt["llama"], "--max-memory", "0=1GB")
+    assert rc == 2 and "GPUs here are [none]" in err and "hypothetical" in err
+    rc, out, _ = _run(capsys, ckpt["llama"], "--max-memory", "cpu=1GB", "--json")
+    assert rc == 0 and json.loads(out)["cpu_mode"] == "cpu"
+
+
+def test_parse_caps():
+    assert parse_caps("0=600MB, 1=1GB,cpu=8GB") == {"0": "600MB", "1": "1GB", "cpu": "8GB"}
+    assert parse_caps('{"cuda:0": 5}') == {"cuda:0": 5}
+    assert parse_caps(None) is None
+
+
+@pytest.mark.parametrize("entry", [["-m", "shardq", "plan"], [str(ROOT / "tools" / "plan.py")]])
+def test_entry_points(ckpt, entry):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, *entry, str(ckpt["llama"]), "--gpus", "2x24GB", "--quant", "nf4",
+                          "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["quant"]["method"] == "nf4"
+    bad = subprocess.run([sys.executable, *entry, str(ckpt["llama"]), "--max-memory", "0=1GB"], capture_output=True,
+                         text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
