@@ -283,7 +283,7 @@ def _bytes(ctx: _Ctx, units: list[_Unit], dev: DeviceKey) -> int:
     if _cpu_quantized(ctx, dev):  # packed weights as stored, other floats in fp32 where the CPU computes
         quantized = {e.key for e in entries if e.quantized}
         return (sizing.unique_bytes([e for e in entries if e.key in quantized])
-                + sizing.unique_bytes([e for e in entries if e.key not in quantized], fp32=dev == "cpu"))
+                + sizing.unique_bytes([e for e in entries if e.key not in quantized], fp32=True))
     return sizing.unique_bytes(entries, fp32=_fp32(ctx, dev))
 
 
@@ -588,7 +588,7 @@ def _fmt_detail(detail: Mapping[str, int]) -> str:
 
 def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
     quantized = any(e.quantized for e in u.entries)
-    if _fp32(ctx, dev) or (_cpu_quantized(ctx, dev) and dev == "cpu" and not quantized):
+    if _fp32(ctx, dev) or (_cpu_quantized(ctx, dev) and not quantized):
         storage = "fp32"
     elif quantized:
         storage = ctx.quant.method

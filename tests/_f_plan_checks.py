@@ -47,7 +47,7 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
                          and shared[id(t)] == 1)
             # without a GPU, quantized weights stay packed off-GPU (unless fp32_cpu_offload asks for fp32)
             packed = plan.execution_device is None and q.method != "none" and not q.fp32_cpu_offload
-            fp32 = not isinstance(dev, int) and plan.cpu_mode == "cpu" and not (packed and (quantized or dev == "disk"))
+            fp32 = not isinstance(dev, int) and plan.cpu_mode == "cpu" and not (packed and quantized)
             if fp32:
                 size = t.numel() * (4 if t.is_floating_point() else t.element_size())
             elif quantized:
