@@ -159,6 +159,21 @@ def from_bnb_dict(d: Mapping[str, Any]) -> QuantConfig:
     if in4 and qtype not in ("nf4", "fp4"):
         raise QuantConfigError(f"bnb_4bit_quant_type={qtype!r} is unknown: use 'nf4' or 'fp4'")
     skip = d.get("llm_int8_skip_modules")
+    try:
+        return _bnb_to_config(d, in8, in4, qtype, skip)
+    except QuantConfigError as exc:  # name the BitsAndBytesConfig field the user actually set
+        msg = str(exc)
+        for ours, theirs in _BNB_FIELD.items():
+            if msg.startswith(ours + "="):
+                msg = theirs + msg[len(ours):]
+        raise QuantConfigError(msg) from None
+
+
+_BNB_FIELD = {"threshold": "llm_int8_threshold", "blocksize": "bnb_4bit_blocksize",
+              "compute_dtype": "bnb_4bit_compute_dtype"}
+
+
+def _bnb_to_config(d: Mapping[str, Any], in8: bool, in4: bool, qtype: str, skip: Any) -> QuantConfig:
     return QuantConfig(
         method="int8" if in8 else (qtype if in4 else "none"),
         threshold=float(d.get("llm_int8_threshold", 6.0)),
