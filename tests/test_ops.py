@@ -128,3 +128,17 @@ def test_cuda_matches_cpu_reference(name):
                 assert _rel(d.cpu(), c) <= tol, name
             else:
                 assert (d.cpu().int() != c.int()).float().mean() < 1e-3, name
+
+
+def test_quantized_layers_compile_without_graph_breaks():
+    from shardq.config import QuantConfig
+    from shardq.quant.linear import Linear4bit, Linear8bit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    x[:, 3] = 9.0  # an outlier column for int8
+    for layer in (Linear4bit.from_linear(lin, QuantConfig(method="nf4", double_quant=True)),
+                  Linear8bit.from_linear(lin, QuantConfig(method="int8"))):
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), layer(x))
