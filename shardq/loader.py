@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from shardq import sizing
-from shardq.checkpoint import CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
+from shardq.checkpoint import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
 from shardq.config import QuantConfig
 from shardq.dispatch import dispatch_model
 from shardq.memory import format_size
@@ -161,8 +161,10 @@ def _candidate_transforms(ckpt: Iterable[str], model_names: set[str]) -> list[tu
     return out
 
 
-def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapping[str, Slot]) -> KeyMatch:
-    """Map the source's names onto the model's slots; raise one LoadError listing every problem."""
+def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapping[str, Slot],
+               provided: Iterable[str] = ()) -> KeyMatch:
+    """Map the source's names onto the model's slots; raise one LoadError listing every problem. `provided`:
+    slots filled another way (the layers of a pre-quantized checkpoint), never missing."""
     name_to_slot = {n: key for key, s in slots.items() if s.persistent for n in s.names}
     best: tuple[int, str, Callable[[str], str | None]] | None = None
     for label, fn in _candidate_transforms(source, set(name_to_slot)):
@@ -191,7 +193,7 @@ def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapp
             wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slots[slot_key].shape)}")
             continue
         mapping[key] = slot_key
-    loaded = set(mapping.values())
+    loaded = set(mapping.values()) | set(provided)
     missing = [k for k, s in slots.items() if s.persistent and k not in loaded and not
                any(p.search(n) for n in s.names for p in skip_missing)]
     if unexpected or missing or wrong:
@@ -331,15 +333,19 @@ def _quant_device(p: Placement, plan: Plan, need: int) -> torch.device:
     return torch.device("cpu")
 
 
-def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal) -> dict[str, nn.Module]:
-    """Replace, on meta, each linear the plan stores quantized by an empty Linear8bit/Linear4bit."""
+def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal,
+                   exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Replace, on meta, each linear the plan stores quantized by an empty Linear8bit/Linear4bit (except the
+    `exclude`d modules, which a pre-quantized checkpoint provides whole)."""
+    exclude = set(exclude)
     units = {p.name: p for p in plan.placements}
     entries = sizing.tensor_entries(model, cfg)
     out = {}
     for name, module in list(model.named_modules()):
         shape = sizing.linear_shape(module)
         entry = entries.get(f"{name}.weight")
-        if shape is None or entry is None or not entry.quantized or owner_unit(name, units).quant not in QUANTIZED:
+        if shape is None or entry is None or not entry.quantized or name in exclude or \
+                owner_unit(name, units).quant not in QUANTIZED:
             continue
         dtype = module.weight.dtype
         new = empty_quantized(shape[1], shape[0], module.bias is not None, cfg, device="meta", dtype=dtype)
@@ -357,15 +363,15 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn
     for key, slot in slots.items():
         places = [owner_unit(n, units) for n in slot.names]
         qmod = qweights.get(key)
+        fp32 = cpu_fp32(places[0], plan)
         if qmod is not None:
             p = places[0]
             dev = _quant_device(p, plan, math.prod(_float_shape(qmod)) * (qmod.dtype.itemsize + 4))
             home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
-            routes[key] = Route(dev, qmod.dtype, p.name if p.run == "disk" else None, qmod,
-                                getattr(qmod, "shardq_transposed", False), home)
+            routes[key] = Route(dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None,
+                                qmod, getattr(qmod, "shardq_transposed", False), home)
             continue
         gpu = next((p for p in places if isinstance(p.device, int)), None)
-        fp32 = places[0].quant == "fp32" or places[0].run == "cpu"  # the CPU computes in fp32
         want = torch.float32 if fp32 and slot.dtype.is_floating_point else slot.dtype
         if gpu is not None:
             routes[key] = Route(torch.device("cuda", gpu.device), slot.dtype)
@@ -374,6 +380,11 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn
         else:
             routes[key] = Route(torch.device("cpu"), want)
     return routes
+
+
+def cpu_fp32(p: Placement, plan: Plan) -> bool:
+    """Floating tensors of this block are kept in fp32: the CPU computes them (fp32 offload, or no GPU at all)."""
+    return p.quant == "fp32" or p.run == "cpu" or (not isinstance(p.device, int) and plan.execution_device is None)
 
 
 def _float_shape(qmod: nn.Module) -> tuple[int, int]:
@@ -425,28 +436,39 @@ def _store(journal: Journal, slot: Slot, route: Route, value: torch.Tensor) -> N
 
 
 def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: KeyMatch, routes: Mapping[str, Route],
-                   journal: Journal, offload_dir: Path | None, progress: bool) -> LoadStats:
-    """Load every mapped tensor in file order; write each disk block once its last tensor arrived."""
+                   journal: Journal, offload_dir: Path | None, progress: bool | str,
+                   layers: Mapping[str, "QLayer"] | None = None, plan: Plan | None = None) -> LoadStats:
+    """Load every mapped tensor (and pre-quantized layer) in file order; write each disk block once its last
+    tensor arrived."""
+    layers = layers or {}
     stats = LoadStats()
     slots = model_slots(model)
+    units = {p.name: p for p in plan.placements} if plan is not None else {}
+    items: list[tuple[tuple[str, int], str, str | None]] = []  # (order, checkpoint key or layer name, disk block)
+    for key, slot_key in match.mapping.items():
+        items.append((source[key].order, key, routes[slot_key].disk_block))
+    for name, layer in layers.items():
+        p = owner_unit(name, units)
+        items.append((min(source[k].order for k in layer.keys), name, p.name if p.run == "disk" else None))
+    items.sort(key=lambda it: it[0])
     pending: dict[str, int] = {}
-    for key in match.mapping.values():
-        block = routes[key].disk_block
+    for _, _, block in items:
         if block is not None:
             pending[block] = pending.get(block, 0) + 1
-    disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None}
-    order = sorted(match.mapping, key=lambda k: source[k].order)
-    total = sum(source[k].nbytes for k in order)
+    disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None} | set(pending)
+    total = sum(source[k].nbytes for k in match.mapping) + sum(source[k].nbytes for q in layers.values() for k in q.keys)
     start = time.perf_counter()
     with byte_bar(total, enabled=progress) as bar:
-        for ckpt_key in order:
-            slot_key = match.mapping[ckpt_key]
-            route = routes[slot_key]
-            _store(journal, slots[slot_key], route, _fetch(source[ckpt_key], route))
-            stats.bytes_read += source[ckpt_key].nbytes
+        for _, key, block in items:
+            if key in layers:
+                nbytes = load_layer(model, layers[key], source, owner_unit(key, units), plan, journal)
+            else:
+                route = routes[match.mapping[key]]
+                _store(journal, slots[match.mapping[key]], route, _fetch(source[key], route))
+                nbytes = source[key].nbytes
+            stats.bytes_read += nbytes
             stats.tensors += 1
-            bar.update(source[ckpt_key].nbytes)
-            block = route.disk_block
+            bar.update(nbytes)
             if block is not None:
                 pending[block] -= 1
                 if pending[block] == 0:
@@ -485,13 +507,97 @@ def flush_disk_block(model: nn.Module, block: str, journal: Journal, offload_dir
 
 
 # --------------------------------------------------------------------------------------------------------------
+# pre-quantized (bitsandbytes-layout) checkpoints
+
+
+@dataclass
+class QLayer:
+    """A linear stored quantized in the checkpoint: its layout (serialize.LayerSpec), shape and checkpoint keys."""
+
+    name: str
+    spec: Any
+    in_features: int
+    out_features: int
+    keys: list[str]
+
+
+def prequantized_layers(model: nn.Module, checkpoint: str | os.PathLike,
+                        index: CheckpointIndex) -> tuple[QuantConfig, dict[str, QLayer]] | None:
+    """The quantization and quantized layers of a checkpoint written by transformers + bitsandbytes (or
+    shardq.save_quantized), every layer's tensors checked against the headers; None for a float checkpoint."""
+    from shardq.quant import serialize
+
+    try:
+        cfg = serialize.checkpoint_config(checkpoint, index)
+    except CheckpointError:
+        return None
+    found, _floats = serialize._plan_load(model, index, cfg, lambda k: read_tensor(index.tensors[k]))
+    layers = {}
+    for name, (spec, in_f, out_f) in found.items():
+        rel = serialize._LAYER_KEYS + (serialize.QS_PREFIX + spec.method,)
+        layers[name] = QLayer(name, spec, in_f, out_f, [f"{name}.{r}" for r in rel if f"{name}.{r}" in index.tensors])
+    return cfg, layers
+
+
+def _merge_quant(ckpt_cfg: QuantConfig, quant: Any) -> QuantConfig:
+    """The checkpoint's own quantization; a user setting may only agree with it (or add fp32 CPU offload)."""
+    if quant is None:
+        return ckpt_cfg
+    user = QuantConfig.from_any(quant)
+    if user.method not in ("none", ckpt_cfg.method):
+        raise LoadError(f"the checkpoint is already quantized with {ckpt_cfg.method!r} but quant={user.method!r} was "
+                        f"asked: pass quant=None to load it as stored, or load a float checkpoint to re-quantize")
+    return ckpt_cfg.replace(fp32_cpu_offload=ckpt_cfg.fp32_cpu_offload or user.fp32_cpu_offload)
+
+
+def load_layer(model: nn.Module, layer: QLayer, source: Mapping[str, SourceTensor], p: Placement, plan: Plan,
+               journal: Journal) -> int:
+    """Read one pre-quantized layer to its block's device and swap it in (dequantized to fp32 where the plan
+    keeps the block in fp32 on the CPU). Returns the bytes read."""
+    from shardq.quant import serialize
+
+    device = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
+    rel = {k[len(layer.name) + 1:]: source[k].read().to(device) for k in layer.keys
+           if serialize.QS_PREFIX not in k and not k.endswith("weight_format")}
+    new = serialize.linear_from_tensors(rel, layer.spec, layer.in_features, layer.out_features, plan.quant, layer.name)
+    if p.quant == "fp32":
+        new = new.dequantize().float().requires_grad_(False)
+    elif cpu_fp32(p, plan):  # packed weights computed on the CPU: fp32 bias and output, as the CPU runs fp32
+        new.dtype = torch.float32
+        if new.bias is not None:
+            new.bias = nn.Parameter(new.bias.detach().float(), requires_grad=False)
+    parent, _, attr = layer.name.rpartition(".")
+    journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
+    return sum(source[k].nbytes for k in layer.keys)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # entry points
 
 
-def _open_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | None) -> dict[str, SourceTensor]:
+@dataclass
+class Source:
+    """What a load reads: float tensors by name, pre-quantized layers, and the quantization to use."""
+
+    tensors: dict[str, SourceTensor]
+    floats: dict[str, SourceTensor]
+    layers: dict[str, QLayer]
+    cfg: QuantConfig
+
+
+def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: Any) -> Source:
+    """Index the checkpoint (headers only) or take the model's own weights; detect pre-quantized layers."""
     if checkpoint is None:
-        return module_source(model)
-    return checkpoint_source(index_checkpoint(checkpoint))
+        tensors = module_source(model)
+        return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
+    index = index_checkpoint(checkpoint)
+    tensors = checkpoint_source(index)
+    pre = prequantized_layers(model, checkpoint, index)
+    if pre is None:
+        return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
+    ckpt_cfg, layers = pre
+    taken = {k for layer in layers.values() for k in layer.keys}
+    return Source(tensors, {k: v for k, v in tensors.items() if k not in taken}, layers, _merge_quant(ckpt_cfg, quant))
 
 
 def _check_offload_dir(plan: Plan, offload_dir: str | os.PathLike | None) -> Path | None:
@@ -532,11 +638,12 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
-    cfg = QuantConfig.from_any(quant)
-    source = _open_checkpoint(model, checkpoint)
+    src = open_source(model, checkpoint, quant)
+    cfg = src.cfg
     slots = model_slots(model)
-    match = match_keys(source, model, slots)
-    backed = set(match.mapping.values())
+    provided = {f"{n}.{t}" for n in src.layers for t in ("weight", "bias") if f"{n}.{t}" in slots}
+    match = match_keys(src.floats, model, slots, provided)
+    backed = set(match.mapping.values()) | provided
     journal = Journal()
     try:
         fill_meta_buffers(model, slots, backed, journal)
@@ -546,9 +653,10 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
                           offload_mode=offload_mode, offload_dir=offload_dir)
         folder = _check_offload_dir(plan, offload_dir)
         _reset_peaks()
-        qweights = swap_quantized(model, plan, cfg, journal)
-        routes = plan_routes(model_slots(model), plan, qweights)
-        stats = stream_tensors(model, source, match, routes, journal, folder, progress)
+        qweights = swap_quantized(model, plan, cfg, journal, exclude=src.layers)
+        slots_now = {k: v for k, v in model_slots(model).items() if k not in provided}
+        routes = plan_routes(slots_now, plan, qweights)
+        stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan)
         offload_modes = {p.name: p.run for p in plan.placements if p.device == "cpu"}
         dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
                        execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch)

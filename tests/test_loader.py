@@ -325,3 +325,33 @@ def test_already_loaded_model_is_refused(saved):
     model = load_sharded_from_dir(ckpt, max_memory={"cpu": "1GB"}, progress=False)
     with pytest.raises(LoadError, match="already loaded"):
         load_sharded(model, ckpt, max_memory={"cpu": "1GB"}, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pre-quantized checkpoints (saved by transformers + bitsandbytes 0.50.2; committed fixtures)
+
+FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "bnb"
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_nf4_dq", "tiny_opt_fp4", "tiny_opt_int8"])
+def test_prequantized_bitsandbytes_checkpoint_loads_without_requantizing(name, tmp_path):
+    io = load_file(str(FIX / "tiny_io.safetensors"))
+    model = meta_model_from_dir(FIX / name)
+    dm = offload_map(model)
+    model = load_sharded(model, FIX / name, max_memory={"cpu": "1GB", "disk": "1GB"}, device_map=dm,
+                         offload_dir=tmp_path, progress=False)
+    kinds = {type(m) for m in model.modules()}
+    assert (Linear8bit if "int8" in name else Linear4bit) in kinds
+    assert model.shardq_plan.quant.method == ("int8" if "int8" in name else name.split("_")[2])
+    with torch.no_grad():
+        out = model(io["input_ids"]).logits.float()
+    want = io[f"logits_{name}"]
+    # 4-bit: bitsandbytes' own dequantized weights, fp32 matmuls; int8: bitsandbytes' CPU path rounds in fp16
+    assert rel_error(out, want) < (1e-2 if "int8" in name else 1e-5)
+
+
+def test_prequantized_checkpoint_refuses_another_method():
+    model = meta_model_from_dir(FIX / "tiny_opt_int8")
+    with pytest.raises(LoadError, match="already quantized with 'int8'"):
+        load_sharded(model, FIX / "tiny_opt_int8", quant="nf4", max_memory={"cpu": "1GB"}, progress=False)
+    assert all_meta(model)
