@@ -232,7 +232,7 @@ def linear_from_tensors(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in
         return m
     meta = spec.meta
     dq = "nested_offset" in meta
-    lcfg = cfg.replace(method=spec.method, blocksize=int(meta["blocksize"]), double_quant=dq, threshold=cfg.threshold)
+    lcfg = cfg.replace(method=spec.method, blocksize=int(meta["blocksize"]), double_quant=dq)
     dtype = getattr(torch, str(meta.get("dtype", "float16")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float16
     m = empty_quantized(in_f, out_f, bias is not None, lcfg, "meta", dtype)
