@@ -368,35 +368,60 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
 
 
 def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
-    """Place units with the strategy; when the execution GPU cannot hold the stream buffers, keep the largest
-    streamed block on a GPU instead (pinned) and place again."""
+    """Place units with the strategy.
+
+    Streamed blocks cost two buffers of the largest one on the execution GPU, so the planner tries each
+    distinct block size as the streaming limit: blocks above it stay on a GPU (pinned), the stream reserve is
+    fixed at twice the limit, and the placement keeping the most weight bytes on the GPUs wins.
+    """
     groups = _tied_groups(ctx.units)
     caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
-    pinned: list[int] = []
-    assign = _settle(ctx, groups, caps, pinned)
-    while not _within_budgets(ctx, assign):
-        streamed = [i for i, g in enumerate(groups) if i not in pinned and ctx.cpu_mode == "stream"
-                    and not isinstance(assign[g[0].name], int)]
-        if not streamed:
-            break
-        pinned.append(max(streamed, key=lambda i: _bytes(ctx, groups[i], "disk")))
+    if ctx.cpu_mode != "stream" or ctx.exec_dev is None:
+        return _settle(ctx, groups, caps, [], 0)
+    try:
+        return _settle(ctx, groups, caps, [], 0)  # everything fits on the GPUs: nothing streams
+    except PlanError:
+        pass
+    sizes = [_bytes(ctx, g, "disk") for g in groups]
+    best: tuple[int, dict[str, DeviceKey]] | None = None
+    first: dict[str, DeviceKey] | None = None
+    error: PlanError | None = None
+    for limit in sorted(set(sizes), reverse=True):
+        pinned = [i for i, n in enumerate(sizes) if n > limit]
         try:
-            assign = _settle(ctx, groups, caps, pinned)
-        except PlanError:
-            break
-    return assign
+            assign = _settle(ctx, groups, caps, pinned, 2 * limit)
+        except PlanError as exc:
+            error = error or exc
+            continue
+        first = first or assign
+        if _within_budgets(ctx, assign):
+            score = _gpu_resident(ctx, assign)
+            if best is None or score > best[0]:
+                best = (score, assign)
+    if best is not None:
+        return best[1]
+    if first is not None:
+        return first  # over budget somewhere: the final check names the device
+    raise error or PlanError("no placement found")
 
 
-def _settle(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], pinned: list[int]) -> dict[str, DeviceKey]:
-    """Fill repeatedly, raising the assumed reserves until the placement needs no more than assumed."""
-    assumed = _Assumed()
-    for _ in range(4 * len(ctx.units) + 4):
+def _gpu_resident(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
+    return sum(_bytes(ctx, [u], assign[u.name]) for u in ctx.units if isinstance(assign[u.name], int))
+
+
+def _settle(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], pinned: list[int],
+            stream: int) -> dict[str, DeviceKey]:
+    """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
+    head, disk staging) until the placement needs no more than assumed."""
+    assumed = _Assumed(stream=stream)
+    for _ in range(8):
         assign = _fill(ctx, groups, caps, assumed, pinned)
         need = _needs(ctx, assign)
-        if need.stream <= assumed.stream and need.disk_staging <= assumed.disk_staging and (
-                assumed.head_on_exec or not need.head_on_exec):
+        if need.stream > stream:
+            raise PlanError(f"a streamed block needs {need.stream} bytes of stream buffers, over the {stream} assumed")
+        if need.disk_staging <= assumed.disk_staging and (assumed.head_on_exec or not need.head_on_exec):
             return assign
-        assumed = _Assumed(max(assumed.stream, need.stream), assumed.head_on_exec or need.head_on_exec,
+        assumed = _Assumed(stream, assumed.head_on_exec or need.head_on_exec,
                            max(assumed.disk_staging, need.disk_staging))
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
 

@@ -349,3 +349,24 @@ def test_works_on_a_hand_written_model():
     p = plan_model(net, "int8", max_memory={0: "12KB", 1: "40KB", "cpu": "1MB"}, gpus="2x1GB", workload=(1, 4))
     check_plan(net, p)
     assert p.no_split == ["Sequential"] and "blocks.0" in p.device_map
+
+
+# ---------------------------------------------------------------- stream buffers: pinning and the execution GPU
+
+def test_large_head_kept_on_gpu_instead_of_streamed():
+    m = meta_model("llama", hidden=64, layers=6, vocab=4000, tie=False)
+    head = 4000 * 64 * 2
+    p = plan_model(m, None, max_memory={0: head * 3, "cpu": "10MB"}, gpus="1x1GB", workload=(1, 4))
+    check_plan(m, p)
+    assert p.device_map["lm_head"] == 0 and "stream" in p.offload_modes.values()
+    streamed = [x.nbytes for x in p.placements if x.run == "stream"]
+    assert p.reserve_detail[0]["stream"] == 2 * max(streamed) < head
+
+
+def test_execution_gpu_moves_when_the_first_cannot_hold_stream_buffers():
+    m = meta_model("llama", hidden=128, layers=6, vocab=256, tie=False)
+    layer = plan_model(m, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).placements[1].nbytes
+    p = plan_model(m, None, max_memory={0: int(layer * 1.5), 1: layer * 4, "cpu": "100MB"}, gpus="2x1GB",
+                   workload=WL)
+    check_plan(m, p)
+    assert p.execution_device == 1 and "stream" in p.reserve_detail[1] and "stream" not in p.reserve_detail[0]
