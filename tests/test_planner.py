@@ -116,7 +116,7 @@ def test_random_budgets_every_cap_holds(models, arch):
     rng = random.Random(ARCHS.index(arch))
     size = plan_model(m, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).totals[0]
     planned = failed = 0
-    for trial in range(30):
+    for trial in range(60):
         quant = rng.choice(QUANTS)
         n_gpus = rng.choice([1, 2, 3])
         caps = _random_caps(rng, size, n_gpus)
@@ -130,7 +130,35 @@ def test_random_budgets_every_cap_holds(models, arch):
             continue
         check_plan(m, p)
         planned += 1
-    assert planned >= 10, (planned, failed)
+    assert planned >= 25, (planned, failed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_explicit_maps_are_checked_against_caps(models, arch):
+    """Random accelerate-style maps over the top-level blocks: the plan is exact and within caps, or refused."""
+    from shardq.planner import decompose
+    from shardq import hf
+
+    m = models[arch]
+    units = decompose(m, set(hf.no_split_modules(m)))
+    rng = random.Random(100 + ARCHS.index(arch))
+    size = plan_model(m, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).totals[0]
+    outcomes = set()
+    for _ in range(20):
+        quant = rng.choice(QUANTS)
+        dm = {u: rng.choice([0, 1, "cpu", "disk"]) for u in units}
+        caps = {0: int(size * rng.uniform(0.3, 1.5)), 1: int(size * rng.uniform(0.3, 1.5)),
+                "cpu": int(size * rng.uniform(0.5, 4)), "disk": 10**9}
+        try:
+            p = plan_model(m, quant, max_memory=caps, gpus="2x1GB", device_map=dm, workload=WL)
+        except PlanError as exc:
+            assert "over its max_memory" in str(exc)
+            outcomes.add("refused")
+            continue
+        check_plan(m, p, tied_together=False)
+        assert all(p.device_map[u] == d for u, d in dm.items())
+        outcomes.add("planned")
+    assert "planned" in outcomes
 
 
 @pytest.mark.parametrize("arch", ARCHS)
