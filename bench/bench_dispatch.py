@@ -4,7 +4,7 @@ The model (8-layer Llama-style fp16, 3.76 GB, as bench_offload.py) is split by a
 entries. With two or more GPUs the first half of the layers goes to GPU 0 and the rest to GPU 1 (activations
 cross GPUs); with one GPU every entry is on GPU 0, so what is measured is the hooks' own cost (moving
 arguments, bookkeeping), not the inter-GPU copy: the table says which. Per-token latency is taken from greedy
-`generate()` of 64 new tokens with the KV cache (the normal decoding path), and from a 1-token forward.
+`generate()` of 32 new tokens with the KV cache (the normal decoding path), and from a 1-token forward.
 
     python bench/bench_dispatch.py           # writes $OUT/bench_dispatch.json and prints a table
     python bench/bench_dispatch.py --small   # a tiny model: a smoke test of this script (runs without a GPU)
@@ -12,6 +12,7 @@ arguments, bookkeeping), not the inter-GPU copy: the table says which. Per-token
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -26,22 +27,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.bench_offload import DEV, bench_ms, block_map, build_model, forward  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
-NEW_TOKENS = 64
+NEW_TOKENS = 32
 
 
-def generate_ms_per_token(model, ids, reps: int = 5) -> float:
-    """Median over `reps` greedy generations of the wall time per new token."""
+def generate_ms_per_token(model, ids) -> float:
+    """Wall time per new token of one greedy generation of NEW_TOKENS tokens."""
     kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
+        _sync()
+        t0 = time.perf_counter()
         model.generate(ids, **kw)
-        times = []
-        for _ in range(reps):
-            _sync()
-            t0 = time.perf_counter()
-            model.generate(ids, **kw)
-            _sync()
-            times.append((time.perf_counter() - t0) * 1e3 / NEW_TOKENS)
-    return statistics.median(times)
+        _sync()
+    return (time.perf_counter() - t0) * 1e3 / NEW_TOKENS
+
+
+def interleaved(plain, hooked, ids, rounds: int = 7) -> dict:
+    """Medians of alternating plain/dispatched measurements, so clock drift hits both alike."""
+    one = ids[:, :1]
+    runs = {"generate_ms_per_token": lambda m: generate_ms_per_token(m, ids),
+            "forward_1tok_ms": lambda m: bench_ms(lambda: forward(m, one), reps=20, warm=3)}
+    out = {}
+    for key, fn in runs.items():
+        fn(plain), fn(hooked)  # warm-up
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(fn(plain))
+            b.append(fn(hooked))
+        out[key] = (statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b)) - 1)
+    return out
 
 
 def _sync() -> None:
@@ -67,35 +80,30 @@ def main() -> None:
                  "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)" if ngpu else "CPU smoke test"}
     model = build_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=DEV)
-    one = ids[:, :1]
-    ref = forward(model, one)
-    plain = {"generate_ms_per_token": generate_ms_per_token(model, ids),
-             "forward_1tok_ms": bench_ms(lambda: forward(model, one), reps=50, warm=10)}
+    ref = forward(model, ids[:, :1])
     with torch.inference_mode():
         ref_tokens = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
     dmap = split_map(model, ngpu)
+    hooked = copy.deepcopy(model)
     if ngpu == 0:
-        model = dispatch_model(model, {k: "cpu" for k in dmap}, offload_modes="cpu")
-    elif ngpu == 1:  # keep everything on GPU 0; the hooks still run per block
-        model = dispatch_model(model, dmap)
-    else:
-        model = dispatch_model(model.to("cpu"), dmap)
-    hooked = {"generate_ms_per_token": generate_ms_per_token(model, ids),
-              "forward_1tok_ms": bench_ms(lambda: forward(model, one), reps=50, warm=10)}
+        dispatch_model(hooked, {k: "cpu" for k in dmap}, offload_modes="cpu")
+    else:  # one GPU: every entry stays on GPU 0 and the hooks still run per block
+        dispatch_model(hooked, dmap)
+    times = interleaved(model, hooked, ids)
     with torch.inference_mode():
-        tokens = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    out = forward(model, one)
-    res.update(plain=plain, dispatched=hooked, entries=len(dmap),
-               generate_equal=bool(torch.equal(tokens.cpu(), ref_tokens.cpu())),
+        tokens = hooked.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    out = forward(hooked, ids[:, :1])
+    res.update(entries=len(dmap), generate_equal=bool(torch.equal(tokens.cpu(), ref_tokens.cpu())),
                relerr=round(((out.float() - ref.float()).norm() / ref.float().norm()).item(), 6))
-    for k in plain:
-        res[f"overhead_{k}"] = round(hooked[k] / plain[k] - 1, 4)
+    for k, (a, b, ratio) in times.items():
+        res[k] = {"plain_ms": round(a, 3), "shardq_ms": round(b, 3), "overhead": round(ratio, 4)}
     with open(os.path.join(OUT, "bench_dispatch.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{res['gpu']} x{ngpu}, torch {res['torch']}: {res['what']}; {len(dmap)} map entries")
     print(f"{'metric':<26}{'plain ms':>10}{'shardq ms':>11}{'overhead':>10}")
-    for k in plain:
-        print(f"{k:<26}{plain[k]:>10.3f}{hooked[k]:>11.3f}{res['overhead_' + k]:>10.1%}")
+    for k in times:
+        r = res[k]
+        print(f"{k:<26}{r['plain_ms']:>10.3f}{r['shardq_ms']:>11.3f}{r['overhead']:>10.1%}")
     print(f"generate equal: {res['generate_equal']}, 1-token relerr {res['relerr']}")
 
 
