@@ -398,3 +398,19 @@ def test_execution_gpu_moves_when_the_first_cannot_hold_stream_buffers():
                    workload=WL)
     check_plan(m, p)
     assert p.execution_device == 1 and "stream" in p.reserve_detail[1] and "stream" not in p.reserve_detail[0]
+
+
+def test_bitsandbytes_config_as_is_and_accelerate_accepts_the_map(models):
+    from accelerate.utils.modeling import check_device_map
+    from transformers import BitsAndBytesConfig
+
+    import shardq
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype="bfloat16")
+    for arch, m in models.items():
+        p = shardq.plan(m, bnb, max_memory={0: "900KB", 1: "600KB", "cpu": "1MB", "disk": "1GB"}, gpus="2x1GB",
+                        workload=WL)
+        assert p.quant.method == "nf4" and p.quant.double_quant and p.quant.compute_dtype == torch.bfloat16
+        check_plan(m, p)
+        check_device_map(m, p.device_map)  # accelerate's own validation: every parameter is mapped
