@@ -152,8 +152,12 @@ def gpu_free_memory(index: int) -> tuple[int, int]:
     """(free, total) bytes of GPU `index`: NVML first (no CUDA context), else torch.cuda.mem_get_info."""
     try:
         return _nvml_free(index)
-    except Exception:  # NVML missing, driver mismatch, or no permission: fall back to the CUDA runtime
-        free, total = torch.cuda.mem_get_info(index)
+    except Exception as nvml_error:  # NVML missing, driver mismatch, or no permission: ask the CUDA runtime
+        try:
+            free, total = torch.cuda.mem_get_info(index)
+        except Exception as cuda_error:
+            raise ValueError(f"cannot read the free memory of GPU {index} (NVML: {nvml_error}; CUDA: {cuda_error}): "
+                             "pass max_memory explicitly, e.g. {0: '20GiB', 'cpu': '64GiB'}") from None
         return int(free), int(total)
 
 

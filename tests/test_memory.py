@@ -167,6 +167,19 @@ def test_nvml_absent_falls_back_to_cuda(monkeypatch, host):
     assert got[0] == 2**30 - 2**20 and got[1] == 2 * 2**30 - 2**20
 
 
+def test_nvml_and_cuda_both_failing_is_a_clear_error(monkeypatch, host):
+    fake, _ = _fake_pynvml([0], [0], fail=True)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(memory, "gpu_count", lambda: 1)
+
+    def broken(i):
+        raise RuntimeError("CUDA driver version is insufficient")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    with pytest.raises(ValueError, match=r"GPU 0 .*NVML Shared Library Not Found.*insufficient.*pass max_memory"):
+        get_max_memory()
+
+
 def test_margin_never_negative(monkeypatch, host):
     monkeypatch.setattr(memory, "gpu_count", lambda: 1)
     monkeypatch.setattr(memory, "gpu_free_memory", lambda i: (100, 200))
