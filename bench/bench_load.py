@@ -1,0 +1,201 @@
+"""Load-time benchmark: shardq.load_sharded vs transformers from_pretrained (+ accelerate + bitsandbytes).
+
+One run, one machine. Saves a Llama-style fp16 checkpoint (the anchor's 1.9 GB config, sharded at 500 MB),
+then loads it in a fresh subprocess per case under the same `max_memory` cap and quantization:
+  load time; peak host RSS above the process's RSS before loading (sampled every 2 ms) next to the bytes the
+  model holds in host memory afterwards; the allocator's peak on GPU 0 while loading and during a 512-token
+  prefill, against the cap; ms per generated token.
+Run on a lent GPU:  python bench/bench_load.py [--small] [--cap 600MB]   (writes $OUT/bench_load.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CASES = {
+    # name: (loader, quantization, fp32 CPU offload)
+    "hf_nf4_fp32cpu": ("hf", "nf4", True),
+    "shardq_nf4_fp32cpu": ("shardq", "nf4", True),
+    "shardq_nf4_stream": ("shardq", "nf4", False),
+    "hf_int8_fp32cpu": ("hf", "int8", True),
+    "shardq_int8_fp32cpu": ("shardq", "int8", True),
+    "shardq_int8_stream": ("shardq", "int8", False),
+}
+
+
+def llama_config(small: bool):
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=8, vocab_size=8000)
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32000)
+
+
+def save_checkpoint(path: Path, small: bool) -> float:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(small)).to(torch.float16)
+    model.save_pretrained(path, max_shard_size="100MB" if small else "500MB")
+    return sum(p.numel() * 2 for p in model.parameters()) / 1e9
+
+
+class RssSampler:
+    """Peak resident set size of this process while running, sampled in a thread."""
+
+    def __init__(self, every: float = 0.002) -> None:
+        import psutil
+
+        self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __enter__(self) -> "RssSampler":
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def bnb_config(method: str, fp32_cpu: bool):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=fp32_cpu)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+                              llm_int8_enable_fp32_cpu_offload=fp32_cpu)
+
+
+def load(case: str, ckpt: Path, caps: dict, offload_dir: Path):
+    import torch
+
+    loader, method, fp32_cpu = CASES[case]
+    q = bnb_config(method, fp32_cpu)
+    if loader == "hf":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float16, device_map="auto", max_memory=caps,
+                                                quantization_config=q).eval()
+    from shardq.loader import load_sharded_from_dir
+
+    return load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory=caps, quant=q, offload_dir=offload_dir,
+                                 workload=(1, 512), progress=False).eval()
+
+
+def host_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    rt = getattr(model, "shardq_runtime", None)
+    if rt is not None and rt.streamer is not None:  # pinned host copies of streamed blocks
+        total += sum(b.nbytes for b in rt.streamer.blocks.values() if hasattr(b, "buffer"))
+    return total
+
+
+def run_case(case: str, ckpt: Path, cap: str) -> dict:
+    """One case in this (fresh) process."""
+    import torch
+
+    caps = {0: cap, "cpu": "100GB"}
+    ids = torch.randint(0, 8000, (1, 512), generator=torch.Generator().manual_seed(1))
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # CUDA context outside the measurement
+    torch.cuda.reset_peak_memory_stats(0)
+    with tempfile.TemporaryDirectory() as off, RssSampler() as rss:
+        t0 = time.perf_counter()
+        model = load(case, ckpt, caps, Path(off))
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+    r = {"case": case, "load_s": round(load_s, 3), "cap_MB": cap,
+         "host_peak_over_base_MB": round((rss.peak - rss.base) / 1e6, 1),
+         "host_held_MB": round(host_bytes(model) / 1e6, 1),
+         "gpu_load_peak_MB": round(torch.cuda.max_memory_allocated(0) / 1e6, 1)}
+    with torch.inference_mode():
+        torch.cuda.reset_peak_memory_stats(0)
+        model(ids.cuda(), use_cache=False)
+        torch.cuda.synchronize()
+        r["gpu_prefill512_peak_MB"] = round(torch.cuda.max_memory_allocated(0) / 1e6, 1)
+        x = ids[:, :16].cuda()
+        kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+        model.generate(x, max_new_tokens=2, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 8
+        model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        r["token_ms"] = round((time.perf_counter() - t0) / n * 1e3, 1)
+    return r
+
+
+def table(rows: list[dict], cap_mb: float) -> str:
+    cols = ["case", "load_s", "host_peak_over_base_MB", "host_held_MB", "gpu_load_peak_MB", "gpu_prefill512_peak_MB",
+            "token_ms"]
+    out = [" | ".join(cols) + " | load peak/cap | prefill peak/cap", "|".join("---" for _ in range(len(cols) + 2))]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['case']} | error: {r['error'][:160]}")
+            continue
+        ratios = [f"{r[k] / cap_mb:.2f}" for k in ("gpu_load_peak_MB", "gpu_prefill512_peak_MB")]
+        out.append(" | ".join(str(r[c]) for c in cols) + " | " + " | ".join(ratios))
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="a 60 MB model (smoke test)")
+    ap.add_argument("--cap", default="600MB", help="max_memory of GPU 0 (default the seed's 600MB)")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case, Path(args.ckpt), args.cap)), flush=True)
+        return 0
+    from shardq.memory import parse_size
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        gb = save_checkpoint(ckpt, args.small)
+        print(f"checkpoint: {gb:.2f} GB fp16 in {len(list(ckpt.glob('*.safetensors')))} shards", flush=True)
+        for case in args.cases.split(","):
+            res = subprocess.run([sys.executable, __file__, "--case", case, "--ckpt", str(ckpt), "--cap", args.cap],
+                                 capture_output=True, text=True, timeout=600)
+            line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+            rows.append(json.loads(line[7:]) if line else {"case": case, "error": (res.stderr or res.stdout)[-600:]})
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(os.environ.get("OUT", "/tmp")) / "bench_load.json"
+    out.write_text(json.dumps({"checkpoint_GB_fp16": gb, "cap": args.cap, "rows": rows}, indent=1))
+    print(table(rows, parse_size(args.cap) / 1e6))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""load_sharded on GPUs: the allocator's peak stays within max_memory while loading and during a 512-token
+prefill, generate() equals the uncapped single-GPU result, and a failed load leaves nothing allocated.
+Skipped without a GPU; the split tests need two."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from shardq.loader import load_sharded_from_dir  # noqa: E402
+from shardq.memory import parse_size  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 270 MB fp16 Llama-style checkpoint in 60 MB shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=16000)
+    path = tmp_path_factory.mktemp("gpu_ckpt")
+    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(path, max_shard_size="60MB")
+    return path
+
+
+def _ids(n: int) -> torch.Tensor:
+    return torch.randint(0, 16000, (1, n), generator=torch.Generator().manual_seed(2))
+
+
+def _generate(model) -> torch.Tensor:
+    x = _ids(24).cuda()
+    out = model.generate(x, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    return out.cpu()
+
+
+def _reset():
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def _peaks():
+    return {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_peak_within_cap_while_loading_and_prefill_and_generate_equal(ckpt, quant):
+    cap = "200MB"
+    torch.zeros(1, device="cuda")
+    _reset()
+    model = load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: cap, "cpu": "8GB"}, quant=quant,
+                                  workload=(1, 512), progress=False)
+    load_peak = _peaks()[0]
+    assert load_peak <= parse_size(cap), f"loading peaked at {load_peak} bytes over the {cap} cap"
+    assert any(p.device == "cpu" for p in model.shardq_plan.placements)  # the cap forced offload
+    with torch.inference_mode():
+        _reset()
+        model(_ids(512).cuda(), use_cache=False)
+        prefill_peak = _peaks()[0]
+        assert prefill_peak <= parse_size(cap), f"prefill peaked at {prefill_peak} bytes over the {cap} cap"
+        capped = _generate(model)
+    del model
+    whole = load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: "10GB"}, quant=quant, progress=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(capped, _generate(whole), rtol=0, atol=0)
+
+
+def test_failed_load_leaves_no_gpu_memory(ckpt, monkeypatch):
+    import shardq.loader as loader
+
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(0)
+    real, calls = loader.read_tensor, {"n": 0}
+
+    def flaky(info, device=None):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError("read failed")
+        return real(info, device)
+
+    monkeypatch.setattr(loader, "read_tensor", flaky)
+    with pytest.raises(OSError):
+        load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: "10GB"}, quant="nf4", progress=False)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(0) == base
+
+
+@two_gpus
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_split_over_two_gpus_within_caps_and_equal_to_one_gpu(ckpt, quant):
+    caps = {0: "150MB", 1: "200MB"}
+    torch.zeros(1, device="cuda:0"), torch.zeros(1, device="cuda:1")
+    _reset()
+    model = load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory=caps, quant=quant, progress=False)
+    assert {p.device for p in model.shardq_plan.placements} == {0, 1}
+    for i, peak in _peaks().items():
+        assert peak <= parse_size(caps[i]), f"GPU {i} peaked at {peak} while loading"
+    with torch.inference_mode():
+        _reset()
+        model(_ids(512).cuda(), use_cache=False)
+        for i, peak in _peaks().items():
+            assert peak <= parse_size(caps[i]), f"GPU {i} peaked at {peak} during the prefill"
+        split = _generate(model)
+    del model
+    whole = load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: "10GB"}, quant=quant, progress=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(split, _generate(whole), rtol=0, atol=0)
