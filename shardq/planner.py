@@ -11,8 +11,8 @@ Reserves (the runtime's working memory, counted against the budget):
                    (unquantized tensors are copied straight into place)
        activations one block's forward for the workload (batch x seq_len), + fp32 logits where the head runs
        stream      on the execution GPU: two buffers of the largest streamed block (prefetch double buffering)
-  CPU  (when it holds blocks) the largest tensor read, fp32 activations when blocks compute there, and one
-       staging buffer of the largest disk block.
+  CPU  (when it holds blocks) the largest tensor of the model (every tensor is read through host memory),
+       fp32 activations when blocks compute there, and one staging buffer of the largest disk block.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class _Ctx:
     head_act: int
     head_unit: str | None
     quant: QuantConfig
+    largest_tensor: int = 0
 
 
 @dataclass
@@ -212,6 +213,7 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
         units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
+        largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
     )
 
 
@@ -300,7 +302,7 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -
             out["stream"] = assumed.stream
         return out
     if dev == "cpu" and (units or assumed.disk_staging):
-        out = {"load": max((e.source_bytes for u in units for e in u.entries), default=0)}
+        out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
         if ctx.cpu_mode == "cpu":
             out["activations"] = ctx.act_fp32 + (ctx.head_act if ctx.head_unit in names else 0)
         if assumed.disk_staging:

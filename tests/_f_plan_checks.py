@@ -79,6 +79,9 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
     for d in plan.budgets:
         if isinstance(d, int) and plan.totals[d]:
             assert plan.reserve_detail[d]["activations"] > 0
+    if plan.totals.get("cpu"):
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert plan.reserve_detail["cpu"]["load"] == max(t.numel() * t.element_size() for t in tensors)
     assert set(plan.offload_modes) == {p.name for p in plan.placements if not isinstance(p.device, int)}
     assert not any(math.isnan(v) for v in plan.totals.values())
 
