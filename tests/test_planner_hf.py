@@ -183,3 +183,27 @@ def _fp32_buffers(path) -> int:
     """Bytes of the fp32 buffers (rotary inv_freq) that stay fp32 whatever the weights' dtype."""
     m = hf.meta_model_from_dir(path)
     return sum(b.numel() * 4 for b in m.buffers() if b.dtype == torch.float32)
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(method="int8"), QuantConfig(method="nf4", double_quant=True),
+                                   QuantConfig(method="fp4")])
+def test_prequantized_checkpoint_plans_its_stored_bytes(tmp_path, quant):
+    """A checkpoint written by shardq.save_quantized (bitsandbytes layout): the plan takes the config's
+    quantization, reports no mismatches, and its bytes equal the quantized tensors actually stored."""
+    from _f_models import model_class
+    from shardq.quant.linear import quantize_model
+    from shardq.quant.serialize import save_quantized
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", hidden=64, layers=2, vocab=256)
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = quantize_model(model_class("llama")(cfg).to(torch.float16), quant)
+    save_quantized(model, tmp_path, quant)
+    p = plan(tmp_path, max_memory=CAPS, gpus="1x1GB", workload=WL)
+    assert p.quant.method == quant.method and p.quant.double_quant == quant.double_quant
+    assert p.mismatches == []
+    index = checkpoint.index_checkpoint(tmp_path)
+    stored = sum(t.nbytes for t in index if ".quant_state." not in t.name and not t.name.endswith(".weight_format"))
+    buffers = sum(b.numel() * b.element_size() for n, b in hf.meta_model_from_dir(tmp_path).named_buffers())
+    offsets = 4 * sum(1 for t in index if t.name.endswith(".nested_absmax"))  # in the quant_state JSON on disk
+    assert p.totals[0] == stored + buffers + offsets
