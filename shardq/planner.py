@@ -175,6 +175,8 @@ def plan_model(
     if isinstance(device_map, Mapping):
         assign, units = _explicit(model, ctx, device_map, entries, split_guard, gpus)
         ctx.units = units
+        used = sorted(d for d in assign.values() if isinstance(d, int))
+        ctx.exec_dev = used[0] if used else ctx.exec_dev  # as accelerate: the map's first GPU runs the rest
         strategy = "explicit"
     elif device_map in STRATEGIES:
         assign = _place_with_exec_choice(ctx, balanced=device_map == "balanced")

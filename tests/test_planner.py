@@ -414,3 +414,11 @@ def test_bitsandbytes_config_as_is_and_accelerate_accepts_the_map(models):
         assert p.quant.method == "nf4" and p.quant.double_quant and p.quant.compute_dtype == torch.bfloat16
         check_plan(m, p)
         check_device_map(m, p.device_map)  # accelerate's own validation: every parameter is mapped
+
+
+def test_explicit_map_runs_streamed_blocks_on_its_first_gpu(models):
+    m = models["llama"]
+    dm = {"model.embed_tokens": 1, "model.layers": "cpu", "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+    p = plan_model(m, "int8", device_map=dm, gpus="2x1GB", max_memory={0: "1GB", 1: "1GB", "cpu": "1GB"}, workload=WL)
+    check_plan(m, p, tied_together=False)
+    assert p.execution_device == 1 and p.reserve_detail[0] == {} and "stream" in p.reserve_detail[1]
