@@ -176,7 +176,10 @@ def plan_model(
         assign, units = _explicit(model, ctx, device_map, entries, split_guard, gpus)
         ctx.units = units
         used = sorted(d for d in assign.values() if isinstance(d, int))
-        ctx.exec_dev = used[0] if used else ctx.exec_dev  # as accelerate: the map's first GPU runs the rest
+        if used:
+            ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
+        elif offload_mode is None:
+            ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
         strategy = "explicit"
     elif device_map in STRATEGIES:
         assign = _place_with_exec_choice(ctx, balanced=device_map == "balanced")

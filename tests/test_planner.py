@@ -422,3 +422,13 @@ def test_explicit_map_runs_streamed_blocks_on_its_first_gpu(models):
     p = plan_model(m, "int8", device_map=dm, gpus="2x1GB", max_memory={0: "1GB", 1: "1GB", "cpu": "1GB"}, workload=WL)
     check_plan(m, p, tied_together=False)
     assert p.execution_device == 1 and p.reserve_detail[0] == {} and "stream" in p.reserve_detail[1]
+
+
+def test_explicit_map_without_gpus_runs_on_cpu(models):
+    m = models["opt"]
+    p = plan_model(m, None, device_map={"": "cpu"}, gpus="1x1GB", max_memory={0: "1GB", "cpu": "1GB"}, workload=WL)
+    check_plan(m, p)
+    assert p.execution_device is None and p.cpu_mode == "cpu" and set(p.offload_modes.values()) == {"cpu"}
+    forced = plan_model(m, None, device_map={"": "cpu"}, gpus="1x1GB", max_memory={0: "1GB", "cpu": "1GB"},
+                        offload_mode="stream", workload=WL)
+    assert forced.execution_device == 0 and set(forced.offload_modes.values()) == {"stream"}
