@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ class Runtime:
     blocks: dict[str, Block]
     streamer: Streamer | None
     offload_dir: Path | None
-    handles: list = field(default_factory=list)
+    wrapped: list = field(default_factory=list)  # (module, instance forward it had before, or None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,7 +359,20 @@ def _place(rt: Runtime, disk: dict[str, DiskBlock], pin: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# hooks
+# forward wrappers (cheaper than torch hooks: this runs for every block on every token)
+
+
+def _needs_move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether `move_to(obj, device, dtype)` would change anything (a scan that allocates nothing)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device != device or (dtype is not None and obj.dtype != dtype and obj.is_floating_point())
+    if isinstance(obj, (list, tuple)):
+        return any(_needs_move(v, device, dtype) for v in obj) if obj else False
+    if isinstance(obj, Mapping):
+        return any(_needs_move(v, device, dtype) for v in obj.values()) if obj else False
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(_needs_move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj))
+    return False
 
 
 def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
@@ -367,45 +381,70 @@ def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
         ref.set(value)
 
 
-def _pre_hook(rt: Runtime, b: Block):
+def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Before a block's forward: inputs to its device (fp32 for "cpu" blocks), streamed and borrowed weights in."""
     cast = torch.float32 if b.mode == "cpu" else None
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if b.mode == "cpu":
-            b.in_dtype = _first_float_dtype((args, kwargs))
+    if cast is not None:
+        b.in_dtype = _first_float_dtype((args, kwargs))
+    if _needs_move(args, b.exec_device, cast) or _needs_move(kwargs, b.exec_device, cast):
         args, kwargs = move_to((args, kwargs), b.exec_device, cast)
-        if b.streamed:
-            for rec, view in zip(b.targets, rt.streamer.acquire(b.name)):
-                if rec is not None:
-                    _swap_in(b, rec, view)
-        for rec in b.borrowed:
-            want = cast if (cast is not None and rec.dtype.is_floating_point) else rec.dtype
-            _swap_in(b, rec, rec.tensor.data.to(b.exec_device, want, non_blocking=True))
-        return args, kwargs
-
-    return hook
+    if b.streamed:
+        for rec, view in zip(b.targets, rt.streamer.acquire(b.name)):
+            if rec is not None:
+                _swap_in(b, rec, view)
+    for rec in b.borrowed:
+        want = cast if (cast is not None and rec.dtype.is_floating_point) else rec.dtype
+        _swap_in(b, rec, rec.tensor.data.to(b.exec_device, want, non_blocking=True))
+    return args, kwargs
 
 
-def _post_hook(rt: Runtime, b: Block):
-    def hook(module: nn.Module, args: tuple, output: Any):
-        while b.saved:
-            ref, original = b.saved.pop()
-            ref.set(original)
-        if b.streamed:
-            rt.streamer.release(b.name)
+def _exit(rt: Runtime, b: Block) -> None:
+    """After a block's forward (also on error): original tensors back, streaming slot released."""
+    while b.saved:
+        ref, original = b.saved.pop()
+        ref.set(original)
+    if b.streamed:
+        rt.streamer.release(b.name)
+
+
+def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
+    inner = module.forward
+    back = torch.float32 if b.mode == "cpu" else None  # marker: "cpu" outputs return to the model's dtype
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _enter(rt, b, args, kwargs)
+        try:
+            out = inner(*args, **kwargs)
+        finally:
+            _exit(rt, b)
         if b.out_device is not None:
-            back = (b.orig_dtype or b.in_dtype) if b.mode == "cpu" else None
-            output = move_to(output, b.out_device, back)
-        return output
+            out = move_to(out, b.out_device, (b.orig_dtype or b.in_dtype) if back is not None else None)
+        return out
 
-    return hook
+    _install(module, forward, rt)
 
 
-def _root_hooks(model: nn.Module, rt: Runtime) -> None:
-    if "" not in rt.blocks:
-        rt.handles.append(model.register_forward_pre_hook(
-            lambda m, args, kwargs: move_to((args, kwargs), rt.main_device), with_kwargs=True))
-    rt.handles.append(model.register_forward_hook(lambda m, args, out: move_to(out, rt.main_device), always_call=True))
+def _wrap_root(model: nn.Module, rt: Runtime) -> None:
+    """Model inputs to the main device (unless '' is itself a block), outputs back on it."""
+    inner = model.forward
+    move_in = "" not in rt.blocks
+    main = rt.main_device
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if move_in and (_needs_move(args, main, None) or _needs_move(kwargs, main, None)):
+            args, kwargs = move_to((args, kwargs), main)
+        out = inner(*args, **kwargs)
+        return move_to(out, main) if _needs_move(out, main, None) else out
+
+    _install(model, forward, rt)
+
+
+def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:
+    previous = module.__dict__.get("forward")  # an instance-level forward someone else installed, if any
+    module.forward = forward
+    rt.wrapped.append((module, previous))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -447,9 +486,8 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
         streamer.allocate()
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in blocks.values():
-        rt.handles.append(modules[b.name].register_forward_pre_hook(_pre_hook(rt, b), with_kwargs=True))
-        rt.handles.append(modules[b.name].register_forward_hook(_post_hook(rt, b), always_call=True))
-    _root_hooks(model, rt)
+        _wrap_block(modules[b.name], rt, b)
+    _wrap_root(model, rt)
     model.shardq_runtime = rt
     model.shardq_device_map = dict(entries)
     model.shardq_offload_modes = dict(modes)
@@ -552,12 +590,15 @@ def format_memory_report(report: dict[str, dict[str, int]]) -> str:
 
 
 def remove_dispatch(model: nn.Module) -> nn.Module:
-    """Remove shardq's hooks and stop the streamer; offloaded weights stay where they are."""
+    """Remove shardq's forward wrappers and stop the streamer; offloaded weights stay where they are."""
     rt: Runtime | None = getattr(model, "shardq_runtime", None)
     if rt is None:
         return model
-    for h in rt.handles:
-        h.remove()
+    for module, previous in reversed(rt.wrapped):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
     if rt.streamer is not None:
         rt.streamer.close()
     for attr in ("shardq_runtime", "shardq_device_map", "shardq_offload_modes"):

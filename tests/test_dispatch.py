@@ -229,12 +229,15 @@ def test_memory_report_and_readable_state(tmp_path):
     assert "disk" in table and "stream_slots" in table
 
 
-def test_remove_dispatch_detaches_hooks():
+def test_remove_dispatch_restores_forwards():
     model = tiny("llama", tie=False)
-    dispatch_model(model, {"": "cpu"}, offload_modes="cpu")
+    dispatch_model(model, {"": "cpu", "model.layers.1": "cpu"}, offload_modes="cpu")
+    assert "forward" in model.__dict__ and "forward" in model.model.layers[1].__dict__
+    import inspect
+    assert "input_ids" in inspect.signature(model.forward).parameters  # generate() inspects it
     remove_dispatch(model)
     assert not hasattr(model, "shardq_runtime")
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert "forward" not in model.__dict__ and "forward" not in model.model.layers[1].__dict__
 
 
 # ---- move_to
@@ -287,7 +290,7 @@ def test_bad_maps_raise_before_moving(dmap, modes, match):
     with pytest.raises(DispatchError, match=match):
         dispatch_model(model, dmap, offload_modes=modes)
     assert _snapshot(model) == before
-    assert not model._forward_pre_hooks and not hasattr(model, "shardq_runtime")
+    assert "forward" not in model.__dict__ and not hasattr(model, "shardq_runtime")
 
 
 def test_meta_tensors_and_mismatched_disk_files_are_rejected(tmp_path):
@@ -302,3 +305,16 @@ def test_meta_tensors_and_mismatched_disk_files_are_rejected(tmp_path):
     dispatch_model(model, {"": "cpu"}, offload_modes="cpu")
     with pytest.raises(DispatchError, match="already dispatched"):
         dispatch_model(model, {"": "cpu"})
+
+
+def test_error_inside_a_block_restores_its_weights(tmp_path):
+    model = tiny("llama", tie=False)
+    dispatch_model(model, {n: "cpu" for n in blocks(model)}, offload_modes="stream")
+    layer = model.model.layers[0]
+    host = layer.mlp.up_proj.weight
+    with pytest.raises(RuntimeError):  # wrong hidden size: fails inside the block, after its weights were swapped in
+        layer(torch.randn(2, 3, 5), position_embeddings=(torch.randn(2, 3, 16), torch.randn(2, 3, 16)))
+    assert layer.mlp.up_proj.weight is host
+    assert not any(s.busy for s in model.shardq_runtime.streamer.slots)
+    with torch.no_grad():  # and the model still runs
+        model(**inputs("llama"))
