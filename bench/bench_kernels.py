@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shardq.config import QuantConfig  # noqa: E402
+from shardq.kernels import cuda_ops  # noqa: E402
 from shardq.quant.linear import Linear4bit, Linear8bit  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -84,8 +85,8 @@ def build(kind: str, w: torch.Tensor):
     lin.weight.data.copy_(w)
     if kind == "fp16":
         return lin.to(DEV)
-    if kind.startswith("sq_nf4"):
-        return Linear4bit.from_linear(lin.to(DEV), QuantConfig(method="nf4", double_quant=kind.endswith("_dq")))
+    if kind.startswith("sq_nf4"):  # sq_nf4_v1: same module, timed with the older small-M kernel variant
+        return Linear4bit.from_linear(lin.to(DEV), QuantConfig(method="nf4", double_quant="_dq" in kind))
     if kind.startswith("sq_int8"):
         thr = 6.0 if kind.endswith("t6") else 0.0
         return Linear8bit.from_linear(lin.to(DEV), QuantConfig(method="int8", threshold=thr))
@@ -102,7 +103,7 @@ def build(kind: str, w: torch.Tensor):
     return m.to(DEV)
 
 
-def time_kind(mods: list, x: torch.Tensor) -> dict:
+def time_kind(mods: list, x: torch.Tensor, capture: bool = True) -> dict:
     with torch.inference_mode():
         out = mods[0](x)
         i = [0]
@@ -115,6 +116,9 @@ def time_kind(mods: list, x: torch.Tensor) -> dict:
             call()
         res = {"module_us": events_ms(call, 30) * 1e3, "out": out}
         calls = max(2 * len(mods), 20)
+        if not capture:
+            res["graph_error"] = "not attempted here (see graph_probe)"
+            return res
         try:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
@@ -125,6 +129,7 @@ def time_kind(mods: list, x: torch.Tensor) -> dict:
             res["graph_us"] = events_ms(g.replay, 5) * 1e3 / calls
         except Exception as exc:  # some peers cannot be captured (host syncs)
             res["graph_error"] = repr(exc)[:120]
+            print(f"  graph capture failed: {res['graph_error']}", flush=True)
             torch.cuda.synchronize()
     return res
 
@@ -135,6 +140,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
+    default_variant = cuda_ops.GEMM4_VARIANT
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -146,28 +152,35 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         mods = [first] + [build(kind, weight()) for _ in range(copies - 1)]
         ref_mod = build("fp16", first.dequantize().weight.data.cpu()) if hasattr(first, "dequantize") else None
         for row in rows:
-            x = torch.randn(row["M"], k, device=DEV, dtype=torch.float16)
+            if kind == "sq_nf4_v1" and row["M"] > 32:
+                continue
+            cuda_ops.GEMM4_VARIANT = 1 if kind == "sq_nf4_v1" else default_variant
+            x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
-                r = time_kind(mods, x)
+                r = time_kind(mods, x, capture=kind != "bnb_int8_t6")
             except Exception as exc:
                 row[kind + "_error"] = repr(exc)[:160]
                 continue
             row[kind + "_us"] = round(r["module_us"], 1)
             if "graph_us" in r:
                 row[kind + "_graph_us"] = round(r["graph_us"], 1)
+            else:
+                row[kind + "_graph_error"] = r["graph_error"]
             t = r.get("graph_us", r["module_us"])
             row[kind + "_GBps"] = round(weight_bytes(first) / (t / 1e6) / 1e9, 1)
             if ref_mod is not None:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
+        cuda_ops.GEMM4_VARIANT = default_variant
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict], hbm: float) -> str:
-    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("bnb_nf4", "bnb nf4"),
+    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
+            ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("bnb_int8_t6", "bnb i8t6"), ("sq_int8_t0", "sq i8t0"),
             ("bnb_int8_t0", "bnb i8t0")]
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_int8_t6", "sq_int8_t0"]
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_int8_t6", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
     if not args.no_bnb:
@@ -220,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         rows += bench_shape(k, n, ms, kinds)
         print(f"{shape} done in {time.time() - t0:.0f}s", flush=True)
+        (Path(args.out) / "kernels_bench_partial.json").write_text(json.dumps(dict(res, rows=rows), indent=1))
     res["rows"] = rows
+    if "bnb_int8_t6" in kinds:  # last, alone: a failed capture must not disturb the other measurements
+        mods = [build("bnb_int8_t6", torch.randn(1024, 1024).half())]
+        x = torch.randn(1, 1024, device=DEV).half()
+        x[:, ::128] *= 20.0
+        probe = time_kind(mods, x)
+        res["graph_probe_bnb_int8_t6"] = probe.get("graph_error", f"captured: {probe.get('graph_us', 0):.1f} us")
     md = table(rows, res["hbm_copy_GBps"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,71 +1,79 @@
 // Blockwise 4-bit dequantization: flattened elements [e0, e0 + count) of a packed nf4/fp4 tensor into a dense
 // fp16/bf16/fp32 buffer. Used by the dequantize_4bit op (loading, export) and by gemm_4bit for large M, where
 // row chunks of the weight are dequantized into scratch and multiplied by cuBLAS.
-// Fast path: 32 elements per thread from one 128-bit load (e0, count multiples of 32, power-of-two blocksize
-// >= 32, aligned pointers); generic path: one element per thread with per-element nibble and block addressing.
+// Fast path: 8 elements per thread from one coalesced 32-bit load into one 16-byte store (e0, count multiples of
+// 32, power-of-two blocksize >= 32, aligned pointers); generic path: one element per thread with per-element nibble and block addressing.
 #include "common.cuh"
 
 namespace shardq {
 namespace {
 
+// Eight T values from fp32 as one 16-byte store (two for fp32).
 template <typename T>
-__device__ __forceinline__ void store32(T* dst, const float* v) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) dst[i] = from_f32<T>(v[i]);
-}
+__device__ __forceinline__ void store8(T* dst, const float* v);
 template <>
-__device__ __forceinline__ void store32<__half>(__half* dst, const float* v) {
+__device__ __forceinline__ void store8<__half>(__half* dst, const float* v) {
+  uint4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    uint4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h = __floats2half2_rn(v[8 * q + 2 * i], v[8 * q + 2 * i + 1]);
-      ow[i] = *reinterpret_cast<uint32_t*>(&h);
-    }
-    reinterpret_cast<uint4*>(dst)[q] = o;
+  for (int i = 0; i < 4; ++i) {
+    __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    ow[i] = *reinterpret_cast<uint32_t*>(&h);
   }
+  *reinterpret_cast<uint4*>(dst) = o;
 }
 template <>
-__device__ __forceinline__ void store32<__nv_bfloat16>(__nv_bfloat16* dst, const float* v) {
+__device__ __forceinline__ void store8<__nv_bfloat16>(__nv_bfloat16* dst, const float* v) {
+  uint4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    uint4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __nv_bfloat162 h = __floats2bfloat162_rn(v[8 * q + 2 * i], v[8 * q + 2 * i + 1]);
-      ow[i] = *reinterpret_cast<uint32_t*>(&h);
-    }
-    reinterpret_cast<uint4*>(dst)[q] = o;
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    ow[i] = *reinterpret_cast<uint32_t*>(&h);
   }
+  *reinterpret_cast<uint4*>(dst) = o;
 }
 template <>
-__device__ __forceinline__ void store32<float>(float* dst, const float* v) {
-#pragma unroll
-  for (int q = 0; q < 8; ++q) reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+__device__ __forceinline__ void store8<float>(float* dst, const float* v) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// Each thread turns 4 packed bytes (8 elements) into one vector store; consecutive lanes take consecutive
+// words, so loads and stores are fully coalesced. kUnroll words per thread are loaded before any is used.
+constexpr int kUnroll = 4;
+
 template <typename T>
-__global__ void dequant4_fast(const uint8_t* __restrict__ w, Absmax am, const float* __restrict__ code,
-                              T* __restrict__ out, int64_t e0, int64_t nchunks, int bs_shift) {
+__global__ void __launch_bounds__(256) dequant4_fast(const uint8_t* __restrict__ w, Absmax am,
+                                                     const float* __restrict__ code, T* __restrict__ out,
+                                                     int64_t e0, int64_t nwords, int bs_shift) {
   __shared__ float cs[16];
   if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
   __syncthreads();
-  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < nchunks; c += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t e = e0 + c * 32;
-    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(w + (e >> 1)));
-    const float s = am.get(e >> bs_shift);
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    float f[32];
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(w + e0 / 2);
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t base = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; base < nwords; base += stride * kUnroll) {
+    uint32_t v[kUnroll];
+    float s[kUnroll];
 #pragma unroll
-    for (int b = 0; b < 16; ++b) {
-      const uint32_t byte = (words[b >> 2] >> ((b & 3) * 8)) & 0xFF;
-      f[2 * b] = cs[byte >> 4] * s;
-      f[2 * b + 1] = cs[byte & 15] * s;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * stride;
+      v[u] = c < nwords ? __ldcs(wp + c) : 0u;
+      s[u] = c < nwords ? am.get((e0 + c * 8) >> bs_shift) : 0.f;
     }
-    store32<T>(out + c * 32, f);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * stride;
+      if (c >= nwords) break;
+      float f[8];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (v[u] >> (8 * b)) & 0xFF;
+        f[2 * b] = cs[byte >> 4] * s[u];
+        f[2 * b + 1] = cs[byte & 15] * s[u];
+      }
+      store8<T>(out + c * 8, f);
+    }
   }
 }
 
@@ -101,8 +109,9 @@ SHARDQ_API int shardq_dequantize_4bit(const void* w, const float* absmax, const 
                     ((uintptr_t)wp + e0 / 2) % 16 == 0;
   SHARDQ_DISPATCH_ALL(dtype, T, {
     if (fast) {
-      const int64_t nchunks = count / 32;
-      dequant4_fast<T><<<grid_1d(nchunks, 256), 256, 0, stream>>>(wp, am, code, static_cast<T*>(out), e0, nchunks, shift);
+      const int64_t nwords = count / 8;
+      dequant4_fast<T><<<grid_1d(nwords, 256 * kUnroll), 256, 0, stream>>>(wp, am, code, static_cast<T*>(out), e0,
+                                                                           nwords, shift);
     } else {
       dequant4_generic<T><<<grid_1d(count, 256), 256, 0, stream>>>(wp, am, code, static_cast<T*>(out), e0, count, blocksize);
     }

@@ -2,8 +2,9 @@
 //   out[m, n] = acc[m, n] * row_absmax[m] * SCB[n] / 127^2                (int8 part, int32 accumulation)
 //             + sum_{c in outliers} x[m, c] * W[n, c] * SCB[n] / 127       (outlier columns, fp32)
 //             + bias[n]
-//  - shardq_int8_gemv (small M): each warp streams 4 weight rows with 128-bit loads (half the bytes of fp16),
-//    dp4a against the quantized activations, epilogue in registers. Scalar variant for K % 16 != 0.
+//  - shardq_int8_gemv (small M): each CTA streams 4 weight rows with 128-bit loads (half the bytes of fp16),
+//    its warps splitting K, dp4a against the quantized activations, epilogue fused. Scalar variant for
+//    K % 16 != 0.
 //  - shardq_int8_epilogue (large M): applies the epilogue to the int32 product of a tensor-core GEMM
 //    (torch._int_mm / cuBLASLt), tiled so the outlier part is a small shared-memory GEMM.
 #include "common.cuh"
@@ -11,7 +12,7 @@
 namespace shardq {
 namespace {
 
-constexpr int kRows = 4;  // weight rows per warp
+constexpr int kRows = 4;  // weight rows (output columns) per CTA
 constexpr float kInv127sq = 1.f / (127.f * 127.f);
 
 struct Int8Args {
@@ -53,19 +54,21 @@ __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
   return __dp4a(a.w, b.w, acc);
 }
 
-// Rows m0 .. m0+MB-1 of the output (guarded by M). VEC: 16 int8 per load (K % 16 == 0, aligned).
+// One CTA computes kRows output columns for activation rows m0 .. m0+MB-1; its 8 warps split K (each thread
+// keeps kRows 128-bit weight loads in flight), reduce through shared memory, and MB*kRows threads run the
+// epilogue. VEC: 16 int8 per load (K % 16 == 0, aligned); otherwise one byte per load.
 template <typename T, int MB, bool VEC>
 __global__ void __launch_bounds__(256) int8_gemv(Int8Args p, int m0) {
-  const int lane = threadIdx.x & 31;
-  const int nbase = (blockIdx.x * 8 + (threadIdx.x >> 5)) * kRows;
-  if (nbase >= p.N) return;
+  __shared__ int red[8][MB * kRows];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nbase = blockIdx.x * kRows;
   int acc[MB][kRows];
 #pragma unroll
   for (int i = 0; i < MB; ++i)
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[i][r] = 0;
   if (VEC) {
-    for (int k = lane * 16; k < p.K; k += 512) {
+    for (int k = tid * 16; k < p.K; k += 256 * 16) {
       int4 wv[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(256) int8_gemv(Int8Args p, int m0) {
       }
     }
   } else {
-    for (int k = lane; k < p.K; k += 32) {
+    for (int k = tid; k < p.K; k += 256) {
       int wv[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) wv[r] = nbase + r < p.N ? (int)p.w[(int64_t)(nbase + r) * p.K + k] : 0;
@@ -97,17 +100,22 @@ __global__ void __launch_bounds__(256) int8_gemv(Int8Args p, int m0) {
 #pragma unroll
   for (int i = 0; i < MB; ++i)
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
-#pragma unroll
-  for (int i = 0; i < MB; ++i)
-#pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const int m = m0 + i, n = nbase + r;
-      if (lane == ((i * kRows + r) & 31) && m < p.M && n < p.N)
-        static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(epilogue<T>(p, m, n, acc[i][r]));
+      int v = acc[i][r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) red[warp][i * kRows + r] = v;
     }
+  __syncthreads();
+  if (tid < MB * kRows) {
+    const int i = tid / kRows, r = tid % kRows, m = m0 + i, n = nbase + r;
+    if (m < p.M && n < p.N) {
+      int v = 0;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) v += red[w][tid];
+      static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(epilogue<T>(p, m, n, v));
+    }
+  }
 }
 
 // 32 x 64 output tile per CTA of 256 threads; each thread 8 rows of one column.
@@ -155,7 +163,7 @@ __global__ void __launch_bounds__(256) int8_epilogue_tiled(Int8Args p, const int
 
 template <typename T, int MB, bool VEC>
 cudaError_t gemv_chunk(const Int8Args& p, int m0, cudaStream_t stream) {
-  const unsigned grid = (unsigned)((p.N + 8 * kRows - 1) / (8 * kRows));
+  const unsigned grid = (unsigned)((p.N + kRows - 1) / kRows);
   int8_gemv<T, MB, VEC><<<grid, 256, 0, stream>>>(p, m0);
   return cudaGetLastError();
 }

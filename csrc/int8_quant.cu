@@ -82,6 +82,68 @@ __global__ void __launch_bounds__(1024) outlier_list(const float* __restrict__ c
   if (tid == 1023) *count = scan[1023];
 }
 
+// Whole activation side in one CTA for small batches (M <= kSmallPrepRows, K <= 65536): column maxima,
+// sorted outlier list, per-row absmax over the other columns and quantization, saving four launches.
+constexpr int kSmallPrepRows = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(1024) prep_small(const T* __restrict__ x, int8_t* __restrict__ q,
+                                                   float* __restrict__ row_absmax, int* __restrict__ list,
+                                                   int* __restrict__ count, int M, int K, float threshold) {
+  __shared__ uint32_t flags[2048];
+  __shared__ int scan[1024];
+  __shared__ int rmax[kSmallPrepRows];
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int i = tid; i < 2048; i += 1024) flags[i] = 0u;
+  if (tid < kSmallPrepRows) rmax[tid] = 0;
+  __syncthreads();
+  const int chunk = (K + 1023) / 1024, start = tid * chunk, end = min(start + chunk, K);
+  float rm[kSmallPrepRows];
+#pragma unroll
+  for (int m = 0; m < kSmallPrepRows; ++m) rm[m] = 0.f;
+  int c = 0;
+  for (int k = start; k < end; ++k) {
+    float v[kSmallPrepRows];
+    float cm = 0.f;
+#pragma unroll
+    for (int m = 0; m < kSmallPrepRows; ++m) {
+      v[m] = m < M ? fabsf(to_f32(x[(int64_t)m * K + k])) : 0.f;
+      cm = fmaxf(cm, v[m]);
+    }
+    if (threshold > 0.f && cm > threshold) {
+      ++c;
+      atomicOr(&flags[k >> 5], 1u << (k & 31));
+    } else {
+#pragma unroll
+      for (int m = 0; m < kSmallPrepRows; ++m) rm[m] = fmaxf(rm[m], v[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kSmallPrepRows; ++m) {
+    float v = rm[m];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0 && m < M) atomicMax(&rmax[m], __float_as_int(v));
+  }
+  scan[tid] = c;
+  __syncthreads();
+  for (int o = 1; o < 1024; o <<= 1) {
+    const int add = tid >= o ? scan[tid - o] : 0;
+    __syncthreads();
+    scan[tid] += add;
+    __syncthreads();
+  }
+  int pos = scan[tid] - c;
+  for (int k = start; k < end; ++k)
+    if ((flags[k >> 5] >> (k & 31)) & 1u) list[pos++] = k;
+  if (tid == 1023) *count = scan[1023];
+  for (int64_t idx = tid; idx < (int64_t)M * K; idx += 1024) {
+    const int m = (int)(idx / K), k = (int)(idx - (int64_t)m * K);
+    const bool outlier = (flags[k >> 5] >> (k & 31)) & 1u;
+    q[idx] = outlier ? (int8_t)0 : quant127(to_f32(x[idx]), __int_as_float(rmax[m]));
+  }
+  if (tid < M) row_absmax[tid] = __int_as_float(rmax[tid]);
+}
+
 }  // namespace
 }  // namespace shardq
 
@@ -105,6 +167,13 @@ SHARDQ_API int shardq_int8_prepare(const void* x, void* q, float* row_absmax, fl
                                    int64_t M, int64_t K, float threshold, int dtype, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (M <= 0 || K <= 0) return cudaErrorInvalidValue;
+  if (M <= kSmallPrepRows && K <= 65536) {
+    SHARDQ_DISPATCH_ALL(dtype, T, {
+      prep_small<T><<<1, 1024, 0, stream>>>(static_cast<const T*>(x), static_cast<int8_t*>(q), row_absmax, list,
+                                            count, (int)M, (int)K, threshold);
+      return cudaGetLastError();
+    });
+  }
   const bool outliers = threshold > 0.f;
   cudaError_t err;
   if (outliers) {

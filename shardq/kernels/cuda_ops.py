@@ -21,6 +21,8 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this many rows
 # Scratch cap for the large-M 4-bit path (weight rows dequantized per cuBLAS call), in bytes.
 DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")) * 2**20)
+# Small-M 4-bit kernel: 2 = row-streaming warps with two-step prefetch (default), 1 = K-split CTAs (kept to compare).
+GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "2"))
 
 
 def reference(name: str) -> Callable:
@@ -45,7 +47,9 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 
 
 def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """Raw handle of the current stream of t's device (what torch.cuda.current_stream().cuda_stream gives,
+    without building a Stream object on every call)."""
+    return torch._C._cuda_getCurrentRawStream(t.device.index)
 
 
 def _same_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
@@ -122,7 +126,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     with _on_device(x.device):
         if m <= SMALL_M:
             rc = lib.shardq_gemm_4bit_small(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b),
-                                            out.data_ptr(), m, n, k, blocksize, dt, _stream(x))
+                                            out.data_ptr(), m, n, k, blocksize, dt, GEMM4_VARIANT, _stream(x))
             _lib.check(rc, "gemm_4bit_small")
         else:
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
