@@ -63,8 +63,9 @@ class _Tensor:
     tensor: torch.Tensor
     names: list[str]
     refs: dict[str, list[_Ref]] = field(default_factory=dict)  # block name -> refs inside that block
-    home: str | None = None  # block that holds it; None = host memory shared by offloaded blocks
+    home: str | None = None  # block that holds it; None = held only by offloaded blocks (packed in each)
     dtype: torch.dtype | None = None  # dtype before dispatch
+    packed: bool = False  # a home-less tied tensor already re-pointed at a packed copy
 
 
 @dataclass
@@ -338,24 +339,38 @@ def _place(rt: Runtime, disk: dict[str, DiskBlock], pin: bool) -> None:
                 t = rec.tensor.data
                 _set_all(rec, t.to("cpu", torch.float32 if t.is_floating_point() else None))
         elif b.mode == "stream":
-            block = pack_host_block(b.name, {_local(b.name, r): r.tensor.data for r in b.owned}, pin)
-            for rec, view in zip(b.owned, views(block.buffer, block.specs)):
-                _set_all(rec, view)
-            b.targets = list(b.owned)
-            rt.streamer.add(block)
+            _place_stream(rt, b, pin)
         elif b.mode == "disk":
-            if b.name not in disk:
-                write_disk_offload(rt.offload_dir, b.name, {_local(b.name, r): r.tensor.data for r in b.owned})
-                disk[b.name] = open_disk_block(rt.offload_dir, b.name)
-            by_name = {_local(b.name, r): r for r in b.owned}
-            b.targets = [by_name.get(s.name) for s in disk[b.name].specs]
-            for rec in b.owned:
-                _set_all(rec, torch.empty(rec.tensor.shape, dtype=rec.tensor.dtype, device="meta"), replace=True)
-            rt.streamer.add(disk[b.name])
-    for rec in {id(r): r for b in rt.blocks.values() for r in b.borrowed}.values():
-        if rec.home is None:  # tied tensor of offloaded blocks only: one host copy, fetched by each of them
-            host = rec.tensor.data.to("cpu")
-            _set_all(rec, host.pin_memory() if pin and not host.is_pinned() else host)
+            _place_disk(rt, b, disk)
+
+
+def _place_stream(rt: Runtime, b: Block, pin: bool) -> None:
+    """Pack the block into one pinned buffer. Tied tensors it shares with other blocks are packed too (in their
+    original dtype), so a forward copies one buffer and allocates nothing; a tied tensor with no resident home
+    is re-pointed at its first packed copy."""
+    packed = b.owned + b.borrowed
+    block = pack_host_block(b.name, {_local(b.name, r): r.tensor.data.to(r.dtype) for r in packed}, pin)
+    for rec, view in zip(packed, views(block.buffer, block.specs)):
+        if any(rec is o for o in b.owned) or (rec.home is None and not rec.packed):
+            _set_all(rec, view)
+            rec.packed = True
+    b.targets, b.borrowed = packed, []
+    rt.streamer.add(block)
+
+
+def _place_disk(rt: Runtime, b: Block, disk: dict[str, DiskBlock]) -> None:
+    """Write the block to the offload folder unless the loader already did; its own tensors go to meta."""
+    if b.name not in disk:
+        real = [r for r in b.owned + b.borrowed if r.tensor.device.type != "meta"]
+        write_disk_offload(rt.offload_dir, b.name, {_local(b.name, r): r.tensor.data.to(r.dtype) for r in real})
+        disk[b.name] = open_disk_block(rt.offload_dir, b.name)
+    by_name = {_local(b.name, r): r for r in b.owned + b.borrowed}
+    b.targets = [by_name.get(s.name) for s in disk[b.name].specs]
+    in_file = {id(r) for r in b.targets if r is not None}
+    b.borrowed = [r for r in b.borrowed if id(r) not in in_file]
+    for rec in b.owned:
+        _set_all(rec, torch.empty(rec.tensor.shape, dtype=rec.tensor.dtype, device="meta"), replace=True)
+    rt.streamer.add(disk[b.name])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,7 +434,7 @@ def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
         finally:
             _exit(rt, b)
         if b.out_device is not None:
-            out = move_to(out, b.out_device, (b.orig_dtype or b.in_dtype) if back is not None else None)
+            out = move_to(out, b.out_device, (b.in_dtype or b.orig_dtype) if back is not None else None)
         return out
 
     _install(module, forward, rt)

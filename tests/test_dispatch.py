@@ -131,6 +131,19 @@ def test_tied_weights_stay_tied(arch, tmp_path):
         model(**inputs(arch))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert model.get_input_embeddings().weight.device.type == "cpu"
+    streamed = [b for b in model.shardq_runtime.blocks.values() if b.mode in ("stream", "disk")]
+    assert all(not b.borrowed for b in streamed)  # tied tensors are packed with the block: no per-forward copies
+
+
+def test_tied_weights_all_streamed_are_packed_per_block():
+    ref = tiny("llama", tie=True)
+    model = clone(ref)
+    dispatch_model(model, {n: "cpu" for n in blocks(model)}, offload_modes="stream")
+    rt = model.shardq_runtime
+    assert not rt.blocks["lm_head"].borrowed and not rt.blocks["model.embed_tokens"].borrowed
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs("llama")).logits, ref(**inputs("llama")).logits, rtol=0, atol=0)
 
 
 def test_untied_model_and_stream_without_prefetch(tmp_path):
@@ -318,3 +331,16 @@ def test_error_inside_a_block_restores_its_weights(tmp_path):
     assert not any(s.busy for s in model.shardq_runtime.streamer.slots)
     with torch.no_grad():  # and the model still runs
         model(**inputs("llama"))
+
+
+def test_nested_entries_inside_a_resident_block(tmp_path):
+    ref = tiny("bloom")
+    model = clone(ref)
+    dmap = {"": "cpu", "transformer.h.1": "cpu", "transformer.h.2": "disk"}
+    dispatch_model(model, dmap, offload_modes={"": "cpu", "transformer.h.1": "stream"}, offload_dir=tmp_path)
+    assert model.shardq_runtime.blocks["transformer.h.1"].out_device == torch.device("cpu")
+    kw = inputs("bloom")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, ref(**kw).logits, rtol=0, atol=0)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**kw, **gen), ref.generate(**kw, **gen))
