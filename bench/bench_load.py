@@ -137,6 +137,10 @@ def run_case(case: str, ckpt: Path, cap: str) -> dict:
          "host_peak_over_base_MB": round((rss.peak - rss.base) / 1e6, 1),
          "host_held_MB": round(host_bytes(model) / 1e6, 1),
          "gpu_load_peak_MB": round(torch.cuda.max_memory_allocated(0) / 1e6, 1)}
+    stats = getattr(model, "shardq_load_stats", None)
+    if stats is not None:  # where shardq's time went: streaming tensors in vs placing blocks (dispatch)
+        r.update(stream_s=round(stats.seconds, 3), dispatch_s=round(stats.dispatch_seconds, 3),
+                 pinned_staging_MB=round(stats.pinned_bytes / 1e6, 1))
     with torch.inference_mode():
         torch.cuda.reset_peak_memory_stats(0)
         model(ids.cuda(), use_cache=False)

@@ -60,6 +60,7 @@ class SourceTensor:
     nbytes: int
     read: Callable[[], torch.Tensor]
     order: tuple[str, int] = ("", 0)
+    info: TensorInfo | None = None  # where its bytes are in a file (lets GPU-bound reads go through pinned memory)
 
 
 def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
@@ -67,7 +68,7 @@ def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
     out = {}
     for info in index:
         out[info.name] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
-                                      (info.file, info.start))
+                                      (info.file, info.start), info)
     return out
 
 
@@ -404,10 +405,58 @@ class LoadStats:
     seconds: float = 0.0
     disk_blocks: list[str] = field(default_factory=list)
     gpu_peak: dict[int, int] = field(default_factory=dict)
+    pinned_bytes: int = 0  # size of the two pinned staging buffers (0: none used)
+    dispatch_seconds: float = 0.0
 
 
-def _fetch(src: SourceTensor, route: Route) -> torch.Tensor:
+class PinnedReader:
+    """Reads GPU-bound tensors from their file straight into one of two pinned host buffers and copies them to
+    the GPU asynchronously, so reading tensor i+1 overlaps the copy (and quantization) of tensor i. A buffer is
+    reused only after the copy out of it has finished."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.done: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def fetch(self, info: TensorInfo, device: torch.device) -> torch.Tensor:
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.done[i] is not None:
+            self.done[i].synchronize()
+        buf = self.buffers[i][: info.nbytes]
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(buf.numpy()))
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.file} is truncated: tensor {info.name!r} needs {info.nbytes} bytes at "
+                                  f"{info.start}, read {got}; download or save the checkpoint again")
+        host = buf.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+        out = host.to(device, non_blocking=True)
+        self.done[i] = torch.cuda.Event()
+        self.done[i].record(torch.cuda.current_stream(device))
+        return out
+
+
+def _pinned_ok(src: SourceTensor, route: Route) -> bool:
+    """A straight file → pinned → GPU read: the tensor is in a file, bound for a GPU, and needs no downcast
+    (a downcast happens on the host so that the GPU never holds the wider copy)."""
+    return (src.info is not None and route.device.type == "cuda"
+            and not (src.dtype.is_floating_point and route.dtype.itemsize < src.dtype.itemsize))
+
+
+def make_pinned_reader(source: Mapping[str, SourceTensor], keys: Iterable[str],
+                       routes_of: Callable[[str], Route]) -> PinnedReader | None:
+    """Two pinned buffers of the largest GPU-bound tensor, or None when no tensor goes to a GPU that way."""
+    largest = max((source[k].nbytes for k in keys if _pinned_ok(source[k], routes_of(k))), default=0)
+    return PinnedReader(largest) if largest else None
+
+
+def _fetch(src: SourceTensor, route: Route, pinned: PinnedReader | None = None) -> torch.Tensor:
     """Read one tensor and move it to its device in its target dtype, casting where it moves fewer bytes."""
+    if pinned is not None and _pinned_ok(src, route):
+        t = pinned.fetch(src.info, route.device)
+        t = t.t() if route.transpose else t
+        return t.to(route.dtype if t.is_floating_point() else t.dtype).contiguous()
     t = src.read()
     if route.transpose:
         t = t.t()
@@ -457,6 +506,8 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
             pending[block] = pending.get(block, 0) + 1
     disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None} | set(pending)
     total = sum(source[k].nbytes for k in match.mapping) + sum(source[k].nbytes for q in layers.values() for k in q.keys)
+    pinned = make_pinned_reader(source, match.mapping, lambda k: routes[match.mapping[k]])
+    stats.pinned_bytes = 2 * pinned.buffers[0].numel() if pinned is not None else 0
     start = time.perf_counter()
     with byte_bar(total, enabled=progress) as bar:
         for _, key, block in items:
@@ -464,7 +515,7 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
                 nbytes = load_layer(model, layers[key], source, owner_unit(key, units), plan, journal)
             else:
                 route = routes[match.mapping[key]]
-                _store(journal, slots[match.mapping[key]], route, _fetch(source[key], route))
+                _store(journal, slots[match.mapping[key]], route, _fetch(source[key], route, pinned))
                 nbytes = source[key].nbytes
             stats.bytes_read += nbytes
             stats.tensors += 1
@@ -477,6 +528,8 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
     for block in sorted(disk_blocks - set(stats.disk_blocks)):
         flush_disk_block(model, block, journal, offload_dir)
         stats.disk_blocks.append(block)
+    if pinned is not None:
+        torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -658,6 +711,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         routes = plan_routes(slots_now, plan, qweights)
         stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan)
         offload_modes = {p.name: p.run for p in plan.placements if p.device == "cpu"}
+        t0 = time.perf_counter()
         dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
                        execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch)
     except BaseException:
@@ -665,6 +719,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
         raise
+    stats.dispatch_seconds = time.perf_counter() - t0
     stats.gpu_peak = {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} \
         if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
     model.shardq_plan = plan

@@ -79,15 +79,15 @@ def test_failed_load_leaves_no_gpu_memory(ckpt, monkeypatch):
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated(0)
-    real, calls = loader.read_tensor, {"n": 0}
+    real, calls = loader._fetch, {"n": 0}
 
-    def flaky(info, device=None):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 20:
             raise OSError("read failed")
-        return real(info, device)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(loader, "read_tensor", flaky)
+    monkeypatch.setattr(loader, "_fetch", flaky)
     with pytest.raises(OSError):
         load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: "10GB"}, quant="nf4", progress=False)
     torch.cuda.synchronize()
