@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(256) int8_gemv(Int8Args p, int m0) {
 
 // 32 x 64 output tile per CTA of 256 threads; each thread 8 rows of one column.
 template <typename T>
-__global__ void __launch_bounds__(256) int8_epilogue_tiled(Int8Args p, const int* __restrict__ acc) {
+__global__ void __launch_bounds__(256) int8_epilogue_tiled(Int8Args p, const int* __restrict__ acc, int64_t ldacc) {
   __shared__ float xs[32][33];
   __shared__ float ws[64][33];
   const int tid = threadIdx.x, nl = tid & 63, mg = tid >> 6;
@@ -154,9 +154,8 @@ __global__ void __launch_bounds__(256) int8_epilogue_tiled(Int8Args p, const int
   for (int i = 0; i < 8; ++i) {
     const int m = mbase + mg * 8 + i;
     if (m < p.M) {
-      const int64_t idx = (int64_t)m * p.N + n;
-      const float v = (float)acc[idx] * p.row_absmax[m] * scb * kInv127sq + o[i] * scb * (1.f / 127.f) + b;
-      static_cast<T*>(p.out)[idx] = from_f32<T>(v);
+      const float v = (float)acc[m * ldacc + n] * p.row_absmax[m] * scb * kInv127sq + o[i] * scb * (1.f / 127.f) + b;
+      static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
     }
   }
 }
@@ -200,18 +199,19 @@ SHARDQ_API int shardq_int8_gemv(const void* q, const float* row_absmax, const vo
   return cudaErrorInvalidValue;
 }
 
-// Epilogue over acc = q @ W.T computed as int32 [M, N] by a tensor-core GEMM.
-SHARDQ_API int shardq_int8_epilogue(const int* acc, const float* row_absmax, const void* x, const void* w,
+// Epilogue over acc = q @ W.T computed as int32 [M, >= N] (row stride ldacc) by a tensor-core GEMM.
+SHARDQ_API int shardq_int8_epilogue(const int* acc, int64_t ldacc, const float* row_absmax, const void* x, const void* w,
                                     const float* scb, const int* list, const int* count, const void* bias, void* out,
                                     int64_t M, int64_t N, int64_t K, int dtype, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (M <= 0 || N <= 0 || K <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return cudaErrorInvalidValue;
+  if (M <= 0 || N <= 0 || K <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || ldacc < N)
+    return cudaErrorInvalidValue;
   const Int8Args p{nullptr, row_absmax, x, static_cast<const int8_t*>(w), scb, list, count, bias, out,
                    (int)M, (int)N, (int)K};
   const dim3 grid((unsigned)((N + 63) / 64), (unsigned)((M + 31) / 32));
   if (grid.y > 65535) return cudaErrorInvalidValue;
   SHARDQ_DISPATCH_ALL(dtype, T, {
-    int8_epilogue_tiled<T><<<grid, 256, 0, stream>>>(p, acc);
+    int8_epilogue_tiled<T><<<grid, 256, 0, stream>>>(p, acc, ldacc);
     return cudaGetLastError();
   });
   return cudaErrorInvalidValue;

@@ -85,7 +85,8 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
 
 
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 7), (4097, 1000, 16), (8192, 28672, 32),
-                                   (11008, 4096, 2), (1024, 1000, 256), (4096, 4104, 4096), (8192, 28672, 4096)])
+                                   (11008, 4096, 2), (1024, 1000, 256), (4096, 4104, 4096), (8192, 28672, 4096),
+                                   (4097, 1003, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_linear(k, n, m, dtype, threshold):

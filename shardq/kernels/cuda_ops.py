@@ -220,6 +220,21 @@ def _int8_scratch(m: int, k: int, device: torch.device) -> tuple[Tensor, dict[st
     return torch.empty(pos, dtype=torch.uint8, device=device), offsets
 
 
+def _int_mm_padded(q: Tensor, w: Tensor) -> Tensor:
+    """int32 q @ w.T on the tensor cores (cuBLASLt through torch._int_mm), which needs K and N multiples of 8:
+    other shapes are zero-padded (zeros add nothing to the integer sums); the result may have extra columns."""
+    m, k = q.shape
+    n = w.shape[0]
+    kp, np_ = -(-k // 8) * 8, -(-n // 8) * 8
+    if kp != k or np_ != n:
+        qp = torch.zeros((m, kp), dtype=torch.int8, device=q.device)
+        qp[:, :k] = q
+        wp = torch.zeros((np_, kp), dtype=torch.int8, device=w.device)
+        wp[:n, :k] = w
+        q, w = qp, wp
+    return torch._int_mm(q, w.t())
+
+
 def _check_int8_args(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
@@ -254,13 +269,13 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         _lib.check(rc, "int8_prepare")
         tail = (x2.data_ptr(), w.data_ptr(), scb.data_ptr(), p["list"], p["count"], _ptr(b), out.data_ptr(),
                 m, n, k, dt, stream)
-        if m <= SMALL_M or k % 8 or n % 8:
+        if m <= SMALL_M:
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
         else:
             q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
-            acc = torch._int_mm(q, w.t())
-            rc = lib.shardq_int8_epilogue(acc.data_ptr(), p["row_absmax"], *tail)
+            acc = _int_mm_padded(q, w)
+            rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], *tail)
             _lib.check(rc, "int8_epilogue")
     return out.reshape(*x.shape[:-1], n)
 
