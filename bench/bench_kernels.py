@@ -7,7 +7,7 @@ For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± doubl
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
   - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;
-rotating over enough weight copies (≥ 4× L2) that weights stream from HBM, not L2. Effective weight GB/s =
+rotating over enough weight copies (≥ 2× L2) that weights stream from HBM, not L2. Effective weight GB/s =
 stored weight bytes / graph time. The HBM copy bandwidth (read + write of 1 GiB) is measured in the same run.
 Writes kernels_bench.json and kernels_bench.md under --out ($OUT or /tmp) and prints a compact table.
 """
@@ -36,7 +36,7 @@ from shardq.quant.linear import Linear4bit, Linear8bit  # noqa: E402
 DEV = torch.device("cuda")
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,4097x1000"
 MS = "1,2,7,16,32,256,4096"
-ROTATE_BYTES = 4 * 50 * 2**20
+ROTATE_BYTES = 2 * 50 * 2**20
 
 
 def events_ms(fn, reps: int) -> float:
