@@ -10,7 +10,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -137,3 +137,38 @@ def base_model_prefix(model: nn.Module) -> str:
     """transformers' `base_model_prefix` when the model wraps a base model under that name, else ""."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     return prefix if prefix and hasattr(model, prefix) else ""
+
+
+QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
+                        ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".offset")
+
+
+def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
+    """Differences between the model's state and a checkpoint's tensors (names and shapes), as messages.
+
+    Tied copies and non-persistent buffers the checkpoint may omit are not reported; a checkpoint saved from
+    the base model (without `base_model_prefix`) is matched as transformers matches it; bitsandbytes
+    quantization statistics are expected extras.
+    """
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {n: n for n in tensors}
+    prefix = base_model_prefix(model)
+    if prefix and not set(names) & set(state):
+        names = {n: f"{prefix}.{n}" for n in tensors}
+    ckpt = {model_name: tensors[n] for n, model_name in names.items()}
+    tied = {n for group in tied_parameter_groups(model) for n in group if any(g in ckpt for g in group)}
+    missing = [k for k in state if k not in ckpt and k not in tied]
+    extra = [k for k in ckpt if k not in state and not k.endswith(QUANT_STATE_SUFFIXES)]
+    wrong = []
+    for k, info in ckpt.items():
+        if k in state and tuple(info.shape) != state[k]:
+            prequantized = info.dtype in (torch.uint8, torch.int8)
+            if not prequantized:
+                wrong.append(f"{k}: checkpoint {list(info.shape)} vs model {list(state[k])}")
+    out = []
+    for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
+                         ("shape differs", wrong)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            out.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:8])}{more}")
+    return out

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import hf, sizing
 from .config import QuantConfig
+from .hf import check_checkpoint
 from .memory import DeviceKey, format_size, get_max_memory, normalize_device
 from .sizing import TensorEntry
 
@@ -50,6 +51,7 @@ class Placement:
     quant: str
     run: str
     params: int
+    own_tensors_only: bool = False  # the module's direct tensors; its children are placements of their own
 
 
 @dataclass
@@ -119,6 +121,7 @@ class _Unit:
     name: str
     entries: list[TensorEntry]
     order: int
+    own_only: bool = False  # just the module's direct tensors; its children are units of their own
 
 
 @dataclass
@@ -213,7 +216,7 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
     cpu_mode = offload_mode or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
     itemsize = _compute_itemsize(model, q)
-    units = [_Unit(n, _unit_entries(model, n, entries), i) for i, n in enumerate(decompose(model, split_guard))]
+    units = _make_units(model, decompose(model, split_guard), entries, split_guard)
     return _Ctx(
         units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
@@ -230,29 +233,53 @@ def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
 
 
 def decompose(model: nn.Module, split_guard: set[str], prefix: str = "") -> list[str]:
-    """Unit names under `prefix`: a no-split block, a module holding tensors itself, or a leaf, kept whole."""
+    """Unit names under `prefix`, in model order: a no-split block or a leaf is kept whole; a splittable module
+    that also holds tensors directly (a root-level bias or scale) becomes a unit of just those tensors, named
+    by the module, followed by its children's units (a nested entry: the longest name prefix owns a tensor)."""
     module = model.get_submodule(prefix) if prefix else model
-    whole = type(module).__name__ in split_guard or prefix in split_guard
-    own = any(t is not None for t in module._parameters.values()) or any(
-        t is not None for t in module._buffers.values())
-    children = list(module.named_children())
-    if whole or own or not children:
+    children = [name for name, child in module.named_children() if _has_tensors(child)]
+    if _is_whole(module, prefix, split_guard) or not children:
         return [prefix] if _has_tensors(module) else []
-    out: list[str] = []
-    for name, _ in children:
+    out = [prefix] if _has_own_tensors(module) else []
+    for name in children:
         out += decompose(model, split_guard, f"{prefix}.{name}" if prefix else name)
     return out
+
+
+def _is_whole(module: nn.Module, name: str, split_guard: set[str]) -> bool:
+    return type(module).__name__ in split_guard or name in split_guard
+
+
+def _has_own_tensors(module: nn.Module) -> bool:
+    return any(t is not None for t in module._parameters.values()) or any(
+        t is not None for t in module._buffers.values())
 
 
 def _has_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def _unit_entries(model: nn.Module, name: str, entries: dict[str, TensorEntry]) -> list[TensorEntry]:
+def _own_only(model: nn.Module, name: str, split_guard: set[str]) -> bool:
+    """True if unit `name` holds only its module's direct tensors (its children are units of their own)."""
+    module = model.get_submodule(name) if name else model
+    return not _is_whole(module, name, split_guard) and any(_has_tensors(c) for c in module.children())
+
+
+def _make_units(model: nn.Module, names: list[str], entries: dict[str, TensorEntry],
+                split_guard: set[str]) -> list[_Unit]:
+    units = []
+    for i, n in enumerate(names):
+        own = _own_only(model, n, split_guard)
+        units.append(_Unit(n, _unit_entries(model, n, entries, own), i, own))
+    return units
+
+
+def _unit_entries(model: nn.Module, name: str, entries: dict[str, TensorEntry], own_only: bool = False
+                  ) -> list[TensorEntry]:
     module = model.get_submodule(name) if name else model
     pre = f"{name}." if name else ""
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False, recurse=not own_only)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False, recurse=not own_only)]
     return [entries[pre + n] for n in names]
 
 
@@ -445,7 +472,8 @@ def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
 def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
           pinned: list[int]) -> dict[str, DeviceKey]:
     """Pinned groups on the first GPU with room, then a sequential fill: each group on the current device if it
-    fits with the reserve, else on the next one."""
+    fits with the reserve, else on the next one. Groups holding a module's own tensors (nested entries) are
+    never offloaded: they go to the first GPU with room, or the CPU when it computes."""
     devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
     held: dict[DeviceKey, list[_Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
@@ -453,21 +481,27 @@ def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assu
     def fits(dev: DeviceKey, trial: list[_Unit]) -> bool:
         return _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]
 
-    for gi in pinned:
-        dev = next((d for d in devices if isinstance(d, int) and fits(d, held[d] + groups[gi])), None)
+    resident = [d for d in devices if isinstance(d, int) or (d == "cpu" and ctx.cpu_mode == "cpu")]
+    nested = [i for i, g in enumerate(groups) if any(u.own_only for u in g) and i not in pinned]
+    for gi in list(pinned) + nested:
+        allowed = resident if gi in nested else [d for d in devices if isinstance(d, int)]
+        dev = next((d for d in allowed if fits(d, held[d] + groups[gi])), None)
         if dev is None:
-            raise _missing_error(ctx, [groups[gi]], held, caps, assumed, devices)
+            room = {d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())
+                    for d in allowed}
+            target = max(room, key=room.get) if room else None
+            raise _missing_error(ctx, [groups[gi]], held, caps, assumed, devices, target)
         held[dev] += groups[gi]
         assign.update({u.name: dev for u in groups[gi]})
     di = 0
     for gi, group in enumerate(groups):
-        if gi in pinned:
+        if gi in pinned or gi in nested:
             continue
         while di < len(devices) and not fits(devices[di], held[devices[di]] + group):
             di += 1
         if di == len(devices):
-            raise _missing_error(ctx, [g for i, g in enumerate(groups[gi:], gi) if i not in pinned], held, caps,
-                                 assumed, devices)
+            left = [g for i, g in enumerate(groups[gi:], gi) if i not in pinned and i not in nested]
+            raise _missing_error(ctx, left, held, caps, assumed, devices)
         held[devices[di]] += group
         assign.update({u.name: devices[di] for u in group})
     return assign
@@ -492,9 +526,11 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[_Unit]]) -> dict[DeviceKey, int]
 
 
 def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, list[_Unit]],
-                   caps: dict[DeviceKey, int], assumed: _Assumed, devices: list[DeviceKey]) -> PlanError:
-    """How many bytes do not fit and where the model stopped, with what to change."""
-    last = devices[-1] if devices else "cpu"
+                   caps: dict[DeviceKey, int], assumed: _Assumed, devices: list[DeviceKey],
+                   target: DeviceKey | None = None) -> PlanError:
+    """How many bytes do not fit and where the model stopped (on `target`, default the last device), with what
+    to change."""
+    last = target if target is not None else (devices[-1] if devices else "cpu")
     units = [u for g in left for u in g]
     rows = []
     for d in devices:
@@ -504,6 +540,7 @@ def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, lis
     everything = held.get(last, []) + units
     missing = max(1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values())
                   - caps.get(last, 0))
+    where = f" on {_dev_name(last)}" if target is not None else ""
     biggest = max(ctx.budgets.values(), default=0)
     one = _bytes(ctx, left[0], last)
     why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
@@ -511,7 +548,7 @@ def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, lis
     hint = "" if "disk" in ctx.budgets else " add 'disk' to max_memory to offload the rest to disk, or"
     return PlanError(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
-        f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room. "
+        f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "
         f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
         "or shrink the workload (batch, seq_len).")
 
@@ -539,13 +576,14 @@ def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entrie
             raise PlanError(f"device_map puts {key!r} on {_dev_name(dev)}, which has no budget in max_memory "
                             f"{list(ctx.budgets)}: add it to max_memory or map the module elsewhere")
         resolved[key] = dev
-    _check_overlaps(list(resolved))
+    _check_overlaps(ctx, resolved, modules)
     _check_coverage(resolved, entries)
     units: list[_Unit] = []
     assign: dict[str, DeviceKey] = {}
     for key, dev in resolved.items():
-        for name in decompose(model, split_guard, key) if _has_tensors(modules[key]) else []:
-            units.append(_Unit(name, _unit_entries(model, name, entries), len(units)))
+        inner = [k for k in resolved if k != key and (key == "" or k.startswith(key + "."))]
+        for name, own in _entry_units(model, key, inner, split_guard):
+            units.append(_Unit(name, _unit_entries(model, name, entries, own), len(units), own))
             assign[name] = dev
     order = {n: i for i, n in enumerate(modules)}
     units.sort(key=lambda u: order.get(u.name, 0))
@@ -565,12 +603,34 @@ def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[s
     return f"device_map key {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
 
 
-def _check_overlaps(keys: list[str]) -> None:
-    for a in keys:
-        for b in keys:
-            if a != b and (a == "" or b.startswith(a + ".")):
-                raise PlanError(f"device_map entries {a!r} and {b!r} overlap ({b!r} is inside {a!r}): give each "
-                                "module once, either the parent or its children")
+def _entry_units(model: nn.Module, key: str, inner: list[str], split_guard: set[str]) -> list[tuple[str, bool]]:
+    """(unit name, own tensors only) for the part of module `key` that no more specific entry in `inner` takes."""
+    module = model.get_submodule(key) if key else model
+    if not inner:
+        names = decompose(model, split_guard, key) if _has_tensors(module) else []
+        return [(n, _own_only(model, n, split_guard)) for n in names]
+    out = [(key, True)] if _has_own_tensors(module) else []
+    for child_name, _ in module.named_children():
+        child = f"{key}.{child_name}" if key else child_name
+        sub = [k for k in inner if k == child or k.startswith(child + ".")]
+        if child not in sub:
+            out += _entry_units(model, child, sub, split_guard)
+    return out
+
+
+def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mapping[str, nn.Module]) -> None:
+    """Entries inside another entry are allowed only under a module that holds tensors itself (its own tensors
+    stay with it, the longest name prefix owns each tensor) and that is not offloaded."""
+    for a, dev in resolved.items():
+        inner = [b for b in resolved if b != a and (a == "" or b.startswith(a + "."))]
+        if not inner:
+            continue
+        if not _has_own_tensors(modules[a]):
+            raise PlanError(f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
+                            "each module once, either the parent or its children")
+        if dev == "disk" or (dev == "cpu" and ctx.cpu_mode == "stream"):
+            raise PlanError(f"device_map entry {a!r} holds tensors of its own and contains entry {inner[0]!r}, so it "
+                            f"cannot be offloaded ({dev!r}): put {a!r} on a GPU (or the CPU with offload_mode='cpu')")
 
 
 def _check_coverage(resolved: Mapping[str, DeviceKey], entries: Mapping[str, TensorEntry]) -> None:
@@ -627,7 +687,7 @@ def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
     else:
         storage = next((str(e.dtype).removeprefix("torch.") for e in u.entries if e.dtype.is_floating_point), "int")
     params = sum({e.key: e.numel for e in u.entries}.values())
-    return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, _mode(ctx, dev), params)
+    return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, _mode(ctx, dev), params, u.own_only)
 
 
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
@@ -637,10 +697,6 @@ def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
             where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
     return [f"tied tensor {', '.join(names.values())} is split over devices {[_dev_name(d) for d in names]}: "
             "it is stored once per device" for names in where.values() if len(names) > 1]
-
-
-QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
-                        ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".offset")
 
 
 def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = None, **kwargs: Any) -> Plan:
@@ -682,34 +738,3 @@ def _checkpoint_dtype(index: Any) -> torch.dtype | None:
     """The floating dtype holding most of the checkpoint's bytes (its working dtype)."""
     floats = {d: n for d, n in index.dtype_counts().items() if d.is_floating_point}
     return max(floats, key=floats.get) if floats else None
-
-
-def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
-    """Differences between the model's state and a checkpoint's tensors (names and shapes), as messages.
-
-    Tied copies and non-persistent buffers the checkpoint may omit are not reported; a checkpoint saved from
-    the base model (without `base_model_prefix`) is matched as transformers matches it; bitsandbytes
-    quantization statistics are expected extras.
-    """
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    names = {n: n for n in tensors}
-    prefix = hf.base_model_prefix(model)
-    if prefix and not set(names) & set(state):
-        names = {n: f"{prefix}.{n}" for n in tensors}
-    ckpt = {model_name: tensors[n] for n, model_name in names.items()}
-    tied = {n for group in hf.tied_parameter_groups(model) for n in group if any(g in ckpt for g in group)}
-    missing = [k for k in state if k not in ckpt and k not in tied]
-    extra = [k for k in ckpt if k not in state and not k.endswith(QUANT_STATE_SUFFIXES)]
-    wrong = []
-    for k, info in ckpt.items():
-        if k in state and tuple(info.shape) != state[k]:
-            prequantized = info.dtype in (torch.uint8, torch.int8)
-            if not prequantized:
-                wrong.append(f"{k}: checkpoint {list(info.shape)} vs model {list(state[k])}")
-    out = []
-    for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
-                         ("shape differs", wrong)):
-        if items:
-            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
-            out.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:8])}{more}")
-    return out

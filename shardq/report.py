@@ -36,7 +36,8 @@ def device_label(device: DeviceKey) -> str:
 
 def _row(p: Placement) -> _Row:
     m = _INDEXED.match(p.name)
-    return _Row(p.name or "(whole model)", p.device, p.run, p.quant, p.nbytes, stem=m.group(1) if m else None,
+    label = f"{p.name or '(model)'} (own tensors)" if p.own_tensors_only else (p.name or "(whole model)")
+    return _Row(label, p.device, p.run, p.quant, p.nbytes, stem=m.group(1) if m else None,
                 start=int(m.group(2)) if m else 0, each=p.nbytes)
 
 

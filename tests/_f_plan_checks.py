@@ -23,9 +23,13 @@ def oracle_weight_bytes(linear: nn.Linear, quant: QuantConfig) -> int:
 
 
 def _covering(plan: Plan, name: str) -> str:
+    """The entry owning tensor `name`: its longest prefix among the keys (nested only under own-tensor entries)."""
     keys = [k for k in plan.device_map if k == "" or name == k or name.startswith(k + ".")]
-    assert len(keys) == 1, f"{name} is covered by {keys}"
-    return keys[0]
+    assert keys, f"{name} is not covered"
+    best = max(keys, key=lambda k: len(k.split(".")) if k else 0)
+    own = {p.name for p in plan.placements if p.own_tensors_only}
+    assert all(k in own for k in keys if k != best), f"{name} is covered by {keys}"
+    return best
 
 
 def expected_totals(model: nn.Module, plan: Plan) -> dict:

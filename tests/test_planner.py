@@ -432,3 +432,42 @@ def test_explicit_map_without_gpus_runs_on_cpu(models):
     forced = plan_model(m, None, device_map={"": "cpu"}, gpus="1x1GB", max_memory={0: "1GB", "cpu": "1GB"},
                         offload_mode="stream", workload=WL)
     assert forced.execution_device == 0 and set(forced.offload_modes.values()) == {"stream"}
+
+
+def _tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=300,
+                     max_position_embeddings=64)
+    with torch.device("meta"):
+        return BartForConditionalGeneration._from_config(cfg, dtype=torch.float16).eval()
+
+
+def test_root_tensors_become_a_nested_entry_so_the_model_still_splits():
+    """Bart keeps `final_logits_bias` on the root module: it is a unit of its own (never offloaded), and the
+    blocks are placed one by one instead of the whole model as one block."""
+    from accelerate.utils.modeling import check_device_map
+
+    m = _tiny_bart()
+    total = plan_model(m, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).totals[0]
+    p = plan_model(m, "int8", max_memory={0: total // 3, 1: total // 3, "cpu": total, "disk": "1GB"}, gpus="2x1GB",
+                   workload=WL)
+    check_plan(m, p)
+    check_device_map(m, p.device_map)
+    own = [x for x in p.placements if x.own_tensors_only]
+    assert [x.name for x in own] == [""] and isinstance(own[0].device, int)
+    assert own[0].nbytes == 300 * 2  # final_logits_bias [1, 300] fp16
+    assert len(set(p.device_map.values())) > 2 and "model.encoder.layers.0" in p.device_map
+
+
+def test_nested_explicit_entries_only_under_own_tensors():
+    m = _tiny_bart()
+    kw = dict(gpus="2x1GB", max_memory={0: "1GB", 1: "1GB", "cpu": "1GB", "disk": "1GB"}, workload=WL)
+    p = plan_model(m, None, device_map={"": 0, "model.decoder": 1, "lm_head": "cpu"}, **kw)
+    check_plan(m, p, tied_together=False)
+    assert p.device_map[""] == 0 and p.device_map["model.decoder.layers.2"] == 1 and p.device_map["model.shared"] == 0
+    with pytest.raises(PlanError, match="overlap"):
+        plan_model(m, None, device_map={"": 0, "model": 1, "model.encoder": 0}, **kw)
+    with pytest.raises(PlanError, match="cannot be offloaded"):
+        plan_model(m, None, device_map={"": "disk", "model": 0, "lm_head": 0}, **kw)
