@@ -64,7 +64,6 @@ def pinned_h2d_gbps() -> float:
     h.random_(0, 255)
     d = torch.empty_like(h, device=DEV)
     t = bench_ms(lambda: d.copy_(h, non_blocking=True), reps=10, warm=2)
-    del h, d
     return (1 << 30) / (t / 1e3) / 1e9
 
 

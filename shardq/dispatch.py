@@ -1,12 +1,12 @@
 """Run a model across GPUs, the CPU and disk following an accelerate-format device map.
 
-`dispatch_model(model, device_map)` places every block (device-map entry) and hooks it:
+`dispatch_model(model, device_map)` places every block (device-map entry) and wraps its forward:
 
-- a GPU block is moved to its GPU; its hook moves incoming activations there (GPU→GPU copies are
+- a GPU block is moved to its GPU; its wrapper moves incoming activations there (GPU→GPU copies are
   non-blocking, peer-to-peer where the driver allows);
 - a "cpu" block runs in one of two modes (`offload_modes`): "cpu" computes on the CPU in fp32 (the
   bitsandbytes fp32-offload behaviour: floating weights are cast to fp32, floating inputs too, and outputs go
-  back to the input dtype on the main device), or "stream": its weights stay in pinned host memory and are
+  back to the block's original dtype on the main device), or "stream": its weights stay in pinned host memory and are
   copied to the execution GPU for each forward, the next block's copy overlapping the current compute
   (`shardq.offload.Streamer`);
 - a "disk" block's weights live in `offload_dir` as safetensors and are read ahead by a thread, then streamed.
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
-from shardq.offload import DiskBlock, HostBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
+from shardq.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
     write_disk_offload
 
 MODES = ("gpu", "cpu", "stream", "disk")
@@ -469,7 +469,7 @@ def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:
 def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_modes: Any = None,
                    execution_device: Any = None, offload_dir: str | Path | None = None,
                    prefetch: bool = True) -> nn.Module:
-    """Place `model`'s blocks by `device_map` and hook them so a plain `model(...)` runs across devices.
+    """Place `model`'s blocks by `device_map` and wrap their forwards so a plain `model(...)` runs across devices.
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
     blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
