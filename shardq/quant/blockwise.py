@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from shardq.config import NESTED_BLOCKSIZE
+from shardq.quant import codebooks
 
 _TINY = 1e-38  # floor for an all-zero block's absmax: its codes are zero either way
 
@@ -39,29 +40,24 @@ def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> t
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index (int64) of the nearest entry of `code` for each value. Where two entries are equal (FP4's +0
-    and -0), the one whose sign matches the value is taken: negatives get the sign bit, as in bitsandbytes'
-    CUDA kernels."""
+    """Index (int64) of the nearest entry of `code` for each value; a value on a midpoint takes the lower entry
+    (bitsandbytes' CUDA kernels compare with `>`). FP4 follows bitsandbytes' CUDA kernel exactly: magnitude
+    against its threshold literals, the sign bit for negatives (so tiny negatives become -0)."""
     code = code.to(device=scaled.device, dtype=torch.float32)
+    if code.numel() == 16 and torch.equal(code, codebooks.code_4bit("fp4", code.device)):
+        return _nearest_fp4(scaled)
     order = torch.argsort(code, stable=True)
     sorted_code = code[order]
     mids = (sorted_code[:-1] + sorted_code[1:]) / 2
-    q = order[torch.bucketize(scaled, mids)]
-    twin = _twins(code)
-    if twin is not None:
-        wrong_sign = torch.signbit(code[q]) != (scaled < 0)
-        q = torch.where(wrong_sign, twin[q], q)
-    return q
+    return order[torch.bucketize(scaled, mids)]
 
 
-def _twins(code: torch.Tensor) -> torch.Tensor | None:
-    """For each index, the other index holding an equal value (itself if none); None if all differ."""
-    eq = code[:, None] == code[None, :]
-    eq.fill_diagonal_(False)
-    if not bool(eq.any()):
-        return None
-    idx = torch.arange(code.numel(), device=code.device)
-    return torch.where(eq.any(dim=1), eq.to(torch.int64).argmax(dim=1), idx)
+def _nearest_fp4(scaled: torch.Tensor) -> torch.Tensor:
+    dev = scaled.device
+    thresholds = torch.tensor(codebooks.FP4_THRESHOLDS, dtype=torch.float32, device=dev)
+    magnitude_codes = torch.tensor(codebooks.FP4_MAGNITUDE_CODES, dtype=torch.int64, device=dev)
+    q = magnitude_codes[torch.bucketize(scaled.abs(), thresholds)]
+    return torch.where(scaled < 0, q + 8, q)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,12 @@ NF4_VALUES = (
 FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 QUANT_TYPES = ("nf4", "fp4")
+# bitsandbytes' CUDA kernel picks an FP4 code by comparing |x| (scaled to [0, 1]) against these fp32 literals
+# with `>`; they are close to, but not all exactly, the midpoints between neighbouring magnitudes, and using
+# them reproduces its bytes also for values on a boundary (frequent with bf16 inputs).
+FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+# the 3-bit magnitude codes in increasing value: 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1
+FP4_MAGNITUDE_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
 
 @functools.lru_cache(maxsize=None)
