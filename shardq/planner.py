@@ -5,6 +5,9 @@ such as decoder layers, else leaf modules), groups units that share tied paramet
 strategy ("auto"/"sequential": fill GPUs in order, then the CPU, then disk; "balanced": spread over the GPUs)
 or checks an explicit accelerate-format `device_map`. Every device's placed bytes plus its working reserve stay
 within its `max_memory` budget; `plan` does the same for a checkpoint directory, reading headers only.
+A module that holds tensors itself besides its children (Bart's root `final_logits_bias`) becomes an entry of
+just those tensors with its children listed inside it: the longest name prefix owns a tensor, as the loader and
+the dispatcher read maps; such an entry is never offloaded.
 
 Reserves (the runtime's working memory, counted against the budget):
   GPU  load        largest tensor quantized there on load: its source-dtype copy + an fp32 working copy
@@ -29,7 +32,7 @@ from torch import nn
 from . import hf, sizing
 from .config import QuantConfig
 from .hf import check_checkpoint
-from .memory import DeviceKey, format_size, get_max_memory, normalize_device
+from .memory import DeviceKey, format_size, get_max_memory, normalize_device, parse_gpus
 from .sizing import TensorEntry
 
 STRATEGIES = ("auto", "sequential", "balanced")
@@ -561,7 +564,7 @@ def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entrie
               split_guard: set[str], gpus: Any) -> tuple[dict[str, DeviceKey], list[_Unit]]:
     """Validate an accelerate-format device_map and cut each entry into units on its device."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    num_gpus = len(ctx.gpus) if gpus is not None else None
+    num_gpus = len(parse_gpus(gpus)) if gpus is not None else None
     resolved: dict[str, DeviceKey] = {}
     for key, value in device_map.items():
         if not isinstance(key, str):

@@ -471,3 +471,10 @@ def test_nested_explicit_entries_only_under_own_tensors():
         plan_model(m, None, device_map={"": 0, "model": 1, "model.encoder": 0}, **kw)
     with pytest.raises(PlanError, match="cannot be offloaded"):
         plan_model(m, None, device_map={"": "disk", "model": 0, "lm_head": 0}, **kw)
+
+
+def test_explicit_map_gpu_outside_max_memory_names_the_budget(models):
+    m = models["llama"]
+    dm = {"model": 0, "lm_head": 1}
+    with pytest.raises(PlanError, match=r"GPU 1, which has no budget in max_memory \[0, 'cpu'\]"):
+        plan_model(m, None, device_map=dm, gpus="2x1GB", max_memory={0: "1GB", "cpu": "1GB"}, workload=WL)
