@@ -217,3 +217,12 @@ def test_linear4bit_matches_bitsandbytes_layer(suffix, qt, cd):
     assert out.dtype == ref.dtype == torch.float32
     # same stored weights; bitsandbytes' CUDA kernels accumulate in another order
     assert _rel(out, ref) < (1e-6 if cd == torch.float32 and not suffix else 8e-3)
+
+
+def test_quantize_model_refuses_meta_weights_before_changing_anything():
+    model = _mlp()
+    with torch.device("meta"):
+        model.block[2] = nn.Linear(512, 256)
+    with pytest.raises(ValueError, match="meta device .*'block.2'"):
+        quantize_model(model, CFGS["nf4"])
+    assert type(model.block[0]) is nn.Linear  # nothing was replaced

@@ -13,10 +13,14 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import shardq.ops  # noqa: F401  (registers torch.ops.shardq)
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 from shardq.quant import blockwise, codebooks
+
+
+PROGRESS_MIN_LAYERS = 32  # show a progress bar when converting or loading at least this many layers
 
 
 def _bias_param(out_features: int, bias: bool, device, dtype) -> nn.Parameter | None:
@@ -262,7 +266,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] | l
     cls = Linear8bit if cfg.method == "int8" else Linear4bit
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
                and not cfg.skips(n) and not (extra is not None and extra.skips(n))]
-    for name, lin in targets:
+    on_meta = [n for n, m in targets if m.weight.device.type == "meta"]
+    if on_meta:  # checked before any layer is replaced
+        raise ValueError(f"{len(on_meta)} linear(s) have weights on the meta device (e.g. {on_meta[0]!r}): load the "
+                         "weights first, or build empty layers with Linear4bit.empty / Linear8bit.empty")
+    for name, lin in tqdm(targets, desc=f"shardq: quantizing to {cfg.method}", unit="layer",
+                          disable=len(targets) < PROGRESS_MIN_LAYERS, leave=False):
         _set_submodule(model, name, cls.from_linear(lin, cfg))
     return model
 

@@ -22,11 +22,13 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from shardq.checkpoint import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
 from shardq.quant import blockwise, codebooks
-from shardq.quant.linear import Linear4bit, Linear8bit, QuantLinear, _set_submodule, empty_quantized
+from shardq.quant.linear import (PROGRESS_MIN_LAYERS, Linear4bit, Linear8bit, QuantLinear, _set_submodule,
+                                 empty_quantized)
 
 QS_PREFIX = "weight.quant_state.bitsandbytes__"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -322,7 +324,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     tied = _tied_groups(model)
     consumed = set(floats)
     built: dict[str, nn.Module] = {}
-    for name, (spec, in_f, out_f) in layers.items():
+    for name, (spec, in_f, out_f) in tqdm(layers.items(), desc="shardq: loading quantized layers", unit="layer",
+                                          disable=len(layers) < PROGRESS_MIN_LAYERS, leave=False):
         keys = [f"{name}.{r}" for r in _LAYER_KEYS + (QS_PREFIX + spec.method,) if f"{name}.{r}" in index.tensors]
         consumed.update(keys)
         rel = {k[len(name) + 1:]: read(k).to(device) for k in keys if QS_PREFIX not in k and "weight_format" not in k}
