@@ -46,7 +46,7 @@ def load_config(path: str | os.PathLike) -> Any:
         raise ModelConfigError(f"{cfg_file} has no 'model_type': it is not a transformers config.json")
     tf = _transformers()
     try:
-        return tf.AutoConfig.from_pretrained(str(cfg_file.parent))
+        return tf.AutoConfig.from_pretrained(str(cfg_file))
     except (ValueError, KeyError) as exc:
         raise ModelConfigError(f"{cfg_file}: transformers {tf.__version__} cannot read model_type "
                                f"{raw['model_type']!r} ({exc}); upgrade transformers or check the config") from None

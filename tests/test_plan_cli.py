@@ -80,7 +80,9 @@ def test_seed_device_map_from_file(ckpt, capsys, tmp_path):
 
 
 def test_config_only_source(ckpt, capsys):
-    rc, out, _ = _run(capsys, ckpt["llama"] / "config.json", "--gpus", "2x24GB", "--strategy", "balanced",
+    other = ckpt["llama"].parent / "llama-70b-like.json"  # any file name, not just config.json
+    other.write_text((ckpt["llama"] / "config.json").read_text())
+    rc, out, _ = _run(capsys, other, "--gpus", "2x24GB", "--strategy", "balanced",
                       "--quant", "int8", "--json")
     assert rc == 0
     d = json.loads(out)
