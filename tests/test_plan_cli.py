@@ -134,3 +134,16 @@ def test_entry_points(ckpt, entry):
     bad = subprocess.run([sys.executable, *entry, str(ckpt["llama"]), "--max-memory", "0=1GB"], capture_output=True,
                          text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_split_skip_and_offload_options(ckpt, capsys):
+    base = [ckpt["llama"], "--gpus", "1x1GB", "--json", "--seq-len", "8"]
+    rc, out, _ = _run(capsys, *base, "--no-split", "LlamaForCausalLM")
+    assert rc == 0 and list(json.loads(out)["device_map"]) == [""]
+    rc, out, _ = _run(capsys, *base, "--quant", "int8", "--skip-modules", "mlp,lm_head")
+    d = json.loads(out)
+    assert d["quant"]["skip_modules"] == ["mlp", "lm_head"] and rc == 0
+    rc, out, _ = _run(capsys, *base, "--quant", "int8", "--max-memory", "0=200KB,cpu=10MB", "--offload-mode", "cpu")
+    d = json.loads(out)
+    assert rc == 0 and d["cpu_mode"] == "cpu" and set(d["offload_modes"].values()) == {"cpu"}
+    assert all(p["quant"] == "fp32" for p in d["placements"] if p["device"] == "cpu")
