@@ -672,7 +672,7 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         placements=placements, device_map={u.name: assign[u.name] for u in ctx.units}, budgets=dict(ctx.budgets),
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
-        tied_groups=hf.tied_parameter_groups(model), no_split=no_split, warnings=_tie_warnings(ctx, assign),
+        tied_groups=hf.tied_parameter_groups(model), no_split=no_split, warnings=_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant),
         source=type(model).__name__,
     )
 
@@ -691,6 +691,17 @@ def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
         storage = next((str(e.dtype).removeprefix("torch.") for e in u.entries if e.dtype.is_floating_point), "int")
     params = sum({e.key: e.numel for e in u.entries}.values())
     return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, _mode(ctx, dev), params, u.own_only)
+
+
+def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
+    """Linear-like layers that the quantizer leaves in their dtype (GPT-2's Conv1D, nn.Linear subclasses)."""
+    if quant.method == "none":
+        return []
+    kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and type(m) is not nn.Linear]
+    if not kept:
+        return []
+    return [f"{len(kept)} linear-like layer(s) of other types (e.g. {kept[0]!r}, {type(model.get_submodule(kept[0])).__name__}) "
+            f"are not quantized to {quant.method}: they stay in their own dtype"]
 
 
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
