@@ -700,8 +700,9 @@ def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
     kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and type(m) is not nn.Linear]
     if not kept:
         return []
-    return [f"{len(kept)} linear-like layer(s) of other types (e.g. {kept[0]!r}, {type(model.get_submodule(kept[0])).__name__}) "
-            f"are not quantized to {quant.method}: they stay in their own dtype"]
+    kind = type(model.get_submodule(kept[0])).__name__
+    return [f"{len(kept)} linear-like layer(s) of other types (e.g. {kept[0]!r}, {kind}) are not quantized to "
+            f"{quant.method}: they stay in their own dtype"]
 
 
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
