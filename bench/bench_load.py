@@ -2,7 +2,7 @@
 
 One run, one machine. Saves a Llama-style fp16 checkpoint (the anchor's 1.9 GB config, sharded at 500 MB),
 then loads it in a fresh subprocess per case under the same `max_memory` cap and quantization:
-  load time; peak host RSS above the process's RSS before loading (sampled every 2 ms) next to the bytes the
+  load time (imports done before the clock starts); peak host RSS above the process's RSS before loading (sampled every 2 ms) next to the bytes the
   model holds in host memory afterwards; the allocator's peak on GPU 0 while loading and during a 512-token
   prefill, against the cap; ms per generated token.
 Run on a lent GPU:  python bench/bench_load.py [--small] [--cap 600MB]   (writes $OUT/bench_load.json)
@@ -124,6 +124,10 @@ def run_case(case: str, ckpt: Path, cap: str) -> dict:
     import torch
 
     caps = {0: cap, "cpu": "100GB"}
+    import bitsandbytes  # noqa: F401  (imports outside the timed load, for both stacks)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import shardq.loader  # noqa: F401
     ids = torch.randint(0, 8000, (1, 512), generator=torch.Generator().manual_seed(1))
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # CUDA context outside the measurement
