@@ -15,13 +15,16 @@ Nothing here depends on a quantization format: a block is a list of named tensor
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import numpy
 import torch
 
 ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
@@ -105,17 +108,47 @@ def views(buffer: torch.Tensor, specs: list[TensorSpec]) -> list[torch.Tensor]:
     return out
 
 
+def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, numpy.ndarray | None]:
+    """A flat uint8 host buffer of exactly `nbytes`, and the array that owns its memory when it is to be pinned
+    (page-aligned anonymous memory, pass both to `pin_buffer` once filled)."""
+    nbytes = max(nbytes, 1)
+    if not pin:
+        return torch.empty(nbytes, dtype=torch.uint8), None
+    owner = numpy.frombuffer(mmap.mmap(-1, nbytes), dtype=numpy.uint8)
+    return torch.from_numpy(owner), owner
+
+
+def pin_buffer(buffer: torch.Tensor, owner: numpy.ndarray) -> torch.Tensor:
+    """Page-lock a filled `host_buffer` in place so a GPU reads it by DMA; returns the pinned buffer.
+
+    torch's pinned allocator rounds every allocation up to a power of two (a 405 MB layer would take 512 MB
+    of RAM), so the exact-size buffer is registered with `cudaHostRegister` instead (after it was filled:
+    registering touched pages is cheaper) and unregistered when `owner`, which every view of the buffer keeps
+    alive, goes away. If registration fails, the data is copied into torch's pinned memory.
+    """
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = buffer.data_ptr(), buffer.numel()
+    registered = int(cudart.cudaHostRegister(ptr, nbytes, 0)) == 0
+    if registered and buffer.is_pinned():
+        done = weakref.finalize(owner, cudart.cudaHostUnregister, ptr)
+        done.atexit = False  # at exit the driver drops the registration itself
+        return buffer
+    if registered:
+        cudart.cudaHostUnregister(ptr)
+    return buffer.pin_memory()
+
+
 def pack_host_block(name: str, tensors: Mapping[str, torch.Tensor], pin: bool) -> HostBlock:
     """Copy `tensors` into one flat host buffer (pinned if `pin`) and return the block.
 
     The caller re-points its parameters at `views(block.buffer, block.specs)` so the original storage is freed.
     """
     specs, total = layout(tensors)
-    buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+    buffer, owner = host_buffer(total, pin)
     for spec, view, t in zip(specs, views(buffer, specs), tensors.values()):
         if spec.nbytes:
             view.copy_(t.detach())
-    return HostBlock(name, specs, buffer)
+    return HostBlock(name, specs, pin_buffer(buffer, owner) if pin else buffer)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,7 +306,7 @@ class Streamer:
         self.slots = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=self.device)) for _ in range(2)]
         disk = [b.nbytes for b in self.blocks.values() if isinstance(b, DiskBlock)]
         if disk:
-            self.staging = [_Staging(torch.empty(max(disk), dtype=torch.uint8, pin_memory=self.cuda)) for _ in range(2)]
+            self.staging = [_Staging(self._staging_buffer(max(disk))) for _ in range(2)]
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardq-disk")
         if self.cuda:
             self._stream = torch.cuda.Stream(self.device)
@@ -281,6 +314,13 @@ class Streamer:
                 s.ready, s.free = torch.cuda.Event(), torch.cuda.Event()
             for st in self.staging:
                 st.free = torch.cuda.Event()
+
+    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
+        buffer, owner = host_buffer(nbytes, self.cuda)
+        if self.cuda:
+            buffer.fill_(0)  # touch the pages before they are locked
+            buffer = pin_buffer(buffer, owner)
+        return buffer
 
     def close(self) -> None:
         """Stop the disk reader and drop the slots."""
