@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shardq.offload import ALIGN, OffloadError, Streamer, layout, open_disk_block, pack_host_block, \
+from shardq.offload import ALIGN, OffloadError, Streamer, host_buffer, layout, open_disk_block, pack_host_block, \
     read_block_into, read_disk_index, views, write_disk_offload
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool,
@@ -145,3 +145,34 @@ def test_streamer_refuses_a_third_concurrent_block(tmp_path):
     with pytest.raises(RuntimeError, match="both streaming slots"):
         st.acquire("b2")
     st.close()
+
+
+def test_pinnable_host_buffer_is_exact_and_owned_by_its_views():
+    import gc
+    import weakref
+
+    buf, owner = host_buffer(123457, pin=True)
+    assert buf.numel() == 123457 and buf.data_ptr() % 4096 == 0  # page-aligned, no rounding
+    alive = weakref.ref(owner)
+    view = buf[1000:2000]
+    view.fill_(7)
+    del buf, owner
+    gc.collect()
+    assert alive() is not None and int(view.sum()) == 7000  # the memory lives while a view does
+    del view
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_block_is_registered_exactly_and_copies_correctly():
+    tensors = random_tensors(5)
+    block = pack_host_block("b", tensors, pin=True)
+    assert block.buffer.is_pinned()
+    gpu = torch.empty(block.nbytes, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu.copy_(block.buffer, non_blocking=True)
+    stream.synchronize()
+    for (name, want), got in zip(tensors.items(), views(gpu, block.specs)):
+        assert torch.equal(got.cpu(), want), name
