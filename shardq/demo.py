@@ -120,8 +120,8 @@ def report(model: torch.nn.Module, result: dict[str, Any], load_s: float, quant:
     stats = model.shardq_load_stats
     lines = [
         "",
-        f"loaded {stats.tensors} tensors ({format_size(stats.bytes_read)}) in {load_s:.2f} s "
-        f"({stats.bytes_read / max(stats.seconds, 1e-9) / 1e9:.2f} GB/s streaming); "
+        f"loaded {stats.tensors} tensors ({format_size(stats.bytes_read)}) in {load_s:.2f} s; streaming them "
+        f"(read, quantize, place or write to the offload folder) took {stats.seconds:.2f} s; "
         f"disk blocks written: {len(stats.disk_blocks)}",
         "memory per device after loading and the forwards:",
         format_memory_report(memory_report(model)),

@@ -355,3 +355,38 @@ def test_prequantized_checkpoint_refuses_another_method():
     with pytest.raises(LoadError, match="already quantized with 'int8'"):
         load_sharded(model, FIX / "tiny_opt_int8", quant="nf4", max_memory={"cpu": "1GB"}, progress=False)
     assert all_meta(model)
+
+
+def test_head_model_from_base_checkpoint_adds_prefix(tmp_path):
+    torch.manual_seed(0)
+    base = transformers.LlamaModel(tiny("llama", tie=True)).eval()
+    base.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        lm = transformers.LlamaForCausalLM(tiny("llama", tie=True))
+    lm = load_sharded(lm, tmp_path, max_memory={"cpu": "1GB"}, progress=False)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    ids, _ = inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).last_hidden_state, base(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_bitsandbytes_config_accepted_as_is(saved, tmp_path):
+    ref, ckpt = saved["opt"]
+    fp32_offload = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    model = load_sharded_from_dir(ckpt, quant=fp32_offload, max_memory={"cpu": "1GB"}, progress=False)
+    assert {p.quant for p in model.shardq_plan.placements} == {"fp32"}  # CPU blocks stay fp32, as bitsandbytes
+    torch.testing.assert_close(logits(model, "opt"), logits(ref, "opt"), rtol=1e-5, atol=1e-5)
+    fp4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)
+    model = load_sharded_from_dir(ckpt, quant=fp4, max_memory={"cpu": "1GB"}, progress=False)
+    q = model.get_submodule("model.decoder.layers.0.fc1")
+    assert isinstance(q, Linear4bit) and q.quant_type == "fp4" and q.double_quant
+    assert rel_error(logits(model, "opt"), logits(ref, "opt")) < 0.5
+
+
+def test_progress_bar_counts_bytes(saved, capsys):
+    _, ckpt = saved["bloom"]
+    load_sharded_from_dir(ckpt, max_memory={"cpu": "1GB"}, progress="always")
+    err = capsys.readouterr().err
+    assert "Loading" in err and "100%" in err
+    load_sharded_from_dir(ckpt, max_memory={"cpu": "1GB"}, progress=True)  # small load: no bar
+    assert "Loading" not in capsys.readouterr().err
