@@ -8,6 +8,7 @@ arguments, bookkeeping), not the inter-GPU copy: the table says which. Per-token
 
     python bench/bench_dispatch.py           # writes $OUT/bench_dispatch.json and prints a table
     python bench/bench_dispatch.py --small   # a tiny model: a smoke test of this script (runs without a GPU)
+    python bench/bench_dispatch.py --cpu-micro   # per-block host cost of the wrappers (no GPU needed)
 """
 
 from __future__ import annotations
@@ -107,5 +108,51 @@ def main() -> None:
     print(f"generate equal: {res['generate_equal']}, 1-token relerr {res['relerr']}")
 
 
+class _Echo(torch.nn.Module):
+    """A block that does no work, called with the arguments a Llama decoder layer gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None):
+        return hidden
+
+
+def cpu_micro(blocks: int = 12, calls: int = 20000) -> None:
+    """Host time per block call: plain, torch hooks that move arguments (the earlier design), shardq's wrapper.
+
+    Everything is on the CPU, so this is the pure bookkeeping cost that a launch-bound GPU forward pays on top.
+    """
+    import timeit
+
+    from transformers import DynamicCache
+
+    from shardq.dispatch import dispatch_model, move_to
+
+    torch.set_num_threads(1)
+    hidden, pos = torch.randn(1, 1, 64), torch.arange(1)[None]
+    kwargs = dict(attention_mask=None, position_ids=pos, past_key_values=DynamicCache(), use_cache=True,
+                  position_embeddings=(torch.randn(1, 1, 16), torch.randn(1, 1, 16)))
+    cpu = torch.device("cpu")
+    stacks = {name: torch.nn.ModuleList(_Echo() for _ in range(blocks)) for name in ("plain", "hooks", "shardq")}
+    for m in stacks["hooks"]:
+        m.register_forward_pre_hook(lambda mod, a, k: move_to((a, k), cpu), with_kwargs=True)
+        m.register_forward_hook(lambda mod, a, out: move_to(out, cpu), always_call=True)
+    dispatch_model(stacks["shardq"], {str(i): "cpu" for i in range(blocks)}, offload_modes="cpu")
+
+    def run(stack):
+        for m in stack:
+            m(hidden, **kwargs)
+
+    for _ in range(2):  # second round is the one reported
+        us = {k: timeit.timeit(lambda s=s: run(s), number=calls // blocks) / (calls // blocks) / blocks * 1e6
+              for k, s in stacks.items()}
+    print(f"host µs per block call ({blocks} blocks, Llama-layer arguments): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in us.items())
+          + f"; added by hooks {us['hooks'] - us['plain']:.2f}, by shardq {us['shardq'] - us['plain']:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    cpu_micro() if "--cpu-micro" in sys.argv else main()

@@ -377,16 +377,39 @@ def _place_disk(rt: Runtime, b: Block, disk: dict[str, DiskBlock]) -> None:
 # forward wrappers (cheaper than torch hooks: this runs for every block on every token)
 
 
+_OPAQUE, _TENSOR, _SEQUENCE, _MAPPING, _DATACLASS = range(5)
+_KINDS: dict[type, int] = {}
+
+
+def _kind(cls: type) -> int:
+    """How `_needs_move` treats objects of class `cls` (decided once per class)."""
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = (_TENSOR if issubclass(cls, torch.Tensor) else _SEQUENCE if issubclass(cls, (list, tuple))
+                else _MAPPING if issubclass(cls, Mapping) else _DATACLASS if dataclasses.is_dataclass(cls)
+                else _OPAQUE)
+        _KINDS[cls] = kind
+    return kind
+
+
 def _needs_move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Whether `move_to(obj, device, dtype)` would change anything (a scan that allocates nothing)."""
-    if isinstance(obj, torch.Tensor):
+    """Whether `move_to(obj, device, dtype)` would change anything (a scan that allocates nothing).
+
+    Written for speed: it runs on every block call, and a forward at batch 1 is bound by host time.
+    """
+    kind = _kind(type(obj))
+    if kind == _TENSOR:
         return obj.device != device or (dtype is not None and obj.dtype != dtype and obj.is_floating_point())
-    if isinstance(obj, (list, tuple)):
-        return any(_needs_move(v, device, dtype) for v in obj) if obj else False
-    if isinstance(obj, Mapping):
-        return any(_needs_move(v, device, dtype) for v in obj.values()) if obj else False
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if kind == _OPAQUE:
+        return False
+    if kind == _DATACLASS:
         return any(_needs_move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj))
+    for v in (obj.values() if kind == _MAPPING else obj):
+        if _kind(type(v)) == _TENSOR:
+            if v.device != device or (dtype is not None and v.dtype != dtype and v.is_floating_point()):
+                return True
+        elif _kind(type(v)) != _OPAQUE and _needs_move(v, device, dtype):
+            return True
     return False
 
 
@@ -399,7 +422,7 @@ def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
 def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before a block's forward: inputs to its device (fp32 for "cpu" blocks), streamed and borrowed weights in."""
     cast = torch.float32 if b.mode == "cpu" else None
-    if cast is not None:
+    if cast is not None and b.orig_dtype is None:
         b.in_dtype = _first_float_dtype((args, kwargs))
     if _needs_move(args, b.exec_device, cast) or _needs_move(kwargs, b.exec_device, cast):
         args, kwargs = move_to((args, kwargs), b.exec_device, cast)
@@ -434,7 +457,9 @@ def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
         finally:
             _exit(rt, b)
         if b.out_device is not None:
-            out = move_to(out, b.out_device, (b.in_dtype or b.orig_dtype) if back is not None else None)
+            dtype = (b.orig_dtype or b.in_dtype) if back is not None else None
+            if _needs_move(out, b.out_device, dtype):
+                out = move_to(out, b.out_device, dtype)
         return out
 
     _install(module, forward, rt)
