@@ -174,3 +174,16 @@ def test_op_errors_name_the_problem():
         torch.ops.shardq.dequantize_4bit(packed.to(torch.int32), absmax, code, 64, [8, 64], torch.float32)
     with pytest.raises(RuntimeError, match="code must be fp32"):
         torch.ops.shardq.dequantize_4bit(packed, absmax, code.half(), 64, [8, 64], torch.float32)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_chunked_reference_equals_one_pass(qt, monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(37, 129, generator=g)
+    code = codebooks.code_4bit(qt)
+    whole = blockwise.quantize_4bit_ref(A, code, 64)
+    back = blockwise.dequantize_4bit_ref(*whole, code, 64, [37, 129], torch.float32)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMS", 256)  # 19 chunks, the last one short and odd
+    chunked = blockwise.quantize_4bit_ref(A, code, 64)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    assert torch.equal(blockwise.dequantize_4bit_ref(*whole, code, 64, [37, 129], torch.float32), back)

@@ -74,26 +74,47 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
 
 
+# Elements handled per step (a multiple of every blocksize): bounds the fp32/int64 temporaries of the reference to
+# a few hundred MB whatever the weight's size, so quantize-on-load without the CUDA kernels stays within budgets.
+CHUNK_ELEMS = 1 << 22
+
+
 def quantize_4bit_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of `A` to the 16-entry `code`: (packed uint8 [ceil(n/2),1], absmax fp32)."""
-    flat = A.reshape(-1).float()
+    flat = A.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32, device=A.device)
+    for start in range(0, n, CHUNK_ELEMS):
+        part = flat[start:start + CHUNK_ELEMS].float()
+        p, a = _quantize_chunk(part, code, blocksize)
+        packed[start // 2: start // 2 + p.shape[0]] = p
+        absmax[start // blocksize: start // blocksize + a.numel()] = a
+    return packed, absmax
+
+
+def _quantize_chunk(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = _block_absmax(flat, blocksize)
     scaled = _scale_blocks(flat, absmax, blocksize).clamp(-1, 1)
     # the odd tail is padded with a quantized 0.0, as the CUDA kernel loads 0 past the end
     if scaled.numel() % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])
-    q = nearest_code(scaled, code)
-    return pack_nibbles(q), absmax
+    return pack_nibbles(nearest_code(scaled, code)), absmax
 
 
 def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                         shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize_4bit_ref`: code value times block absmax, computed in fp32, cast to `dtype`."""
     numel = math.prod(shape)
-    q = unpack_nibbles(packed, numel)
-    vals = code.to(device=packed.device, dtype=torch.float32)[q]
-    scale = absmax.float().repeat_interleave(blocksize)[:numel]
-    return (vals * scale).reshape(shape).to(dtype)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    code = code.to(device=packed.device, dtype=torch.float32)
+    flat_packed, absmax = packed.reshape(-1), absmax.float()
+    for start in range(0, numel, CHUNK_ELEMS):
+        stop = min(numel, start + CHUNK_ELEMS)
+        q = unpack_nibbles(flat_packed[start // 2: (stop + 1) // 2], stop - start)
+        scale = absmax[start // blocksize: n_blocks(stop, blocksize)].repeat_interleave(blocksize)[: stop - start]
+        out[start:stop] = code[q] * scale
+    return out.reshape(shape)
 
 
 # ---- double quant: the absmax statistics as 8-bit dynamic codes in blocks of 256 ----
