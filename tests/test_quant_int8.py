@@ -137,3 +137,16 @@ def test_int8_linear_rejects_bad_inputs():
         torch.ops.shardq.int8_linear(torch.randn(2, 8), q.float(), torch.ones(4), None, 6.0)
     with pytest.raises(RuntimeError, match="x has 9 features, weight takes 8"):
         torch.ops.shardq.int8_linear(torch.randn(2, 9), q, torch.ones(4), None, 6.0)
+
+
+def test_chunked_reference_equals_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(37, 50, generator=g)
+    x = torch.randn(6, 50, generator=g)
+    x[:, 7] *= 20
+    q, s = int8.quantize_rowwise_ref(w)
+    out = int8.int8_linear_ref(x, q, s, None, 6.0)
+    monkeypatch.setattr(int8, "CHUNK_ELEMS", 120)  # 2 rows per step, the last one short
+    q2, s2 = int8.quantize_rowwise_ref(w)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+    assert torch.equal(int8.int8_linear_ref(x, q, s, None, 6.0), out)

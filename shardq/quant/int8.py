@@ -14,12 +14,28 @@ _TINY = 1e-38
 INV_127_SQ = 1.0 / (127.0 * 127.0)
 
 
+# Elements per step of the reference: bounds its fp32/fp64 temporaries whatever the weight's size.
+CHUNK_ELEMS = 1 << 22
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about CHUNK_ELEMS elements each (at least one row)."""
+    step = max(1, CHUNK_ELEMS // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def quantize_rowwise_ref(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 q = round(A * 127 / absmax_row) and fp32 absmax per row (over the last dim)."""
-    a = A.float()
-    absmax = a.abs().amax(dim=-1)
-    q = torch.round(a * (127.0 / absmax.clamp_min(_TINY)).unsqueeze(-1)).to(torch.int8)
-    return q, absmax
+    A2 = A.reshape(-1, A.shape[-1])
+    q = torch.empty(A2.shape, dtype=torch.int8, device=A.device)
+    absmax = torch.zeros(A2.shape[0], dtype=torch.float32, device=A.device)
+    if A2.shape[1]:
+        for start, stop in _row_chunks(*A2.shape):
+            a = A2[start:stop].float()
+            m = a.abs().amax(dim=-1)
+            q[start:stop] = torch.round(a * (127.0 / m.clamp_min(_TINY)).unsqueeze(-1)).to(torch.int8)
+            absmax[start:stop] = m
+    return q.reshape(A.shape), absmax.reshape(A.shape[:-1])
 
 
 def dequantize_rowwise_ref(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -35,8 +51,13 @@ def outlier_columns(x2: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def int8_matmul_exact(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-    """int32 qa @ qb.T for int8 operands, exact: int8 products summed in fp64 are integers below 2**53."""
-    return (qa.double() @ qb.double().T).to(torch.int32)
+    """int32 qa @ qb.T for int8 operands, exact: int8 products summed in fp64 are integers below 2**53.
+    Done in slices of qb's rows so the fp64 copies stay small."""
+    out = torch.empty(qa.shape[0], qb.shape[0], dtype=torch.int32, device=qa.device)
+    a = qa.double()
+    for start, stop in _row_chunks(*qb.shape):
+        out[:, start:stop] = (a @ qb[start:stop].double().T).to(torch.int32)
+    return out
 
 
 def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
