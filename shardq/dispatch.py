@@ -6,7 +6,7 @@
   non-blocking, peer-to-peer where the driver allows);
 - a "cpu" block runs in one of two modes (`offload_modes`): "cpu" computes on the CPU in fp32 (the
   bitsandbytes fp32-offload behaviour: floating weights are cast to fp32, floating inputs too, and outputs go
-  back to the block's original dtype on the main device), or "stream": its weights stay in pinned host memory and are
+  back to the input's dtype on the main device), or "stream": its weights stay in pinned host memory and are
   copied to the execution GPU for each forward, the next block's copy overlapping the current compute
   (`shardq.offload.Streamer`);
 - a "disk" block's weights live in `offload_dir` as safetensors and are read ahead by a thread, then streamed.
@@ -82,7 +82,7 @@ class Block:
     streamed: bool = False
     targets: list[_Tensor | None] = field(default_factory=list)  # per streamed tensor (block layout order)
     in_dtype: torch.dtype | None = None
-    orig_dtype: torch.dtype | None = None  # floating dtype of its weights before dispatch ("cpu" outputs return to it)
+    orig_dtype: torch.dtype | None = None  # floating dtype of its weights before dispatch (see `_wrap_block`)
     saved: list[tuple[_Ref, torch.Tensor]] = field(default_factory=list)
 
 
@@ -422,7 +422,7 @@ def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
 def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before a block's forward: inputs to its device (fp32 for "cpu" blocks), streamed and borrowed weights in."""
     cast = torch.float32 if b.mode == "cpu" else None
-    if cast is not None and b.orig_dtype is None:
+    if cast is not None:
         b.in_dtype = _first_float_dtype((args, kwargs))
     if _needs_move(args, b.exec_device, cast) or _needs_move(kwargs, b.exec_device, cast):
         args, kwargs = move_to((args, kwargs), b.exec_device, cast)
@@ -447,7 +447,10 @@ def _exit(rt: Runtime, b: Block) -> None:
 
 def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
     inner = module.forward
-    back = torch.float32 if b.mode == "cpu" else None  # marker: "cpu" outputs return to the model's dtype
+    # "cpu" blocks compute in fp32; their floating outputs return to the dtype of their first floating input
+    # (rotary cos/sin follow the hidden states, not their fp32 buffer), else to the block's weight dtype
+    # (an embedding fed integer ids)
+    back = torch.float32 if b.mode == "cpu" else None
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -457,7 +460,7 @@ def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
         finally:
             _exit(rt, b)
         if b.out_device is not None:
-            dtype = (b.orig_dtype or b.in_dtype) if back is not None else None
+            dtype = (b.in_dtype or b.orig_dtype) if back is not None else None
             if _needs_move(out, b.out_device, dtype):
                 out = move_to(out, b.out_device, dtype)
         return out

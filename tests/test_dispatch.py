@@ -344,3 +344,18 @@ def test_nested_entries_inside_a_resident_block(tmp_path):
         torch.testing.assert_close(model(**kw).logits, ref(**kw).logits, rtol=0, atol=0)
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**kw, **gen), ref.generate(**kw, **gen))
+
+
+def test_cpu_rotary_block_returns_the_hidden_dtype():
+    """A "cpu" block with an fp32 buffer (rotary inv_freq) in a bf16 model must hand bf16 cos/sin to the
+    streamed bf16 layers (fp32 ones would break their attention)."""
+    ref = tiny("llama", tie=False).to(torch.bfloat16)
+    model = clone(ref).to(torch.bfloat16)
+    for m in (ref, model):  # as transformers keeps it when it builds a half-precision model
+        m.model.rotary_emb.inv_freq = m.model.rotary_emb.inv_freq.float()
+    modes = {n: ("cpu" if n in ("model.rotary_emb", "model.norm") else "stream") for n in blocks(model)}
+    dispatch_model(model, {n: "cpu" for n in modes}, offload_modes=modes)
+    with torch.no_grad():
+        got, want = model(**inputs("llama")).logits, ref(**inputs("llama")).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
