@@ -103,17 +103,22 @@ def _(A: Tensor) -> tuple[Tensor, Tensor]:
     return A.new_empty(A.shape, dtype=torch.int8), A.new_empty(A.shape[:-1], dtype=torch.float32)
 
 
+def _check_features(x: Tensor, weight: Tensor) -> None:
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+
+
 @torch.library.custom_op(f"{_LIB}::int8_linear", mutates_args=(), schema=_SCHEMAS["int8_linear"])
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """LLM.int8() x @ W.T + bias in x.dtype (outlier columns above `threshold` in x.dtype, the rest int8)."""
     torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+    _check_features(x, weight)
     return int8.int8_linear_ref(x, weight, scale, bias, threshold)
 
 
 @int8_linear.register_fake
 def _(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
-    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+    _check_features(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

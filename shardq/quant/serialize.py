@@ -179,12 +179,16 @@ def layer_spec(index: CheckpointIndex, name: str, read: Callable[[str], torch.Te
         if key in index.tensors:
             meta = unpack_json(read(key), key)
             if meta.get("quant_type", qt) != qt:
-                raise CheckpointError(f"tensor {key!r} says quant_type={meta.get('quant_type')!r}, its name says {qt!r}")
+                raise CheckpointError(f"tensor {key!r} says quant_type={meta.get('quant_type')!r}, "
+                                      f"its name says {qt!r}")
             return LayerSpec(qt, meta)
     return LayerSpec("none", {})
 
 
-def expected_layout(name: str, spec: LayerSpec, out_f: int, in_f: int) -> dict[str, tuple[tuple[torch.dtype, ...], int]]:
+Layout = dict[str, tuple[tuple[torch.dtype, ...], int]]
+
+
+def expected_layout(name: str, spec: LayerSpec, out_f: int, in_f: int) -> Layout:
     """Checkpoint key -> (allowed dtypes, numel) for a quantized linear `name`; raises on a bad quant_state."""
     if spec.method == "int8":
         return {f"{name}.weight": ((torch.int8,), out_f * in_f), f"{name}.SCB": ((torch.float32,), out_f)}
