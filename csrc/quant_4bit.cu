@@ -23,39 +23,51 @@ __global__ void block_absmax(const T* __restrict__ a, float* __restrict__ absmax
   }
 }
 
-// The code book prepared as the reference does it (shardq/quant/blockwise.py nearest_code): entries sorted
-// stably, decision points at the fp32 midpoints of neighbours (a value on a midpoint takes the lower entry),
-// and for equal entries (FP4's +0/-0) the one whose sign matches the value.
+// Rounding as the reference does it (shardq/quant/blockwise.py nearest_code, which follows bitsandbytes' CUDA
+// kernels): FP4 by magnitude against bitsandbytes' threshold literals plus the sign bit (tiny negatives become
+// -0); any other code (NF4) by stable-sorted entries and fp32 midpoints, a value on a midpoint taking the
+// lower entry.
+__constant__ float kFp4Raw[16] = {0.f, 0.0625f, 8.f, 12.f, 4.f, 6.f, 2.f, 3.f,
+                                  -0.f, -0.0625f, -8.f, -12.f, -4.f, -6.f, -2.f, -3.f};
+__constant__ float kFp4Thresholds[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f,
+                                        0.4166667f, 0.583333f, 0.8333333f};
+__constant__ int kFp4MagnitudeCodes[8] = {0, 1, 6, 7, 4, 5, 2, 3};
+
 struct SortedCode {
   float mids[15];
   int order[16];
-  int twin[16];
-  float code[16];
+  bool fp4;
 };
 
 __device__ void prepare_code(const float* code, SortedCode& sc) {
-  for (int i = 0; i < 16; ++i) { sc.code[i] = code[i]; sc.order[i] = i; }
+  float c[16];
+  bool fp4 = true;
+  for (int i = 0; i < 16; ++i) {
+    c[i] = code[i];
+    sc.order[i] = i;
+    fp4 = fp4 && c[i] == kFp4Raw[i] / 12.f;
+  }
+  sc.fp4 = fp4;
   for (int i = 1; i < 16; ++i) {  // stable insertion sort of indices by value
     const int v = sc.order[i];
     int j = i - 1;
-    while (j >= 0 && sc.code[sc.order[j]] > sc.code[v]) { sc.order[j + 1] = sc.order[j]; --j; }
+    while (j >= 0 && c[sc.order[j]] > c[v]) { sc.order[j + 1] = sc.order[j]; --j; }
     sc.order[j + 1] = v;
   }
-  for (int i = 0; i < 15; ++i) sc.mids[i] = (sc.code[sc.order[i]] + sc.code[sc.order[i + 1]]) / 2.f;
-  for (int i = 0; i < 16; ++i) {
-    sc.twin[i] = i;
-    for (int j = 0; j < 16; ++j)
-      if (j != i && sc.code[j] == sc.code[i]) { sc.twin[i] = j; break; }
-  }
+  for (int i = 0; i < 15; ++i) sc.mids[i] = (c[sc.order[i]] + c[sc.order[i + 1]]) / 2.f;
 }
 
 __device__ __forceinline__ int nearest_code(float v, const SortedCode& sc) {
   int idx = 0;
+  if (sc.fp4) {
+    const float a = fabsf(v);
+#pragma unroll
+    for (int i = 0; i < 7; ++i) idx += kFp4Thresholds[i] < a;
+    return kFp4MagnitudeCodes[idx] + (v < 0.f ? 8 : 0);
+  }
 #pragma unroll
   for (int i = 0; i < 15; ++i) idx += sc.mids[i] < v;
-  int q = sc.order[idx];
-  if (sc.twin[q] != q && (signbit(sc.code[q]) != 0) != (v < 0.f)) q = sc.twin[q];
-  return q;
+  return sc.order[idx];
 }
 
 template <typename T>

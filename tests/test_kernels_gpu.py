@@ -118,16 +118,8 @@ def test_quantize_dequantize_4bit(qt, dtype, shape, bs):
     packed, absmax = torch.ops.shardq.quantize_4bit(a, code, bs)
     rp, ra = cuda_ops.reference("quantize_4bit")(a, code, bs)
     assert torch.equal(absmax, ra)
-    # codes may differ only where two entries are equally near (ties at rounding level)
+    assert torch.equal(packed, rp)  # same scaling, same rounding rule (FP4 thresholds, NF4 midpoints)
     n = a.numel()
-    ours, theirs = blockwise.unpack_nibbles(packed, n), blockwise.unpack_nibbles(rp, n)
-    diff = ours != theirs
-    if diff.any():
-        scaled = (a.reshape(-1).float() / ra.repeat_interleave(bs)[:n])[diff]
-        gap = (scaled - code[ours[diff]]).abs() - (scaled - code[theirs[diff]]).abs()
-        assert gap.abs().max() < 1e-6 and diff.float().mean() < 1e-5
-    if n % 2:  # the odd tail's pad nibble is the code of 0.0, as in the reference
-        assert int(packed[-1, 0]) & 0xF == int(rp[-1, 0]) & 0xF
     for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
         _poison(n * torch.finfo(out_dtype).bits // 8)
         deq = torch.ops.shardq.dequantize_4bit(rp, ra, code, bs, list(shape), out_dtype)
@@ -141,9 +133,7 @@ def test_quantize_int8_rowwise(shape, dtype):
     a.view(-1)[::31] *= 30.0
     q, s = torch.ops.shardq.quantize_int8_rowwise(a)
     rq, rs = cuda_ops.reference("quantize_int8_rowwise")(a)
-    assert torch.equal(s, rs) and q.shape == rq.shape and q.dtype == torch.int8
-    d = (q.int() - rq.int()).abs()
-    assert d.max() <= 1 and (d > 0).float().mean() < 1e-4
+    assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
 def test_cuda_graph_capture():

@@ -21,8 +21,9 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this many rows
 # Scratch cap for the large-M 4-bit path (weight rows dequantized per cuBLAS call), in bytes.
 DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")) * 2**20)
-# Small-M 4-bit kernel: 2 = row-streaming warps with two-step prefetch (default), 1 = K-split CTAs (kept to compare).
-GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "2"))
+# Small-M 4-bit kernel: 1 = K-split CTAs (default, faster on 4 of the 5 benchmark shapes, bench/RESULTS.md),
+# 2 = row-streaming warps with two-step register prefetch (faster at 4096x11008, M <= 7).
+GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "1"))
 
 
 def reference(name: str) -> Callable:
