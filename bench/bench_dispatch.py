@@ -78,7 +78,8 @@ def main() -> None:
 
     ngpu = torch.cuda.device_count()
     res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if ngpu else "cpu", "ngpu": ngpu,
-                 "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)" if ngpu else "CPU smoke test"}
+                 "what": "2-GPU split" if ngpu >= 2 else "1 GPU: hook overhead only (no inter-GPU copies)"
+                 if ngpu else "CPU smoke test"}
     model = build_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=DEV)
     ref = forward(model, ids[:, :1])

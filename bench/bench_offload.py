@@ -119,7 +119,8 @@ def run_shardq(model_cpu, ids, ref, prefetch: bool, reps: int) -> dict:
     out = forward(model, ids)
     t = bench_ms(lambda: forward(model, ids), reps=reps, warm=2)
     peak = torch.cuda.max_memory_allocated(DEV) - base if gpu else 0
-    return {"token_ms": round(t, 2), "streamed_GB": round(nbytes / 1e9, 3), "eff_GBps": round(nbytes / (t / 1e3) / 1e9, 2),
+    return {"token_ms": round(t, 2), "streamed_GB": round(nbytes / 1e9, 3),
+            "eff_GBps": round(nbytes / (t / 1e3) / 1e9, 2),
             "relerr": relerr(out, ref), "setup_s": round(setup_s, 2),
             "slot_MB": round(sum(s.buffer.numel() for s in st.slots) / 1e6, 1),
             "peak_extra_alloc_MB": round(peak / 1e6, 1), "model": model}

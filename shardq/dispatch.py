@@ -203,7 +203,8 @@ def _resolve_modes(entries: dict[str, DeviceKey], offload_modes: Any, has_gpu: b
                                 "a mode applies only to blocks mapped to 'cpu'")
         forced = {k: offload_modes.get(k, default) for k, v in entries.items() if v == "cpu"}
     else:
-        raise DispatchError(f"offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, got {offload_modes!r}")
+        raise DispatchError("offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, "
+                            f"got {offload_modes!r}")
     bad = {k: m for k, m in forced.items() if m not in ("cpu", "stream")}
     if bad:
         raise DispatchError(f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
@@ -294,7 +295,8 @@ def _check_disk(blocks: dict[str, Block], offload_dir: Path | None) -> dict[str,
         stored = open_disk_block(offload_dir, b.name)
         want = {_local(b.name, r): (r.tensor.dtype, tuple(r.tensor.shape)) for r in b.owned}
         got = {s.name: (s.dtype, s.shape) for s in stored.specs}
-        wrong = [f"{k}: module {v[0]} {list(v[1])}, file " + (f"{got[k][0]} {list(got[k][1])}" if k in got else "missing")
+        wrong = [f"{k}: module {v[0]} {list(v[1])}, file "
+                 + (f"{got[k][0]} {list(got[k][1])}" if k in got else "missing")
                  for k, v in want.items() if got.get(k) != v]
         if wrong:
             raise DispatchError(f"offload file for block {b.name!r} does not match the module: {wrong[:5]}; "
@@ -607,7 +609,8 @@ def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
     for b in rt.blocks.values():
         key = b.device if b.mode != "stream" else "cpu"
         row(key)["blocks"] += 1
-        row(key)["placed"] += sum(r.tensor.numel() * r.tensor.element_size() for r in b.owned if r.tensor.device.type != "meta")
+        row(key)["placed"] += sum(r.tensor.numel() * r.tensor.element_size() for r in b.owned
+                                  if r.tensor.device.type != "meta")
     if rt.streamer is not None:
         for blk in rt.streamer.blocks.values():
             if isinstance(blk, DiskBlock):

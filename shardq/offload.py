@@ -103,8 +103,10 @@ def views(buffer: torch.Tensor, specs: list[TensorSpec]) -> list[torch.Tensor]:
     """Typed, shaped views of a flat uint8 `buffer` laid out by `specs` (no copies)."""
     out = []
     for s in specs:
-        raw = buffer[s.offset : s.offset + s.nbytes]
-        out.append(raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype, device=buffer.device))
+        if s.nbytes:
+            out.append(buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape))
+        else:  # an empty tensor has no bytes to view
+            out.append(torch.empty(s.shape, dtype=s.dtype, device=buffer.device))
     return out
 
 
@@ -171,7 +173,8 @@ def write_disk_offload(offload_dir: str | os.PathLike, module_name: str, tensors
     folder.mkdir(parents=True, exist_ok=True)
     bad = [k for k, t in tensors.items() if t.device.type == "meta"]
     if bad:
-        raise OffloadError(f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device (not loaded)")
+        raise OffloadError(f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device "
+                           "(not loaded)")
     cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     path = folder / _block_file(module_name)
     tmp = path.with_suffix(".tmp")
@@ -194,7 +197,8 @@ def read_disk_index(offload_dir: str | os.PathLike) -> dict:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OffloadError(f"offload folder {offload_dir} has no {INDEX_NAME}; write blocks with write_disk_offload") from None
+        raise OffloadError(f"offload folder {offload_dir} has no {INDEX_NAME}; "
+                           "write blocks with write_disk_offload") from None
     except json.JSONDecodeError as e:
         raise OffloadError(f"{path} is not valid JSON ({e}); delete the offload folder and load again") from None
     if index.get("format") != INDEX_FORMAT or not isinstance(index.get("blocks"), dict):
@@ -224,7 +228,8 @@ def open_disk_block(offload_dir: str | os.PathLike, module_name: str) -> DiskBlo
         start, stop = info["data_offsets"]
         dtype = _ST_DTYPES[info["dtype"]]
         if start % torch.empty((), dtype=dtype).element_size():
-            raise OffloadError(f"tensor {name!r} in {path} is not aligned to its dtype; rewrite it with write_disk_offload")
+            raise OffloadError(f"tensor {name!r} in {path} is not aligned to its dtype; "
+                               "rewrite it with write_disk_offload")
         specs.append(TensorSpec(name, dtype, tuple(info["shape"]), start, stop - start))
         end = max(end, stop)
     if 8 + hlen + end > size:

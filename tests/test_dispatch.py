@@ -58,7 +58,8 @@ def blocks(model: nn.Module) -> list[str]:
     def walk(prefix: str, m: nn.Module) -> None:
         for name, child in m.named_children():
             full = f"{prefix}{name}"
-            if id(child) in seen or not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+            empty = not any(True for _ in child.parameters()) and not any(True for _ in child.buffers())
+            if id(child) in seen or empty:
                 continue
             seen.add(id(child))
             if isinstance(child, nn.ModuleList):
@@ -192,7 +193,8 @@ def test_disk_blocks_written_by_loader_into_meta_model(tmp_path):
     dmap = {}
     for i, name in enumerate(names):
         if i % 2:
-            write_disk_offload(tmp_path, name, {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")})
+            own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+            write_disk_offload(tmp_path, name, own)
             dmap[name] = "disk"
         else:
             dmap[name] = "cpu"

@@ -24,8 +24,10 @@ def random_tensors(seed: int, n: int = 7) -> dict[str, torch.Tensor]:
         x = torch.randn(shape, generator=g) * 10
         if x.numel():
             x.view(-1)[0] = 1e4  # an outlier
-        out[f"m{i}.t"] = (x > 0) if dtype == torch.bool else x.clamp(-100, 100).to(dtype) if not dtype.is_floating_point \
-            else x.to(dtype)
+        if dtype == torch.bool:
+            out[f"m{i}.t"] = x > 0
+        else:
+            out[f"m{i}.t"] = x.to(dtype) if dtype.is_floating_point else x.clamp(-100, 100).to(dtype)
     return out
 
 
