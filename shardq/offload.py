@@ -29,6 +29,7 @@ import torch
 
 ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
 INDEX_NAME = "index.json"
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every GPU's context, not only the current one
 INDEX_FORMAT = "shardq-offload-1"
 
 _ST_DTYPES = {
@@ -126,11 +127,13 @@ def pin_buffer(buffer: torch.Tensor, owner: numpy.ndarray) -> torch.Tensor:
     torch's pinned allocator rounds every allocation up to a power of two (a 405 MB layer would take 512 MB
     of RAM), so the exact-size buffer is registered with `cudaHostRegister` instead (after it was filled:
     registering touched pages is cheaper) and unregistered when `owner`, which every view of the buffer keeps
-    alive, goes away. If registration fails, the data is copied into torch's pinned memory.
+    alive, goes away. If registration fails (or SHARDQ_PIN=torch), the data is copied into torch's pinned memory.
     """
+    if os.environ.get("SHARDQ_PIN") == "torch":  # escape hatch: torch's (power-of-two rounded) pinned memory
+        return buffer.pin_memory()
     cudart = torch.cuda.cudart()
     ptr, nbytes = buffer.data_ptr(), buffer.numel()
-    registered = int(cudart.cudaHostRegister(ptr, nbytes, 0)) == 0
+    registered = int(cudart.cudaHostRegister(ptr, nbytes, _HOST_REGISTER_PORTABLE)) == 0
     if registered and buffer.is_pinned():
         done = weakref.finalize(owner, cudart.cudaHostUnregister, ptr)
         done.atexit = False  # at exit the driver drops the registration itself
