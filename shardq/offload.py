@@ -292,6 +292,7 @@ class Streamer:
     successor: dict[str, str] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "prefetched": 0, "disk_reads": 0})
     _last: str | None = None
+    _next_registered: dict[str, str] = field(default_factory=dict)
     _clock: int = 0
     _reads: dict[str, tuple[Future, int]] = field(default_factory=dict)
     _reader: ThreadPoolExecutor | None = None
@@ -342,8 +343,10 @@ class Streamer:
         """The block expected after `name`: the one seen after it last time, else the next registered one."""
         if name in self.successor:
             return self.successor[name]
-        order = list(self.blocks)
-        return order[(order.index(name) + 1) % len(order)]
+        if len(self._next_registered) != len(self.blocks):
+            order = list(self.blocks)
+            self._next_registered = {a: b for a, b in zip(order, order[1:] + order[:1])}
+        return self._next_registered[name]
 
     # ---- forward interface
 
