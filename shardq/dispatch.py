@@ -70,7 +70,13 @@ class _Tensor:
 
 @dataclass
 class Block:
-    """Runtime state of one device-map entry."""
+    """Runtime state of one device-map entry.
+
+    `mode` is one of MODES; `exec_device` is where its forward computes; `out_device`, when set, is where its
+    outputs are sent (nested entries return to their parent's device, "cpu" blocks to the main device).
+    `owned` tensors live with this block; `borrowed` ones are tied tensors that live elsewhere and are copied
+    in for each forward (only for resident blocks: streamed blocks pack their own copy).
+    """
 
     name: str
     device: DeviceKey
