@@ -13,9 +13,11 @@ Reserves (the runtime's working memory, counted against the budget):
   GPU  load        largest tensor quantized there on load: its source-dtype copy + an fp32 working copy
                    (unquantized tensors are copied straight into place)
        activations one block's forward for the workload (batch x seq_len), + fp32 logits where the head runs
-       stream      on the execution GPU: two buffers of the largest streamed block (prefetch double buffering)
+       stream      on the execution GPU: two slots of the largest streamed block (prefetch double buffering);
+                   streamed are all CPU blocks in "stream" mode, and disk blocks always
   CPU  (when it holds blocks) the largest tensor of the model (every tensor is read through host memory),
-       fp32 activations when blocks compute there, and one staging buffer of the largest disk block.
+       fp32 activations when blocks compute there, two staging buffers of the largest disk block, and
+       without a GPU the two stream slots of disk blocks computed on the CPU.
 """
 
 from __future__ import annotations
@@ -336,25 +338,36 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -
         if dev == ctx.exec_dev and assumed.stream:
             out["stream"] = assumed.stream
         return out
-    if dev == "cpu" and (units or assumed.disk_staging):
+    streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
+    if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
         if ctx.cpu_mode == "cpu":
-            out["activations"] = ctx.act_fp32 + (ctx.head_act if ctx.head_unit in names else 0)
+            head = ctx.head_unit in names or (ctx.exec_dev is None and assumed.head_on_exec)
+            out["activations"] = ctx.act_fp32 + (ctx.head_act if head else 0)
+        if streams_here:
+            out["stream"] = assumed.stream
         if assumed.disk_staging:
             out["disk staging"] = assumed.disk_staging
         return out
     return {}
 
 
-def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
-    """The reserves that `assign` actually needs (streamed blocks, head on the execution GPU, disk staging)."""
+def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[_Unit]:
+    """Blocks copied to the execution device for each forward: every offloaded block in "stream" mode, else
+    the disk blocks (read back into the execution GPU's slots, or the host's without a GPU)."""
     off = [u for u in ctx.units if not isinstance(assign[u.name], int)]
-    gpu_streamed = off if ctx.cpu_mode == "stream" else []
-    disk = [u for u in off if assign[u.name] == "disk"]
+    return off if ctx.cpu_mode == "stream" else [u for u in off if assign[u.name] == "disk"]
+
+
+def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
+    """The reserves that `assign` actually needs: two slots of the largest streamed block, the logits of a
+    streamed head, and two pinned staging buffers of the largest disk block (double-buffered reads)."""
+    streamed = _streamed(ctx, assign)
+    disk = [u for u in streamed if assign[u.name] == "disk"]
     return _Assumed(
-        stream=2 * max((_bytes(ctx, [u], "disk") for u in gpu_streamed), default=0),
-        head_on_exec=ctx.cpu_mode == "stream" and any(u.name == ctx.head_unit for u in off),
-        disk_staging=max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
+        stream=2 * max((_bytes(ctx, [u], "disk") for u in streamed), default=0),
+        head_on_exec=any(u.name == ctx.head_unit for u in streamed),
+        disk_staging=2 * max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
     )
 
 
@@ -385,7 +398,7 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     overflow the final check reports), else re-raises the first error."""
     first = ctx.exec_dev
     others = sorted((g for g in ctx.gpus if ctx.budgets[g] > 0 and g != first), key=lambda g: -ctx.budgets[g])
-    candidates = [first] + (others if ctx.cpu_mode == "stream" else [])
+    candidates = [first] + others
     fallback: tuple[int | None, dict[str, DeviceKey]] | None = None
     error: PlanError | None = None
     for g in candidates:
@@ -408,13 +421,11 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     """Place units with the strategy.
 
     Streamed blocks cost two buffers of the largest one on the execution GPU, so the planner tries each
-    distinct block size as the streaming limit: blocks above it stay on a GPU (pinned), the stream reserve is
+    distinct block size as the streaming limit: blocks above it stay resident (pinned), the stream reserve is
     fixed at twice the limit, and the placement keeping the most weight bytes on the GPUs wins.
     """
     groups = _tied_groups(ctx.units)
     caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
-    if ctx.cpu_mode != "stream" or ctx.exec_dev is None:
-        return _settle(ctx, groups, caps, [], 0)
     try:
         return _settle(ctx, groups, caps, [], 0)  # everything fits on the GPUs: nothing streams
     except PlanError:
@@ -474,7 +485,8 @@ def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
 
 def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
           pinned: list[int]) -> dict[str, DeviceKey]:
-    """Pinned groups on the first GPU with room, then a sequential fill: each group on the current device if it
+    """Pinned groups (kept from streaming) on the first device with room where they stay resident (a GPU, or the
+    CPU when it computes), then a sequential fill: each group on the current device if it
     fits with the reserve, else on the next one. Groups holding a module's own tensors (nested entries) are
     never offloaded: they go to the first GPU with room, or the CPU when it computes."""
     devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
@@ -487,11 +499,10 @@ def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assu
     resident = [d for d in devices if isinstance(d, int) or (d == "cpu" and ctx.cpu_mode == "cpu")]
     nested = [i for i, g in enumerate(groups) if any(u.own_only for u in g) and i not in pinned]
     for gi in list(pinned) + nested:
-        allowed = resident if gi in nested else [d for d in devices if isinstance(d, int)]
-        dev = next((d for d in allowed if fits(d, held[d] + groups[gi])), None)
+        dev = next((d for d in resident if fits(d, held[d] + groups[gi])), None)
         if dev is None:
             room = {d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())
-                    for d in allowed}
+                    for d in resident}
             target = max(room, key=room.get) if room else None
             raise _missing_error(ctx, [groups[gi]], held, caps, assumed, devices, target)
         held[dev] += groups[gi]
@@ -537,8 +548,9 @@ def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, lis
     units = [u for g in left for u in g]
     rows = []
     for d in devices:
-        used = _bytes(ctx, held[d], d) + sum(_reserve(ctx, d, held[d], assumed).values())
-        rows.append(f"{_dev_name(d)}: {format_size(used)} used of {format_size(ctx.budgets[d])}")
+        detail = _reserve(ctx, d, held[d], assumed)
+        rows.append(f"{_dev_name(d)}: {format_size(_bytes(ctx, held[d], d))} weights + {format_size(sum(detail.values()))} "
+                    f"reserve ({_fmt_detail(detail)}) of {format_size(ctx.budgets[d])}")
     need = _bytes(ctx, units, last)
     everything = held.get(last, []) + units
     missing = max(1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values())
@@ -660,8 +672,9 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
     for d in ctx.budgets:
         if totals[d] + reserves[d] > ctx.budgets[d]:
             over = totals[d] + reserves[d] - ctx.budgets[d]
-            stream = (" The stream reserve is two buffers of the largest offloaded block; offload_mode='cpu' "
-                      "computes offloaded blocks on the CPU instead." if detail[d].get("stream") else "")
+            stream = (" The stream reserve is two slots of the largest block read back from the CPU or disk for "
+                      "each forward: give the CPU room for more blocks, quantize, or use offload_mode='cpu' to "
+                      "compute CPU blocks there." if detail[d].get("stream") else "")
             raise PlanError(f"{_dev_name(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
                             f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
                             f"max_memory of {format_size(ctx.budgets[d])}: move modules off {_dev_name(d)}, raise its "

@@ -76,10 +76,13 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
         for group in plan.tied_groups:
             devices = {plan.device_map[_covering(plan, n)] for n in group}
             assert len(devices) == 1, (group, devices)
-    streamed = [p.nbytes for p in plan.placements if p.run == "stream" or (p.run == "disk" and plan.cpu_mode == "stream")]
-    if streamed:
-        assert plan.execution_device is not None
-        assert plan.reserve_detail[plan.execution_device]["stream"] >= 2 * max(streamed)
+    streamed = [p.nbytes for p in plan.placements if p.run in ("stream", "disk")]
+    if streamed:  # two slots of the largest streamed block where it runs: the execution GPU, else the host
+        where = plan.execution_device if plan.execution_device is not None else "cpu"
+        assert plan.reserve_detail[where]["stream"] >= 2 * max(streamed)
+    disk = [p.nbytes for p in plan.placements if p.run == "disk"]
+    if disk and "cpu" in plan.budgets:
+        assert plan.reserve_detail["cpu"]["disk staging"] == 2 * max(disk)
     for d in plan.budgets:
         if isinstance(d, int) and plan.totals[d]:
             assert plan.reserve_detail[d]["activations"] > 0

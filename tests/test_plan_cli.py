@@ -60,7 +60,7 @@ def test_json_output(ckpt, capsys):
 
 def test_offloaded_summary_line(ckpt, capsys):
     rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "int8", "--max-memory",
-                      "0=400KB,cpu=150KB,disk=1GB", "--seq-len", "8")
+                      "0=300KB,cpu=300KB,disk=1GB", "--seq-len", "8")
     assert rc == 0
     last = out.splitlines()[-1]
     assert "offloaded" in last and "to cpu" in last and "to disk" in last and "run on GPU 0" in last
