@@ -600,9 +600,10 @@ def _exec_of(name: str, entries: dict[str, DeviceKey], modes: dict[str, str], st
 def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
     """Bytes per device key ("0", "1", "cpu", "disk") of a dispatched model.
 
-    For each key: `blocks` (count), `placed` (weights held there: resident GPU/CPU weights, pinned host copies
-    of streamed blocks under "cpu", files under "disk"), `stream_slots` (the two streaming buffers on the
-    execution device); for GPUs also the allocator's `allocated`, `peak_allocated` and `reserved` bytes.
+    For each key: `blocks` (count), `placed` (weights held there: resident GPU/CPU weights, the packed host
+    buffers of streamed blocks under "cpu", offload-file data under "disk"), `stream_slots` (the two streaming
+    buffers on the execution device), under "cpu" `staging` (the two pinned read-ahead buffers of disk blocks,
+    if any); for GPUs also the allocator's `allocated`, `peak_allocated` and `reserved` bytes.
     """
     rt: Runtime = getattr(model, "shardq_runtime", None)
     if rt is None:
@@ -615,14 +616,15 @@ def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
     for b in rt.blocks.values():
         key = b.device if b.mode != "stream" else "cpu"
         row(key)["blocks"] += 1
-        row(key)["placed"] += sum(r.tensor.numel() * r.tensor.element_size() for r in b.owned
-                                  if r.tensor.device.type != "meta")
+        if not b.streamed:
+            row(key)["placed"] += sum(r.tensor.numel() * r.tensor.element_size() for r in b.owned)
     if rt.streamer is not None:
-        for blk in rt.streamer.blocks.values():
-            if isinstance(blk, DiskBlock):
-                row("disk")["placed"] += blk.nbytes
+        for blk in rt.streamer.blocks.values():  # the bytes really held: packed buffers, offload files
+            row("disk" if isinstance(blk, DiskBlock) else "cpu")["placed"] += blk.nbytes
         key = rt.streamer.device.index if rt.streamer.device.type == "cuda" else "cpu"
         row(key)["stream_slots"] += sum(s.buffer.numel() for s in rt.streamer.slots)
+        if rt.streamer.staging:
+            row("cpu")["staging"] = sum(st.buffer.numel() for st in rt.streamer.staging)
     for key, vals in report.items():
         if key.isdigit():
             i = int(key)
@@ -633,7 +635,7 @@ def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
 
 def format_memory_report(report: dict[str, dict[str, int]]) -> str:
     """A readable table of `memory_report(model)`."""
-    cols = ["blocks", "placed", "stream_slots", "allocated", "peak_allocated", "reserved"]
+    cols = ["blocks", "placed", "stream_slots", "staging", "allocated", "peak_allocated", "reserved"]
     lines = [f"{'device':<8}" + "".join(f"{c:>16}" for c in cols)]
     for key, vals in report.items():
         cells = [str(vals[c]) if c == "blocks" else format_size(vals[c]) if c in vals else "-" for c in cols]

@@ -240,6 +240,8 @@ def test_memory_report_and_readable_state(tmp_path):
     total = sum(p.numel() * p.element_size() for p in tiny("llama", tie=False).parameters())
     assert rep["cpu"]["placed"] + rep["disk"]["placed"] >= total
     assert rep["cpu"]["stream_slots"] >= 2 * max(b.nbytes for b in model.shardq_runtime.streamer.blocks.values())
+    disk_blocks = [b for b in model.shardq_runtime.streamer.blocks.values() if not hasattr(b, "buffer")]
+    assert rep["cpu"]["staging"] == 2 * max(b.nbytes for b in disk_blocks)
     table = format_memory_report(rep)
     assert "disk" in table and "stream_slots" in table
 
