@@ -84,6 +84,20 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
 
 
+@pytest.mark.parametrize("k,n,m", [(1024, 1000, 1), (4097, 96, 7), (512, 1000, 64)])
+def test_gemm_4bit_fp32_input(k, n, m):
+    """fp32 activations take the generic CUDA-core kernel (M <= 32) or dequantize + cuBLAS in fp32."""
+    g = _gen("g4f32", k, n, m)
+    packed, absmax, code, nested, real = _quantized_weight(n, k, "nf4", m == 7, g)
+    x = torch.randn(m, k, device=DEV, generator=g)
+    _poison(m * n * 4)
+    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    wdq = blockwise.dequantize_4bit_ref(packed, real, code, 64, [n, k], torch.float64)
+    err = _rel(out, x.double() @ wdq.T)
+    assert err < 1e-5, f"seed {SEED}: rel err {err:.3e}"
+
+
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 7), (4097, 1000, 16), (8192, 28672, 32),
                                    (11008, 4096, 2), (1024, 1000, 256), (4096, 4104, 4096), (8192, 28672, 4096),
                                    (4097, 1003, 64)])
