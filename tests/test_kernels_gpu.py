@@ -193,6 +193,20 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+def test_non_contiguous_inputs():
+    """Strided absmax / x views are made contiguous and kept alive through the launch."""
+    g = _gen("strided")
+    n, k = 512, 1024
+    packed, absmax, code, _, _ = _quantized_weight(n, k, "nf4", False, g)
+    strided_absmax = torch.stack([absmax, torch.full_like(absmax, float("nan"))], 1)[:, 0]
+    x = torch.randn(k, 5, device=DEV, dtype=torch.float16, generator=g).t()
+    for m in (5, 64):
+        xm = x if m == 5 else torch.randn(k, m, device=DEV, dtype=torch.float16, generator=g).t()
+        out = torch.ops.shardq.gemm_4bit(xm, packed, strided_absmax, code, 64, n, k, None, None, 0.0, None)
+        ref = cuda_ops.reference("gemm_4bit")(xm.contiguous(), packed, absmax, code, 64, n, k, None, None, 0.0, None)
+        assert torch.isfinite(out).all() and _rel(out, ref) < 5e-3
+
+
 def test_bad_input_is_rejected_before_launch():
     code = codebooks.code_4bit("nf4", DEV)
     packed = torch.zeros(100, 1, dtype=torch.uint8, device=DEV)

@@ -81,14 +81,16 @@ def _check_code(code: Tensor) -> None:
 
 
 def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                 nested_offset: float, nblocks: int) -> tuple:
-    """(plain fp32 ptr, uint8 codes ptr, nested absmax ptr, nested code ptr, offset) for the launchers."""
+                 nested_offset: float, nblocks: int) -> tuple[tuple, list[Tensor]]:
+    """Launcher arguments (plain fp32 ptr, uint8 codes ptr, nested absmax ptr, nested code ptr, offset) and
+    the contiguous tensors behind them, which the caller must keep alive until the launch."""
     if absmax.numel() != nblocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, expected {nblocks} (one per block)")
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             raise ValueError(f"absmax must be fp32 without double quant, got {absmax.dtype}")
-        return absmax.contiguous().data_ptr(), None, None, None, 0.0
+        plain = absmax.contiguous()
+        return (plain.data_ptr(), None, None, None, 0.0), [plain]
     if nested_code is None or nested_code.numel() != 256 or nested_code.dtype != torch.float32:
         raise ValueError("double quant needs nested_code as an fp32 tensor of 256 values")
     if absmax.dtype != torch.uint8 or nested_absmax.dtype != torch.float32:
@@ -96,8 +98,8 @@ def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: O
                          f"{nested_absmax.dtype}")
     if nested_absmax.numel() != -(-nblocks // 256):
         raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, expected ceil({nblocks}/256)")
-    return (None, absmax.contiguous().data_ptr(), nested_absmax.contiguous().data_ptr(),
-            nested_code.contiguous().data_ptr(), float(nested_offset))
+    keep = [absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous()]
+    return (None, *(t.data_ptr() for t in keep), float(nested_offset)), keep
 
 
 def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
@@ -115,7 +117,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     _check_code(code)
     _same_device(x.device, packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
                  nested_code=nested_code, bias=bias)
-    am = _absmax_args(absmax, nested_absmax, nested_code, nested_offset, -(-n * k // blocksize))
+    am, _keep = _absmax_args(absmax, nested_absmax, nested_code, nested_offset, -(-n * k // blocksize))
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     b = None if bias is None else bias.to(x.dtype).contiguous()
@@ -166,7 +168,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
         raise ValueError(f"packed must be uint8 with ceil({numel}/2) bytes, got {packed.dtype} {packed.numel()}")
     _check_code(code)
     _same_device(packed.device, absmax=absmax, code=code)
-    am = _absmax_args(absmax, None, None, 0.0, -(-numel // blocksize))
+    am, _keep = _absmax_args(absmax, None, None, 0.0, -(-numel // blocksize))
     out = torch.empty(list(shape), dtype=dtype, device=packed.device)
     packed, code = packed.contiguous(), code.contiguous()
     with _on_device(packed.device):
@@ -184,12 +186,12 @@ def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tens
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     _check_code(code)
     _same_device(A.device, code=code)
-    a = A.contiguous()
+    a, code = A.contiguous(), code.contiguous()
     n = a.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=a.device)
     absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=a.device)
     with _on_device(a.device):
-        rc = lib.shardq_quantize_4bit(a.data_ptr(), code.contiguous().data_ptr(), packed.data_ptr(),
+        rc = lib.shardq_quantize_4bit(a.data_ptr(), code.data_ptr(), packed.data_ptr(),
                                       absmax.data_ptr(), n, blocksize, DTYPE_CODES[a.dtype], _stream(a))
     _lib.check(rc, "quantize_4bit")
     return packed, absmax
