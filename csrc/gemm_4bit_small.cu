@@ -6,8 +6,11 @@
 // (entry e of lane l sits in bank l, so lookups never conflict), is scaled by its block's absmax (decoded
 // inline for double quant) and fed to tensor-core mma.m16n8k16 with fp32 accumulation. The k order inside
 // each mma is permuted identically for x and W (a dot product does not care), which lets the 32 contiguous
-// weights a thread loaded map straight onto its B fragments. The 8 warps of a CTA split K and reduce in
-// shared memory; CTAs stride over groups of 8*NT output rows.
+// weights a thread loaded map straight onto its B fragments. Two schedules (the launcher's `variant`):
+//   1 (default): the 8 warps of a CTA split K step by step (512 contiguous bytes per row per round) and reduce
+//     in shared memory; CTAs stride over groups of 8*NT output rows.
+//   2: warps own different rows and stream their K range with weights prefetched two steps ahead.
+// Both were measured on an H100 (bench/RESULTS.md, Kernels): variant 1 is faster on 4 of the 5 shapes.
 //
 // Generic path (any K, blocksize, dtype incl. fp32, any alignment): one CTA per output row, per-element
 // nibble addressing, so blocks and bytes may straddle rows.
