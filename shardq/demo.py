@@ -32,27 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caps like '0=600MB,cpu=8GB,disk=20GB' or a JSON object (default: a tight cap on the first "
                         "GPU, or on the CPU without a GPU, so that part of the model is offloaded)")
     p.add_argument("--out", default=None, help="folder for the checkpoint and the offload files (default: a temp dir)")
-    p.add_argument("--layers", type=int, default=6, help="decoder layers (default 6: about 110 MB in fp32)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12: about 100 MB in fp32)")
+    p.add_argument("--hidden", type=int, default=384, help="hidden size (default 384)")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def make_config(layers: int, hidden: int) -> Any:
+def make_config(layers: int, hidden: int, vocab: int) -> Any:
     from transformers import LlamaConfig
 
     heads = max(2, hidden // 64)
     return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=8192,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=vocab,
                        max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def save_reference(out: Path, layers: int, hidden: int, seed: int) -> tuple[torch.nn.Module, Path]:
+def save_reference(out: Path, layers: int, hidden: int, vocab: int, seed: int) -> tuple[torch.nn.Module, Path]:
     """The fp32 reference model (random weights) and its sharded checkpoint."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    ref = LlamaForCausalLM(make_config(layers, hidden)).eval()
+    ref = LlamaForCausalLM(make_config(layers, hidden, vocab)).eval()
     ckpt = out / "checkpoint"
     total = sum(p.numel() * p.element_size() for p in ref.parameters())
     ref.save_pretrained(ckpt, max_shard_size=max(total // 4, 2**20))
@@ -65,11 +66,22 @@ def default_caps(ckpt: Path, quant: str) -> dict[Any, Any]:
     from shardq.planner import plan_model
 
     model = meta_model_from_dir(ckpt)
+    from shardq.planner import PlanError
+
     key = 0 if torch.cuda.is_available() else "cpu"
     whole = plan_model(model, quant, max_memory={key: "1TB"}, workload=(1, PROMPT_LEN))
-    biggest = max(p.nbytes for p in whole.placements)  # room for the staging buffer of offloaded blocks
-    cap = int(whole.totals[key] * 0.5 + whole.reserves[key] + biggest)
-    return {0: cap, "cpu": "8GB", "disk": "20GB"} if key == 0 else {"cpu": cap, "disk": "20GB"}
+    total, first = whole.totals[key], None
+    for i in range(8, 32):  # from a quarter of the weights up: the first cap that plans with blocks offloaded
+        cap = int(total * i / 32 + whole.reserves[key])
+        caps = {0: cap, "cpu": "8GB", "disk": "20GB"} if key == 0 else {"cpu": cap, "disk": "20GB"}
+        try:
+            plan = plan_model(model, quant, max_memory=caps, workload=(1, PROMPT_LEN))
+        except PlanError:
+            continue
+        first = first or caps
+        if len({p.device for p in plan.placements}) > 1:
+            return caps
+    return first or {key: "1TB"}
 
 
 def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -157,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         where = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no GPU: CPU + disk offload"
         print(f"shardq demo on {where}; files in {out}")
-        ref, ckpt = save_reference(out, args.layers, args.hidden, args.seed)
+        ref, ckpt = save_reference(out, args.layers, args.hidden, args.vocab, args.seed)
         n_files = len(list(ckpt.glob("*.safetensors")))
         print(f"saved a random {args.layers}-layer Llama ({format_size(sum(p.numel() * 4 for p in ref.parameters()))} "
               f"fp32) as {n_files} safetensors shards")

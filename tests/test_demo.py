@@ -13,7 +13,7 @@ from shardq.demo import main  # noqa: E402
 
 
 def test_demo_int8_offloads_and_matches_in_memory_quantization(tmp_path, capsys):
-    assert main(["--quant", "int8", "--layers", "3", "--hidden", "128", "--out", str(tmp_path)]) == 0
+    assert main(["--quant", "int8", "--layers", "4", "--hidden", "128", "--vocab", "512", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "shardq plan of LlamaForCausalLM" in out and "disk" in out
     assert re.search(r"in memory \(what the loader adds\): max \|logit diff\| 0, greedy generate\(\): 8/8", out)
