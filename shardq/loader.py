@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,29 +178,36 @@ def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapp
     skip_unexpected = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
     skip_missing = _ignore_patterns(model, "_keys_to_ignore_on_load_missing")
     mapping: dict[str, str] = {}
-    ignored, unexpected, wrong = [], [], []
+    taken: set[str] = set()
+    ignored, outside, unexpected, wrong = [], [], [], []
     for key, src in source.items():
         target = fn(key)
         slot_key = name_to_slot.get(target) if target is not None else None
         if slot_key is None:
-            if target is None or any(p.search(key) for p in skip_unexpected):
-                ignored.append(key)  # outside the stripped prefix (a head the model lacks) or declared ignorable
+            if target is None:
+                outside.append(key)  # outside the stripped prefix: a head the model lacks
+            elif any(p.search(key) for p in skip_unexpected):
+                ignored.append(key)  # the model declares it ignorable
             else:
                 unexpected.append(key)
             continue
-        if slot_key in mapping.values():
+        if slot_key in taken:
             ignored.append(key)  # a second copy of a tied tensor
             continue
         if tuple(src.shape) != slots[slot_key].shape:
             wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slots[slot_key].shape)}")
             continue
         mapping[key] = slot_key
-    loaded = set(mapping.values()) | set(provided)
+        taken.add(slot_key)
+    loaded = taken | set(provided)
     missing = [k for k, s in slots.items() if s.persistent and k not in loaded and not
                any(p.search(n) for n in s.names for p in skip_missing)]
     if unexpected or missing or wrong:
         raise LoadError(_mismatch_message(missing, unexpected, wrong, label))
-    return KeyMatch(mapping, ignored, label)
+    if outside:
+        warnings.warn(f"{len(outside)} checkpoint tensor(s) outside the model's part of the checkpoint were not used "
+                      f"(name rewrite '{label}'), e.g. {outside[:3]}", stacklevel=3)
+    return KeyMatch(mapping, ignored + outside, label)
 
 
 def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str], label: str) -> str:
