@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_quantized": "shardq.quant.serialize",
     "dispatch_model": "shardq.dispatch",
     "load_sharded": "shardq.loader",
+    "load_sharded_from_dir": "shardq.loader",
     "meta_model_from_dir": "shardq.hf",
 }
 
