@@ -194,8 +194,13 @@ def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapp
         if slot_key in taken:
             ignored.append(key)  # a second copy of a tied tensor
             continue
-        if tuple(src.shape) != slots[slot_key].shape:
-            wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slots[slot_key].shape)}")
+        slot = slots[slot_key]
+        if tuple(src.shape) != slot.shape:
+            wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slot.shape)}")
+            continue
+        if src.dtype.is_floating_point != slot.dtype.is_floating_point:  # e.g. int8 codes without their config
+            wrong.append(f"{key}: checkpoint {str(src.dtype).removeprefix('torch.')}, model "
+                         f"{str(slot.dtype).removeprefix('torch.')}")
             continue
         mapping[key] = slot_key
         taken.add(slot_key)
@@ -221,7 +226,7 @@ def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str
     return ("the checkpoint does not match the model" + how + ":"
             + part("missing from the checkpoint", missing)
             + part("unexpected in the checkpoint (no such tensor in the model)", unexpected)
-            + part("wrong shape", wrong)
+            + part("wrong shape or dtype", wrong)
             + "\nNothing was loaded. Build the model from the checkpoint's own config.json "
               "(shardq.meta_model_from_dir / load_sharded_from_dir), or give the checkpoint saved from this model.")
 

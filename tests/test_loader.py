@@ -210,7 +210,7 @@ def _edit_single(ckpt_dir, out_dir, edit):
     return out_dir
 
 
-@pytest.mark.parametrize("problem", ["missing", "extra", "shape"])
+@pytest.mark.parametrize("problem", ["missing", "extra", "shape", "dtype"])
 def test_bad_checkpoint_lists_problems_and_leaves_model_untouched(saved, tmp_path, problem):
     _, ckpt = saved["llama"]
 
@@ -219,8 +219,10 @@ def test_bad_checkpoint_lists_problems_and_leaves_model_untouched(saved, tmp_pat
             del t["model.layers.1.mlp.up_proj.weight"]
         elif problem == "extra":
             t["model.layers.9.mlp.gate.weight"] = torch.randn(4, 4)
-        else:
+        elif problem == "shape":
             t["model.norm.weight"] = torch.randn(65)
+        else:  # int8 codes of a quantized checkpoint whose config.json lost its quantization_config
+            t["model.layers.0.mlp.up_proj.weight"] = torch.randint(-127, 127, (160, 64), dtype=torch.int8)
 
     bad = _edit_single(ckpt, tmp_path / "bad", edit)
     model = meta_model_from_dir(bad)
@@ -229,7 +231,8 @@ def test_bad_checkpoint_lists_problems_and_leaves_model_untouched(saved, tmp_pat
         load_sharded(model, bad, quant="nf4", max_memory={"cpu": "1GB"}, progress=False)
     msg = str(e.value)
     key = {"missing": "model.layers.1.mlp.up_proj.weight", "extra": "model.layers.9.mlp.gate.weight",
-           "shape": "model.norm.weight: checkpoint [65], model [64]"}[problem]
+           "shape": "model.norm.weight: checkpoint [65], model [64]",
+           "dtype": "model.layers.0.mlp.up_proj.weight: checkpoint int8, model float32"}[problem]
     assert key in msg and "Nothing was loaded" in msg
     assert all_meta(model) and [type(m) for m in model.modules()] == modules_before
     assert not hasattr(model, "shardq_runtime")
