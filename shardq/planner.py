@@ -177,6 +177,8 @@ def plan_model(
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
     budgets = get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir)
+    if not budgets:
+        raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)

@@ -352,7 +352,7 @@ def test_block_larger_than_any_device(models):
     (dict(device_map="fastest"), "not a strategy"), (dict(workload=(0, 5)), "batch >= 1"),
     (dict(workload="big"), r"\(batch, seq_len\)"), (dict(offload_mode="gpu"), "offload_mode"),
     (dict(max_memory={0: "lots"}), "lots"), (dict(max_memory={7: "1GB"}), "GPU 7 does not exist"),
-    (dict(quant="int3"), "int3"),
+    (dict(quant="int3"), "int3"), (dict(max_memory={}), "names no device"),
 ])
 def test_bad_arguments(models, kwargs, match):
     kw = dict(gpus="1x1GB", workload=WL)
