@@ -429,7 +429,7 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     groups = _tied_groups(ctx.units)
     caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
     try:
-        return _settle(ctx, groups, caps, [], 0)  # everything fits on the GPUs: nothing streams
+        return _settle(ctx, groups, caps, [], 0)  # a placement where every block stays resident
     except PlanError:
         pass
     sizes = [_bytes(ctx, g, "disk") for g in groups]
