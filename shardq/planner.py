@@ -36,6 +36,7 @@ from .config import QuantConfig
 from .hf import check_checkpoint
 from .memory import DeviceKey, format_size, get_max_memory, normalize_device, parse_gpus
 from .sizing import TensorEntry
+from .units import Unit, decompose, entry_units, has_own_tensors, make_units, tied_groups, unit_entries
 
 STRATEGIES = ("auto", "sequential", "balanced")
 OFFLOAD_MODES = ("cpu", "stream")
@@ -122,18 +123,10 @@ def _quant_dict(q: QuantConfig) -> dict[str, Any]:
 
 
 @dataclass
-class _Unit:
-    name: str
-    entries: list[TensorEntry]
-    order: int
-    own_only: bool = False  # just the module's direct tensors; its children are units of their own
-
-
-@dataclass
 class _Ctx:
     """Everything the placement needs, computed once per plan."""
 
-    units: list[_Unit]
+    units: list[Unit]
     budgets: dict[DeviceKey, int]
     gpus: list[int]
     exec_dev: int | None
@@ -223,7 +216,7 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
     cpu_mode = offload_mode or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
     itemsize = _compute_itemsize(model, q)
-    units = _make_units(model, decompose(model, split_guard), entries, split_guard)
+    units = make_units(model, decompose(model, split_guard), entries, split_guard)
     return _Ctx(
         units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
@@ -239,58 +232,7 @@ def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
     return dtype.itemsize
 
 
-def decompose(model: nn.Module, split_guard: set[str], prefix: str = "") -> list[str]:
-    """Unit names under `prefix`, in model order: a no-split block or a leaf is kept whole; a splittable module
-    that also holds tensors directly (a root-level bias or scale) becomes a unit of just those tensors, named
-    by the module, followed by its children's units (a nested entry: the longest name prefix owns a tensor)."""
-    module = model.get_submodule(prefix) if prefix else model
-    children = [name for name, child in module.named_children() if _has_tensors(child)]
-    if _is_whole(module, prefix, split_guard) or not children:
-        return [prefix] if _has_tensors(module) else []
-    out = [prefix] if _has_own_tensors(module) else []
-    for name in children:
-        out += decompose(model, split_guard, f"{prefix}.{name}" if prefix else name)
-    return out
-
-
-def _is_whole(module: nn.Module, name: str, split_guard: set[str]) -> bool:
-    return type(module).__name__ in split_guard or name in split_guard
-
-
-def _has_own_tensors(module: nn.Module) -> bool:
-    return any(t is not None for t in module._parameters.values()) or any(
-        t is not None for t in module._buffers.values())
-
-
-def _has_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-
-
-def _own_only(model: nn.Module, name: str, split_guard: set[str]) -> bool:
-    """True if unit `name` holds only its module's direct tensors (its children are units of their own)."""
-    module = model.get_submodule(name) if name else model
-    return not _is_whole(module, name, split_guard) and any(_has_tensors(c) for c in module.children())
-
-
-def _make_units(model: nn.Module, names: list[str], entries: dict[str, TensorEntry],
-                split_guard: set[str]) -> list[_Unit]:
-    units = []
-    for i, n in enumerate(names):
-        own = _own_only(model, n, split_guard)
-        units.append(_Unit(n, _unit_entries(model, n, entries, own), i, own))
-    return units
-
-
-def _unit_entries(model: nn.Module, name: str, entries: dict[str, TensorEntry], own_only: bool = False
-                  ) -> list[TensorEntry]:
-    module = model.get_submodule(name) if name else model
-    pre = f"{name}." if name else ""
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False, recurse=not own_only)]
-    names += [n for n, _ in module.named_buffers(remove_duplicate=False, recurse=not own_only)]
-    return [entries[pre + n] for n in names]
-
-
-def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[_Unit]) -> str | None:
+def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[Unit]) -> str | None:
     """The unit holding the output head (the last Linear whose width is the vocabulary)."""
     if not dims.vocab:
         return None
@@ -319,7 +261,7 @@ def _fp32(ctx: _Ctx, dev: DeviceKey) -> bool:
     return not isinstance(dev, int) and ctx.cpu_mode == "cpu" and not _cpu_quantized(ctx, dev)
 
 
-def _bytes(ctx: _Ctx, units: list[_Unit], dev: DeviceKey) -> int:
+def _bytes(ctx: _Ctx, units: list[Unit], dev: DeviceKey) -> int:
     entries = [e for u in units for e in u.entries]
     if _cpu_quantized(ctx, dev):  # packed weights as stored, other floats in fp32 where the CPU computes
         quantized = {e.key for e in entries if e.quantized}
@@ -328,7 +270,7 @@ def _bytes(ctx: _Ctx, units: list[_Unit], dev: DeviceKey) -> int:
     return sizing.unique_bytes(entries, fp32=_fp32(ctx, dev))
 
 
-def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -> dict[str, int]:
+def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) -> dict[str, int]:
     """The working reserve of `dev` holding `units`, by purpose."""
     names = {u.name for u in units}
     if isinstance(dev, int):
@@ -354,7 +296,7 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[_Unit], assumed: _Assumed) -
     return {}
 
 
-def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[_Unit]:
+def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[Unit]:
     """Blocks copied to the execution device for each forward: every offloaded block in "stream" mode, else
     the disk blocks (read back into the execution GPU's slots, or the host's without a GPU)."""
     off = [u for u in ctx.units if not isinstance(assign[u.name], int)]
@@ -371,27 +313,6 @@ def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
         head_on_exec=any(u.name == ctx.head_unit for u in streamed),
         disk_staging=2 * max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
     )
-
-
-def _tied_groups(units: list[_Unit]) -> list[list[_Unit]]:
-    """Units merged when they share a tensor (tied weights), in the order of their first member."""
-    parent = list(range(len(units)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[int, int] = {}
-    for i, u in enumerate(units):
-        for e in u.entries:
-            j = owner.setdefault(e.key, i)
-            parent[find(i)] = find(j)
-    groups: dict[int, list[_Unit]] = {}
-    for i, u in enumerate(units):
-        groups.setdefault(find(i), []).append(u)
-    return sorted(groups.values(), key=lambda g: g[0].order)
 
 
 def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
@@ -426,7 +347,7 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     distinct block size as the streaming limit: blocks above it stay resident (pinned), the stream reserve is
     fixed at twice the limit, and the placement keeping the most weight bytes on the GPUs wins.
     """
-    groups = _tied_groups(ctx.units)
+    groups = tied_groups(ctx.units)
     caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
     try:
         return _settle(ctx, groups, caps, [], 0)  # a placement where every block stays resident
@@ -459,7 +380,7 @@ def _gpu_resident(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
     return sum(_bytes(ctx, [u], assign[u.name]) for u in ctx.units if isinstance(assign[u.name], int))
 
 
-def _settle(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], pinned: list[int],
+def _settle(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], pinned: list[int],
             stream: int) -> dict[str, DeviceKey]:
     """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
     head, disk staging) until the placement needs no more than assumed."""
@@ -485,17 +406,17 @@ def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
     return True
 
 
-def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
+def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
           pinned: list[int]) -> dict[str, DeviceKey]:
     """Pinned groups (kept from streaming) on the first device with room where they stay resident (a GPU, or the
     CPU when it computes), then a sequential fill: each group on the current device if it
     fits with the reserve, else on the next one. Groups holding a module's own tensors (nested entries) are
     never offloaded: they go to the first GPU with room, or the CPU when it computes."""
     devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
-    held: dict[DeviceKey, list[_Unit]] = {d: [] for d in devices}
+    held: dict[DeviceKey, list[Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
 
-    def fits(dev: DeviceKey, trial: list[_Unit]) -> bool:
+    def fits(dev: DeviceKey, trial: list[Unit]) -> bool:
         return _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]
 
     resident = [d for d in devices if isinstance(d, int) or (d == "cpu" and ctx.cpu_mode == "cpu")]
@@ -523,7 +444,7 @@ def _fill(ctx: _Ctx, groups: list[list[_Unit]], caps: dict[DeviceKey, int], assu
     return assign
 
 
-def _balanced_caps(ctx: _Ctx, groups: list[list[_Unit]]) -> dict[DeviceKey, int]:
+def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]]) -> dict[DeviceKey, int]:
     """Per-GPU caps that spread the model evenly when it fits on the GPUs; the last GPU keeps its budget."""
     gpus = [g for g in ctx.gpus if ctx.budgets[g] > 0]
     caps = dict(ctx.budgets)
@@ -541,7 +462,7 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[_Unit]]) -> dict[DeviceKey, int]
     return caps
 
 
-def _missing_error(ctx: _Ctx, left: list[list[_Unit]], held: dict[DeviceKey, list[_Unit]],
+def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list[Unit]],
                    caps: dict[DeviceKey, int], assumed: _Assumed, devices: list[DeviceKey],
                    target: DeviceKey | None = None) -> PlanError:
     """How many bytes do not fit and where the model stopped (on `target`, default the last device), with what
@@ -575,7 +496,7 @@ def _dev_name(d: DeviceKey) -> str:
 
 
 def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entries: dict[str, TensorEntry],
-              split_guard: set[str], gpus: Any) -> tuple[dict[str, DeviceKey], list[_Unit]]:
+              split_guard: set[str], gpus: Any) -> tuple[dict[str, DeviceKey], list[Unit]]:
     """Validate an accelerate-format device_map and cut each entry into units on its device."""
     modules = dict(model.named_modules(remove_duplicate=False))
     num_gpus = len(parse_gpus(gpus)) if gpus is not None else None
@@ -595,12 +516,12 @@ def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entrie
         resolved[key] = dev
     _check_overlaps(ctx, resolved, modules)
     _check_coverage(resolved, entries)
-    units: list[_Unit] = []
+    units: list[Unit] = []
     assign: dict[str, DeviceKey] = {}
     for key, dev in resolved.items():
         inner = [k for k in resolved if k != key and (key == "" or k.startswith(key + "."))]
-        for name, own in _entry_units(model, key, inner, split_guard):
-            units.append(_Unit(name, _unit_entries(model, name, entries, own), len(units), own))
+        for name, own in entry_units(model, key, inner, split_guard):
+            units.append(Unit(name, unit_entries(model, name, entries, own), len(units), own))
             assign[name] = dev
     order = {n: i for i, n in enumerate(modules)}
     units.sort(key=lambda u: order.get(u.name, 0))
@@ -620,21 +541,6 @@ def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[s
     return f"device_map key {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
 
 
-def _entry_units(model: nn.Module, key: str, inner: list[str], split_guard: set[str]) -> list[tuple[str, bool]]:
-    """(unit name, own tensors only) for the part of module `key` that no more specific entry in `inner` takes."""
-    module = model.get_submodule(key) if key else model
-    if not inner:
-        names = decompose(model, split_guard, key) if _has_tensors(module) else []
-        return [(n, _own_only(model, n, split_guard)) for n in names]
-    out = [(key, True)] if _has_own_tensors(module) else []
-    for child_name, _ in module.named_children():
-        child = f"{key}.{child_name}" if key else child_name
-        sub = [k for k in inner if k == child or k.startswith(child + ".")]
-        if child not in sub:
-            out += _entry_units(model, child, sub, split_guard)
-    return out
-
-
 def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mapping[str, nn.Module]) -> None:
     """Entries inside another entry are allowed only under a module that holds tensors itself (its own tensors
     stay with it, the longest name prefix owns each tensor) and that is not offloaded."""
@@ -642,7 +548,7 @@ def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mappi
         inner = [b for b in resolved if b != a and (a == "" or b.startswith(a + "."))]
         if not inner:
             continue
-        if not _has_own_tensors(modules[a]):
+        if not has_own_tensors(modules[a]):
             raise PlanError(f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
                             "each module once, either the parent or its children")
         if dev == "disk" or (dev == "cpu" and ctx.cpu_mode == "stream"):
@@ -665,7 +571,7 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
            workload: tuple[int, int]) -> Plan:
     """Assemble the Plan and check every budget (explicit maps are checked here; strategies already hold)."""
     need = _needs(ctx, assign)
-    held: dict[DeviceKey, list[_Unit]] = {d: [] for d in ctx.budgets}
+    held: dict[DeviceKey, list[Unit]] = {d: [] for d in ctx.budgets}
     for u in ctx.units:
         held[assign[u.name]].append(u)
     totals = {d: _bytes(ctx, held[d], d) for d in ctx.budgets}
@@ -696,7 +602,7 @@ def _fmt_detail(detail: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {format_size(v)}" for k, v in detail.items() if v) or "none"
 
 
-def _placement(ctx: _Ctx, u: _Unit, dev: DeviceKey) -> Placement:
+def _placement(ctx: _Ctx, u: Unit, dev: DeviceKey) -> Placement:
     quantized = any(e.quantized for e in u.entries)
     if _fp32(ctx, dev) or (_cpu_quantized(ctx, dev) and not quantized):
         storage = "fp32"
