@@ -17,7 +17,6 @@ The order is what makes the memory promises hold:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -34,11 +33,10 @@ from shardq import sizing
 from shardq.checkpoint import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
 from shardq.config import QuantConfig
 from shardq.dispatch import dispatch_model
-from shardq.memory import format_size
 from shardq.offload import write_disk_offload
 from shardq.planner import Plan, Placement, plan_model
 from shardq.progress import byte_bar
-from shardq.quant.linear import QuantLinear, empty_quantized
+from shardq.quant.linear import empty_quantized
 
 QUANTIZED = ("int8", "nf4", "fp4")
 
@@ -321,7 +319,6 @@ class Route:
     dtype: torch.dtype
     disk_block: str | None = None
     qmodule: nn.Module | None = None
-    transpose: bool = False
     home: torch.device | None = None  # where a quantized module's tensors end up, when not where it is quantized
 
 
@@ -356,14 +353,12 @@ def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Jour
     entries = sizing.tensor_entries(model, cfg)
     out = {}
     for name, module in list(model.named_modules()):
-        shape = sizing.linear_shape(module)
         entry = entries.get(f"{name}.weight")
-        if shape is None or entry is None or not entry.quantized or name in exclude or \
+        if type(module) is not nn.Linear or entry is None or not entry.quantized or name in exclude or \
                 owner_unit(name, units).quant not in QUANTIZED:
             continue
-        dtype = module.weight.dtype
-        new = empty_quantized(shape[1], shape[0], module.bias is not None, cfg, device="meta", dtype=dtype)
-        new.shardq_transposed = not isinstance(module, nn.Linear)  # transformers Conv1D stores [in, out]
+        new = empty_quantized(module.in_features, module.out_features, module.bias is not None, cfg, device="meta",
+                              dtype=module.weight.dtype)
         parent, _, attr = name.rpartition(".")
         journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
         out[f"{name}.weight"] = new
@@ -380,10 +375,10 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn
         fp32 = cpu_fp32(places[0], plan)
         if qmod is not None:
             p = places[0]
-            dev = _quant_device(p, plan, math.prod(_float_shape(qmod)) * (qmod.dtype.itemsize + 4))
+            dev = _quant_device(p, plan, qmod.out_features * qmod.in_features * (qmod.dtype.itemsize + 4))
             home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
             routes[key] = Route(dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None,
-                                qmod, getattr(qmod, "shardq_transposed", False), home)
+                                qmod, home)
             continue
         gpu = next((p for p in places if isinstance(p.device, int)), None)
         want = torch.float32 if fp32 and slot.dtype.is_floating_point else slot.dtype
@@ -399,10 +394,6 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn
 def cpu_fp32(p: Placement, plan: Plan) -> bool:
     """Floating tensors of this block are kept in fp32: the CPU computes them (fp32 offload, or no GPU at all)."""
     return p.quant == "fp32" or p.run == "cpu" or (not isinstance(p.device, int) and plan.execution_device is None)
-
-
-def _float_shape(qmod: nn.Module) -> tuple[int, int]:
-    return qmod.out_features, qmod.in_features
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,11 +459,8 @@ def _fetch(src: SourceTensor, route: Route, pinned: PinnedReader | None = None) 
     """Read one tensor and move it to its device in its target dtype, casting where it moves fewer bytes."""
     if pinned is not None and _pinned_ok(src, route):
         t = pinned.fetch(src.info, route.device)
-        t = t.t() if route.transpose else t
         return t.to(route.dtype if t.is_floating_point() else t.dtype).contiguous()
     t = src.read()
-    if route.transpose:
-        t = t.t()
     want = route.dtype if t.is_floating_point() else t.dtype
     if want.itemsize < t.dtype.itemsize:
         t = t.to(want)
