@@ -33,7 +33,7 @@ from shardq import sizing
 from shardq.checkpoint import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
 from shardq.config import QuantConfig
 from shardq.dispatch import dispatch_model
-from shardq.offload import write_disk_offload
+from shardq.offload import host_buffer, pin_buffer, write_disk_offload
 from shardq.planner import Plan, Placement, plan_model
 from shardq.progress import byte_bar
 from shardq.quant.linear import empty_quantized
@@ -419,7 +419,7 @@ class PinnedReader:
     reused only after the copy out of it has finished."""
 
     def __init__(self, nbytes: int) -> None:
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.buffers = [pin_buffer(*host_buffer(nbytes, pin=True)) for _ in range(2)]  # exact size, not 2^k
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
