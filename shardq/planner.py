@@ -137,6 +137,7 @@ class _Ctx:
     head_unit: str | None
     quant: QuantConfig
     largest_tensor: int = 0
+    workspace: int = 0  # scratch of the CUDA quantized matmuls for the workload (sizing.matmul_workspace_bytes)
 
 
 @dataclass
@@ -222,7 +223,16 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
+        workspace=sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
     )
+
+
+def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
+    """(out, in) of every nn.Linear the config would quantize (a superset: tied heads stay unquantized)."""
+    if q.method == "none":
+        return []
+    return [(m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not q.skips(n)]
 
 
 def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
@@ -281,6 +291,9 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
         out = {"load": load, "activations": ctx.act + (ctx.head_act if head else 0)}
         if dev == ctx.exec_dev and assumed.stream:
             out["stream"] = assumed.stream
+        quantized_here = any(e.quantized for u in units for e in u.entries)
+        if ctx.workspace and (quantized_here or (dev == ctx.exec_dev and assumed.stream)):
+            out["matmul workspace"] = ctx.workspace
         return out
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):

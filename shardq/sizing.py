@@ -143,6 +143,36 @@ def activation_bytes(dims: Dims, batch: int, seq_len: int, itemsize: int) -> int
     return (tokens * per_token + scores) * itemsize
 
 
+def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, tokens: int, itemsize: int) -> int:
+    """Scratch the CUDA quantized matmuls allocate for one call, at most over the `(out, in)` weight shapes.
+
+    int8 (LLM.int8()): the int8 activations and per-column statistics, the int32 product of the tensor-core GEMM,
+    and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more than SMALL_M rows: the weight
+    rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need none.
+    """
+    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, SMALL_M
+
+    def int8(n: int, k: int) -> int:
+        pad = (tokens * _up8(k) + _up8(n) * _up8(k)) if (n % 8 or k % 8) else 0
+        return 8 * k + tokens * (k + 4) + 4 * tokens * _up8(n) + pad + 1280
+
+    def four(n: int, k: int) -> int:
+        if tokens <= SMALL_M:
+            return 0
+        rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)))
+        return rows * k * itemsize
+
+    if quant.method == "int8":
+        return max((int8(n, k) for n, k in shapes), default=0)
+    if quant.is_4bit:
+        return max((four(n, k) for n, k in shapes), default=0)
+    return 0
+
+
+def _up8(v: int) -> int:
+    return -(-v // 8) * 8
+
+
 def head_bytes(dims: Dims, batch: int, seq_len: int) -> int:
     """The output head's logits, which transformers returns in fp32: batch x seq_len x vocab x 4."""
     return batch * seq_len * dims.vocab * 4

@@ -1,0 +1,41 @@
+"""The planner reserves the scratch the CUDA quantized matmuls allocate, so a prefill stays under the cap."""
+
+import pytest
+import torch
+
+from shardq import sizing
+from shardq.config import QuantConfig
+from shardq.kernels import cuda_ops
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (512, 2816, 1024), (4096, 11008, 4096), (300, 1003, 4097)])
+def test_int8_workspace_covers_kernel_scratch(m, n, k):
+    scratch, _ = cuda_ops._int8_scratch(m, k, torch.device("cpu"))
+    int32_out = 4 * m * (-(-n // 8) * 8)
+    padded = (m * (-(-k // 8) * 8) + (-(-n // 8) * 8) * (-(-k // 8) * 8)) if (n % 8 or k % 8) else 0
+    got = sizing.matmul_workspace_bytes([(n, k)], QuantConfig("int8"), m, 2)
+    assert got >= scratch.numel() + int32_out + padded
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_4bit_workspace_is_the_dequantized_chunk_only_for_large_m(method):
+    cfg = QuantConfig(method)
+    assert sizing.matmul_workspace_bytes([(28672, 8192)], cfg, cuda_ops.SMALL_M, 2) == 0
+    full = sizing.matmul_workspace_bytes([(1024, 1024)], cfg, 512, 2)
+    assert full == 1024 * 1024 * 2
+    big = sizing.matmul_workspace_bytes([(65536, 8192)], cfg, 512, 2)  # 1 GiB in fp16: chunked
+    assert big <= cuda_ops.DEQUANT_CHUNK_BYTES and big >= cuda_ops.DEQUANT_CHUNK_BYTES - 8192 * 2
+
+
+def test_plan_reserves_workspace_on_gpus_with_quantized_blocks():
+    transformers = pytest.importorskip("transformers")
+    from shardq.planner import plan_model
+
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    for quant, expect in [("int8", True), ("nf4", True), ("none", False)]:
+        plan = plan_model(model, quant=quant, max_memory={0: "1GB", "cpu": "1GB"}, gpus=["1GB"], workload=(1, 512))
+        assert ("matmul workspace" in plan.reserve_detail[0]) is expect
+        assert plan.totals[0] + plan.reserves[0] <= plan.budgets[0]
