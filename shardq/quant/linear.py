@@ -50,7 +50,8 @@ def _check_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 class _Quantized(nn.Module):
-    """Shared by both layers: `.half()`/`.to(dtype)` may cast the bias but never the stored formats."""
+    """What both layers share: the constructors, and `.half()`/`.to(dtype)` casting the bias but never the
+    stored formats."""
 
     def _apply(self, fn, recurse=True):
         before = {n: b for n, b in self._buffers.items() if b is not None}
@@ -60,6 +61,19 @@ class _Quantized(nn.Module):
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)  # move only: quantized data keep their dtype
         return self
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
+              device: torch.device | str = "meta", dtype: torch.dtype = torch.float16) -> "_Quantized":
+        """An unfilled layer (meta by default) for the loader; fill with `load_from_float` or `load_quantized`."""
+        return cls(in_features, out_features, bias, cfg, device=device, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "_Quantized":
+        """Quantize an `nn.Linear` on the device its weight is on."""
+        m = cls.empty(linear.in_features, linear.out_features, linear.bias is not None, cfg, "meta",
+                      linear.weight.dtype)
+        return m.load_from_float(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
 
 class Linear4bit(_Quantized):
@@ -86,19 +100,6 @@ class Linear4bit(_Quantized):
             self.register_buffer("nested_offset", torch.empty((), dtype=torch.float32, device=device))
         self._offset: float | None = None
         self.bias = _bias_param(out_features, bias, device, dtype)
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
-              device: torch.device | str = "meta", dtype: torch.dtype = torch.float16) -> "Linear4bit":
-        """An unfilled layer (meta by default) for the loader; fill with `load_from_float` or `load_quantized`."""
-        return cls(in_features, out_features, bias, cfg, device=device, dtype=dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "Linear4bit":
-        """Quantize an `nn.Linear` on the device its weight is on."""
-        m = cls.empty(linear.in_features, linear.out_features, linear.bias is not None, cfg, "meta",
-                      linear.weight.dtype)
-        return m.load_from_float(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
     def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear4bit":
         """Quantize a float [out, in] weight on its own device into this layer's buffers; returns self."""
@@ -183,19 +184,6 @@ class Linear8bit(_Quantized):
         self.register_buffer("weight", torch.empty((out_features, in_features), dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = _bias_param(out_features, bias, device, dtype)
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
-              device: torch.device | str = "meta", dtype: torch.dtype = torch.float16) -> "Linear8bit":
-        """An unfilled layer (meta by default) for the loader; fill with `load_from_float` or `load_quantized`."""
-        return cls(in_features, out_features, bias, cfg, device=device, dtype=dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "Linear8bit":
-        """Quantize an `nn.Linear` on the device its weight is on."""
-        m = cls.empty(linear.in_features, linear.out_features, linear.bias is not None, cfg, "meta",
-                      linear.weight.dtype)
-        return m.load_from_float(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
     def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear8bit":
         """Quantize a float [out, in] weight row-wise on its own device into this layer's buffers; returns self."""
