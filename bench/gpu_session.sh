@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call that re-checks everything GPU-facing and re-takes every benchmark, logs under $OUT.
+#
+# Device time is scarce (30 min a session), so build the kernel library here first (nvcc alone, no GPU needed)
+# and carry it, with the bitsandbytes wheel for the peer columns:
+#   SHARDQ_CACHE=$PWD/.kcache python -c "from shardq.kernels.build import built_library; built_library()"
+#   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
+# Steps (default all): check tests kernels offload dispatch load. Each is bounded by its own timeout; one call
+# may run 600 s at most, so split them, e.g. "check tests offload", then "kernels", then "dispatch load".
+set -u
+OUT=${OUT:-/tmp/shardq-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SHARDQ_CACHE=${SHARDQ_CACHE:-$PWD/.kcache}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-check tests kernels offload dispatch load}
+summary=()
+
+step() {  # name, timeout seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-9s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")")
+}
+
+for s in $steps; do
+  case $s in
+    check) step check 120 python3 -m shardq.kernels --check ;;
+    tests) step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_ops.py \
+             tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py ;;
+    kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ;;
+    offload) step offload 300 python3 bench/bench_offload.py ;;
+    dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
+    load) step load 300 python3 bench/bench_load.py ;;
+    *) echo "unknown step $s (check tests kernels offload dispatch load)"; exit 2 ;;
+  esac
+done
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+printf '%s\n' "${summary[@]}"
