@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,17 +26,14 @@ from typing import Mapping
 import numpy
 import torch
 
+from .checkpoint import DTYPES, CheckpointError, read_header
+
 ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
 INDEX_NAME = "index.json"
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every GPU's context, not only the current one
 INDEX_FORMAT = "shardq-offload-1"
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class OffloadError(ValueError):
@@ -217,28 +213,21 @@ def open_disk_block(offload_dir: str | os.PathLike, module_name: str) -> DiskBlo
         raise OffloadError(f"block {module_name!r} is not in {Path(offload_dir) / INDEX_NAME}; "
                            f"it holds {sorted(index['blocks'])}")
     path = Path(offload_dir) / entry["file"]
-    size = path.stat().st_size if path.exists() else -1
-    if size < 8:
-        raise OffloadError(f"offload file {path} is missing or empty; delete the offload folder and load again")
-    with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        if hlen > size - 8:
-            raise OffloadError(f"offload file {path} is truncated (header of {hlen} bytes, file of {size})")
-        header = json.loads(f.read(hlen))
-    header.pop("__metadata__", None)
-    specs, end = [], 0
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        start, stop = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        if start % torch.empty((), dtype=dtype).element_size():
-            raise OffloadError(f"tensor {name!r} in {path} is not aligned to its dtype; "
+    try:
+        tensors, _ = read_header(path)
+    except CheckpointError as e:
+        raise OffloadError(f"offload file of block {module_name!r}: {e} (here: delete the offload folder and load again)") \
+            from None
+    infos = sorted(tensors.values(), key=lambda t: t.start)
+    base = min((t.start for t in infos), default=0)
+    specs = []
+    for t in infos:
+        if (t.start - base) % t.dtype.itemsize:
+            raise OffloadError(f"tensor {t.name!r} in {path} is not aligned to its dtype; "
                                "rewrite it with write_disk_offload")
-        specs.append(TensorSpec(name, dtype, tuple(info["shape"]), start, stop - start))
-        end = max(end, stop)
-    if 8 + hlen + end > size:
-        raise OffloadError(f"offload file {path} is truncated: needs {8 + hlen + end} bytes, has {size}; "
-                           "delete the offload folder and load again")
-    return DiskBlock(module_name, specs, path, 8 + hlen, end)
+        specs.append(TensorSpec(t.name, t.dtype, t.shape, t.start - base, t.end - t.start))
+    end = max((t.end for t in infos), default=base) - base
+    return DiskBlock(module_name, specs, path, base, end)
 
 
 def read_block_into(block: DiskBlock, out: torch.Tensor, wait: torch.cuda.Event | None = None) -> torch.Tensor:
