@@ -74,28 +74,10 @@ def test_unindexed_directory_of_several_files(tmp_path):
         index_checkpoint(tmp_path)
 
 
-def test_headers_only_are_read(tmp_path, monkeypatch):
+def test_headers_only_are_read(tmp_path, checkpoint_reads):
     big = {"w": torch.randn(512, 1024), "v": torch.randn(256)}
     save_file(big, tmp_path / "model.safetensors")
-    reads = []
-    real_open = open
-
-    class Counting:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def read(self, n=-1):
-            data = self.f.read(n)
-            reads.append(len(data))
-            return data
-
-    monkeypatch.setattr(checkpoint, "open", lambda p, m="r": Counting(real_open(p, m)), raising=False)
+    reads = checkpoint_reads
     idx = index_checkpoint(tmp_path)
     assert sum(reads) < 1024 and idx["w"].nbytes == 512 * 1024 * 4
 

@@ -101,26 +101,8 @@ def test_plan_checkpoint_matches_model_plan(ckpts, arch, quant):
     assert p.device_map == direct.device_map and p.totals == direct.totals
 
 
-def test_plan_reads_headers_only(ckpts, monkeypatch):
-    reads = []
-    real_open = open
-
-    class Counting:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def read(self, n=-1):
-            data = self.f.read(n)
-            reads.append(len(data))
-            return data
-
-    monkeypatch.setattr(checkpoint, "open", lambda p, m="r": Counting(real_open(p, m)), raising=False)
+def test_plan_reads_headers_only(ckpts, monkeypatch, checkpoint_reads):
+    reads = checkpoint_reads
     monkeypatch.setattr(checkpoint, "read_tensor", lambda *a, **k: pytest.fail("plan must not read tensors"))
     p = plan(ckpts["llama"], "nf4", max_memory=CAPS, gpus="1x1GB", workload=WL)
     data_bytes = checkpoint.index_checkpoint(ckpts["llama"]).total_bytes

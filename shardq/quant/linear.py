@@ -75,6 +75,16 @@ class _Quantized(nn.Module):
                       linear.weight.dtype)
         return m.load_from_float(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
+    def set_quantized(self, state: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        """Adopt already-quantized tensors (named as this layer's buffers) after checking shape and dtype."""
+        for name, value in state.items():
+            cur = getattr(self, name)
+            if tuple(value.shape) != tuple(cur.shape) or value.dtype != cur.dtype:
+                raise ValueError(f"{name}: got {value.dtype} {tuple(value.shape)}, this layer stores "
+                                 f"{cur.dtype} {tuple(cur.shape)}")
+            setattr(self, name, value)
+        _set_bias(self, bias)
+
 
 class Linear4bit(_Quantized):
     """NF4/FP4 blockwise-quantized linear layer (bitsandbytes layout, optional double quant)."""
@@ -119,14 +129,7 @@ class Linear4bit(_Quantized):
         return self
 
     def set_quantized(self, state: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
-        """Adopt already-quantized tensors (named as this layer's buffers) after checking shape and dtype."""
-        for name, value in state.items():
-            cur = getattr(self, name)
-            if tuple(value.shape) != tuple(cur.shape) or value.dtype != cur.dtype:
-                raise ValueError(f"{name}: got {value.dtype} {tuple(value.shape)}, this layer stores "
-                                 f"{cur.dtype} {tuple(cur.shape)}")
-            setattr(self, name, value)
-        _set_bias(self, bias)
+        super().set_quantized(state, bias)
         self._offset = float(self.nested_offset) if self.double_quant else None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -192,16 +195,6 @@ class Linear8bit(_Quantized):
         self.dtype = weight.dtype
         self.set_quantized({"weight": q, "SCB": scb}, bias)
         return self
-
-    def set_quantized(self, state: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
-        """Adopt already-quantized tensors (`weight`, `SCB`) after checking shape and dtype."""
-        for name, value in state.items():
-            cur = getattr(self, name)
-            if tuple(value.shape) != tuple(cur.shape) or value.dtype != cur.dtype:
-                raise ValueError(f"{name}: got {value.dtype} {tuple(value.shape)}, this layer stores "
-                                 f"{cur.dtype} {tuple(cur.shape)}")
-            setattr(self, name, value)
-        _set_bias(self, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
