@@ -18,7 +18,7 @@ from torch import nn
 from shardq.checkpoint import CheckpointError
 from shardq.config import QuantConfig
 from shardq.quant.linear import Linear4bit, Linear8bit, quantize_model
-from shardq.quant.serialize import checkpoint_config, load_quantized, save_quantized
+from shardq.quant.serialize import bnb_state_dict, checkpoint_config, load_quantized, save_quantized
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -100,6 +100,28 @@ def test_save_and_reload_without_requantizing(cfg, tmp_path):
     assert torch.equal(fresh(x), y)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_sharded_save_reloads_and_indexes_every_tensor(method, tmp_path):
+    torch.manual_seed(3)
+    model = quantize_model(nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 48)),
+                           QuantConfig(method=method, double_quant=method == "nf4"))
+    save_quantized(model, tmp_path, max_shard_size="6KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    state = bnb_state_dict(model)
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and not (tmp_path / "model.safetensors").exists()
+    for f in files:  # at most the limit, unless one tensor alone is larger
+        held = [state[k] for k, v in index["weight_map"].items() if v == f]
+        assert len(held) == 1 or sum(t.numel() * t.element_size() for t in held) <= 6000
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    fresh = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 48))
+    load_quantized(fresh, tmp_path)
+    x = torch.randn(5, 96)
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="unit"):
+        save_quantized(model, tmp_path / "bad", max_shard_size="12 parsecs")
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from shardq.checkpoint import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
+from shardq.memory import parse_size
 from shardq.quant import blockwise, codebooks
 from shardq.quant.linear import (PROGRESS_MIN_LAYERS, Linear4bit, Linear8bit, QuantLinear, _set_submodule,
                                  empty_quantized)
@@ -120,18 +121,21 @@ def _main_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     return max(by, key=by.get) if by else torch.float16
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig | None = None) -> Path:
-    """Write `model.safetensors` (bitsandbytes layout) and `config.json` (the model's transformers config if it
-    has one, with `quantization_config`) into directory `path`; returns the directory."""
+def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig | None = None,
+                   max_shard_size: int | str | None = None) -> Path:
+    """Write the model in the bitsandbytes layout and `config.json` (the model's transformers config if it has
+    one, with `quantization_config`) into directory `path`; returns the directory. One `model.safetensors`, or
+    with `max_shard_size` (bytes or a size such as "2GB") shards plus `model.safetensors.index.json`, as
+    transformers' `save_pretrained` writes them."""
     cfg = infer_config(model) if cfg is None else QuantConfig.from_any(cfg)
     if cfg.method == "none":
         raise ValueError("the model has no quantized layers: run shardq.quantize_model(model, cfg) first")
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     qdict = bnb_config_dict(cfg)
     tensors = bnb_state_dict(model)
-    save_file(tensors, root / "model.safetensors",
-              metadata={"format": "pt", "quantization_config": json.dumps(qdict)})
+    _write_shards(tensors, root, limit, {"format": "pt", "quantization_config": json.dumps(qdict)})
     hf_cfg = getattr(model, "config", None)
     config = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else {}
     config["quantization_config"] = qdict
@@ -139,6 +143,30 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig |
         config["dtype"] = _dtype_name(_main_float_dtype(tensors))
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     return root
+
+
+def _write_shards(tensors: Mapping[str, torch.Tensor], root: Path, limit: int | None, meta: dict[str, str]) -> None:
+    """Tensors in order into shards of at most `limit` bytes (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], root / "model.safetensors", metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, root / fname, metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ---------------- reading ----------------
