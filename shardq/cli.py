@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-cpu-offload", action="store_true",
                    help="keep CPU blocks unquantized in fp32 and compute them on the CPU")
     p.add_argument("--skip-modules", metavar="NAMES", help="comma-separated modules kept unquantized (default lm_head)")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="auto/sequential fill GPUs in order; "
-                                                                           "balanced spreads over GPUs")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="auto/balanced spread over the GPUs when "
+                   "the model fits on them (as transformers), else fill in order; sequential fills GPUs in order")
     p.add_argument("--device-map", metavar="MAP", help="explicit map: JSON dict or a .json file, module -> device")
     p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
     p.add_argument("--offload-mode", choices=("cpu", "stream"), help="how CPU blocks run (default: cpu with "

@@ -680,7 +680,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `model`: any nn.Module, with real weights or built on the meta device. `checkpoint`: a .safetensors file or a
     directory (single file or shards with model.safetensors.index.json); None loads the model's own weights.
     `quant`: QuantConfig, transformers BitsAndBytesConfig, its dict, or "int8"/"nf4"/"fp4"/"none".
-    `device_map`: "auto"/"sequential", "balanced", or an explicit accelerate-format dict. `offload_dir`:
+    `device_map`: "auto"/"balanced", "sequential", or an explicit accelerate-format dict. `offload_dir`:
     folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or "stream"
     (weights copied to the GPU per forward) for CPU blocks. `workload` = (batch, seq_len) sizes the activation
     reserve. `dtype`: cast floating weights to it (default: the model's own dtypes). `progress`: tqdm bar over

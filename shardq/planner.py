@@ -2,7 +2,8 @@
 
 `plan_model` works on a module tree (the meta device is enough): it cuts the tree into units (no-split blocks
 such as decoder layers, else leaf modules), groups units that share tied parameters, then places them with a
-strategy ("auto"/"sequential": fill GPUs in order, then the CPU, then disk; "balanced": spread over the GPUs)
+strategy ("sequential": fill GPUs in order, then the CPU, then disk; "auto"/"balanced": spread over the GPUs when
+the model fits on them, as transformers' device_map="auto" does, else the same fill)
 or checks an explicit accelerate-format `device_map`. Every device's placed bytes plus its working reserve stay
 within its `max_memory` budget; `plan` does the same for a checkpoint directory, reading headers only.
 A module that holds tensors itself besides its children (Bart's root `final_logits_bias`) becomes an entry of
@@ -162,7 +163,7 @@ def plan_model(
 ) -> Plan:
     """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
 
-    `device_map` is a strategy ("auto" = "sequential", "balanced") or an accelerate-format dict of module
+    `device_map` is a strategy ("auto" = "balanced", "sequential") or an accelerate-format dict of module
     names to devices, which is validated and checked against the budgets. `no_split` lists block classes or
     module names kept whole (default: transformers' `_no_split_modules`, else repeated ModuleList children).
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
@@ -186,7 +187,7 @@ def plan_model(
             ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
         strategy = "explicit"
     elif device_map in STRATEGIES:
-        assign = _place_with_exec_choice(ctx, balanced=device_map == "balanced")
+        assign = _place_with_exec_choice(ctx, balanced=device_map in ("auto", "balanced"))
         strategy = device_map
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "

@@ -182,8 +182,9 @@ def test_sequential_fills_gpus_in_order_and_balanced_spreads(models):
     assert seq.totals[2] == 0 and seq.totals[0] >= seq.totals[1]
     assert all(bal.totals[g] > 0 for g in range(3))
     assert max(bal.totals[g] for g in range(3)) < seq.totals[0]
+    # "auto" balances as transformers' device_map="auto" does
     assert plan_model(m, None, max_memory={0: "5MB", 1: "5MB"}, gpus="2x8MB", workload=WL).device_map == \
-        plan_model(m, None, max_memory={0: "5MB", 1: "5MB"}, gpus="2x8MB", device_map="sequential",
+        plan_model(m, None, max_memory={0: "5MB", 1: "5MB"}, gpus="2x8MB", device_map="balanced",
                    workload=WL).device_map
 
 
