@@ -5,7 +5,7 @@ so neither the host nor the GPU ever holds the whole float model. Blocks that do
 CPU (streamed to the GPU for each forward, packed) and, past the CPU cap, to disk (read ahead from the offload
 folder). Runs on one GPU, or on the CPU alone.
 
-    python examples/offload_oversized.py [--quant nf4] [--gpu-cap 300MB] [--cpu-cap 200MB] [--layers 12]
+    python examples/offload_oversized.py [--quant nf4] [--gpu-cap 300MB] [--cpu-cap 250MB] [--layers 12]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", default="nf4", help="none, int8, nf4 or fp4")
     ap.add_argument("--gpu-cap", default="300MB", help="max_memory of GPU 0 (ignored without a GPU)")
-    ap.add_argument("--cpu-cap", default="200MB", help="max_memory of the CPU; the rest goes to disk")
+    ap.add_argument("--cpu-cap", default="250MB", help="max_memory of the CPU; the rest goes to disk")
     ap.add_argument("--layers", type=int, default=12)
     args = ap.parse_args()
     gpu = torch.cuda.is_available()

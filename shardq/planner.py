@@ -45,7 +45,10 @@ DEFAULT_WORKLOAD = (1, 512)
 
 
 class PlanError(ValueError):
-    """A model that cannot be placed under the given budgets, or an invalid device map."""
+    """A model that cannot be placed under the given budgets, or an invalid device map. `missing` is the
+    shortfall in bytes when the budgets are too small (0 otherwise)."""
+
+    missing: int = 0
 
 
 @dataclass
@@ -376,7 +379,7 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
         try:
             assign = _settle(ctx, groups, caps, pinned, 2 * limit)
         except PlanError as exc:
-            error = error or exc
+            error = exc if error is None or 0 < exc.missing < error.missing else error
             continue
         first = first or assign
         if _within_budgets(ctx, assign):
@@ -385,9 +388,19 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
                 best = (score, assign)
     if best is not None:
         return best[1]
-    if first is not None:
+    if first is not None and (error is None or _overrun(ctx, first) <= error.missing):
         return first  # over budget somewhere: the final check names the device
-    raise error or PlanError("no placement found")
+    raise error or PlanError("no placement found")  # the attempt that missed by the least
+
+
+def _overrun(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
+    """Bytes by which the most overfull device of a placement exceeds its budget."""
+    need = _needs(ctx, assign)
+    over = 0
+    for d in ctx.budgets:
+        units = [u for u in ctx.units if assign[u.name] == d]
+        over = max(over, _bytes(ctx, units, d) + sum(_reserve(ctx, d, units, need).values()) - ctx.budgets[d])
+    return over
 
 
 def _gpu_resident(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
@@ -498,11 +511,13 @@ def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list
     why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
            f"(largest {format_size(biggest)});" if one > biggest else "")
     hint = "" if "disk" in ctx.budgets else " add 'disk' to max_memory to offload the rest to disk, or"
-    return PlanError(
+    error = PlanError(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
         f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "
         f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
         "or shrink the workload (batch, seq_len).")
+    error.missing = missing
+    return error
 
 
 def _dev_name(d: DeviceKey) -> str:
