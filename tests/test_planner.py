@@ -495,3 +495,19 @@ def test_gpt2_conv1d_stays_unquantized_and_says_so(models):
     assert {x.quant for x in p.placements if x.name.startswith("transformer.h.")} == {"float16"}
     assert any("Conv1D" in w and "not quantized" in w for w in p.warnings)
     assert not plan_model(models["llama"], "nf4", max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).warnings
+
+
+def test_no_fit_reports_the_closest_miss():
+    """Without a GPU, fp32 embedding + head fit only on the CPU and the layers only on disk, 6.4 MiB short of a
+    200 MB cap: the error gives that shortfall, not the 106 MiB overrun of streaming everything from disk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=16000)
+    with torch.device("meta"):
+        m = LlamaForCausalLM(cfg).half()
+    with pytest.raises(PlanError, match="missing") as info:
+        plan_model(m, "nf4", max_memory={"cpu": "200MB", "disk": "50GB"}, workload=(1, 128))
+    assert 0 < info.value.missing < 10 * 2**20
+    ok = plan_model(m, "nf4", max_memory={"cpu": "210MB", "disk": "50GB"}, workload=(1, 128))
+    assert ok.device_map["model.embed_tokens"] == "cpu" and ok.device_map["model.layers.0"] == "disk"
