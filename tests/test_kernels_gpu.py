@@ -65,23 +65,78 @@ def _grid():
         yield pytest.param(k, n, m, *combos[i % len(combos)], id=f"K{k}-N{n}-M{m}-{i % len(combos)}")
 
 
-@pytest.mark.parametrize("k,n,m,dtype,qt,dq", list(_grid()))
-def test_gemm_4bit(k, n, m, dtype, qt, dq):
-    g = _gen("g4", k, n, m)
-    packed, absmax, code, nested, real = _quantized_weight(n, k, qt, dq, g)
+def _check_gemm_4bit(k, n, m, dtype, qt, dq, key, bs=64):
+    """Run shardq::gemm_4bit on fresh inputs, check it against the fp64 reference; returns the inputs and output."""
+    g = _gen(key, k, n, m, bs)
+    packed, absmax, code, nested, real = _quantized_weight(n, k, qt, dq, g, bs)
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::max(1, k // 8)] *= 20.0
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if m % 2 else None
     _poison(m * n * 2)
-    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, bias)
+    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)
     assert out.shape == (m, n) and out.dtype == dtype
     assert torch.isfinite(out).all(), "output not fully written"
-    wdq = blockwise.dequantize_4bit_ref(packed, real, code, 64, [n, k], torch.float32)
+    wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
     same = F.linear(x, wdq.to(dtype), bias)
     tol = 4 * _rel(same, ref) + 1e-5
     err = _rel(out, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
+    return (x, packed, absmax, code, nested, bias), out
+
+
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq", list(_grid()))
+def test_gemm_4bit(k, n, m, dtype, qt, dq):
+    _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4")
+
+
+# Variant 3 (csrc/gemv_4bit_staged.cu, M <= 8): the issue shapes, a ragged N (1000 rows: not a multiple of the
+# 16-row CTA group), and shapes it must refuse (K = 4097, K = 4128 not a multiple of 64) so variant 1 runs.
+V3_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512)]
+
+
+def _staged_direct(args, k, n, m, bs):
+    """Call the staged launcher itself (rc, output): proves which kernel produced the op's output."""
+    x, packed, absmax, code, nested, bias = args
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
+    _poison(m * n * 2)
+    out = torch.empty((m, n), dtype=x.dtype, device=DEV)
+    rc = lib.load().shardq_gemv_4bit_staged(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                            None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bs,
+                                            cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
+    return rc, out
+
+
+def _v3_grid():
+    combos = list(itertools.product([torch.float16, torch.bfloat16], ["nf4", "fp4"], [False, True]))
+    for i, ((k, n), m) in enumerate(itertools.product(V3_SHAPES, [1, 2, 7, 8])):
+        c = (i + i // 8) % len(combos)
+        yield pytest.param(k, n, m, *combos[c], id=f"K{k}-N{n}-M{m}-{c}")
+
+
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq", list(_v3_grid()))
+def test_gemm_4bit_variant3(monkeypatch, k, n, m, dtype, qt, dq):
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", 3)
+    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4v3")
+    rc, direct = _staged_direct(args, k, n, m, 64)
+    if k % 64:
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"staged kernel accepted K={k}"
+    else:
+        assert rc == 0, f"staged kernel refused K={k} N={n} M={m} (rc {rc})"
+        assert torch.equal(direct, out), "the op did not use the staged kernel"
+
+
+@pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2)])
+def test_gemm_4bit_variant3_blocksizes(monkeypatch, bs, m):
+    """Blocksizes 32..K (a 32-code word never straddles two blocks), M buckets 1/2/4/8; bs 4096 > K falls back."""
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", 3)
+    k, n = 2048, 1000
+    args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs == 128, "g4v3bs",
+                                 bs)
+    rc, direct = _staged_direct(args, k, n, m, bs)
+    assert rc == (0 if k % bs == 0 else lib.CUDA_ERROR_NOT_SUPPORTED)
+    if rc == 0:
+        assert torch.equal(direct, out)
 
 
 @pytest.mark.parametrize("k,n,m", [(1024, 1000, 1), (4097, 96, 7), (512, 1000, 64)])
@@ -150,12 +205,14 @@ def test_quantize_int8_rowwise(shape, dtype):
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
-def test_cuda_graph_capture():
-    g = _gen("graph")
+@pytest.mark.parametrize("variant", [1, 3])
+def test_cuda_graph_capture(monkeypatch, variant):
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
+    g = _gen("graph", variant)
     n, k = 1024, 2048
     packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", True, g)
     w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
-    xs = {m: torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g) for m in (1, 64)}
+    xs = {m: torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g) for m in (1, 8, 64)}
     fns = {
         "gemm_4bit": lambda x: torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None),
         "int8_linear": lambda x: torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0),

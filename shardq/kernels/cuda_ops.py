@@ -22,7 +22,9 @@ SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this ma
 # Scratch cap for the large-M 4-bit path (weight rows dequantized per cuBLAS call), in bytes.
 DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")) * 2**20)
 # Small-M 4-bit kernel: 1 = K-split CTAs (default, faster on 4 of the 5 benchmark shapes, bench/RESULTS.md),
-# 2 = row-streaming warps with two-step register prefetch (faster at 4096x11008, M <= 7).
+# 2 = row-streaming warps with two-step register prefetch (faster at 4096x11008, M <= 7),
+# 3 = candidate, not yet measured: for M <= 8, csrc/gemv_4bit_staged.cu (weights staged through shared memory with
+# a 4-deep cp.async ring); where its preconditions fail (K % 64, blocksize, alignment) and for M > 8, variant 1.
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "1"))
 
 
@@ -125,15 +127,28 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
-    dt = DTYPE_CODES[x.dtype]
     with _on_device(x.device):
         if m <= SMALL_M:
-            rc = lib.shardq_gemm_4bit_small(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b),
-                                            out.data_ptr(), m, n, k, blocksize, dt, GEMM4_VARIANT, _stream(x))
-            _lib.check(rc, "gemm_4bit_small")
+            _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out)
         else:
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+                     b: Optional[Tensor], out: Tensor) -> None:
+    """M <= SMALL_M: the small-M kernel of GEMM4_VARIANT (variant 3 = the staged GEMV for M <= 8, else variant 1)."""
+    m = x2.shape[0]
+    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), m, n, k, blocksize,
+            DTYPE_CODES[x2.dtype])
+    stream = _stream(x2)
+    if GEMM4_VARIANT == 3 and m <= 8:
+        rc = lib.shardq_gemv_4bit_staged(*args, stream)
+        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+            _lib.check(rc, "gemv_4bit_staged")
+            return
+    rc = lib.shardq_gemm_4bit_small(*args, 1 if GEMM4_VARIANT == 3 else GEMM4_VARIANT, stream)
+    _lib.check(rc, "gemm_4bit_small")
 
 
 def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,

@@ -23,6 +23,7 @@ _F32 = ctypes.c_float
 # name -> argument types (every launcher returns a cudaError_t as int; stream is the last argument)
 SIGNATURES: dict[str, list] = {
     "shardq_gemm_4bit_small": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _P],
+    "shardq_gemv_4bit_staged": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_quantize_4bit": [_P, _P, _P, _P, _I64, _I64, _INT, _P],
     "shardq_quantize_int8_rowwise": [_P, _P, _P, _I64, _I64, _INT, _P],
@@ -30,6 +31,8 @@ SIGNATURES: dict[str, list] = {
     "shardq_int8_gemv": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_epilogue": [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
 }
+
+CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: a launcher's preconditions do not hold, nothing launched
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None, "tried": False, "path": None}
