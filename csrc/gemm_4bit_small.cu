@@ -102,7 +102,9 @@ __device__ __forceinline__ void load_x(const Small4Args& p, int r, int kt, uint3
   }
 }
 
-template <typename T, int NT, int MT>
+// One 128-column step: dequantize NT 16-byte weight words through the table and feed MT m16 tiles to the tensor
+// cores. LOW8 (M <= 8): rows 8..15 of the tile are zero, so their activations are never loaded.
+template <typename T, int NT, int MT, bool LOW8>
 __device__ __forceinline__ void mma_step(const uint32_t* tbl, const uint4* wv, const uint32_t* sc,
                                          uint32_t (*xa)[2][16], float (*acc)[NT][4]) {
 #pragma unroll
@@ -115,7 +117,8 @@ __device__ __forceinline__ void mma_step(const uint32_t* tbl, const uint4* wv, c
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const uint32_t a[4] = {xa[mt][0][2 * j], xa[mt][1][2 * j], xa[mt][0][2 * j + 1], xa[mt][1][2 * j + 1]};
+      const uint32_t a[4] = {xa[mt][0][2 * j], LOW8 ? 0u : xa[mt][1][2 * j], xa[mt][0][2 * j + 1],
+                             LOW8 ? 0u : xa[mt][1][2 * j + 1]};
 #pragma unroll
       for (int i = 0; i < NT; ++i) mma16816<T>(acc[mt][i], a, b[i][0], b[i][1]);
     }
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
         load_x<T>(p, mt * 16 + g, kt, xa[mt][0]);
         load_x<T>(p, mt * 16 + g + 8, kt, xa[mt][1]);
       }
-      mma_step<T, NT, MT>(tbl, cw, cs, xa, acc);
+      mma_step<T, NT, MT, false>(tbl, cw, cs, xa, acc);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -193,27 +196,6 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
 // each streaming its whole K range with weights prefetched two steps ahead in registers (and, for M <= 8, the
 // activations one step ahead), so every warp keeps several 128-bit loads in flight at all times. The
 // first loads are issued before the lookup table is built, hiding its set-up.
-template <typename T, int NT, int MT, bool LOW8>
-__device__ __forceinline__ void mma_step2(const uint32_t* tbl, const uint4* wv, const uint32_t* sc,
-                                          uint32_t (*xa)[2][16], float (*acc)[NT][4]) {
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    uint32_t b[NT][2];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      b[i][0] = scale_pair<T>(tbl[byte_of(wv[i], 2 * j) * 32], sc[i]);
-      b[i][1] = scale_pair<T>(tbl[byte_of(wv[i], 2 * j + 1) * 32], sc[i]);
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint32_t a[4] = {xa[mt][0][2 * j], LOW8 ? 0u : xa[mt][1][2 * j], xa[mt][0][2 * j + 1],
-                             LOW8 ? 0u : xa[mt][1][2 * j + 1]};
-#pragma unroll
-      for (int i = 0; i < NT; ++i) mma16816<T>(acc[mt][i], a, b[i][0], b[i][1]);
-    }
-  }
-}
-
 template <typename T, int NT, int MT, bool LOW8>
 struct Stream2 {
   const Small4Args& p;
@@ -246,7 +228,7 @@ struct Stream2 {
         load_x<T>(p, mt * 16 + g + 8, s * 128 + t * 32, xa[mt][1]);
       }
     }
-    mma_step2<T, NT, MT, LOW8>(tbl, cw, cs, xa, acc);
+    mma_step<T, NT, MT, LOW8>(tbl, cw, cs, xa, acc);
   }
 };
 
