@@ -125,6 +125,21 @@ __device__ __forceinline__ void mma_step(const uint32_t* tbl, const uint4* wv, c
   }
 }
 
+// Writes a warp's mma accumulators (m16n8 fragments: lane = 4*g + t holds rows g, g+8 and columns 2t, 2t+1) into
+// its slice of the reduction buffer red[kWarps][MT*16][NT*8].
+template <int NT, int MT>
+__device__ __forceinline__ void stash_acc(float* red, int warp, int g, int t, const float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int m = mt * 16 + g + (c >> 1) * 8, nl = i * 8 + 2 * t + (c & 1);
+        red[(warp * MT * 16 + m) * NT * 8 + nl] = acc[mt][i][c];
+      }
+}
+
 template <typename T, int NT, int MT>
 __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
   extern __shared__ uint32_t smem[];
@@ -168,15 +183,7 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
       }
       mma_step<T, NT, MT, false>(tbl, cw, cs, xa, acc);
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < NT; ++i)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int m = mt * 16 + g + (c >> 1) * 8, nl = i * 8 + 2 * t + (c & 1);
-          red[(warp * MT * 16 + m) * NT * 8 + nl] = acc[mt][i][c];
-        }
+    stash_acc<NT, MT>(red, warp, g, t, acc);
     __syncthreads();
     for (int idx = tid; idx < MT * 16 * NT * 8; idx += kThreads) {
       const int m = idx / (NT * 8), nl = idx % (NT * 8), n = n0 + nl;
@@ -265,15 +272,7 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_v2(Small4Args p, int ksp
   }
   const int g = st.g, t = st.t;
   if (ksplit > 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < NT; ++i)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int m = mt * 16 + g + (c >> 1) * 8, nl = i * 8 + 2 * t + (c & 1);
-          red[(warp * MT * 16 + m) * NT * 8 + nl] = st.acc[mt][i][c];
-        }
+    stash_acc<NT, MT>(red, warp, g, t, st.acc);
     __syncthreads();
     if (ks != 0) return;
 #pragma unroll
