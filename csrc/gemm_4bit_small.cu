@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_v2(Small4Args p, int ksp
   float* red = reinterpret_cast<float*>(smem + kTableWords);  // [kWarps][MT*16][NT*8] when ksplit > 1
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int ks = warp % ksplit, wn = warp / ksplit, wpg = kWarps / ksplit;
-  Stream2<T, NT, MT, LOW8> st{p, table + lane, (blockIdx.x * wpg + wn) * NT * 8, lane >> 2, lane & 3, 0};
+  Stream2<T, NT, MT, LOW8> st{p, table + lane, ((int)blockIdx.x * wpg + wn) * NT * 8, lane >> 2, lane & 3, 0};
   const int nsteps = (p.K + 127) / 128;
   const int sb = (int)((int64_t)nsteps * ks / ksplit);
   st.se = (int)((int64_t)nsteps * (ks + 1) / ksplit);
