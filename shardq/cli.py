@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the model fits on them (as transformers), else fill in order; sequential fills GPUs in order")
     p.add_argument("--device-map", metavar="MAP", help="explicit map: JSON dict or a .json file, module -> device")
     p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
-    p.add_argument("--offload-mode", choices=("cpu", "stream"), help="how CPU blocks run (default: cpu with "
-                                                                      "--fp32-cpu-offload or no GPU, else stream)")
+    p.add_argument("--offload-mode", choices=("cpu", "stream"), help="force how CPU blocks run (default: per block, "
+                   "see the table's 'why': cpu with --fp32-cpu-offload or no GPU, else embeddings cpu, layers stream)")
     p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
     p.add_argument("--dtype", help="weights dtype (default: the checkpoint's)")

@@ -4,17 +4,20 @@
 
 - a GPU block is moved to its GPU; its wrapper moves incoming activations there (GPU→GPU copies are
   non-blocking, peer-to-peer where the driver allows);
-- a "cpu" block runs in one of two modes (`offload_modes`): "cpu" computes on the CPU in fp32 (the
-  bitsandbytes fp32-offload behaviour: floating weights are cast to fp32, floating inputs too, and outputs go
-  back to the input's dtype on the main device), or "stream": its weights stay in pinned host memory and are
-  copied to the execution GPU for each forward, the next block's copy overlapping the current compute
-  (`shardq.offload.Streamer`);
+- a "cpu" block runs in one of two modes: "cpu" computes on the CPU in fp32 (the bitsandbytes fp32-offload
+  behaviour: floating weights are cast to fp32, floating inputs too, and outputs go back to the input's dtype
+  on the main device), or "stream": its weights stay in pinned host memory and are copied to the execution GPU
+  for each forward, the next block's copy overlapping the current compute (`shardq.offload.Streamer`). The
+  user forces modes with `offload_modes`; otherwise each block gets the rule of `shardq.runmode` (with a GPU:
+  lookup blocks such as embeddings "cpu", computing blocks "stream");
 - a "disk" block's weights live in `offload_dir` as safetensors and are read ahead by a thread, then streamed.
 
 The model's outputs come back on the main device (`execution_device`, else the first GPU of the map, else the
 CPU). Without a GPU everything runs on the CPU, through the same streaming code. Readable state:
-`model.shardq_device_map` (normalised map), `model.shardq_offload_modes` (how each block runs),
-`memory_report(model)` / `format_memory_report(...)` (bytes per device, allocator counters on GPUs).
+`model.shardq_device_map` (normalised map), `model.shardq_offload_modes` (how each block runs, as `RunMode`
+strings whose `.reason` says why), `memory_report(model)` / `format_memory_report(...)` (bytes per device,
+allocator counters on GPUs). A dispatched transformers model reports the main device as `model.device` and its
+dtype before dispatch as `model.dtype` (see `_expose_main_device`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
 from shardq.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
     write_disk_offload
+from shardq.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, lookup_width
 
 MODES = ("gpu", "cpu", "stream", "disk")
 
@@ -103,6 +107,8 @@ class Runtime:
     streamer: Streamer | None
     offload_dir: Path | None
     wrapped: list = field(default_factory=list)  # (module, instance forward it had before, or None)
+    model_class: type | None = None  # the model's class before `_expose_main_device` swapped it
+    model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,27 +204,51 @@ def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def _resolve_modes(entries: dict[str, DeviceKey], offload_modes: Any, has_gpu: bool) -> dict[str, str]:
-    default = "stream" if has_gpu else "cpu"
+def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], offload_modes: Any,
+                   has_gpu: bool) -> dict[str, RunMode]:
+    """Every block's mode: the user's `offload_modes` for "cpu" blocks (a string for all, or a dict per block),
+    else the rule of `shardq.runmode`; a `RunMode` given with a reason (the loader's plan) keeps it."""
+    cpu = [k for k, v in entries.items() if v == "cpu"]
     if offload_modes is None or isinstance(offload_modes, str):
-        forced = {k: offload_modes or default for k, v in entries.items() if v == "cpu"}
+        given = {k: offload_modes for k in cpu} if offload_modes else {}
     elif isinstance(offload_modes, Mapping):
         stray = [k for k in offload_modes if entries.get(k) != "cpu"]
         if stray:
             raise DispatchError(f"offload_modes names {stray}, which are not 'cpu' entries of the device map; "
                                 "a mode applies only to blocks mapped to 'cpu'")
-        forced = {k: offload_modes.get(k, default) for k, v in entries.items() if v == "cpu"}
+        given = dict(offload_modes)
     else:
         raise DispatchError("offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, "
                             f"got {offload_modes!r}")
-    bad = {k: m for k, m in forced.items() if m not in ("cpu", "stream")}
+    bad = {k: m for k, m in given.items() if m not in ("cpu", "stream")}
     if bad:
         raise DispatchError(f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
                             "or 'stream' (weights copied to the GPU for each forward)")
-    modes = {}
-    for name, key in entries.items():
-        modes[name] = "gpu" if isinstance(key, int) else "disk" if key == "disk" else forced[name]
-    return modes
+    how = (lambda k: f"offload_modes={offload_modes!r}") if isinstance(offload_modes, str) else \
+        (lambda k: f"offload_modes[{k!r}]")
+    chosen = {k: m if isinstance(m, RunMode) and m.reason else forced(m, how(k)) for k, m in given.items()}
+    rest = [k for k in cpu if k not in chosen]
+    if rest:
+        chosen.update(_rule_modes(model, entries, tensors, rest, has_gpu))
+    return {name: RunMode("gpu") if isinstance(key, int) else RunMode("disk", "disk: read back per forward")
+            if key == "disk" else chosen[name] for name, key in entries.items()}
+
+
+def _rule_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], names: list[str],
+                has_gpu: bool) -> dict[str, RunMode]:
+    """The `shardq.runmode` rule for the "cpu" blocks `names` (workload: `DEFAULT_WORKLOAD`)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    nested = {n for n in entries if any(e != n and (n == "" or e.startswith(n + ".")) for e in entries)}
+    widths = {n: lookup_width(modules[n], own_only=n in nested) for n in entries}
+    out = {}
+    for name in names:
+        mine = [r for r in tensors if name in r.refs]
+        partners = {b for r in mine for b in r.refs if b != name and not widths[b]}
+        dtype = next((r.dtype for r in mine if r.dtype.is_floating_point), torch.float32)
+        kind = BlockKind(widths[name], sum(r.tensor.numel() * r.dtype.itemsize for r in mine),
+                         min(partners) if partners else None, name in nested)
+        out[name] = choose_cpu_run(kind, has_gpu=has_gpu, workload=DEFAULT_WORKLOAD, itemsize=dtype.itemsize)
+    return out
 
 
 def _owner(name: str, entries: Mapping[str, Any]) -> str | None:
@@ -509,7 +539,8 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
     blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
-    all or a dict per block; default "stream" with a GPU, "cpu" without. `execution_device`: the GPU that
+    all or a dict per block; blocks it does not name follow `shardq.runmode` (without a GPU "cpu"; with one,
+    lookup blocks such as embeddings "cpu", computing blocks "stream"). `execution_device`: the GPU that
     streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
     disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).
     `prefetch`: copy the next offloaded block while the current one computes. Everything is checked before
@@ -519,11 +550,11 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
         raise DispatchError("this model is already dispatched; build or load a fresh model to dispatch it again")
     entries = normalize_map(model, device_map)
     has_gpu = gpu_count() > 0
-    modes = _resolve_modes(entries, offload_modes, has_gpu)
+    tensors = _collect_tensors(model, entries)
+    modes = _resolve_modes(model, entries, tensors, offload_modes, has_gpu)
     _check_nesting(entries, modes)
     main = _main_device(entries, modes, execution_device, has_gpu)
     stream_dev = main if main.type == "cuda" else torch.device("cpu")
-    tensors = _collect_tensors(model, entries)
     _choose_homes(tensors, modes)
     blocks = _make_blocks(entries, modes, tensors, main, stream_dev)
     offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -531,7 +562,9 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     _check_loaded(tensors, modes, disk)
 
     streamer = Streamer(stream_dev, prefetch) if any(m in ("stream", "disk") for m in modes.values()) else None
-    rt = Runtime(entries, modes, main, blocks, streamer, offload_dir)
+    dtype = next((r.dtype for r in tensors if r.dtype.is_floating_point and isinstance(r.tensor, nn.Parameter)),
+                 None)
+    rt = Runtime(entries, modes, main, blocks, streamer, offload_dir, model_dtype=dtype)
     _place(rt, disk, pin=stream_dev.type == "cuda")
     if streamer is not None:
         streamer.allocate()
@@ -542,7 +575,46 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     model.shardq_runtime = rt
     model.shardq_device_map = dict(entries)
     model.shardq_offload_modes = dict(modes)
+    _expose_main_device(model, rt)
     return model
+
+
+def _expose_main_device(model: nn.Module, rt: Runtime) -> None:
+    """Make `model.device` the main device (where outputs come back) and `model.dtype` the dtype before dispatch.
+
+    transformers' `model.device`/`model.dtype` read the first parameter: with the first block offloaded (an
+    embedding computed on the CPU in fp32) they would say CPU/fp32, and `generate()` would warn about inputs on
+    the GPU and route them through the CPU. These are class properties, so the instance's class is swapped for
+    a subclass with the same name that overrides both (what `torch.nn.utils.parametrize` does to parametrized
+    modules); `remove_dispatch` restores the class. Models without a `device` property are left alone.
+    """
+    cls = type(model)
+    if not isinstance(getattr(cls, "device", None), property):
+        return
+    rt.model_class = cls
+    model.__class__ = _dispatched_class(cls)
+
+
+@functools.cache
+def _dispatched_class(cls: type) -> type:
+    """`cls` with `device` and `dtype` read from the dispatch runtime (one subclass per class, same names)."""
+    base_device, base_dtype = cls.device, getattr(cls, "dtype", None)
+
+    def device(self: nn.Module) -> torch.device:
+        rt = self.__dict__.get("shardq_runtime")
+        return rt.main_device if rt is not None else base_device.fget(self)
+
+    def dtype(self: nn.Module) -> torch.dtype:
+        rt = self.__dict__.get("shardq_runtime")
+        if rt is not None and rt.model_dtype is not None:
+            return rt.model_dtype
+        return base_dtype.fget(self)
+
+    ns: dict[str, Any] = {"device": property(device, doc="The device where the dispatched model's outputs come back."),
+                          "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    if isinstance(base_dtype, property):
+        ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
+    return type(cls.__name__, (cls,), ns)
 
 
 def _main_device(entries: dict[str, DeviceKey], modes: dict[str, str], execution_device: Any,
@@ -655,6 +727,8 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
             module.forward = previous
     if rt.streamer is not None:
         rt.streamer.close()
+    if rt.model_class is not None:
+        model.__class__ = rt.model_class
     for attr in ("shardq_runtime", "shardq_device_map", "shardq_offload_modes"):
         delattr(model, attr)
     return model

@@ -682,9 +682,10 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `quant`: QuantConfig, transformers BitsAndBytesConfig, its dict, or "int8"/"nf4"/"fp4"/"none".
     `device_map`: "auto"/"balanced", "sequential", or an explicit accelerate-format dict. `offload_dir`:
     folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or "stream"
-    (weights copied to the GPU per forward) for CPU blocks. `workload` = (batch, seq_len) sizes the activation
-    reserve. `dtype`: cast floating weights to it (default: the model's own dtypes). `progress`: tqdm bar over
-    bytes for loads of 256 MiB or more (False: never, "always": any size).
+    (weights copied to the GPU per forward) for CPU blocks; by default the planner picks per block
+    (`shardq.runmode`) and `model.shardq_offload_modes[block].reason` says why. `workload` = (batch, seq_len)
+    sizes the activation reserve. `dtype`: cast floating weights to it (default: the model's own dtypes).
+    `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.
     """
@@ -711,7 +712,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         slots_now = {k: v for k, v in model_slots(model).items() if k not in provided}
         routes = plan_routes(slots_now, plan, qweights)
         stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan)
-        offload_modes = {p.name: p.run for p in plan.placements if p.device == "cpu"}
+        offload_modes = {k: m for k, m in plan.offload_modes.items() if plan.device_map[k] == "cpu"}  # with reasons
         t0 = time.perf_counter()
         dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
                        execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch)

@@ -36,12 +36,12 @@ from . import hf, sizing
 from .config import QuantConfig
 from .hf import check_checkpoint
 from .memory import DeviceKey, format_size, get_max_memory, normalize_device, parse_gpus
+from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, lookup_width
 from .sizing import TensorEntry
 from .units import Unit, decompose, entry_units, has_own_tensors, make_units, tied_groups, unit_entries
 
 STRATEGIES = ("auto", "sequential", "balanced")
 OFFLOAD_MODES = ("cpu", "stream")
-DEFAULT_WORKLOAD = (1, 512)
 
 
 class PlanError(ValueError):
@@ -53,7 +53,8 @@ class PlanError(ValueError):
 
 @dataclass
 class Placement:
-    """One block: its device, bytes as placed there, storage ("int8", "nf4", "fp4", "fp32", dtype) and run mode."""
+    """One block: its device, bytes as placed there, storage ("int8", "nf4", "fp4", "fp32", dtype), run mode and,
+    for blocks off the GPUs, why it runs that way (`shardq.runmode`)."""
 
     name: str
     device: DeviceKey
@@ -62,14 +63,17 @@ class Placement:
     run: str
     params: int
     own_tensors_only: bool = False  # the module's direct tensors; its children are placements of their own
+    reason: str = ""
 
 
 @dataclass
 class Plan:
     """A placement of every block, with per-device budgets, reserves and totals (bytes).
 
-    `cpu_mode` is how blocks placed on the CPU run: "cpu" (fp32, computed there) or "stream" (to the
-    execution GPU); disk blocks are read back and run the same way.
+    `cpu_mode` is how computing blocks placed on the CPU run unless the rule says otherwise: "cpu" (fp32,
+    computed there) or "stream" (to the execution GPU); disk blocks are stored for it. Each block's own mode
+    and its reason are `Placement.run`/`.reason` (`offload_modes`, `offload_reasons`): lookup blocks such as
+    embeddings run "cpu" while layers stream (`shardq.runmode`).
     """
 
     placements: list[Placement]
@@ -92,8 +96,13 @@ class Plan:
 
     @property
     def offload_modes(self) -> dict[str, str]:
-        """How each block not resident on a GPU runs: "cpu", "stream" or "disk"."""
-        return {p.name: p.run for p in self.placements if not isinstance(p.device, int)}
+        """How each block not resident on a GPU runs: "cpu", "stream" or "disk" (a `RunMode`: `.reason` says why)."""
+        return {p.name: RunMode(p.run, p.reason) for p in self.placements if not isinstance(p.device, int)}
+
+    @property
+    def offload_reasons(self) -> dict[str, str]:
+        """Why each block not resident on a GPU runs the way it does."""
+        return {p.name: p.reason for p in self.placements if not isinstance(p.device, int)}
 
     def free(self, device: DeviceKey) -> int:
         """Budget left on `device` after its placed bytes and its reserve."""
@@ -109,7 +118,8 @@ class Plan:
             "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
             "quant": _quant_dict(self.quant), "execution_device": self.execution_device, "cpu_mode": self.cpu_mode,
             "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
-            "offload_modes": self.offload_modes, "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
+            "offload_modes": self.offload_modes, "offload_reasons": self.offload_reasons,
+            "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
             "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
             "free": {str(k): self.free(k) for k in self.budgets}, "tied_groups": self.tied_groups,
             "no_split": self.no_split, "warnings": self.warnings, "mismatches": self.mismatches,
@@ -142,6 +152,10 @@ class _Ctx:
     quant: QuantConfig
     largest_tensor: int = 0
     workspace: int = 0  # scratch of the CUDA quantized matmuls for the workload (sizing.matmul_workspace_bytes)
+    forced: str | None = None  # the user's offload_mode
+    workload: tuple[int, int] = DEFAULT_WORKLOAD
+    itemsize: int = 2
+    runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
 
 
 @dataclass
@@ -188,6 +202,7 @@ def plan_model(
             ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
         elif offload_mode is None:
             ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
+        ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
     elif device_map in STRATEGIES:
         assign = _place_with_exec_choice(ctx, balanced=device_map in ("auto", "balanced"))
@@ -222,13 +237,36 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
     dims = sizing.model_dims(model)
     itemsize = _compute_itemsize(model, q)
     units = make_units(model, decompose(model, split_guard), entries, split_guard)
-    return _Ctx(
+    ctx = _Ctx(
         units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
         workspace=sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+        forced=offload_mode, workload=workload, itemsize=itemsize,
     )
+    ctx.runs = _cpu_runs(model, ctx)
+    return ctx
+
+
+def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
+    """How each unit runs if placed on "cpu": the user's forced mode, else the rule of `shardq.runmode`."""
+    if ctx.forced is not None:
+        return {u.name: forced(ctx.forced, f"offload_mode={ctx.forced!r}") for u in ctx.units}
+    widths = {u.name: lookup_width(model.get_submodule(u.name) if u.name else model, u.own_only) for u in ctx.units}
+    holders: dict[int, list[str]] = {}
+    for u in ctx.units:
+        for e in u.entries:
+            holders.setdefault(e.key, []).append(u.name)
+    runs = {}
+    for u in ctx.units:
+        partners = {n for e in u.entries for n in holders[e.key] if n != u.name and not widths[n]}
+        kind = BlockKind(widths[u.name], sizing.unique_bytes(u.entries), min(partners) if partners else None,
+                         u.own_only)
+        runs[u.name] = choose_cpu_run(kind, has_gpu=ctx.exec_dev is not None,
+                                      fp32_cpu_offload=ctx.quant.fp32_cpu_offload, workload=ctx.workload,
+                                      itemsize=ctx.itemsize)
+    return runs
 
 
 def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
@@ -260,8 +298,18 @@ def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[Unit]) -> str | 
     return None
 
 
-def _mode(ctx: _Ctx, dev: DeviceKey) -> str:
-    return "gpu" if isinstance(dev, int) else ("disk" if dev == "disk" else ctx.cpu_mode)
+def _run(ctx: _Ctx, u: Unit, dev: DeviceKey) -> RunMode:
+    """How unit `u` runs when placed on `dev`."""
+    if isinstance(dev, int):
+        return RunMode("gpu")
+    if dev == "disk":
+        return RunMode("disk", "disk: read back per forward")
+    return ctx.runs[u.name]
+
+
+def _resident(ctx: _Ctx, dev: DeviceKey, units: list[Unit]) -> bool:
+    """Units on `dev` stay where they are (a GPU, or the CPU when they all compute there): never streamed."""
+    return isinstance(dev, int) or (dev == "cpu" and all(_run(ctx, u, dev) == "cpu" for u in units))
 
 
 def _cpu_quantized(ctx: _Ctx, dev: DeviceKey) -> bool:
@@ -271,17 +319,25 @@ def _cpu_quantized(ctx: _Ctx, dev: DeviceKey) -> bool:
             and ctx.quant.method != "none" and not ctx.quant.fp32_cpu_offload)
 
 
-def _fp32(ctx: _Ctx, dev: DeviceKey) -> bool:
-    return not isinstance(dev, int) and ctx.cpu_mode == "cpu" and not _cpu_quantized(ctx, dev)
+def _fp32(ctx: _Ctx, u: Unit, dev: DeviceKey) -> bool:
+    """Unit `u` on `dev` holds its floating tensors in fp32: it computes on the CPU (disk blocks: stored for the
+    default mode of the CPU blocks)."""
+    if isinstance(dev, int) or _cpu_quantized(ctx, dev):
+        return False
+    return (ctx.cpu_mode if dev == "disk" else _run(ctx, u, dev)) == "cpu"
 
 
 def _bytes(ctx: _Ctx, units: list[Unit], dev: DeviceKey) -> int:
+    """Bytes of `units` as placed on `dev`; a tensor tied between an fp32 "cpu" block and a streamed one is
+    held twice (the fp32 copy and the streamed block's packed copy), as the dispatcher holds it."""
     entries = [e for u in units for e in u.entries]
     if _cpu_quantized(ctx, dev):  # packed weights as stored, other floats in fp32 where the CPU computes
         quantized = {e.key for e in entries if e.quantized}
         return (sizing.unique_bytes([e for e in entries if e.key in quantized])
                 + sizing.unique_bytes([e for e in entries if e.key not in quantized], fp32=True))
-    return sizing.unique_bytes(entries, fp32=_fp32(ctx, dev))
+    fp32 = [e for u in units if _fp32(ctx, u, dev) for e in u.entries]
+    rest = [e for u in units if not _fp32(ctx, u, dev) for e in u.entries]
+    return sizing.unique_bytes(fp32, fp32=True) + sizing.unique_bytes(rest)
 
 
 def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) -> dict[str, int]:
@@ -302,7 +358,7 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
-        if ctx.cpu_mode == "cpu":
+        if any(_run(ctx, u, dev) == "cpu" for u in units):
             head = ctx.head_unit in names or (ctx.exec_dev is None and assumed.head_on_exec)
             out["activations"] = ctx.act_fp32 + (ctx.head_act if head else 0)
         if streams_here:
@@ -314,10 +370,9 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
 
 
 def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[Unit]:
-    """Blocks copied to the execution device for each forward: every offloaded block in "stream" mode, else
-    the disk blocks (read back into the execution GPU's slots, or the host's without a GPU)."""
-    off = [u for u in ctx.units if not isinstance(assign[u.name], int)]
-    return off if ctx.cpu_mode == "stream" else [u for u in off if assign[u.name] == "disk"]
+    """Blocks copied to the execution device for each forward: CPU blocks in "stream" mode and the disk blocks
+    (read back into the execution GPU's slots, or the host's without a GPU)."""
+    return [u for u in ctx.units if not _resident(ctx, assign[u.name], [u])]
 
 
 def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
@@ -446,9 +501,9 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
     def fits(dev: DeviceKey, trial: list[Unit]) -> bool:
         return _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]
 
-    resident = [d for d in devices if isinstance(d, int) or (d == "cpu" and ctx.cpu_mode == "cpu")]
     nested = [i for i, g in enumerate(groups) if any(u.own_only for u in g) and i not in pinned]
     for gi in list(pinned) + nested:
+        resident = [d for d in devices if _resident(ctx, d, groups[gi])]
         dev = next((d for d in resident if fits(d, held[d] + groups[gi])), None)
         if dev is None:
             room = {d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())
@@ -580,7 +635,7 @@ def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mappi
         if not has_own_tensors(modules[a]):
             raise PlanError(f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
                             "each module once, either the parent or its children")
-        if dev == "disk" or (dev == "cpu" and ctx.cpu_mode == "stream"):
+        if dev == "disk" or (dev == "cpu" and ctx.forced == "stream"):
             raise PlanError(f"device_map entry {a!r} holds tensors of its own and contains entry {inner[0]!r}, so it "
                             f"cannot be offloaded ({dev!r}): put {a!r} on a GPU (or the CPU with offload_mode='cpu')")
 
@@ -633,14 +688,15 @@ def _fmt_detail(detail: Mapping[str, int]) -> str:
 
 def _placement(ctx: _Ctx, u: Unit, dev: DeviceKey) -> Placement:
     quantized = any(e.quantized for e in u.entries)
-    if _fp32(ctx, dev) or (_cpu_quantized(ctx, dev) and not quantized):
+    if _fp32(ctx, u, dev) or (_cpu_quantized(ctx, dev) and not quantized):
         storage = "fp32"
     elif quantized:
         storage = ctx.quant.method
     else:
         storage = next((str(e.dtype).removeprefix("torch.") for e in u.entries if e.dtype.is_floating_point), "int")
     params = sum({e.key: e.numel for e in u.entries}.values())
-    return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, _mode(ctx, dev), params, u.own_only)
+    run = _run(ctx, u, dev)
+    return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, str(run), params, u.own_only, run.reason)
 
 
 def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:

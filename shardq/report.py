@@ -18,16 +18,19 @@ class _Row:
     run: str
     storage: str
     nbytes: int
+    reason: str = ""
     count: int = 1
     stem: str | None = None
     start: int = 0
     each: int = 0
 
     def extends(self, p: Placement) -> bool:
-        """True if `p` is the next numbered block of this row's run, with the same device, mode, storage, size."""
+        """True if `p` is the next numbered block of this row's run, with the same device, mode, reason, storage
+        and size."""
         m = _INDEXED.match(p.name)
         return (m is not None and self.stem == m.group(1) and int(m.group(2)) == self.start + self.count
-                and (self.device, self.run, self.storage, self.each) == (p.device, p.run, p.quant, p.nbytes))
+                and (self.device, self.run, self.reason, self.storage, self.each)
+                == (p.device, p.run, p.reason, p.quant, p.nbytes))
 
 
 def device_label(device: DeviceKey) -> str:
@@ -37,12 +40,12 @@ def device_label(device: DeviceKey) -> str:
 def _row(p: Placement) -> _Row:
     m = _INDEXED.match(p.name)
     label = f"{p.name or '(model)'} (own tensors)" if p.own_tensors_only else (p.name or "(whole model)")
-    return _Row(label, p.device, p.run, p.quant, p.nbytes, stem=m.group(1) if m else None,
+    return _Row(label, p.device, p.run, p.quant, p.nbytes, p.reason, stem=m.group(1) if m else None,
                 start=int(m.group(2)) if m else 0, each=p.nbytes)
 
 
 def _fold(placements: list[Placement]) -> list[_Row]:
-    """Fold consecutive `x.N` blocks with the same device, run mode, storage and size into one row."""
+    """Fold consecutive `x.N` blocks with the same device, run mode and reason, storage and size into one row."""
     rows: list[_Row] = []
     for p in placements:
         if rows and rows[-1].extends(p):
@@ -69,15 +72,16 @@ def _pct(part: int, whole: int) -> str:
 
 
 def format_plan(plan: Plan, full: bool = False) -> str:
-    """The plan as text: header, block table, device table, and a closing line on what was offloaded."""
+    """The plan as text: header, block table (with why each offloaded block runs as it does), device table, and
+    a closing line on what was offloaded."""
     q = plan.quant
     qdesc = q.method + (" + double quant" if q.double_quant else "") + (", fp32 cpu offload" if q.fp32_cpu_offload else "")
     out = [f"shardq plan of {plan.source}: {plan.dtype}, quantization {qdesc}, strategy {plan.strategy}, "
            f"workload batch {plan.workload[0]} x seq_len {plan.workload[1]}", ""]
     rows = [_row(p) for p in plan.placements] if full else _fold(plan.placements)
     body = [[r.name + (f"  ({r.count} blocks)" if r.count > 1 else ""), device_label(r.device), r.run, r.storage,
-             format_size(r.nbytes), _pct(r.nbytes, plan.budgets.get(r.device, 0))] for r in rows]
-    out += _table(["module", "device", "run", "storage", "size", "% of budget"], body, {4, 5})
+             format_size(r.nbytes), _pct(r.nbytes, plan.budgets.get(r.device, 0)), r.reason or "-"] for r in rows]
+    out += _table(["module", "device", "run", "storage", "size", "% of budget", "why"], body, {4, 5})
     out.append("")
     dev_rows = []
     for d, budget in plan.budgets.items():

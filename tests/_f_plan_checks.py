@@ -39,6 +39,7 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
     for _, p in model.named_parameters(remove_duplicate=False):
         shared[id(p)] = shared.get(id(p), 0) + 1
     seen: dict = {d: {} for d in plan.budgets}
+    runs = {p.name: p.run for p in plan.placements}
     for mname, mod in model.named_modules(remove_duplicate=False):
         tensors = list(mod._parameters.items()) + list(mod._buffers.items())
         for tname, t in tensors:
@@ -51,14 +52,16 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
                          and shared[id(t)] == 1)
             # without a GPU, quantized weights stay packed off-GPU (unless fp32_cpu_offload asks for fp32)
             packed = plan.execution_device is None and q.method != "none" and not q.fp32_cpu_offload
-            fp32 = not isinstance(dev, int) and plan.cpu_mode == "cpu" and not (packed and quantized)
+            # "cpu" blocks compute in fp32; disk blocks are stored for the plan's default CPU mode
+            run = runs[key] if dev == "cpu" else plan.cpu_mode
+            fp32 = not isinstance(dev, int) and run == "cpu" and not (packed and quantized)
             if fp32:
                 size = t.numel() * (4 if t.is_floating_point() else t.element_size())
             elif quantized:
                 size = oracle_weight_bytes(mod, q)
             else:
                 size = t.numel() * t.element_size()
-            seen[dev][id(t)] = size
+            seen[dev][(id(t), fp32)] = size  # a tied tensor in fp32 and streamed blocks is held twice
     return {d: sum(v.values()) for d, v in seen.items()}
 
 
@@ -71,7 +74,11 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
     assert [p.name for p in plan.placements] == list(plan.device_map)
     for p in plan.placements:
         assert p.device == plan.device_map[p.name]
-        assert p.run == ("gpu" if isinstance(p.device, int) else "disk" if p.device == "disk" else plan.cpu_mode)
+        if p.device == "cpu":  # the plan's default, or the per-block rule with its reason (shardq.runmode)
+            assert p.run in ("cpu", "stream") and p.reason
+            assert p.run == plan.cpu_mode or p.reason.startswith(("lookup", "holds nested")), (p.name, p.reason)
+        else:
+            assert p.run == ("gpu" if isinstance(p.device, int) else "disk")
     if tied_together and plan.strategy != "explicit":
         for group in plan.tied_groups:
             devices = {plan.device_map[_covering(plan, n)] for n in group}

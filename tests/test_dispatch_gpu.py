@@ -3,6 +3,8 @@ quantized blocks streamed packed, and a split across two GPUs. Skipped without C
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -101,3 +103,45 @@ def test_split_across_two_gpus():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**kw, **gen), ref.generate(**kw, **gen))
+
+
+
+def test_rule_chooses_cpu_for_the_embedding_and_stream_for_layers(monkeypatch):
+    """No offload_modes: the embedding (a lookup whose table outweighs the rows it sends) runs on the CPU, decoder
+    layers and the head stream to GPU 0, and the result matches the GPU-resident model."""
+    import test_dispatch
+
+    monkeypatch.setattr(test_dispatch, "VOCAB", 1031)  # more rows than the 512 tokens of the default workload
+    model = tiny("llama", tie=False)
+    ref = _gpu_ref(model)
+    dispatch_model(model, {n: "cpu" for n in blocks(model)}, execution_device=0)
+    modes = model.shardq_offload_modes
+    assert modes["model.embed_tokens"] == "cpu" and modes["model.layers.0"] == "stream" and modes["lm_head"] == "stream"
+    kw = {k: v.cuda() for k, v in inputs("llama").items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, ref(**kw).logits, rtol=1e-5, atol=1e-5)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**kw, **gen), ref.generate(**kw, **gen))
+
+
+@pytest.mark.parametrize("mode", ["cpu", "stream"])
+def test_model_device_is_the_gpu_with_the_embedding_offloaded(mode):
+    """With model.model.embed_tokens offloaded, `model.device` is the GPU where outputs come back, so generate()
+    does not warn about inputs on another device type (nor route them through the CPU)."""
+    model = tiny("llama", tie=False).half()
+    ref = clone(model).half().cuda()
+    dmap = {n: 0 for n in blocks(model)}
+    dmap["model.embed_tokens"] = "cpu"
+    dispatch_model(model, dmap, offload_modes={"model.embed_tokens": mode})
+    assert model.model.embed_tokens.weight.device.type == "cpu"
+    assert model.device.type == "cuda" and model.device == torch.device("cuda", 0) and model.dtype == torch.float16
+    kw = {k: v.cuda() for k, v in inputs("llama").items()}
+    kw.pop("decoder_input_ids", None)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(**kw, **gen)
+    assert out.device.type == "cuda"
+    assert not [w for w in caught if "different than your model's device" in str(w.message)], \
+        [str(w.message) for w in caught]
+    assert torch.equal(out, ref.generate(**kw, **gen))
