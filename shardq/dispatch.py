@@ -534,7 +534,7 @@ def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:
 
 def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_modes: Any = None,
                    execution_device: Any = None, offload_dir: str | Path | None = None,
-                   prefetch: bool = True) -> nn.Module:
+                   prefetch: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Place `model`'s blocks by `device_map` and wrap their forwards so a plain `model(...)` runs across devices.
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
@@ -543,7 +543,11 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     lookup blocks such as embeddings "cpu", computing blocks "stream"). `execution_device`: the GPU that
     streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
     disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).
-    `prefetch`: copy the next offloaded block while the current one computes. Everything is checked before
+    `prefetch`: copy the next offloaded block while the current one computes. `dtype`: the model's working
+    dtype when the weights of its "cpu" blocks were already upcast to fp32 (the loader passes the planned dtype
+    when a GPU runs the rest): `model.dtype` reports it and "cpu" blocks fed no floating input (an embedding)
+    return their outputs in it; default: the first floating parameter's dtype, and each block's own weight
+    dtype. Everything is checked before
     anything moves. Returns the model.
     """
     if hasattr(model, "shardq_runtime"):
@@ -562,9 +566,8 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     _check_loaded(tensors, modes, disk)
 
     streamer = Streamer(stream_dev, prefetch) if any(m in ("stream", "disk") for m in modes.values()) else None
-    dtype = next((r.dtype for r in tensors if r.dtype.is_floating_point and isinstance(r.tensor, nn.Parameter)),
-                 None)
-    rt = Runtime(entries, modes, main, blocks, streamer, offload_dir, model_dtype=dtype)
+    working = _working_dtype(blocks, tensors, dtype)
+    rt = Runtime(entries, modes, main, blocks, streamer, offload_dir, model_dtype=working)
     _place(rt, disk, pin=stream_dev.type == "cuda")
     if streamer is not None:
         streamer.allocate()
@@ -577,6 +580,18 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     model.shardq_offload_modes = dict(modes)
     _expose_main_device(model, rt)
     return model
+
+
+def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
+    """The model's working dtype: `dtype` when given (then also what "cpu" blocks fed no floating input return),
+    else its first floating parameter's dtype before dispatch."""
+    if dtype is None:
+        return next((r.dtype for r in tensors if r.dtype.is_floating_point and isinstance(r.tensor, nn.Parameter)),
+                    None)
+    for b in blocks.values():
+        if b.mode == "cpu":
+            b.orig_dtype = dtype
+    return dtype
 
 
 def _expose_main_device(model: nn.Module, rt: Runtime) -> None:

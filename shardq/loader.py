@@ -714,8 +714,10 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan)
         offload_modes = {k: m for k, m in plan.offload_modes.items() if plan.device_map[k] == "cpu"}  # with reasons
         t0 = time.perf_counter()
+        # with a GPU, "cpu" blocks were loaded in fp32 but the GPU blocks after them work in the planned dtype
+        working = getattr(torch, plan.dtype) if plan.execution_device is not None else None
         dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
-                       execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch)
+                       execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch, dtype=working)
     except BaseException:
         journal.rollback()
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -358,7 +358,7 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
-        if any(_run(ctx, u, dev) == "cpu" for u in units):
+        if ctx.exec_dev is None or any(_run(ctx, u, dev) == "cpu" for u in units):  # blocks compute on the CPU
             head = ctx.head_unit in names or (ctx.exec_dev is None and assumed.head_on_exec)
             out["activations"] = ctx.act_fp32 + (ctx.head_act if head else 0)
         if streams_here:

@@ -145,3 +145,27 @@ def test_model_device_is_the_gpu_with_the_embedding_offloaded(mode):
     assert not [w for w in caught if "different than your model's device" in str(w.message)], \
         [str(w.message) for w in caught]
     assert torch.equal(out, ref.generate(**kw, **gen))
+
+
+def test_loaded_model_with_embedding_on_cpu_runs_fp16_on_gpu(tmp_path):
+    """load_sharded with the embedding on "cpu": the rule runs it on the CPU (loaded in fp32), its rows reach
+    the fp16 GPU layers in fp16, `model.device`/`model.dtype` say cuda/fp16, and results equal the GPU load."""
+    from _f_models import save_checkpoint
+    from shardq.loader import load_sharded_from_dir
+
+    ckpt = save_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float16, tie=False, vocab=1031)
+    dmap = {"model.embed_tokens": "cpu", "model.layers": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    model = load_sharded_from_dir(ckpt, max_memory={0: "1GB", "cpu": "1GB"}, device_map=dmap, progress=False)
+    ref = load_sharded_from_dir(ckpt, max_memory={0: "1GB"}, device_map={"": 0}, progress=False)
+    assert model.shardq_offload_modes["model.embed_tokens"] == "cpu"
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.device == torch.device("cuda", 0) and model.dtype == torch.float16
+    ids = torch.randint(3, 1031, (1, 12), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(ids, **gen)
+    assert not [w for w in caught if "different than your model's device" in str(w.message)]
+    assert torch.equal(out, ref.generate(ids, **gen))

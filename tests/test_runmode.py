@@ -160,3 +160,27 @@ def test_model_device_on_cpu_with_first_block_offloaded():
     plain = nn.Sequential(nn.Linear(4, 4))
     dispatch_model(plain, {"0": "cpu"})
     assert type(plain) is nn.Sequential and not hasattr(plain, "device")
+
+
+def test_loader_keeps_the_plans_reasons(tmp_path):
+    from _f_models import save_checkpoint
+    from shardq.loader import load_sharded_from_dir
+
+    ckpt = save_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float16, tie=False)
+    model = load_sharded_from_dir(ckpt, max_memory={"cpu": "1GB"}, device_map={"": "cpu"}, offload_mode="cpu",
+                                  progress=False)
+    modes = model.shardq_offload_modes
+    assert set(modes.values()) == {"cpu"} and {m.reason for m in modes.values()} == {"forced by offload_mode='cpu'"}
+    assert {k: m.reason for k, m in modes.items()} == model.shardq_plan.offload_reasons
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.dtype == torch.float32  # no GPU: all fp32
+
+
+def test_working_dtype_of_weights_upcast_for_the_cpu():
+    """As the loader leaves them with a GPU: "cpu" blocks already in fp32, the GPU blocks in fp16; `dtype` makes
+    an embedding computed on the CPU hand fp16 rows on, and `model.dtype` say fp16."""
+    model = tiny("llama", tie=False)
+    dispatch_model(model, {n: "cpu" for n in blocks(model)}, offload_modes="cpu", dtype=torch.float16)
+    ids = inputs("llama")["input_ids"]
+    assert model.dtype == torch.float16 and model.model.embed_tokens(ids).dtype == torch.float16
+    hidden = torch.randn(2, 9, 64, dtype=torch.float16)
+    assert model.model.norm(hidden).dtype == torch.float16  # blocks fed floats return their input's dtype
