@@ -5,8 +5,10 @@
 # and carry it, with the bitsandbytes wheel for the peer columns:
 #   SHARDQ_CACHE=$PWD/.kcache python -c "from shardq.kernels.build import built_library; built_library()"
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
-# Steps (default all): check tests kernels offload dispatch load. Each is bounded by its own timeout; one call
-# may run 600 s at most, so split them, e.g. "check tests offload", then "kernels", then "dispatch load".
+# Steps (default all): check tests kernels offload dispatch load; "profile" (not in the default) reads the small-M
+# 4-bit kernels' hardware counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
+# split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
+# 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step.
 set -u
 OUT=${OUT:-/tmp/shardq-gpu}
 mkdir -p "$OUT"
@@ -33,11 +35,17 @@ for s in $steps; do
     check) step check 120 python3 -m shardq.kernels --check ;;
     tests) step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_ops.py \
              tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py ;;
-    kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ;;
+    kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} ;;
+    profile) for v in ${PROFILE_VARIANTS:-1 3}; do
+               step "ncu_v$v" 120 ncu --clock-control none -k regex:'gemm4|gemv4' --launch-skip 1 --launch-count 1 \
+                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+                 --section WarpStateStats --section SchedulerStats --section InstructionStats \
+                 python3 bench/profile_kernel.py --variant "$v" --m "${PROFILE_M:-1}" --calls 2
+             done ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 300 python3 bench/bench_load.py ;;
-    *) echo "unknown step $s (check tests kernels offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests kernels profile offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -47,16 +47,6 @@ struct StagedArgs {
   int M, N, K, bs_shift;
 };
 
-// ---- cp.async helpers (sm_80+) ----
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Shared-memory layout of one CTA (dynamic): weight ring, x ring, code table, nested code table.
 struct Smem {
   uint8_t* w;     // [S][R][KC/2]

@@ -90,51 +90,60 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
     _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4")
 
 
-# Variant 3 (csrc/gemv_4bit_staged.cu, M <= 8): the issue shapes, a ragged N (1000 rows: not a multiple of the
-# 16-row CTA group), and shapes it must refuse (K = 4097, K = 4128 not a multiple of 64) so variant 1 runs.
-V3_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512)]
+# Candidate small-M variants, called through the op and directly (which proves the op used them): 3 =
+# csrc/gemv_4bit_staged.cu (M <= 8, K % 64), 4 = csrc/gemm_4bit_tc.cu (M <= 32, K % 128). The issue shapes, a
+# ragged N (1000 rows: not a multiple of any row tile), and K that each must refuse (4097; 4128 = 32 * 129) so
+# variant 1 runs instead.
+VAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512),
+              (11008, 1000)]
+VARIANTS = {3: ("shardq_gemv_4bit_staged", 64, [1, 2, 7, 8]), 4: ("shardq_gemm_4bit_tc", 128, [1, 2, 7, 9, 16, 17, 32]),
+            5: ("shardq_gemm_4bit_tc", 128, [1, 8, 9, 16, 32])}
 
 
-def _staged_direct(args, k, n, m, bs):
-    """Call the staged launcher itself (rc, output): proves which kernel produced the op's output."""
+def _direct(variant, args, k, n, m, bs):
+    """Call the variant's launcher itself: (rc, output)."""
     x, packed, absmax, code, nested, bias = args
     am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
     _poison(m * n * 2)
     out = torch.empty((m, n), dtype=x.dtype, device=DEV)
-    rc = lib.load().shardq_gemv_4bit_staged(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
-                                            None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bs,
-                                            cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
+    fn = getattr(lib.load(), VARIANTS[variant][0])
+    extra = (variant - 4,) if variant >= 4 else ()  # the tensor-core launcher's config
+    rc = fn(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), m, n, k, bs, cuda_ops.DTYPE_CODES[x.dtype], *extra, cuda_ops._stream(x))
     return rc, out
 
 
-def _v3_grid():
+def _variant_grid():
     combos = list(itertools.product([torch.float16, torch.bfloat16], ["nf4", "fp4"], [False, True]))
-    for i, ((k, n), m) in enumerate(itertools.product(V3_SHAPES, [1, 2, 7, 8])):
-        c = (i + i // 8) % len(combos)
-        yield pytest.param(k, n, m, *combos[c], id=f"K{k}-N{n}-M{m}-{c}")
+    for v, (_, _, ms) in VARIANTS.items():
+        for i, ((k, n), m) in enumerate(itertools.product(VAR_SHAPES, ms)):
+            c = (i + i // 8) % len(combos)
+            yield pytest.param(v, k, n, m, *combos[c], id=f"v{v}-K{k}-N{n}-M{m}-{c}")
 
 
-@pytest.mark.parametrize("k,n,m,dtype,qt,dq", list(_v3_grid()))
-def test_gemm_4bit_variant3(monkeypatch, k, n, m, dtype, qt, dq):
-    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", 3)
-    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4v3")
-    rc, direct = _staged_direct(args, k, n, m, 64)
-    if k % 64:
-        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"staged kernel accepted K={k}"
+@pytest.mark.parametrize("variant,k,n,m,dtype,qt,dq", list(_variant_grid()))
+def test_gemm_4bit_variant(monkeypatch, variant, k, n, m, dtype, qt, dq):
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
+    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, f"g4v{variant}")
+    rc, direct = _direct(variant, args, k, n, m, 64)
+    if k % VARIANTS[variant][1]:
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"variant {variant} accepted K={k}"
     else:
-        assert rc == 0, f"staged kernel refused K={k} N={n} M={m} (rc {rc})"
-        assert torch.equal(direct, out), "the op did not use the staged kernel"
+        assert rc == 0, f"variant {variant} refused K={k} N={n} M={m} (rc {rc})"
+        assert torch.equal(direct, out), f"the op did not use variant {variant}"
 
 
-@pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2)])
-def test_gemm_4bit_variant3_blocksizes(monkeypatch, bs, m):
-    """Blocksizes 32..K (a 32-code word never straddles two blocks), M buckets 1/2/4/8; bs 4096 > K falls back."""
-    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", 3)
+@pytest.mark.parametrize("variant", [3, 4, 5])
+@pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2), (256, 24)])
+def test_gemm_4bit_variant_blocksizes(monkeypatch, variant, bs, m):
+    """Blocksizes 32..K and beyond; variant 3 refuses bs > K, variants 4/5 (one block per mma) refuse bs 32."""
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
     k, n = 2048, 1000
-    args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs == 128, "g4v3bs",
-                                 bs)
-    rc, direct = _staged_direct(args, k, n, m, bs)
-    assert rc == (0 if k % bs == 0 else lib.CUDA_ERROR_NOT_SUPPORTED)
+    args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs == 128,
+                                 f"g4v{variant}bs", bs)
+    rc, direct = _direct(variant, args, k, n, m, bs)
+    expect_ok = m <= max(VARIANTS[variant][2]) and (k % bs == 0 if variant == 3 else bs >= 64)
+    assert rc == (0 if expect_ok else lib.CUDA_ERROR_NOT_SUPPORTED)
     if rc == 0:
         assert torch.equal(direct, out)
 
@@ -205,7 +214,7 @@ def test_quantize_int8_rowwise(shape, dtype):
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
-@pytest.mark.parametrize("variant", [1, 3])
+@pytest.mark.parametrize("variant", [1, 3, 4, 5])
 def test_cuda_graph_capture(monkeypatch, variant):
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
     g = _gen("graph", variant)

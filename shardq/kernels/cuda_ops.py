@@ -25,6 +25,9 @@ DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")
 # 2 = row-streaming warps with two-step register prefetch (faster at 4096x11008, M <= 7),
 # 3 = candidate, not yet measured: for M <= 8, csrc/gemv_4bit_staged.cu (weights staged through shared memory with
 # a 4-deep cp.async ring); where its preconditions fail (K % 64, blocksize, alignment) and for M > 8, variant 1.
+# 4 = candidate: for M <= 32, csrc/gemm_4bit_tc.cu (cp.async ring + swapped-operand tensor-core mma, persistent
+# CTAs; 5 = the same with two 16-row tiles per warp); where its preconditions fail (K % 128, blocksize,
+# alignment), variant 1.
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "1"))
 
 
@@ -147,7 +150,12 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "gemv_4bit_staged")
             return
-    rc = lib.shardq_gemm_4bit_small(*args, 1 if GEMM4_VARIANT == 3 else GEMM4_VARIANT, stream)
+    if GEMM4_VARIANT in (4, 5):
+        rc = lib.shardq_gemm_4bit_tc(*args, GEMM4_VARIANT - 4, stream)
+        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+            _lib.check(rc, "gemm_4bit_tc")
+            return
+    rc = lib.shardq_gemm_4bit_small(*args, GEMM4_VARIANT if GEMM4_VARIANT in (1, 2) else 1, stream)
     _lib.check(rc, "gemm_4bit_small")
 
 
