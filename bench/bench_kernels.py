@@ -2,9 +2,8 @@
 
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
-For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1/v2/v3: the
-small-M kernel variants 1 and 2 for M <= 32, the staged GEMV candidate 3 for M <= 8 and the tensor-core ring
-candidate 4 for M <= 32) and Linear8bit (threshold
+For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
+fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel) and Linear8bit (threshold
 6 and 0), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
@@ -40,8 +39,7 @@ SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,4097x1000"
 MS = "1,2,7,16,32,256,4096"
 ROTATE_BYTES = 2 * 50 * 2**20
 # kinds timed with one explicit small-M 4-bit variant (cuda_ops.GEMM4_VARIANT), and the largest M each applies to
-# (variant 3 = the staged GEMV, candidate: M <= 8; beyond, it would only repeat variant 1)
-VARIANT_MAX_M = {"sq_nf4_v1": 32, "sq_nf4_v2": 32, "sq_nf4_v3": 8, "sq_nf4_v4": 32, "sq_nf4_v5": 32}
+VARIANT_MAX_M = {"sq_nf4_v1": 32}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -185,7 +183,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
 
 def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
-            ("sq_nf4_v2", "sq nf4 v2"), ("sq_nf4_v3", "sq nf4 v3"), ("sq_nf4_v4", "sq nf4 v4"), ("sq_nf4_v5", "sq nf4 v5"),
+
             ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("bnb_int8_t6", "bnb i8t6"), ("sq_int8_t0", "sq i8t0"),
             ("bnb_int8_t0", "bnb i8t0")]
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_v2", "sq_nf4_v3", "sq_nf4_v4", "sq_nf4_v5", "sq_int8_t6",
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_int8_t6",
              "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

@@ -1,11 +1,13 @@
 """Load-time benchmark: shardq.load_sharded vs transformers from_pretrained (+ accelerate + bitsandbytes).
 
-One run, one machine. Saves a Llama-style fp16 checkpoint (the anchor's 1.9 GB config, sharded at 500 MB),
+One run, one machine. Saves a Llama-style fp16 checkpoint (the anchor's 1.9 GB config, or 3.8 GB with --size large;
+sharded at 500 MB),
 then loads it in a fresh subprocess per case under the same `max_memory` cap and quantization:
   load time (imports done before the clock starts); peak host RSS above the process's RSS before loading (sampled every 2 ms) next to the bytes the
   model holds in host memory afterwards; the allocator's peak on GPU 0 while loading and during a 512-token
   prefill, against the cap; ms per generated token.
-Run on a lent GPU:  python bench/bench_load.py [--small] [--cap 600MB]   (writes $OUT/bench_load.json)
+Run on a lent GPU:  python bench/bench_load.py [--size small|anchor|large] [--cap 600MB] [--cases a,b]
+(writes $OUT/bench_load.json)
 """
 
 from __future__ import annotations
@@ -35,23 +37,28 @@ CASES = {
 }
 
 
-def llama_config(small: bool):
+SIZES = {  # name: (hidden, intermediate, layers, heads, vocab)
+    "small": (512, 1408, 4, 8, 8000),  # 60 MB smoke test
+    "anchor": (2048, 5632, 16, 16, 32000),  # 1.9 GB, the anchor's config
+    "large": (4096, 11008, 8, 32, 32000),  # 3.8 GB: Llama-7B-wide layers
+}
+
+
+def llama_config(size: str):
     from transformers import LlamaConfig
 
-    if small:
-        return LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=8000)
-    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                       num_key_value_heads=16, vocab_size=32000)
+    h, i, n, heads, v = SIZES[size]
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                       num_key_value_heads=heads, vocab_size=v)
 
 
-def save_checkpoint(path: Path, small: bool) -> float:
+def save_checkpoint(path: Path, size: str) -> float:
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(small)).to(torch.float16)
-    model.save_pretrained(path, max_shard_size="100MB" if small else "500MB")
+    model = LlamaForCausalLM(llama_config(size)).to(torch.float16)
+    model.save_pretrained(path, max_shard_size="100MB" if size == "small" else "500MB")
     return sum(p.numel() * 2 for p in model.parameters()) / 1e9
 
 
@@ -177,7 +184,7 @@ def table(rows: list[dict], cap_mb: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="a 60 MB model (smoke test)")
+    ap.add_argument("--size", choices=list(SIZES), default="anchor", help="checkpoint size (small: smoke test)")
     ap.add_argument("--cap", default="600MB", help="max_memory of GPU 0 (default the seed's 600MB)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -191,7 +198,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
-        gb = save_checkpoint(ckpt, args.small)
+        gb = save_checkpoint(ckpt, args.size)
         print(f"checkpoint: {gb:.2f} GB fp16 in {len(list(ckpt.glob('*.safetensors')))} shards", flush=True)
         for case in args.cases.split(","):
             res = subprocess.run([sys.executable, __file__, "--case", case, "--ckpt", str(ckpt), "--cap", args.cap],

@@ -44,7 +44,7 @@ for s in $steps; do
              done ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
-    load) step load 300 python3 bench/bench_load.py ;;
+    load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
     *) echo "unknown step $s (check tests kernels profile offload dispatch load)"; exit 2 ;;
   esac
 done

@@ -6,11 +6,10 @@
 // (entry e of lane l sits in bank l, so lookups never conflict), is scaled by its block's absmax (decoded
 // inline for double quant) and fed to tensor-core mma.m16n8k16 with fp32 accumulation. The k order inside
 // each mma is permuted identically for x and W (a dot product does not care), which lets the 32 contiguous
-// weights a thread loaded map straight onto its B fragments. Two schedules (the launcher's `variant`):
-//   1 (default): the 8 warps of a CTA split K step by step (512 contiguous bytes per row per round) and reduce
-//     in shared memory; CTAs stride over groups of 8*NT output rows.
-//   2: warps own different rows and stream their K range with weights prefetched two steps ahead.
-// Both were measured on an H100 (bench/RESULTS.md, Kernels): variant 1 is faster on 4 of the 5 shapes.
+// weights a thread loaded map straight onto its B fragments. The 8 warps of a CTA split K step by step (512
+// contiguous bytes per row per round) and reduce in shared memory; CTAs stride over groups of 8*NT output rows.
+// This is the fallback of gemm_4bit_tc.cu (the faster kernel, bench/RESULTS.md) where that one refuses a shape:
+// K % 128 != 0, blocksize 32, or M > 8 with fewer row tiles than SMs.
 //
 // Generic path (any K, blocksize, dtype incl. fp32, any alignment): one CTA per output row, per-element
 // nibble addressing, so blocks and bytes may straddle rows.
@@ -165,109 +164,6 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
   }
 }
 
-// Variant 2: warps of a CTA own different output rows (optionally split K in `ksplit` contiguous ranges),
-// each streaming its whole K range with weights prefetched two steps ahead in registers (and, for M <= 8, the
-// activations one step ahead), so every warp keeps several 128-bit loads in flight at all times. The
-// first loads are issued before the lookup table is built, hiding its set-up.
-template <typename T, int NT, int MT, bool LOW8>
-struct Stream2 {
-  const Small4Args& p;
-  const uint32_t* tbl;
-  int n0, g, t, se;
-  float acc[MT][NT][4];
-  uint32_t xn[16];  // next step's activations (LOW8 only)
-
-  __device__ __forceinline__ void load(int s, uint4* wv, uint32_t* sc) const {
-#pragma unroll
-    for (int i = 0; i < NT; ++i) load_w<T>(p, n0 + 8 * i + g, s < se ? s * 128 + t * 32 : p.K, wv[i], sc[i]);
-  }
-
-  // Consume the weights of step s held in (wv, sc), refilling them with step s + 2.
-  __device__ __forceinline__ void step(int s, uint4* wv, uint32_t* sc) {
-    uint4 cw[NT];
-    uint32_t cs[NT];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) { cw[i] = wv[i]; cs[i] = sc[i]; }
-    load(s + 2, wv, sc);
-    uint32_t xa[MT][2][16];
-    if (LOW8) {
-#pragma unroll
-      for (int q = 0; q < 16; ++q) xa[0][0][q] = xn[q];
-      load_x<T>(p, g, s + 1 < se ? (s + 1) * 128 + t * 32 : p.K, xn);
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        load_x<T>(p, mt * 16 + g, s * 128 + t * 32, xa[mt][0]);
-        load_x<T>(p, mt * 16 + g + 8, s * 128 + t * 32, xa[mt][1]);
-      }
-    }
-    mma_step<T, NT, MT, LOW8>(tbl, cw, cs, xa, acc);
-  }
-};
-
-template <typename T, int NT, int MT, bool LOW8>
-__global__ void __launch_bounds__(kThreads) gemm4_small_v2(Small4Args p, int ksplit) {
-  extern __shared__ uint32_t smem[];
-  uint32_t* table = smem;
-  float* red = reinterpret_cast<float*>(smem + kTableWords);  // [kWarps][MT*16][NT*8] when ksplit > 1
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int ks = warp % ksplit, wn = warp / ksplit, wpg = kWarps / ksplit;
-  Stream2<T, NT, MT, LOW8> st{p, table + lane, ((int)blockIdx.x * wpg + wn) * NT * 8, lane >> 2, lane & 3, 0};
-  const int nsteps = (p.K + 127) / 128;
-  const int sb = (int)((int64_t)nsteps * ks / ksplit);
-  st.se = (int)((int64_t)nsteps * (ks + 1) / ksplit);
-  uint4 w0[NT], w1[NT];
-  uint32_t c0[NT], c1[NT];
-  st.load(sb, w0, c0);
-  st.load(sb + 1, w1, c1);
-  if (LOW8) load_x<T>(p, st.g, sb < st.se ? sb * 128 + st.t * 32 : p.K, st.xn);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) st.acc[mt][i][c] = 0.f;
-  for (int i = tid; i < kTableWords; i += kThreads) {
-    const int byte = i >> 5;
-    table[i] = pack_pair<T>(__ldg(p.code + (byte >> 4)), __ldg(p.code + (byte & 15)));
-  }
-  __syncthreads();
-  for (int s = sb; s < st.se; s += 2) {
-    st.step(s, w0, c0);
-    if (s + 1 < st.se) st.step(s + 1, w1, c1);
-  }
-  const int g = st.g, t = st.t;
-  if (ksplit > 1) {
-    stash_acc<NT, MT>(red, warp, g, t, st.acc);
-    __syncthreads();
-    if (ks != 0) return;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < NT; ++i)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int m = mt * 16 + g + (c >> 1) * 8, nl = i * 8 + 2 * t + (c & 1);
-          float v = 0.f;
-          for (int k2 = 0; k2 < ksplit; ++k2) v += red[((warp + k2) * MT * 16 + m) * NT * 8 + nl];
-          st.acc[mt][i][c] = v;
-        }
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int m = mt * 16 + g + (c >> 1) * 8, n = st.n0 + i * 8 + 2 * t + (c & 1);
-        if (m < p.M && n < p.N) {
-          float v = st.acc[mt][i][c];
-          if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-          static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
-        }
-      }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, const uint8_t* __restrict__ w, Absmax am,
                                                      const float* __restrict__ code, const T* __restrict__ bias,
@@ -304,15 +200,6 @@ __global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, co
   }
 }
 
-int sm_count() {
-  static int cache[64] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return 132;
-  if (!cache[dev]) cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev);
-  return cache[dev] > 0 ? cache[dev] : 132;
-}
-
 template <typename T, int NT, int MT>
 cudaError_t launch_mma(const Small4Args& p, cudaStream_t stream) {
   const int smem = (kTableWords + kWarps * MT * 16 * NT * 8) * 4;
@@ -328,36 +215,6 @@ cudaError_t launch_mma(const Small4Args& p, cudaStream_t stream) {
   const int grid = ngroups < 3 * sm_count() ? ngroups : 3 * sm_count();
   gemm4_small_mma<T, NT, MT><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
-}
-
-template <typename T, int NT, int MT, bool LOW8>
-cudaError_t launch_v2(const Small4Args& p, cudaStream_t stream) {
-  const int sms = sm_count();
-  const int ngroups = (p.N + NT * 8 - 1) / (NT * 8);
-  const int nsteps = (p.K + 127) / 128;
-  int ksplit = 1;
-  while (ksplit < kWarps && ngroups * ksplit < 16 * sms && nsteps / (2 * ksplit) >= 2) ksplit *= 2;
-  const int smem = (kTableWords + (ksplit > 1 ? kWarps * MT * 16 * NT * 8 : 0)) * 4;
-  static bool configured[64] = {false};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    cudaError_t err = cudaFuncSetAttribute(gemm4_small_v2<T, NT, MT, LOW8>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kTableWords * 4 + kWarps * MT * 16 * NT * 8 * 4);
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
-  const int wpg = kWarps / ksplit;
-  const int grid = (ngroups + wpg - 1) / wpg;
-  gemm4_small_v2<T, NT, MT, LOW8><<<grid, kThreads, smem, stream>>>(p, ksplit);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t dispatch_v2(const Small4Args& p, cudaStream_t stream) {
-  if (p.M <= 8) return p.N >= 16384 ? launch_v2<T, 2, 1, true>(p, stream) : launch_v2<T, 1, 1, true>(p, stream);
-  if (p.M <= 16) return p.N >= 16384 ? launch_v2<T, 2, 1, false>(p, stream) : launch_v2<T, 1, 1, false>(p, stream);
-  return launch_v2<T, 1, 2, false>(p, stream);
 }
 
 template <typename T>
@@ -379,8 +236,7 @@ using namespace shardq;
 SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                       const float* nested_absmax, const float* nested_code, float offset,
                                       const float* code, const void* bias, void* out, int64_t M, int64_t N,
-                                      int64_t K, int64_t blocksize, int dtype, int variant,
-                                      void* stream_ptr) {
+                                      int64_t K, int64_t blocksize, int dtype, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (M <= 0 || N <= 0 || K <= 0 || blocksize <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
     return cudaErrorInvalidValue;
@@ -390,8 +246,7 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
   const bool fast = dtype != kF32 && M <= 32 && K % 32 == 0 && shift >= 5 && aligned;
   if (fast) {
     const Small4Args p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift};
-    if (variant == 1) SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
-    SHARDQ_DISPATCH_16(dtype, T, return dispatch_v2<T>(p, stream));
+    SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
   }
   SHARDQ_DISPATCH_ALL(dtype, T, {
     const unsigned grid = (unsigned)(N < 65536 ? N : 65536);

@@ -164,51 +164,68 @@ struct Warp {
       }
   }
 
-  // Slice s of the stage: the warp's 128 columns (wk * KS + s) for its TM row tiles.
+  // Slice s of the stage: the warp's 128 columns (wk * KS + s) for its TM row tiles. With MT == 1 both 64-column
+  // blocks are in flight at once (two independent mma chains: the chain latency, not issue, limits small M).
   __device__ __forceinline__ void compute(const TcArgs& p, const uint8_t* stage, const uint32_t* table,
                                           uint32_t lane4, int s, const float (&sc)[TM][KS][2][2]) {
+    constexpr int NB = MT == 1 ? 2 : 1;
+#pragma unroll
+    for (int b0 = 0; b0 < 2; b0 += NB) blocks<NB>(p, stage, table, lane4, s, b0, sc);
+  }
+
+  template <int NB>
+  __device__ __forceinline__ void blocks(const TcArgs& p, const uint8_t* stage, const uint32_t* table,
+                                         uint32_t lane4, int s, int b0, const float (&sc)[TM][KS][2][2]) {
     const uint8_t* xs = stage + C::kStageW;
     const int sl = wk * KS + s;
+    uint4 xb[NB][MT][2];
 #pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int u = sl * 4 + 2 * b + (t >> 1);  // the 16-byte unit holding this lane's 8 bytes
-      uint4 xb[MT][2];
+    for (int bb = 0; bb < NB; ++bb)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const int m = mt * 8 + g, v = sl * 16 + b * 8 + t * 2;
+        const int m = mt * 8 + g, v = sl * 16 + (b0 + bb) * 8 + t * 2;
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          xb[mt][e] = m < p.M ? *reinterpret_cast<const uint4*>(xs + (m * C::XU + x_unit(m, v + e)) * 16)
-                              : make_uint4(0, 0, 0, 0);
+          xb[bb][mt][e] = m < p.M ? *reinterpret_cast<const uint4*>(xs + (m * C::XU + x_unit(m, v + e)) * 16)
+                                  : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        uint2 wv[2];
+    for (int i = 0; i < TM; ++i) {
+      uint2 wv[NB][2];
+      float part[NB][MT][4];
+#pragma unroll
+      for (int bb = 0; bb < NB; ++bb) {
+        const int u = sl * 4 + 2 * (b0 + bb) + (t >> 1);  // the 16-byte unit holding this lane's 8 bytes
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          wv[h] = *reinterpret_cast<const uint2*>(stage + (row(i, h) * C::U + w_unit(row(i, h), u)) * 16 + (t & 1) * 8);
-        float part[MT][4];
+          wv[bb][h] = *reinterpret_cast<const uint2*>(stage + (row(i, h) * C::U + w_unit(row(i, h), u)) * 16 +
+                                                      (t & 1) * 8);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) part[mt][c] = 0.f;
+          for (int c = 0; c < 4; ++c) part[bb][mt][c] = 0.f;
+      }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t e0 = j < 2 ? wv[0].x : wv[0].y, e1 = j < 2 ? wv[1].x : wv[1].y;
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) {
+          const uint32_t e0 = j < 2 ? wv[bb][0].x : wv[bb][0].y, e1 = j < 2 ? wv[bb][1].x : wv[bb][1].y;
           const int q = 2 * (j & 1);
           const uint32_t a[4] = {lookup(table, lane4, e0, q), lookup(table, lane4, e1, q),
                                  lookup(table, lane4, e0, q + 1), lookup(table, lane4, e1, q + 1)};
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint4& xv = xb[mt][j >> 1];
-            mma16816<T>(part[mt], a, j & 1 ? xv.z : xv.x, j & 1 ? xv.w : xv.y);
+            const uint4& xv = xb[bb][mt][j >> 1];
+            mma16816<T>(part[bb][mt], a, j & 1 ? xv.z : xv.x, j & 1 ? xv.w : xv.y);
           }
         }
 #pragma unroll
+      for (int bb = 0; bb < NB; ++bb)
+#pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) acc[i][mt][c] = fmaf(part[mt][c], sc[i][s][c >> 1][b], acc[i][mt][c]);
-      }
+          for (int c = 0; c < 4; ++c)
+            acc[i][mt][c] = fmaf(part[bb][mt][c], sc[i][s][c >> 1][b0 + bb], acc[i][mt][c]);
     }
   }
 
@@ -333,18 +350,14 @@ cudaError_t launch_tc(TcArgs p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// config 0 (default) and 1 (candidate) differ in rows per warp (TM), slices per chunk (KS) and stages (S).
 template <typename T>
-cudaError_t dispatch_tc(const TcArgs& p, int config, cudaStream_t stream) {
-  if (config == 1) {
-    if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 4>(p, stream);
-    if (p.M <= 16) return launch_tc<T, 4, 2, 1, 2, 3>(p, stream);
-    return launch_tc<T, 2, 2, 1, 4, 3>(p, stream);
-  }
+cudaError_t dispatch_tc(const TcArgs& p, cudaStream_t stream) {
   if (p.M <= 2) return launch_tc<T, 8, 1, 2, 1, 3>(p, stream);
   if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 4>(p, stream);
-  if (p.M <= 16) return launch_tc<T, 4, 2, 1, 2, 3>(p, stream);
-  return launch_tc<T, 2, 2, 1, 4, 3>(p, stream);
+  // M > 8 takes 64- and 128-row tiles (x staging limits the CTAs per SM): with fewer tiles than SMs the K-split
+  // variant 1 is faster (bench/RESULTS.md), so refuse and let the caller fall back to it.
+  if (p.M <= 16) return (p.N + 63) / 64 < sm_count() ? cudaErrorNotSupported : launch_tc<T, 4, 2, 1, 2, 3>(p, stream);
+  return (p.N + 127) / 128 < sm_count() ? cudaErrorNotSupported : launch_tc<T, 2, 2, 1, 4, 3>(p, stream);
 }
 
 }  // namespace
@@ -352,12 +365,13 @@ cudaError_t dispatch_tc(const TcArgs& p, int config, cudaStream_t stream) {
 
 using namespace shardq;
 
-// Same arguments as shardq_gemm_4bit_small, `config` (0, 1: dispatch_tc) in place of `variant`. Returns cudaErrorNotSupported, launching nothing, unless:
-// dtype fp16/bf16, 1 <= M <= 32, K % 128 == 0, blocksize a power of two >= 64, x and w 16-byte aligned.
+// Same arguments as shardq_gemm_4bit_small. Returns cudaErrorNotSupported, launching nothing, unless: dtype
+// fp16/bf16, 1 <= M <= 32, K % 128 == 0, blocksize a power of two >= 64, x and w 16-byte aligned, and for M > 8
+// at least as many row tiles as SMs.
 SHARDQ_API int shardq_gemm_4bit_tc(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                    const float* nested_absmax, const float* nested_code, float offset,
                                    const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
-                                   int64_t blocksize, int dtype, int config, void* stream_ptr) {
+                                   int64_t blocksize, int dtype, void* stream_ptr) {
   const int shift = log2_exact(blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 32 && N >= 1 && N <= INT32_MAX / 2 &&
                   K >= 128 && (int64_t)M * K <= INT32_MAX && K % 128 == 0 && shift >= 6 && (uintptr_t)x % 16 == 0 &&
@@ -367,6 +381,6 @@ SHARDQ_API int shardq_gemm_4bit_tc(const void* x, const void* w, const float* ab
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
   const TcArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0, 0};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, config, stream));
+  SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, stream));
   return cudaErrorNotSupported;
 }

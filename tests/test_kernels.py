@@ -24,17 +24,17 @@ def test_csrc_compiles_and_exports_every_launcher(tmp_path):
     assert loaded.shardq_abi_version() == lib.ABI_VERSION
     for name in lib.SIGNATURES:
         assert hasattr(loaded, name), f"{name} missing from {so}"
-    _check_staged_refusals(loaded)
+    _check_tc_refusals(loaded)
 
 
-def _check_staged_refusals(loaded: ctypes.CDLL) -> None:
-    """shardq_gemv_4bit_staged (variant 3) is exported and refuses, before any CUDA call (so without a GPU),
-    what it cannot run: cudaErrorNotSupported sends gemm_4bit to variant 1."""
-    fn = loaded.shardq_gemv_4bit_staged
-    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_gemv_4bit_staged"], ctypes.c_int
+def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
+    """shardq_gemm_4bit_tc (the default small-M kernel) refuses, before any CUDA call (so without a GPU), what it
+    cannot run: cudaErrorNotSupported sends gemm_4bit to the K-split kernel."""
+    fn = loaded.shardq_gemm_4bit_tc
+    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_gemm_4bit_tc"], ctypes.c_int
     ok = dict(x=4096, w=8192, M=1, N=1000, K=1024, bs=64, dtype=0)
-    bad = [dict(K=4097), dict(K=4128), dict(M=9), dict(M=0), dict(dtype=2), dict(bs=48), dict(bs=16),
-           dict(bs=4096), dict(x=4104), dict(w=8200)]
+    bad = [dict(K=4097), dict(K=4128), dict(K=64), dict(M=33), dict(M=0), dict(dtype=2), dict(bs=48), dict(bs=32),
+           dict(bs=16), dict(x=4104), dict(w=8200)]
     for change in bad:
         a = dict(ok, **change)
         rc = fn(a["x"], a["w"], 64, None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],

@@ -90,14 +90,13 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
     _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4")
 
 
-# Candidate small-M variants, called through the op and directly (which proves the op used them): 3 =
-# csrc/gemv_4bit_staged.cu (M <= 8, K % 64), 4 = csrc/gemm_4bit_tc.cu (M <= 32, K % 128). The issue shapes, a
-# ragged N (1000 rows: not a multiple of any row tile), and K that each must refuse (4097; 4128 = 32 * 129) so
-# variant 1 runs instead.
+# The default small-M kernel (variant 4, csrc/gemm_4bit_tc.cu: M <= 32, K % 128, blocksize >= 64), called through
+# the op and directly (which proves the op used it): the issue shapes, a ragged N (1000 rows: not a multiple of
+# any row tile), and shapes it must refuse (K = 4097; 4128 = 32 * 129; M > 8 with fewer row tiles than SMs) so
+# variant 1 runs instead. test_gemm_4bit above runs the same op with whichever kernel takes the shape.
 VAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512),
               (11008, 1000)]
-VARIANTS = {3: ("shardq_gemv_4bit_staged", 64, [1, 2, 7, 8]), 4: ("shardq_gemm_4bit_tc", 128, [1, 2, 7, 9, 16, 17, 32]),
-            5: ("shardq_gemm_4bit_tc", 128, [1, 8, 9, 16, 32])}
+VARIANTS = {4: ("shardq_gemm_4bit_tc", 128, [1, 2, 7, 8, 9, 16, 17, 32])}
 
 
 def _direct(variant, args, k, n, m, bs):
@@ -107,10 +106,16 @@ def _direct(variant, args, k, n, m, bs):
     _poison(m * n * 2)
     out = torch.empty((m, n), dtype=x.dtype, device=DEV)
     fn = getattr(lib.load(), VARIANTS[variant][0])
-    extra = (variant - 4,) if variant >= 4 else ()  # the tensor-core launcher's config
     rc = fn(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), m, n, k, bs, cuda_ops.DTYPE_CODES[x.dtype], *extra, cuda_ops._stream(x))
+            out.data_ptr(), m, n, k, bs, cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
     return rc, out
+
+
+def _tc_refuses(variant: int, n: int, m: int) -> bool:
+    """Variant 4 leaves M > 8 with fewer row tiles (64 rows for M <= 16, else 128) than SMs to variant 1."""
+    if variant != 4 or m <= 8:
+        return False
+    return -(-n // (64 if m <= 16 else 128)) < torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def _variant_grid():
@@ -126,23 +131,24 @@ def test_gemm_4bit_variant(monkeypatch, variant, k, n, m, dtype, qt, dq):
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
     args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, f"g4v{variant}")
     rc, direct = _direct(variant, args, k, n, m, 64)
-    if k % VARIANTS[variant][1]:
-        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"variant {variant} accepted K={k}"
+    if k % VARIANTS[variant][1] or _tc_refuses(variant, n, m):
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"variant {variant} accepted K={k} N={n} M={m}"
     else:
         assert rc == 0, f"variant {variant} refused K={k} N={n} M={m} (rc {rc})"
         assert torch.equal(direct, out), f"the op did not use variant {variant}"
 
 
-@pytest.mark.parametrize("variant", [3, 4, 5])
+@pytest.mark.parametrize("variant", [4])
 @pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2), (256, 24)])
 def test_gemm_4bit_variant_blocksizes(monkeypatch, variant, bs, m):
-    """Blocksizes 32..K and beyond; variant 3 refuses bs > K, variants 4/5 (one block per mma) refuse bs 32."""
+    """Blocksizes 32..K and beyond: bs 32 is refused (an mma must sum inside one block) and variant 1 runs."""
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
     k, n = 2048, 1000
     args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs == 128,
                                  f"g4v{variant}bs", bs)
     rc, direct = _direct(variant, args, k, n, m, bs)
-    expect_ok = m <= max(VARIANTS[variant][2]) and (k % bs == 0 if variant == 3 else bs >= 64)
+    expect_ok = m <= max(VARIANTS[variant][2]) and bs >= 64
+    expect_ok = expect_ok and not _tc_refuses(variant, n, m)
     assert rc == (0 if expect_ok else lib.CUDA_ERROR_NOT_SUPPORTED)
     if rc == 0:
         assert torch.equal(direct, out)
@@ -214,7 +220,7 @@ def test_quantize_int8_rowwise(shape, dtype):
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
-@pytest.mark.parametrize("variant", [1, 3, 4, 5])
+@pytest.mark.parametrize("variant", [1, 4])
 def test_cuda_graph_capture(monkeypatch, variant):
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
     g = _gen("graph", variant)

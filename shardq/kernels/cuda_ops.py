@@ -21,14 +21,10 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this many rows
 # Scratch cap for the large-M 4-bit path (weight rows dequantized per cuBLAS call), in bytes.
 DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")) * 2**20)
-# Small-M 4-bit kernel: 1 = K-split CTAs (default, faster on 4 of the 5 benchmark shapes, bench/RESULTS.md),
-# 2 = row-streaming warps with two-step register prefetch (faster at 4096x11008, M <= 7),
-# 3 = candidate, not yet measured: for M <= 8, csrc/gemv_4bit_staged.cu (weights staged through shared memory with
-# a 4-deep cp.async ring); where its preconditions fail (K % 64, blocksize, alignment) and for M > 8, variant 1.
-# 4 = candidate: for M <= 32, csrc/gemm_4bit_tc.cu (cp.async ring + swapped-operand tensor-core mma, persistent
-# CTAs; 5 = the same with two 16-row tiles per warp); where its preconditions fail (K % 128, blocksize,
-# alignment), variant 1.
-GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "1"))
+# Small-M 4-bit kernel: 4 (default) = csrc/gemm_4bit_tc.cu (cp.async ring, swapped-operand tensor-core mma,
+# persistent CTAs), falling back to 1 where it refuses a shape; 1 = csrc/gemm_4bit_small.cu only (K-split CTAs;
+# kept selectable for comparisons). Variants 2, 3 and 5 were measured slower and removed (bench/RESULTS.md).
+GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 
 
 def reference(name: str) -> Callable:
@@ -140,22 +136,17 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> None:
-    """M <= SMALL_M: the small-M kernel of GEMM4_VARIANT (variant 3 = the staged GEMV for M <= 8, else variant 1)."""
+    """M <= SMALL_M: the tensor-core ring kernel (variant 4) where it takes the shape, else the K-split kernel."""
     m = x2.shape[0]
     args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), m, n, k, blocksize,
             DTYPE_CODES[x2.dtype])
     stream = _stream(x2)
-    if GEMM4_VARIANT == 3 and m <= 8:
-        rc = lib.shardq_gemv_4bit_staged(*args, stream)
-        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
-            _lib.check(rc, "gemv_4bit_staged")
-            return
-    if GEMM4_VARIANT in (4, 5):
-        rc = lib.shardq_gemm_4bit_tc(*args, GEMM4_VARIANT - 4, stream)
+    if GEMM4_VARIANT == 4:
+        rc = lib.shardq_gemm_4bit_tc(*args, stream)
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "gemm_4bit_tc")
             return
-    rc = lib.shardq_gemm_4bit_small(*args, GEMM4_VARIANT if GEMM4_VARIANT in (1, 2) else 1, stream)
+    rc = lib.shardq_gemm_4bit_small(*args, stream)
     _lib.check(rc, "gemm_4bit_small")
 
 

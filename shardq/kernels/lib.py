@@ -22,9 +22,8 @@ _F32 = ctypes.c_float
 
 # name -> argument types (every launcher returns a cudaError_t as int; stream is the last argument)
 SIGNATURES: dict[str, list] = {
-    "shardq_gemm_4bit_small": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _P],
-    "shardq_gemv_4bit_staged": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
-    "shardq_gemm_4bit_tc": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _P],
+    "shardq_gemm_4bit_small": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
+    "shardq_gemm_4bit_tc": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_quantize_4bit": [_P, _P, _P, _P, _I64, _I64, _INT, _P],
     "shardq_quantize_int8_rowwise": [_P, _P, _P, _I64, _I64, _INT, _P],
