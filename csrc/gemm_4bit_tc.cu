@@ -258,7 +258,7 @@ struct Warp {
 // of item c-1 is free), refill that slot with item c+S-1, compute c. One group is committed per iteration
 // (possibly empty) so group counts track item indices.
 template <typename T, int WK, int TM, int KS, int MT, int S>
-__global__ void __launch_bounds__(kThreads, TM * MT <= 2 ? 2 : 1) gemm4_tc(TcArgs p) {
+__global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2 ? 2 : 1) gemm4_tc(TcArgs p) {
   using C = Cfg<WK, TM, KS, MT, S>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
@@ -352,8 +352,10 @@ cudaError_t launch_tc(TcArgs p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dispatch_tc(const TcArgs& p, cudaStream_t stream) {
+  // Measured alternatives (bench/RESULTS.md): one slice per chunk at 3 CTAs/SM for M <= 2 (81 vs 65 us at
+  // 8192x28672), and 32/64-row tiles for M <= 16/32 (108/145 vs 89/112 us) were slower.
   if (p.M <= 2) return launch_tc<T, 8, 1, 2, 1, 3>(p, stream);
-  if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 4>(p, stream);
+  if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 3>(p, stream);
   // M > 8 takes 64- and 128-row tiles (x staging limits the CTAs per SM): with fewer tiles than SMs the K-split
   // variant 1 is faster (bench/RESULTS.md), so refuse and let the caller fall back to it.
   if (p.M <= 16) return (p.N + 63) / 64 < sm_count() ? cudaErrorNotSupported : launch_tc<T, 4, 2, 1, 2, 3>(p, stream);
