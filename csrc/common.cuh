@@ -89,6 +89,22 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// LLM.int8() helpers: round(v * 127 / absmax) with the factor formed as the reference forms it (torch evaluates 127 / t as
+// t.reciprocal() * 127), so ties round identically.
+__device__ __forceinline__ int8_t quant127(float v, float absmax) {
+  if (!(absmax > 0.f)) return 0;
+  const float q = rintf(v * (__frcp_rn(absmax) * 127.f));
+  return (int8_t)fminf(fmaxf(q, -127.f), 127.f);
+}
+
+// Sum of the 16 int8 products of a and b, added to acc.
+__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
+  acc = __dp4a(a.x, b.x, acc);
+  acc = __dp4a(a.y, b.y, acc);
+  acc = __dp4a(a.z, b.z, acc);
+  return __dp4a(a.w, b.w, acc);
+}
+
 // Multiprocessors of the current device (cached per device).
 inline int sm_count() {
   static int cache[64] = {0};

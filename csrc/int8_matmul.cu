@@ -47,13 +47,6 @@ __device__ __noinline__ float epilogue(const Int8Args& p, int m, int n, int acc)
   return v;
 }
 
-__device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {
-  acc = __dp4a(a.x, b.x, acc);
-  acc = __dp4a(a.y, b.y, acc);
-  acc = __dp4a(a.z, b.z, acc);
-  return __dp4a(a.w, b.w, acc);
-}
-
 // One CTA computes kRows output columns for activation rows m0 .. m0+MB-1; its 8 warps split K (each thread
 // keeps kRows 128-bit weight loads in flight), reduce through shared memory, and MB*kRows threads run the
 // epilogue. VEC: 16 int8 per load (K % 16 == 0, aligned); otherwise one byte per load.

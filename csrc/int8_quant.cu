@@ -21,14 +21,6 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
   return m;
 }
 
-// round(v * 127 / absmax) with the factor formed as the reference forms it (torch evaluates 127 / t as
-// t.reciprocal() * 127), so ties round identically.
-__device__ __forceinline__ int8_t quant127(float v, float absmax) {
-  if (!(absmax > 0.f)) return 0;
-  const float q = rintf(v * (__frcp_rn(absmax) * 127.f));
-  return (int8_t)fminf(fmaxf(q, -127.f), 127.f);
-}
-
 // One CTA per row. colmax (may be null) marks outlier columns with colmax[k] > threshold.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) rowquant(const T* __restrict__ a, int8_t* __restrict__ q,

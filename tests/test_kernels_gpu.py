@@ -188,6 +188,26 @@ def test_int8_linear(k, n, m, dtype, threshold):
     eps = torch.finfo(dtype).eps
     err = _rel(out, exact)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference (eps {eps:.1e})"
+    return (x, w8, scb, bias), out
+
+
+@pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 2), (11008, 4096, 3), (8192, 28672, 4),
+                                   (1024, 1000, 1), (4112, 1003, 4), (4097, 1000, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_int8_fused_small_m(k, n, m, dtype, threshold):
+    """M <= 4 takes the one-launch kernel (activation prep inside every CTA): the op's output is the direct
+    call's, and both match the reference; K % 32 != 0 is refused (the two-launch path runs)."""
+    (x, w8, scb, bias), out = test_int8_linear(k, n, m, dtype, threshold)
+    _poison(m * n * 2)
+    direct = torch.empty_like(out)
+    rc = lib.load().shardq_int8_gemv_fused(x.data_ptr(), w8.data_ptr(), scb.data_ptr(), bias.data_ptr(),
+                                           direct.data_ptr(), m, n, k, threshold, cuda_ops.DTYPE_CODES[dtype],
+                                           cuda_ops._stream(x))
+    if k % 32:
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED
+    else:
+        assert rc == 0 and torch.equal(direct, out), "the op did not use the fused kernel"
 
 
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])

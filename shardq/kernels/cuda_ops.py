@@ -276,10 +276,17 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         return out.reshape(*x.shape[:-1], n)
     w, scb = weight.contiguous(), scale.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
+    dt, stream = DTYPE_CODES[x.dtype], _stream(x)
+    if m <= 4:  # one launch: the activation side is done inside every CTA (csrc/int8_gemv_fused.cu)
+        with _on_device(x.device):
+            rc = lib.shardq_int8_gemv_fused(x2.data_ptr(), w.data_ptr(), scb.data_ptr(), _ptr(b), out.data_ptr(),
+                                            m, n, k, float(threshold), dt, stream)
+        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+            _lib.check(rc, "int8_gemv_fused")
+            return out.reshape(*x.shape[:-1], n)
     buf, off = _int8_scratch(m, k, x.device)
     base = buf.data_ptr()
     p = {name: base + o for name, o in off.items()}
-    dt, stream = DTYPE_CODES[x.dtype], _stream(x)
     with _on_device(x.device):
         rc = lib.shardq_int8_prepare(x2.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"],
                                      m, k, float(threshold), dt, stream)
