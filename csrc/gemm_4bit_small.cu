@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
 template <typename T>
 __global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, const uint8_t* __restrict__ w, Absmax am,
                                                      const float* __restrict__ code, const T* __restrict__ bias,
-                                                     T* __restrict__ out, int M, int N, int K, int64_t blocksize) {
+                                                     T* __restrict__ out, int M, int N, int K, int64_t blocksize,
+                                                     int bs_shift) {
   __shared__ float cs[16];
   __shared__ float red[8][4];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, co
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int k = tid; k < K; k += 128) {
         const int64_t e = (int64_t)n * K + k;
-        const float wv = cs[nibble_at(w, e)] * am.get(e / blocksize);
+        const float wv = cs[nibble_at(w, e)] * am.get(bs_shift >= 0 ? e >> bs_shift : e / blocksize);
 #pragma unroll
         for (int r = 0; r < 8; ++r)
           if (m0 + r < M) acc[r] += wv * to_f32(x[(int64_t)(m0 + r) * K + k]);
@@ -252,7 +253,7 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
     const unsigned grid = (unsigned)(N < 65536 ? N : 65536);
     gemm4_generic<T><<<grid, 128, 0, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), am, code,
                                                static_cast<const T*>(bias), static_cast<T*>(out), (int)M, (int)N,
-                                               (int)K, blocksize);
+                                               (int)K, blocksize, shift);
     return cudaGetLastError();
   });
   return cudaErrorInvalidValue;
