@@ -25,6 +25,7 @@ def test_csrc_compiles_and_exports_every_launcher(tmp_path):
     for name in lib.SIGNATURES:
         assert hasattr(loaded, name), f"{name} missing from {so}"
     _check_tc_refusals(loaded)
+    _check_int8_fused_refusals(loaded)
 
 
 def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
@@ -39,6 +40,19 @@ def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
         a = dict(ok, **change)
         rc = fn(a["x"], a["w"], 64, None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
                 a["dtype"], None)
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
+
+
+def _check_int8_fused_refusals(loaded: ctypes.CDLL) -> None:
+    """shardq_int8_gemv_fused (M <= 4) refuses, before any CUDA call, what it cannot run (the two-launch path runs)."""
+    fn = loaded.shardq_int8_gemv_fused
+    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_int8_gemv_fused"], ctypes.c_int
+    ok = dict(x=4096, w=8192, M=1, K=1024, dtype=0)
+    bad = [dict(M=5), dict(M=0), dict(K=1000), dict(K=4112), dict(dtype=2), dict(x=4104), dict(w=8200),
+           dict(M=4, K=32768)]  # the last one: q [M, K] does not fit in shared memory
+    for change in bad:
+        a = dict(ok, **change)
+        rc = fn(a["x"], a["w"], 64, None, 128, a["M"], 1000, a["K"], 6.0, a["dtype"], None)
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
 
 
