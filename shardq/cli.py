@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
     p.add_argument("--offload-mode", choices=("cpu", "stream"), help="force how CPU blocks run (default: per block, "
                    "see the table's 'why': cpu with --fp32-cpu-offload or no GPU, else embeddings cpu, layers stream)")
+    p.add_argument("--offload-mode-for", metavar="NAME=MODE", action="append",
+                   help="force the mode (cpu or stream) of the CPU blocks under module NAME, a block or a parent "
+                        "such as model.layers (repeatable; the longest name wins over --offload-mode)")
     p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
     p.add_argument("--dtype", help="weights dtype (default: the checkpoint's)")
@@ -100,12 +103,26 @@ def _quant(args: argparse.Namespace) -> QuantConfig | None:
     return QuantConfig(method=QuantConfig.from_any(args.quant).method, **extra)
 
 
+def parse_offload_modes(single: str | None, per_name: list[str] | None) -> str | dict[str, str] | None:
+    """--offload-mode and the repeated --offload-mode-for NAME=MODE as the planner's `offload_mode`: a string,
+    or a dict where --offload-mode becomes the whole model's entry ("") that longer names override."""
+    if not per_name:
+        return single
+    modes = {"": single} if single is not None else {}
+    for item in per_name:
+        name, sep, mode = item.rpartition("=")
+        if not sep or not mode.strip():
+            raise ValueError(f"--offload-mode-for {item!r} is not NAME=MODE: write e.g. 'model.layers=stream'")
+        modes[name.strip()] = mode.strip()
+    return modes
+
+
 def run(args: argparse.Namespace) -> Plan:
     """Build the plan the arguments describe."""
     kwargs: dict[str, Any] = dict(
         max_memory=parse_caps(args.max_memory), gpus=args.gpus, device_map=parse_device_map(args.device_map)
         or args.strategy, no_split=_names(args.no_split), workload=(args.batch, args.seq_len),
-        offload_mode=args.offload_mode, offload_dir=args.offload_dir)
+        offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for), offload_dir=args.offload_dir)
     source = Path(args.source)
     if source.is_file() and source.suffix == ".json":
         from . import hf

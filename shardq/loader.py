@@ -34,7 +34,7 @@ from shardq.checkpoint import CheckpointError, CheckpointIndex, TensorInfo, inde
 from shardq.config import QuantConfig
 from shardq.dispatch import dispatch_model
 from shardq.offload import host_buffer, pin_buffer, write_disk_offload
-from shardq.planner import Plan, Placement, plan_model
+from shardq.planner import Plan, Placement, check_offload_mode, plan_model
 from shardq.progress import byte_bar
 from shardq.quant.linear import empty_quantized
 
@@ -670,7 +670,8 @@ def _reset_peaks() -> None:
 
 def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, *, max_memory: Mapping[Any, Any] | None = None,
                  quant: Any = None, device_map: str | Mapping[str, Any] = "auto",
-                 offload_dir: str | os.PathLike | None = None, offload_mode: str | None = None,
+                 offload_dir: str | os.PathLike | None = None,
+                 offload_mode: str | Mapping[str, str] | None = None,
                  workload: tuple[int, int] = (1, 512), dtype: torch.dtype | None = None,
                  progress: bool | str = True, prefetch: bool = True) -> nn.Module:
     """Load `model`'s weights from `checkpoint` (or its own weights) under `max_memory`, quantized by `quant`,
@@ -682,9 +683,11 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `quant`: QuantConfig, transformers BitsAndBytesConfig, its dict, or "int8"/"nf4"/"fp4"/"none".
     `device_map`: "auto"/"balanced", "sequential", or an explicit accelerate-format dict. `offload_dir`:
     folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or "stream"
-    (weights copied to the GPU per forward) for CPU blocks; by default the planner picks per block
-    (`shardq.runmode`) and `model.shardq_offload_modes[block].reason` says why. `workload` = (batch, seq_len)
-    sizes the activation reserve. `dtype`: cast floating weights to it (default: the model's own dtypes).
+    (weights copied to the GPU per forward) for every CPU block, or per block with a dict {block or parent
+    module name: mode} (the longest matching name wins; each name must cover a block placed on "cpu"); blocks
+    not forced follow the planner's rule (`shardq.runmode`), and `model.shardq_offload_modes[block].reason` says
+    why. `workload` = (batch, seq_len) sizes the activation reserve. `dtype`: cast floating weights to it
+    (default: the model's own dtypes).
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.
@@ -693,6 +696,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
+    check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
     src = open_source(model, checkpoint, quant)
     cfg = src.cfg
     slots = model_slots(model)

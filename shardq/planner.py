@@ -36,7 +36,7 @@ from . import hf, sizing
 from .config import QuantConfig
 from .hf import check_checkpoint
 from .memory import DeviceKey, format_size, get_max_memory, normalize_device, parse_gpus
-from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, lookup_width
+from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key, lookup_width
 from .sizing import TensorEntry
 from .units import Unit, decompose, entry_units, has_own_tensors, make_units, tied_groups, unit_entries
 
@@ -93,6 +93,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     source: str = ""
+    offload_mode: str | dict[str, str] | None = None  # the user's forced modes, as given (validated)
 
     @property
     def offload_modes(self) -> dict[str, str]:
@@ -117,6 +118,7 @@ class Plan:
         return {
             "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
             "quant": _quant_dict(self.quant), "execution_device": self.execution_device, "cpu_mode": self.cpu_mode,
+            "offload_mode": self.offload_mode,
             "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
             "offload_modes": self.offload_modes, "offload_reasons": self.offload_reasons,
             "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
@@ -152,7 +154,8 @@ class _Ctx:
     quant: QuantConfig
     largest_tensor: int = 0
     workspace: int = 0  # scratch of the CUDA quantized matmuls for the workload (sizing.matmul_workspace_bytes)
-    forced: str | None = None  # the user's offload_mode
+    forced: str | None = None  # the user's offload_mode when one string forces every block
+    forced_for: dict[str, str] = field(default_factory=dict)  # the user's per-block offload_mode (name -> mode)
     workload: tuple[int, int] = DEFAULT_WORKLOAD
     itemsize: int = 2
     runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
@@ -175,7 +178,7 @@ def plan_model(
     no_split: Sequence[str] | None = None,
     workload: tuple[int, int] = DEFAULT_WORKLOAD,
     gpus: Any = None,
-    offload_mode: str | None = None,
+    offload_mode: str | Mapping[str, str] | None = None,
     offload_dir: str | os.PathLike | None = None,
 ) -> Plan:
     """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
@@ -184,8 +187,10 @@ def plan_model(
     names to devices, which is validated and checked against the budgets. `no_split` lists block classes or
     module names kept whole (default: transformers' `_no_split_modules`, else repeated ModuleList children).
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
-    ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU).
+    ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU), one
+    string for all or a dict per block (`check_offload_mode`); the others follow `shardq.runmode`.
     """
+    offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
     budgets = get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir)
@@ -200,7 +205,7 @@ def plan_model(
         used = sorted(d for d in assign.values() if isinstance(d, int))
         if used:
             ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
-        elif offload_mode is None:
+        elif offload_mode is None or (isinstance(offload_mode, dict) and "stream" not in offload_mode.values()):
             ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
         ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
@@ -210,6 +215,7 @@ def plan_model(
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "
                         "of module names to devices, e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
+    _check_forced(ctx, assign)
     return _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
 
 
@@ -224,16 +230,17 @@ def _check_workload(workload: Any) -> tuple[int, int]:
 
 
 def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], entries: dict[str, TensorEntry],
-             split_guard: set[str], workload: tuple[int, int], offload_mode: str | None) -> _Ctx:
+             split_guard: set[str], workload: tuple[int, int], offload_mode: str | dict[str, str] | None) -> _Ctx:
     gpus = [k for k in budgets if isinstance(k, int)]
     exec_dev = next((g for g in gpus if budgets[g] > 0), None)
-    if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
-        raise PlanError(f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                        "'stream' (copy weights to a GPU for each forward)")
-    if offload_mode == "stream" and exec_dev is None:
-        raise PlanError("offload_mode='stream' needs a GPU with a budget > 0 to run streamed blocks: give one in "
-                        "max_memory, or use offload_mode='cpu'")
-    cpu_mode = offload_mode or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
+    per_block = offload_mode if isinstance(offload_mode, dict) else {}
+    forced_all = offload_mode if isinstance(offload_mode, str) else None
+    streams = ["offload_mode='stream'"] if forced_all == "stream" else \
+        [f"offload_mode[{k!r}]='stream'" for k, m in per_block.items() if m == "stream"]
+    if streams and exec_dev is None:
+        raise PlanError(f"{streams[0]} needs a GPU with a budget > 0 to run streamed blocks: give one in "
+                        "max_memory, or force 'cpu' instead")
+    cpu_mode = forced_all or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
     itemsize = _compute_itemsize(model, q)
     units = make_units(model, decompose(model, split_guard), entries, split_guard)
@@ -243,10 +250,62 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
         head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
         workspace=sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
-        forced=offload_mode, workload=workload, itemsize=itemsize,
+        forced=forced_all, forced_for=dict(per_block), workload=workload, itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
     return ctx
+
+
+def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, str] | None:
+    """The user's forced run modes, checked before anything is planned or loaded: None, "cpu" or "stream" for
+    every "cpu" block, or a dict {module name: "cpu" | "stream"}. A name is a block or a parent of blocks
+    (accelerate-style module names, "" = the whole model; the longest matching name decides a block). Whether
+    each name covers a block placed on "cpu" is checked once the map is known (`_check_forced`)."""
+    if offload_mode is None or isinstance(offload_mode, str):
+        if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
+            raise PlanError(f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
+                            "'stream' (copy weights to a GPU for each forward)")
+        return offload_mode
+    if not isinstance(offload_mode, Mapping):
+        raise PlanError(f"offload_mode must be None, 'cpu', 'stream' or a dict of module name -> 'cpu'|'stream' "
+                        f"(e.g. {{'model.layers': 'stream', 'model.embed_tokens': 'cpu'}}), not "
+                        f"{type(offload_mode).__name__}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tensors = dict.fromkeys(n for n, _ in [*model.named_parameters(remove_duplicate=False),
+                                           *model.named_buffers(remove_duplicate=False)])
+    out: dict[str, str] = {}
+    for key, mode in offload_mode.items():
+        if not isinstance(key, str):
+            raise PlanError(f"offload_mode key {key!r} must be a module name (str), e.g. 'model.layers.3'")
+        if key not in modules:
+            raise PlanError(_unknown_name(key, modules, tensors, "offload_mode key"))
+        if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
+            raise PlanError(f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
+                            "'stream' (copy weights to a GPU for each forward)")
+        out[key] = str(mode)
+    return out
+
+
+def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
+    """Each name of a per-block offload_mode covers a block placed on "cpu" (a mode applies only there; a
+    parent's blocks elsewhere are left as placed), and no block holding nested entries is forced to stream."""
+    for key, mode in ctx.forced_for.items():
+        mine = [u for u in ctx.units if covers(key, u.name)]
+        if not mine:
+            owner = max((u.name for u in ctx.units if covers(u.name, key)), key=len, default=None)
+            where = f"is inside block {owner!r}: a mode applies to whole blocks, name {owner!r}" if owner is not None \
+                else "holds no weights of any block: name a block"
+            raise PlanError(f"offload_mode names {key!r}, which {where} (or a parent) instead")
+        on_cpu = [u for u in mine if assign[u.name] == "cpu"]
+        if not on_cpu:
+            devs = sorted({_dev_name(assign[u.name]) for u in mine})
+            raise PlanError(f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
+                            "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
+                            "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)")
+        nested = [u.name for u in on_cpu if u.own_only and forcing_key(u.name, ctx.forced_for) == key]
+        if mode == "stream" and nested:
+            raise PlanError(f"offload_mode[{key!r}]='stream' would stream {nested[0]!r}, which holds tensors of its own "
+                            "around other device-map entries and cannot stream: force it 'cpu', or name its children")
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
@@ -266,6 +325,9 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
         runs[u.name] = choose_cpu_run(kind, has_gpu=ctx.exec_dev is not None,
                                       fp32_cpu_offload=ctx.quant.fp32_cpu_offload, workload=ctx.workload,
                                       itemsize=ctx.itemsize)
+        key = forcing_key(u.name, ctx.forced_for)
+        if key is not None:
+            runs[u.name] = forced(ctx.forced_for[key], f"offload_mode[{key!r}]")
     return runs
 
 
@@ -614,15 +676,15 @@ def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entrie
     return assign, units
 
 
-def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, TensorEntry]) -> str:
+def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, Any],
+                  what: str = "device_map key") -> str:
     if key in entries:
         owner = key.rsplit(".", 1)[0] if "." in key else ""
-        return (f"device_map key {key!r} names a tensor, not a module: map its module {owner!r} (or a parent) "
-                "instead")
+        return f"{what} {key!r} names a tensor, not a module: name its module {owner!r} (or a parent) instead"
     close = difflib.get_close_matches(key, [m for m in modules if m], n=3, cutoff=0.6)
     hint = f" Did you mean {close}?" if close else ""
     tops = [n for n in modules if n and "." not in n]
-    return f"device_map key {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
+    return f"{what} {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
 
 
 def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mapping[str, nn.Module]) -> None:
@@ -679,6 +741,7 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
         warnings=_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant), source=type(model).__name__,
+        offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )
 
 

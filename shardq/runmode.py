@@ -3,7 +3,9 @@
 A "cpu" block either computes on the CPU in fp32 ("cpu", bitsandbytes' fp32 CPU offload) or has its weights
 copied to the execution GPU for each forward ("stream"). Per block, first match wins:
 
-1. the user forced a mode (`offload_mode="cpu"|"stream"`, or `offload_modes` per block in `dispatch_model`);
+1. the user forced a mode: `offload_mode="cpu"|"stream"` for every block, or a dict per block or module-name
+   prefix (`load_sharded`, the planner; the longest matching name wins, see `forcing_key`), or `offload_modes` per
+   block in `dispatch_model`;
 2. no GPU: "cpu";
 3. the quantization asks for fp32 CPU offload (`fp32_cpu_offload`, bitsandbytes'
    `llm_int8_enable_fp32_cpu_offload`): "cpu", as the user asked for fp32 CPU compute (an offloaded `lm_head`
@@ -21,6 +23,7 @@ copied to the execution GPU for each forward ("stream"). Per block, first match 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -99,3 +102,17 @@ def choose_cpu_run(kind: BlockKind, *, has_gpu: bool, fp32_cpu_offload: bool = F
 def forced(mode: str, how: str) -> RunMode:
     """A mode the user asked for; `how` names the argument (e.g. "offload_mode")."""
     return RunMode(mode, f"forced by {how}")
+
+
+def covers(key: str, name: str) -> bool:
+    """True if module name `key` is block `name` or one of its parents ("" is the whole model)."""
+    return key == "" or name == key or name.startswith(key + ".")
+
+
+def forcing_key(name: str, keys: Iterable[str]) -> str | None:
+    """The key of a per-block `offload_mode` dict that decides block `name`: the longest one covering it."""
+    best = None
+    for key in keys:
+        if covers(key, name) and (best is None or len(key) > len(best)):
+            best = key
+    return best

@@ -76,7 +76,13 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
         assert p.device == plan.device_map[p.name]
         if p.device == "cpu":  # the plan's default, or the per-block rule with its reason (shardq.runmode)
             assert p.run in ("cpu", "stream") and p.reason
-            assert p.run == plan.cpu_mode or p.reason.startswith(("lookup", "holds nested")), (p.name, p.reason)
+            per_block = plan.offload_mode if isinstance(plan.offload_mode, dict) else {}
+            key = max((k for k in per_block if k == "" or p.name == k or p.name.startswith(k + ".")), key=len,
+                      default=None)  # a per-block forced mode: the longest name covering the block
+            if key is not None:
+                assert (p.run, p.reason) == (per_block[key], f"forced by offload_mode[{key!r}]"), (p.name, p.reason)
+            else:
+                assert p.run == plan.cpu_mode or p.reason.startswith(("lookup", "holds nested")), (p.name, p.reason)
         else:
             assert p.run == ("gpu" if isinstance(p.device, int) else "disk")
     if tied_together and plan.strategy != "explicit":
