@@ -36,7 +36,7 @@ from torch import nn
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
 from shardq.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
     write_disk_offload
-from shardq.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, lookup_width
+from shardq.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, forcing_key, lookup_width
 
 MODES = ("gpu", "cpu", "stream", "disk")
 
@@ -206,17 +206,21 @@ def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, 
 
 def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], offload_modes: Any,
                    has_gpu: bool) -> dict[str, RunMode]:
-    """Every block's mode: the user's `offload_modes` for "cpu" blocks (a string for all, or a dict per block),
-    else the rule of `shardq.runmode`; a `RunMode` given with a reason (the loader's plan) keeps it."""
+    """Every block's mode: the user's `offload_modes` for "cpu" blocks (a string for all, or a dict per block or
+    parent name, the longest covering name winning as in the planner), else the rule of `shardq.runmode`; a
+    `RunMode` given with a reason (the loader's plan) keeps it."""
     cpu = [k for k, v in entries.items() if v == "cpu"]
+    keys: dict[str, str] = {}
     if offload_modes is None or isinstance(offload_modes, str):
         given = {k: offload_modes for k in cpu} if offload_modes else {}
     elif isinstance(offload_modes, Mapping):
-        stray = [k for k in offload_modes if entries.get(k) != "cpu"]
+        keys = {k: forcing_key(k, offload_modes) for k in cpu}
+        keys = {k: key for k, key in keys.items() if key is not None}
+        stray = [k for k in offload_modes if k not in keys.values()]
         if stray:
-            raise DispatchError(f"offload_modes names {stray}, which are not 'cpu' entries of the device map; "
-                                "a mode applies only to blocks mapped to 'cpu'")
-        given = dict(offload_modes)
+            raise DispatchError(f"offload_modes names {stray}, which are not 'cpu' entries of the device map (nor "
+                                "parents of one); a mode applies only to blocks mapped to 'cpu'")
+        given = {k: offload_modes[key] for k, key in keys.items()}
     else:
         raise DispatchError("offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, "
                             f"got {offload_modes!r}")
@@ -225,7 +229,7 @@ def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: lis
         raise DispatchError(f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
                             "or 'stream' (weights copied to the GPU for each forward)")
     how = (lambda k: f"offload_modes={offload_modes!r}") if isinstance(offload_modes, str) else \
-        (lambda k: f"offload_modes[{k!r}]")
+        (lambda k: f"offload_modes[{keys[k]!r}]")
     chosen = {k: m if isinstance(m, RunMode) and m.reason else forced(m, how(k)) for k, m in given.items()}
     rest = [k for k in cpu if k not in chosen]
     if rest:
@@ -539,7 +543,7 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
     blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
-    all or a dict per block; blocks it does not name follow `shardq.runmode` (without a GPU "cpu"; with one,
+    all or a dict per block or parent name (the longest covering name wins); blocks it does not cover follow `shardq.runmode` (without a GPU "cpu"; with one,
     lookup blocks such as embeddings "cpu", computing blocks "stream"). `execution_device`: the GPU that
     streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
     disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).

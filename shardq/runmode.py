@@ -3,9 +3,9 @@
 A "cpu" block either computes on the CPU in fp32 ("cpu", bitsandbytes' fp32 CPU offload) or has its weights
 copied to the execution GPU for each forward ("stream"). Per block, first match wins:
 
-1. the user forced a mode: `offload_mode="cpu"|"stream"` for every block, or a dict per block or module-name
-   prefix (`load_sharded`, the planner; the longest matching name wins, see `forcing_key`), or `offload_modes` per
-   block in `dispatch_model`;
+1. the user forced a mode: `offload_mode="cpu"|"stream"` for every block, or a dict per block or parent module
+   name (`load_sharded`, the planner; `offload_modes` in `dispatch_model`); the longest covering name wins, see
+   `forcing_key`;
 2. no GPU: "cpu";
 3. the quantization asks for fp32 CPU offload (`fp32_cpu_offload`, bitsandbytes'
    `llm_int8_enable_fp32_cpu_offload`): "cpu", as the user asked for fp32 CPU compute (an offloaded `lm_head`

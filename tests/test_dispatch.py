@@ -363,3 +363,26 @@ def test_cpu_rotary_block_returns_the_hidden_dtype():
         got, want = model(**inputs("llama")).logits, ref(**inputs("llama")).logits
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_offload_modes_by_parent_name_longest_wins():
+    """A parent name forces every "cpu" block under it; a longer name overrides it, as in the planner."""
+    model = tiny("llama", tie=False)
+    names = blocks(model)
+    layers = [n for n in names if n.startswith("model.layers.")]
+    dispatch_model(model, {n: "cpu" for n in names}, offload_modes={"model.layers": "stream", layers[0]: "cpu"})
+    modes = model.shardq_offload_modes
+    assert modes[layers[0]] == "cpu" and modes[layers[0]].reason == f"forced by offload_modes[{layers[0]!r}]"
+    assert all(modes[n] == "stream" and modes[n].reason == "forced by offload_modes['model.layers']"
+               for n in layers[1:])
+    with torch.no_grad():
+        model(**inputs("llama"))
+
+
+def test_offload_modes_name_covering_no_cpu_block_is_refused():
+    model = tiny("llama", tie=False)
+    before = _snapshot(model)
+    dmap = {n: ("disk" if n.startswith("model.layers") else "cpu") for n in blocks(model)}
+    with pytest.raises(DispatchError, match="nor parents of one"):
+        dispatch_model(model, dmap, offload_modes={"model.layers": "stream"})
+    assert _snapshot(model) == before
