@@ -80,6 +80,11 @@ def format_size(nbytes: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def device_label(device: DeviceKey) -> str:
+    """How errors and tables name a device: "GPU 0", "cpu", "disk"."""
+    return f"GPU {device}" if isinstance(device, int) else str(device)
+
+
 def gpu_count() -> int:
     """Number of visible CUDA GPUs; torch counts them through NVML without initialising CUDA."""
     try:

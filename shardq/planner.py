@@ -23,10 +23,8 @@ Reserves (the runtime's working memory, counted against the budget):
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -35,107 +33,15 @@ from torch import nn
 from . import hf, sizing
 from .config import QuantConfig
 from .hf import check_checkpoint
-from .memory import DeviceKey, format_size, get_max_memory, normalize_device, parse_gpus
+from .devicemap import explicit_units, unknown_name
+from .memory import DeviceKey, device_label, format_size, get_max_memory
+from .placement import Placement, Plan, PlanError
 from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key, lookup_width
 from .sizing import TensorEntry
-from .units import Unit, decompose, entry_units, has_own_tensors, make_units, tied_groups, unit_entries
+from .units import Unit, decompose, make_units, tied_groups
 
 STRATEGIES = ("auto", "sequential", "balanced")
 OFFLOAD_MODES = ("cpu", "stream")
-
-
-class PlanError(ValueError):
-    """A model that cannot be placed under the given budgets, or an invalid device map. `missing` is the
-    shortfall in bytes when the budgets are too small (0 otherwise)."""
-
-    missing: int = 0
-
-
-@dataclass
-class Placement:
-    """One block: its device, bytes as placed there, storage ("int8", "nf4", "fp4", "fp32", dtype), run mode and,
-    for blocks off the GPUs, why it runs that way (`shardq.runmode`)."""
-
-    name: str
-    device: DeviceKey
-    nbytes: int
-    quant: str
-    run: str
-    params: int
-    own_tensors_only: bool = False  # the module's direct tensors; its children are placements of their own
-    reason: str = ""
-
-
-@dataclass
-class Plan:
-    """A placement of every block, with per-device budgets, reserves and totals (bytes).
-
-    `cpu_mode` is how computing blocks placed on the CPU run unless the rule says otherwise: "cpu" (fp32,
-    computed there) or "stream" (to the execution GPU); disk blocks are stored for it. Each block's own mode
-    and its reason are `Placement.run`/`.reason` (`offload_modes`, `offload_reasons`): lookup blocks such as
-    embeddings run "cpu" while layers stream (`shardq.runmode`).
-    """
-
-    placements: list[Placement]
-    device_map: dict[str, DeviceKey]
-    budgets: dict[DeviceKey, int]
-    reserves: dict[DeviceKey, int]
-    reserve_detail: dict[DeviceKey, dict[str, int]]
-    totals: dict[DeviceKey, int]
-    quant: QuantConfig
-    strategy: str
-    execution_device: int | None
-    workload: tuple[int, int]
-    dtype: str
-    cpu_mode: str = "stream"
-    tied_groups: list[list[str]] = field(default_factory=list)
-    no_split: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    mismatches: list[str] = field(default_factory=list)
-    source: str = ""
-    offload_mode: str | dict[str, str] | None = None  # the user's forced modes, as given (validated)
-
-    @property
-    def offload_modes(self) -> dict[str, str]:
-        """How each block not resident on a GPU runs: "cpu", "stream" or "disk" (a `RunMode`: `.reason` says why)."""
-        return {p.name: RunMode(p.run, p.reason) for p in self.placements if not isinstance(p.device, int)}
-
-    @property
-    def offload_reasons(self) -> dict[str, str]:
-        """Why each block not resident on a GPU runs the way it does."""
-        return {p.name: p.reason for p in self.placements if not isinstance(p.device, int)}
-
-    def free(self, device: DeviceKey) -> int:
-        """Budget left on `device` after its placed bytes and its reserve."""
-        return self.budgets[device] - self.totals.get(device, 0) - self.reserves.get(device, 0)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.totals.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
-        return {
-            "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
-            "quant": _quant_dict(self.quant), "execution_device": self.execution_device, "cpu_mode": self.cpu_mode,
-            "offload_mode": self.offload_mode,
-            "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
-            "offload_modes": self.offload_modes, "offload_reasons": self.offload_reasons,
-            "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
-            "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
-            "free": {str(k): self.free(k) for k in self.budgets}, "tied_groups": self.tied_groups,
-            "no_split": self.no_split, "warnings": self.warnings, "mismatches": self.mismatches,
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-
-def _quant_dict(q: QuantConfig) -> dict[str, Any]:
-    d = asdict(q)
-    d["compute_dtype"] = str(q.compute_dtype).removeprefix("torch.") if q.compute_dtype else None
-    d["skip_modules"] = list(q.skip)
-    return d
 
 
 @dataclass
@@ -200,7 +106,8 @@ def plan_model(
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
     if isinstance(device_map, Mapping):
-        assign, units = _explicit(model, ctx, device_map, entries, split_guard, gpus)
+        assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
+                                       ctx.forced == "stream")
         ctx.units = units
         used = sorted(d for d in assign.values() if isinstance(d, int))
         if used:
@@ -278,7 +185,7 @@ def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, s
         if not isinstance(key, str):
             raise PlanError(f"offload_mode key {key!r} must be a module name (str), e.g. 'model.layers.3'")
         if key not in modules:
-            raise PlanError(_unknown_name(key, modules, tensors, "offload_mode key"))
+            raise PlanError(unknown_name(key, modules, tensors, "offload_mode key"))
         if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
             raise PlanError(f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
                             "'stream' (copy weights to a GPU for each forward)")
@@ -298,7 +205,7 @@ def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
             raise PlanError(f"offload_mode names {key!r}, which {where} (or a parent) instead")
         on_cpu = [u for u in mine if assign[u.name] == "cpu"]
         if not on_cpu:
-            devs = sorted({_dev_name(assign[u.name]) for u in mine})
+            devs = sorted({device_label(assign[u.name]) for u in mine})
             raise PlanError(f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
                             "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
                             "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)")
@@ -616,13 +523,13 @@ def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list
     rows = []
     for d in devices:
         detail = _reserve(ctx, d, held[d], assumed)
-        rows.append(f"{_dev_name(d)}: {format_size(_bytes(ctx, held[d], d))} weights + {format_size(sum(detail.values()))} "
+        rows.append(f"{device_label(d)}: {format_size(_bytes(ctx, held[d], d))} weights + {format_size(sum(detail.values()))} "
                     f"reserve ({_fmt_detail(detail)}) of {format_size(ctx.budgets[d])}")
     need = _bytes(ctx, units, last)
     everything = held.get(last, []) + units
     missing = max(1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values())
                   - caps.get(last, 0))
-    where = f" on {_dev_name(last)}" if target is not None else ""
+    where = f" on {device_label(last)}" if target is not None else ""
     biggest = max(ctx.budgets.values(), default=0)
     one = _bytes(ctx, left[0], last)
     why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
@@ -635,82 +542,6 @@ def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list
         "or shrink the workload (batch, seq_len).")
     error.missing = missing
     return error
-
-
-def _dev_name(d: DeviceKey) -> str:
-    return f"GPU {d}" if isinstance(d, int) else d
-
-
-def _explicit(model: nn.Module, ctx: _Ctx, device_map: Mapping[str, Any], entries: dict[str, TensorEntry],
-              split_guard: set[str], gpus: Any) -> tuple[dict[str, DeviceKey], list[Unit]]:
-    """Validate an accelerate-format device_map and cut each entry into units on its device."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-    num_gpus = len(parse_gpus(gpus)) if gpus is not None else None
-    resolved: dict[str, DeviceKey] = {}
-    for key, value in device_map.items():
-        if not isinstance(key, str):
-            raise PlanError(f"device_map key {key!r} must be a module name (str)")
-        if key not in modules:
-            raise PlanError(_unknown_name(key, modules, entries))
-        try:
-            dev = normalize_device(value, num_gpus)
-        except ValueError as exc:
-            raise PlanError(f"device_map[{key!r}]: {exc}") from None
-        if dev not in ctx.budgets:
-            raise PlanError(f"device_map puts {key!r} on {_dev_name(dev)}, which has no budget in max_memory "
-                            f"{list(ctx.budgets)}: add it to max_memory or map the module elsewhere")
-        resolved[key] = dev
-    _check_overlaps(ctx, resolved, modules)
-    _check_coverage(resolved, entries)
-    units: list[Unit] = []
-    assign: dict[str, DeviceKey] = {}
-    for key, dev in resolved.items():
-        inner = [k for k in resolved if k != key and (key == "" or k.startswith(key + "."))]
-        for name, own in entry_units(model, key, inner, split_guard):
-            units.append(Unit(name, unit_entries(model, name, entries, own), len(units), own))
-            assign[name] = dev
-    order = {n: i for i, n in enumerate(modules)}
-    units.sort(key=lambda u: order.get(u.name, 0))
-    for i, u in enumerate(units):
-        u.order = i
-    return assign, units
-
-
-def _unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, Any],
-                  what: str = "device_map key") -> str:
-    if key in entries:
-        owner = key.rsplit(".", 1)[0] if "." in key else ""
-        return f"{what} {key!r} names a tensor, not a module: name its module {owner!r} (or a parent) instead"
-    close = difflib.get_close_matches(key, [m for m in modules if m], n=3, cutoff=0.6)
-    hint = f" Did you mean {close}?" if close else ""
-    tops = [n for n in modules if n and "." not in n]
-    return f"{what} {key!r} is not a module of this model.{hint} Top-level modules: {tops}"
-
-
-def _check_overlaps(ctx: _Ctx, resolved: Mapping[str, DeviceKey], modules: Mapping[str, nn.Module]) -> None:
-    """Entries inside another entry are allowed only under a module that holds tensors itself (its own tensors
-    stay with it, the longest name prefix owns each tensor) and that is not offloaded."""
-    for a, dev in resolved.items():
-        inner = [b for b in resolved if b != a and (a == "" or b.startswith(a + "."))]
-        if not inner:
-            continue
-        if not has_own_tensors(modules[a]):
-            raise PlanError(f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
-                            "each module once, either the parent or its children")
-        if dev == "disk" or (dev == "cpu" and ctx.forced == "stream"):
-            raise PlanError(f"device_map entry {a!r} holds tensors of its own and contains entry {inner[0]!r}, so it "
-                            f"cannot be offloaded ({dev!r}): put {a!r} on a GPU (or the CPU with offload_mode='cpu')")
-
-
-def _check_coverage(resolved: Mapping[str, DeviceKey], entries: Mapping[str, TensorEntry]) -> None:
-    def covered(name: str) -> bool:
-        return any(k == "" or name.startswith(k + ".") for k in resolved)
-
-    left = [n for n in entries if not covered(n)]
-    if left:
-        owners = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in left))
-        raise PlanError(f"device_map leaves {len(left)} tensor(s) unplaced, in module(s) {owners[:6]}"
-                        f"{' ...' if len(owners) > 6 else ''}: add them (or a parent) to the device_map")
 
 
 def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: str, no_split: list[str],
@@ -729,9 +560,9 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
             stream = (" The stream reserve is two slots of the largest block read back from the CPU or disk for "
                       "each forward: give the CPU room for more blocks, quantize, or use offload_mode='cpu' to "
                       "compute CPU blocks there." if detail[d].get("stream") else "")
-            raise PlanError(f"{_dev_name(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
+            raise PlanError(f"{device_label(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
                             f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
-                            f"max_memory of {format_size(ctx.budgets[d])}: move modules off {_dev_name(d)}, raise its "
+                            f"max_memory of {format_size(ctx.budgets[d])}: move modules off {device_label(d)}, raise its "
                             f"cap, or shrink the workload (batch, seq_len).{stream}")
     placements = [_placement(ctx, u, assign[u.name]) for u in ctx.units]
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), "float32")
@@ -779,7 +610,7 @@ def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
     for u in ctx.units:
         for e in u.entries:
             where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
-    return [f"tied tensor {', '.join(names.values())} is split over devices {[_dev_name(d) for d in names]}: "
+    return [f"tied tensor {', '.join(names.values())} is split over devices {[device_label(d) for d in names]}: "
             "it is stored once per device" for names in where.values() if len(names) > 1]
 
 

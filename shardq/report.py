@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .memory import DeviceKey, format_size
-from .planner import Placement, Plan
+from .memory import DeviceKey, device_label, format_size
+from .placement import Placement, Plan
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -31,10 +31,6 @@ class _Row:
         return (m is not None and self.stem == m.group(1) and int(m.group(2)) == self.start + self.count
                 and (self.device, self.run, self.reason, self.storage, self.each)
                 == (p.device, p.run, p.reason, p.quant, p.nbytes))
-
-
-def device_label(device: DeviceKey) -> str:
-    return f"GPU {device}" if isinstance(device, int) else str(device)
 
 
 def _row(p: Placement) -> _Row:
