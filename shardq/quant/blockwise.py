@@ -24,19 +24,21 @@ def n_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 
 
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """A flat tensor as [nblocks, blocksize] rows, the short last block zero-padded (a view when none is short)."""
+    pad = -flat.numel() % blocksize
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).reshape(-1, blocksize)
+
+
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """fp32 absmax of each block of a flat fp32 tensor (the last block may be short)."""
-    n = flat.numel()
-    nb = n_blocks(n, blocksize)
-    pad = nb * blocksize - n
-    padded = torch.nn.functional.pad(flat.abs(), (0, pad)) if pad else flat.abs()
-    return padded.reshape(nb, blocksize).amax(dim=1)
+    return _blocks(flat, blocksize).abs().amax(dim=1)
 
 
 def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Each value times 1/absmax of its block (a multiply by the reciprocal, as the CUDA kernels do)."""
     inv = 1.0 / absmax.clamp_min(_TINY)
-    return flat * inv.repeat_interleave(blocksize)[: flat.numel()]
+    return (_blocks(flat, blocksize) * inv[:, None]).view(-1)[: flat.numel()]
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -49,15 +51,15 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(code, stable=True)
     sorted_code = code[order]
     mids = (sorted_code[:-1] + sorted_code[1:]) / 2
-    return order[torch.bucketize(scaled, mids)]
+    return order[torch.bucketize(scaled, mids, out_int32=True)]
 
 
 def _nearest_fp4(scaled: torch.Tensor) -> torch.Tensor:
     dev = scaled.device
     thresholds = torch.tensor(codebooks.FP4_THRESHOLDS, dtype=torch.float32, device=dev)
-    magnitude_codes = torch.tensor(codebooks.FP4_MAGNITUDE_CODES, dtype=torch.int64, device=dev)
-    q = magnitude_codes[torch.bucketize(scaled.abs(), thresholds)]
-    return torch.where(scaled < 0, q + 8, q)
+    magnitude_codes = torch.tensor(codebooks.FP4_MAGNITUDE_CODES, dtype=torch.uint8, device=dev)
+    q = magnitude_codes[torch.bucketize(scaled.abs(), thresholds, out_int32=True)]
+    return q | (scaled < 0).to(torch.uint8) << 3
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -65,13 +67,20 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     q = q.reshape(-1).to(torch.uint8)
     if q.numel() % 2:
         q = torch.cat([q, q.new_zeros(1)])
-    return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    pairs = q.view(-1, 2)
+    return (pairs[:, 0] << 4 | pairs[:, 1]).unsqueeze(1)
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """int64 codes [numel] from a packed uint8 tensor (high nibble first)."""
     p = packed.reshape(-1).to(torch.int64)
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """fp32 [256, 2]: the two code values each packed byte stands for (high nibble first)."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack([code[b >> 4], code[b & 0xF]], dim=1)
 
 
 # Elements handled per step (a multiple of every blocksize): bounds the fp32/int64 temporaries of the reference to
@@ -107,13 +116,13 @@ def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.
     """Inverse of `quantize_4bit_ref`: code value times block absmax, computed in fp32, cast to `dtype`."""
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
-    code = code.to(device=packed.device, dtype=torch.float32)
+    table = _pair_table(code.to(device=packed.device, dtype=torch.float32))
     flat_packed, absmax = packed.reshape(-1), absmax.float()
     for start in range(0, numel, CHUNK_ELEMS):
         stop = min(numel, start + CHUNK_ELEMS)
-        q = unpack_nibbles(flat_packed[start // 2: (stop + 1) // 2], stop - start)
-        scale = absmax[start // blocksize: n_blocks(stop, blocksize)].repeat_interleave(blocksize)[: stop - start]
-        out[start:stop] = code[q] * scale
+        values = table[flat_packed[start // 2: (stop + 1) // 2].long()].view(-1)[: stop - start]
+        scale = absmax[start // blocksize: n_blocks(stop, blocksize)]
+        out[start:stop] = (_blocks(values, blocksize) * scale[:, None]).view(-1)[: stop - start]
     return out.reshape(shape)
 
 
