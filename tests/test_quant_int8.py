@@ -150,3 +150,18 @@ def test_chunked_reference_equals_one_pass(monkeypatch):
     q2, s2 = int8.quantize_rowwise_ref(w)
     assert torch.equal(q2, q) and torch.equal(s2, s)
     assert torch.equal(int8.int8_linear_ref(x, q, s, None, 6.0), out)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 3), (5, 4097, 13), (64, 33, 1000), (0, 8, 4), (3, 0, 2),
+                                   (2, 65536, 4)])
+def test_int8_matmul_exact_is_an_exact_integer_product(m, k, n):
+    """Extreme int8 values included: the sum of k products of +-127/-128 stays exact (int32)."""
+    g = torch.Generator().manual_seed(1000 + m * 31 + k)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    if m and k:
+        a[0] = -128
+        b[:, 0] = -128
+    got = int8.int8_matmul_exact(a, b)
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got, (a.long() @ b.long().T).int())

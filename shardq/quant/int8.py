@@ -51,8 +51,15 @@ def outlier_columns(x2: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def int8_matmul_exact(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-    """int32 qa @ qb.T for int8 operands, exact: int8 products summed in fp64 are integers below 2**53.
-    Done in slices of qb's rows so the fp64 copies stay small."""
+    """int32 qa @ qb.T for int8 operands, exact. On the CPU torch's integer GEMM (`_int_mm`, int32 accumulation);
+    elsewhere, and where that is unavailable, int8 products summed in fp64 (integers below 2**53), in slices of
+    qb's rows so the fp64 copies stay small. The CUDA path never uses this: it stays an independent oracle for
+    the kernels, which use cuBLASLt's integer GEMM themselves."""
+    if qa.device.type == "cpu" and qa.shape[0] and qb.shape[0] and qa.shape[1]:
+        try:
+            return torch._int_mm(qa.contiguous(), qb.contiguous().T)
+        except (RuntimeError, NotImplementedError):
+            pass
     out = torch.empty(qa.shape[0], qb.shape[0], dtype=torch.int32, device=qa.device)
     a = qa.double()
     for start, stop in _row_chunks(*qb.shape):
