@@ -3,8 +3,9 @@
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
-fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel) and Linear8bit (threshold
-6 and 0), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
+fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel) and Linear8bit
+(threshold 6 and 0; plus sq_int8_t6_tc: threshold 6 with the opt-in int8 tensor-core kernel switched on, 5 <= M <= 64),
+bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
   - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;
@@ -40,6 +41,8 @@ MS = "1,2,7,16,32,256,4096"
 ROTATE_BYTES = 2 * 50 * 2**20
 # kinds timed with one explicit small-M 4-bit variant (cuda_ops.GEMM4_VARIANT), and the largest M each applies to
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
+# kinds timed with the int8 tensor-core kernel switched on (cuda_ops.INT8_TC), and the M range it serves
+INT8_TC_M = {"sq_int8_t6_tc": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -91,7 +94,7 @@ def build(kind: str, w: torch.Tensor):
     if kind.startswith("sq_nf4"):  # sq_nf4_vN: same module, timed with small-M kernel variant N (VARIANT_MAX_M)
         return Linear4bit.from_linear(lin.to(DEV), QuantConfig(method="nf4", double_quant="_dq" in kind))
     if kind.startswith("sq_int8"):
-        thr = 6.0 if kind.endswith("t6") else 0.0
+        thr = 6.0 if "_t6" in kind else 0.0
         return Linear8bit.from_linear(lin.to(DEV), QuantConfig(method="int8", threshold=thr))
     import bitsandbytes as bnb
 
@@ -143,7 +146,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
-    default_variant = cuda_ops.GEMM4_VARIANT
+    default_variant, default_tc = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -157,7 +160,10 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         for row in rows:
             if kind in VARIANT_MAX_M and row["M"] > VARIANT_MAX_M[kind]:
                 continue
+            if kind in INT8_TC_M and not INT8_TC_M[kind][0] <= row["M"] <= INT8_TC_M[kind][1]:
+                continue
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
+            cuda_ops.INT8_TC = kind in INT8_TC_M or default_tc
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
@@ -175,7 +181,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             if ref_mod is not None:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
-        cuda_ops.GEMM4_VARIANT = default_variant
+        cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC = default_variant, default_tc
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
@@ -185,8 +191,8 @@ def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
 
             ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
-            ("sq_int8_t6", "sq i8t6"), ("bnb_int8_t6", "bnb i8t6"), ("sq_int8_t0", "sq i8t0"),
-            ("bnb_int8_t0", "bnb i8t0")]
+            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_tc", "sq i8t6 tc"), ("bnb_int8_t6", "bnb i8t6"),
+            ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
     head += " | nf4 GB/s (% HBM) | fp16/nf4 | fp16/i8t6 |"
     lines = [head, "|" + "---|" * (len(cols) + 5)]
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
     kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_int8_t6",
-             "sq_int8_t0"]
+             "sq_int8_t6_tc", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
     if not args.no_bnb:

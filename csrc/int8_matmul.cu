@@ -7,45 +7,13 @@
 //    K % 16 != 0.
 //  - shardq_int8_epilogue (large M): applies the epilogue to the int32 product of a tensor-core GEMM
 //    (torch._int_mm / cuBLASLt), tiled so the outlier part is a small shared-memory GEMM.
-#include "common.cuh"
+// Int8Args and epilogue() live in int8_common.cuh (shared with int8_gemm_tc.cu).
+#include "int8_common.cuh"
 
 namespace shardq {
 namespace {
 
 constexpr int kRows = 4;  // weight rows (output columns) per CTA
-constexpr float kInv127sq = 1.f / (127.f * 127.f);
-
-struct Int8Args {
-  const int8_t* q;          // [M, K] quantized activations
-  const float* row_absmax;  // [M]
-  const void* x;            // [M, K] original activations (outlier columns)
-  const int8_t* w;          // [N, K]
-  const float* scb;         // [N]
-  const int* list;          // outlier columns
-  const int* count;
-  const void* bias;
-  void* out;
-  int M, N, K;
-};
-
-template <typename T>
-__device__ __noinline__ float epilogue(const Int8Args& p, int m, int n, int acc) {
-  const float scb = p.scb[n];
-  float v = (float)acc * p.row_absmax[m] * scb * kInv127sq;
-  const int cnt = *p.count;
-  if (cnt > 0) {
-    const T* xr = static_cast<const T*>(p.x) + (int64_t)m * p.K;
-    const int8_t* wr = p.w + (int64_t)n * p.K;
-    float o = 0.f;
-    for (int c = 0; c < cnt; ++c) {
-      const int k = p.list[c];
-      o += to_f32(xr[k]) * (float)wr[k];
-    }
-    v += o * scb * (1.f / 127.f);
-  }
-  if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-  return v;
-}
 
 // One CTA computes kRows output columns for activation rows m0 .. m0+MB-1; its 8 warps split K (each thread
 // keeps kRows 128-bit weight loads in flight), reduce through shared memory, and MB*kRows threads run the

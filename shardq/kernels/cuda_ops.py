@@ -25,6 +25,10 @@ DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")
 # persistent CTAs), falling back to 1 where it refuses a shape; 1 = csrc/gemm_4bit_small.cu only (K-split CTAs;
 # kept selectable for comparisons). Variants 2, 3 and 5 were measured slower and removed (bench/RESULTS.md).
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
+# int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: SHARDQ_INT8_TC=1 takes csrc/int8_gemm_tc.cu (int8 tensor cores,
+# m16n8k32) after the prepare step, falling back where it refuses a shape. Off by default until measured on a GPU.
+INT8_TC = os.environ.get("SHARDQ_INT8_TC", "0") == "1"
+INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 64
 
 
 def reference(name: str) -> Callable:
@@ -293,6 +297,11 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         _lib.check(rc, "int8_prepare")
         tail = (x2.data_ptr(), w.data_ptr(), scb.data_ptr(), p["list"], p["count"], _ptr(b), out.data_ptr(),
                 m, n, k, dt, stream)
+        if INT8_TC and INT8_TC_MIN_M <= m <= INT8_TC_MAX_M:
+            rc = lib.shardq_int8_gemm_tc(p["q"], p["row_absmax"], *tail)
+            if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+                _lib.check(rc, "int8_gemm_tc")
+                return out.reshape(*x.shape[:-1], n)
         if m <= SMALL_M:
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
