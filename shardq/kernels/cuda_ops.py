@@ -25,6 +25,9 @@ DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")
 # persistent CTAs), falling back to 1 where it refuses a shape; 1 = csrc/gemm_4bit_small.cu only (K-split CTAs;
 # kept selectable for comparisons). Variants 2, 3 and 5 were measured slower and removed (bench/RESULTS.md).
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
+# Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
+# copy of W) before dequantize + cuBLAS. Off by default until it is measured on a GPU.
+GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
 
 
 def reference(name: str) -> Callable:
@@ -152,7 +155,14 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
 
 def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> None:
-    """Large M: dequantize row chunks of W into scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
+    """Large M: the fused-dequant kernel if GEMM4_MID and it takes the shape, else dequantize row chunks of W into
+    scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
+    if GEMM4_MID:
+        rc = lib.shardq_gemm_4bit_mid(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
+                                      x2.shape[0], n, k, blocksize, DTYPE_CODES[x2.dtype], _stream(x2))
+        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+            _lib.check(rc, "gemm_4bit_mid")
+            return
     rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * x2.element_size())))
     w = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
     dt, stream = DTYPE_CODES[x2.dtype], _stream(x2)
