@@ -3,7 +3,8 @@
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
-fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel) and Linear8bit (threshold
+fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel; sq_nf4_mid: the opt-in
+fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M > 32, next to the default dequantize + cuBLAS) and Linear8bit (threshold
 6 and 0), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
@@ -40,6 +41,8 @@ MS = "1,2,7,16,32,256,4096"
 ROTATE_BYTES = 2 * 50 * 2**20
 # kinds timed with one explicit small-M 4-bit variant (cuda_ops.GEMM4_VARIANT), and the largest M each applies to
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
+# kinds timed with the large-M fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to
+MID_MIN_M = {"sq_nf4_mid": 33}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -143,7 +146,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
-    default_variant = cuda_ops.GEMM4_VARIANT
+    default_variant, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.GEMM4_MID
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -157,7 +160,10 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         for row in rows:
             if kind in VARIANT_MAX_M and row["M"] > VARIANT_MAX_M[kind]:
                 continue
+            if kind in MID_MIN_M and row["M"] < MID_MIN_M[kind]:
+                continue
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
+            cuda_ops.GEMM4_MID = True if kind in MID_MIN_M else default_mid
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
@@ -175,7 +181,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             if ref_mod is not None:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
-        cuda_ops.GEMM4_VARIANT = default_variant
+        cuda_ops.GEMM4_VARIANT, cuda_ops.GEMM4_MID = default_variant, default_mid
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
@@ -183,8 +189,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
 
 def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
-
-            ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
+            ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("bnb_int8_t6", "bnb i8t6"), ("sq_int8_t0", "sq i8t0"),
             ("bnb_int8_t0", "bnb i8t0")]
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_int8_t6",
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_mid", "sq_int8_t6",
              "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
