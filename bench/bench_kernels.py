@@ -3,7 +3,8 @@
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
-fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel) and Linear8bit
+fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel; sq_nf4_mid: the opt-in
+fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M > 32, next to the default dequantize + cuBLAS) and Linear8bit
 (threshold 6 and 0; plus sq_int8_t6_tc: threshold 6 with the opt-in int8 tensor-core kernel switched on, 5 <= M <= 64),
 bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
@@ -43,6 +44,8 @@ ROTATE_BYTES = 2 * 50 * 2**20
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
 # kinds timed with the int8 tensor-core kernel switched on (cuda_ops.INT8_TC), and the M range it serves
 INT8_TC_M = {"sq_int8_t6_tc": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
+# kinds timed with the large-M fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to
+MID_MIN_M = {"sq_nf4_mid": 33}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -146,7 +149,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
-    default_variant, default_tc = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC
+    default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -162,8 +165,11 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 continue
             if kind in INT8_TC_M and not INT8_TC_M[kind][0] <= row["M"] <= INT8_TC_M[kind][1]:
                 continue
+            if kind in MID_MIN_M and row["M"] < MID_MIN_M[kind]:
+                continue
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
             cuda_ops.INT8_TC = kind in INT8_TC_M or default_tc
+            cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
@@ -181,7 +187,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             if ref_mod is not None:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
-        cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC = default_variant, default_tc
+        cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
@@ -189,8 +195,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
 
 def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
-
-            ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
+            ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_tc", "sq i8t6 tc"), ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_int8_t6",
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_mid", "sq_int8_t6",
              "sq_int8_t6_tc", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

@@ -25,6 +25,7 @@ def test_csrc_compiles_and_exports_every_launcher(tmp_path):
     for name in lib.SIGNATURES:
         assert hasattr(loaded, name), f"{name} missing from {so}"
     _check_tc_refusals(loaded)
+    _check_mid_refusals(loaded)
     _check_int8_fused_refusals(loaded)
 
 
@@ -39,6 +40,21 @@ def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
     for change in bad:
         a = dict(ok, **change)
         rc = fn(a["x"], a["w"], 64, None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
+                a["dtype"], None)
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
+
+
+def _check_mid_refusals(loaded: ctypes.CDLL) -> None:
+    """shardq_gemm_4bit_mid (large M, opt-in) refuses, before any CUDA call, what it cannot run: gemm_4bit then
+    dequantizes and uses cuBLAS."""
+    fn = loaded.shardq_gemm_4bit_mid
+    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_gemm_4bit_mid"], ctypes.c_int
+    ok = dict(x=4096, w=8192, M=256, N=1000, K=1024, bs=64, dtype=0, absmax=64)
+    bad = [dict(K=4097), dict(K=4128), dict(K=32), dict(M=0), dict(N=0), dict(dtype=2), dict(bs=48), dict(bs=32),
+           dict(bs=16), dict(x=4104), dict(w=8200), dict(absmax=None), dict(M=2**31), dict(M=2**30, N=2**30)]
+    for change in bad:
+        a = dict(ok, **change)
+        rc = fn(a["x"], a["w"], a["absmax"], None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
                 a["dtype"], None)
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
 

@@ -29,6 +29,9 @@ GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 # m16n8k32) after the prepare step, falling back where it refuses a shape. Off by default until measured on a GPU.
 INT8_TC = os.environ.get("SHARDQ_INT8_TC", "0") == "1"
 INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 64
+# Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
+# copy of W) before dequantize + cuBLAS. Off by default until it is measured on a GPU.
+GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
 
 
 def reference(name: str) -> Callable:
@@ -156,7 +159,14 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
 
 def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> None:
-    """Large M: dequantize row chunks of W into scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
+    """Large M: the fused-dequant kernel if GEMM4_MID and it takes the shape, else dequantize row chunks of W into
+    scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
+    if GEMM4_MID:
+        rc = lib.shardq_gemm_4bit_mid(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
+                                      x2.shape[0], n, k, blocksize, DTYPE_CODES[x2.dtype], _stream(x2))
+        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
+            _lib.check(rc, "gemm_4bit_mid")
+            return
     rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * x2.element_size())))
     w = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
     dt, stream = DTYPE_CODES[x2.dtype], _stream(x2)
