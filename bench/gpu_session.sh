@@ -35,7 +35,7 @@ for s in $steps; do
     check) step check 120 python3 -m shardq.kernels --check ;;
     tests) step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_ops.py \
              tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py \
-             tests/test_int8_tc_gpu.py ;;
+             tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py ;;
     kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} ;;
     profile) for v in ${PROFILE_VARIANTS:-1 3}; do
                step "ncu_v$v" 120 ncu --clock-control none -k regex:'gemm4|gemv4' --launch-skip 1 --launch-count 1 \
