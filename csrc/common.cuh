@@ -38,6 +38,32 @@ struct Absmax {
   }
 };
 
+// Absmax of a block loaded ahead of use and decoded later (the tensor-core kernels): the plain value, or for
+// double quant its 8-bit code and the nested absmax, decoded with the nested code table staged in shared memory.
+struct AbsRaw {
+  float v;
+  uint32_t q;
+};
+
+// Raw absmax of the block holding flattened element e (zeros when !ok).
+__device__ __forceinline__ AbsRaw fetch_abs(const Absmax& am, int bs_shift, bool ok, int64_t e) {
+  AbsRaw r{0.f, 0u};
+  if (ok) {
+    const int64_t blk = e >> bs_shift;
+    if (am.plain) {
+      r.v = __ldg(am.plain + blk);
+    } else {
+      r.q = __ldg(am.q + blk);
+      r.v = __ldg(am.nested_absmax + (blk >> 8));
+    }
+  }
+  return r;
+}
+
+__device__ __forceinline__ float decode_abs(const Absmax& am, const float* ncode, AbsRaw r) {
+  return am.plain ? r.v : ncode[r.q] * r.v + am.offset;
+}
+
 // Nibble of flattened element e: the first element of each byte is in the high nibble.
 __device__ __forceinline__ int nibble_at(const uint8_t* packed, int64_t e) {
   uint8_t b = __ldg(packed + (e >> 1));
@@ -63,6 +89,22 @@ template <typename T> __device__ __forceinline__ uint32_t scale_pair(uint32_t v,
   using H2 = typename Half2Of<T>::type;
   H2 r = __hmul2(*reinterpret_cast<H2*>(&v), *reinterpret_cast<H2*>(&s));
   return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Lane-private pair table of the tensor-core 4-bit kernels: word [byte][lane] holds the byte's two code values as
+// a 16-bit pair (first element = high nibble = low half), so a lookup is one shift/LOP3 and one conflict-free LDS.
+constexpr int kPairTableWords = 256 * 32;
+
+template <typename T, int kThreads> __device__ __forceinline__ void fill_pair_table(uint32_t* table, const float* code) {
+  for (int i = threadIdx.x; i < kPairTableWords; i += kThreads)
+    table[i] = pack_pair<T>(__ldg(code + (i >> 9)), __ldg(code + ((i >> 5) & 15)));
+}
+
+// Pair of byte q (0..3) of word wd. lane4 (= lane * 4) must be opaque to the compiler (an asm mov), so that
+// (shifted & 0x7F80) | lane4 stays a single LOP3.
+__device__ __forceinline__ uint32_t pair_lookup(const uint32_t* table, uint32_t lane4, uint32_t wd, int q) {
+  const uint32_t sh = q == 0 ? wd << 7 : wd >> (8 * q - 7);
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + ((sh & 0x7F80u) | lane4));
 }
 
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);

@@ -34,7 +34,6 @@ constexpr int kThreads = 256;
 constexpr int kBN = 128;                // output features per CTA
 constexpr int kBK = 64;                 // k per ring stage
 constexpr int kWStage = kBN * kBK / 2;  // packed weight bytes per stage
-constexpr int kTableWords = 256 * 32;   // pair table, [byte][lane]
 constexpr int kBand = 8;                // M tiles per raster band (CTAs sharing a weight tile run together)
 
 struct MidArgs {
@@ -53,18 +52,11 @@ struct MidCfg {
   static constexpr int BM = 2 * 8 * MT;             // tokens per CTA (2 warps along M)
   static constexpr int kStage = kWStage + BM * kBK * 2;
   static constexpr int kXCopies = BM * 8 / kThreads;  // 16-byte x units per thread and stage
-  static constexpr size_t smem() { return (size_t)(kTableWords + 256) * 4 + (size_t)S * kStage; }
+  static constexpr size_t smem() { return (size_t)(kPairTableWords + 256) * 4 + (size_t)S * kStage; }
   static_assert(BM * 8 % kThreads == 0, "x copies must divide evenly");
 };
 
 __device__ __forceinline__ int x_unit(int m, int v) { return v ^ (m & 1); }
-
-// Pair-table entry of byte q (0..3) of word wd (same as gemm_4bit_tc.cu): lane4 is opaque to the compiler so
-// that (shifted & 0x7F80) | lane4 stays one LOP3.
-__device__ __forceinline__ uint32_t lookup(const uint32_t* table, uint32_t lane4, uint32_t wd, int q) {
-  const uint32_t sh = q == 0 ? wd << 7 : wd >> (8 * q - 7);
-  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + ((sh & 0x7F80u) | lane4));
-}
 
 // Tile of this CTA: bands of kBand M tiles; inside a band the M tile varies fastest, so the CTAs that run
 // together read each weight tile from DRAM once and share a band of x in L2.
@@ -90,26 +82,6 @@ __device__ __forceinline__ void issue(const MidArgs& p, int m0, int n0, int kt, 
   }
 }
 
-// Raw absmax of one block: plain value, or (code, nested absmax) for double quant.
-struct AbsRaw {
-  float v;
-  uint32_t q;
-};
-
-__device__ __forceinline__ AbsRaw fetch_abs(const MidArgs& p, bool ok, int64_t e) {
-  AbsRaw r{0.f, 0u};
-  if (ok) {
-    const int64_t blk = e >> p.bs_shift;
-    if (p.am.plain) {
-      r.v = __ldg(p.am.plain + blk);
-    } else {
-      r.q = __ldg(p.am.q + blk);
-      r.v = __ldg(p.am.nested_absmax + (blk >> 8));
-    }
-  }
-  return r;
-}
-
 // Per-warp state: its rows and token columns, accumulators, the next k-tile's raw absmax (lane t: row (t >> 1,
 // t & 1) of its group) and the current k-tile's scales as 16-bit pairs, [row tile i][half h] (rows g, g + 8).
 template <typename T, int MT>
@@ -124,7 +96,7 @@ struct MidWarp {
 
   __device__ __forceinline__ void prefetch(const MidArgs& p, int n0, int kt) {
     const int n = n0 + row(t >> 1, t & 1);
-    raw = fetch_abs(p, n < p.N, (int64_t)n * p.K + kt * kBK);
+    raw = fetch_abs(p.am, p.bs_shift, n < p.N, (int64_t)n * p.K + kt * kBK);
   }
 
   // Decode this lane's absmax and spread the 4 rows of its group to the 4 lanes (all lanes take part).
@@ -163,10 +135,10 @@ struct MidWarp {
         for (int i = 0; i < 2; ++i) {
           const uint32_t e0 = jh ? wv[i][0].y : wv[i][0].x, e1 = jh ? wv[i][1].y : wv[i][1].x;
           const int q = 2 * jl;
-          const uint32_t a[4] = {scale_pair<T>(lookup(table, lane4, e0, q), s2[i][0]),
-                                 scale_pair<T>(lookup(table, lane4, e1, q), s2[i][1]),
-                                 scale_pair<T>(lookup(table, lane4, e0, q + 1), s2[i][0]),
-                                 scale_pair<T>(lookup(table, lane4, e1, q + 1), s2[i][1])};
+          const uint32_t a[4] = {scale_pair<T>(pair_lookup(table, lane4, e0, q), s2[i][0]),
+                                 scale_pair<T>(pair_lookup(table, lane4, e1, q), s2[i][1]),
+                                 scale_pair<T>(pair_lookup(table, lane4, e0, q + 1), s2[i][0]),
+                                 scale_pair<T>(pair_lookup(table, lane4, e1, q + 1), s2[i][1])};
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
             mma16816<T>(acc[i][mt], a, jl ? xb[mt].z : xb[mt].x, jl ? xb[mt].w : xb[mt].y);
@@ -204,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1) gemm4_mid(MidArgs p
   using C = MidCfg<MT, S>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
-  float* ncode = reinterpret_cast<float*>(smem) + kTableWords;
+  float* ncode = reinterpret_cast<float*>(smem) + kPairTableWords;
   uint8_t* ring = reinterpret_cast<uint8_t*>(ncode + 256);
   int m0, n0;
   tile_of<C::BM>(p, m0, n0);
@@ -214,8 +186,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1) gemm4_mid(MidArgs p
     if (st < nk) issue<T, C>(p, m0, n0, st, ring + st * C::kStage);
     cp_async_commit();
   }
-  for (int i = threadIdx.x; i < kTableWords; i += kThreads)
-    table[i] = pack_pair<T>(__ldg(p.code + (i >> 9)), __ldg(p.code + ((i >> 5) & 15)));
+  fill_pair_table<T, kThreads>(table, p.code);
   if (!p.am.plain) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);  // 256 threads = 256 entries
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   MidWarp<T, MT> w;

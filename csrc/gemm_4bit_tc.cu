@@ -26,7 +26,6 @@ namespace shardq {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTableWords = 256 * 32;  // pair table, [byte][lane]
 
 struct TcArgs {
   const void* x;
@@ -52,7 +51,7 @@ struct Cfg {
   static constexpr int kXCopies = (8 * MT * XU + kThreads - 1) / kThreads;  // at most, per thread and chunk
   static constexpr int kRed = WK * R * 8 * MT;       // floats of the cross-warp reduction buffer
   static size_t smem(int M, int tsize) {
-    return (size_t)(kTableWords + 256 + kRed) * 4 + (size_t)S * (kStageW + (size_t)M * KC * tsize);
+    return (size_t)(kPairTableWords + 256 + kRed) * 4 + (size_t)S * (kStageW + (size_t)M * KC * tsize);
   }
 };
 
@@ -109,37 +108,6 @@ struct Feeder {
   }
 };
 
-// Raw absmax of the block holding flattened element e: plain value, or (code, nested absmax) for dq.
-struct AbsRaw {
-  float v;
-  uint32_t q;
-};
-
-__device__ __forceinline__ AbsRaw fetch_abs(const TcArgs& p, bool ok, int64_t e) {
-  AbsRaw r{0.f, 0u};
-  if (ok) {
-    const int64_t blk = e >> p.bs_shift;
-    if (p.am.plain) {
-      r.v = __ldg(p.am.plain + blk);
-    } else {
-      r.q = __ldg(p.am.q + blk);
-      r.v = __ldg(p.am.nested_absmax + (blk >> 8));
-    }
-  }
-  return r;
-}
-
-__device__ __forceinline__ float decode_abs(const TcArgs& p, const float* ncode, AbsRaw r) {
-  return p.am.plain ? r.v : ncode[r.q] * r.v + p.am.offset;
-}
-
-// Pair-table entry of byte q (0..3) of word wd. lane4 must be opaque to the compiler (see the kernel), so that
-// (shifted & 0x7F80) | lane4 is a single LOP3.
-__device__ __forceinline__ uint32_t lookup(const uint32_t* table, uint32_t lane4, uint32_t wd, int q) {
-  const uint32_t sh = q == 0 ? wd << 7 : wd >> (8 * q - 7);
-  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + ((sh & 0x7F80u) | lane4));
-}
-
 // Per-warp state: its rows and columns, accumulators, and the next item's block scale (one per lane, slice and
 // row tile: lane t holds row half t & 1, block t >> 1 of its row group; the others come by shuffle).
 // Lane (g, t) reads, for each of the two 64-column blocks b of a 128-column slice, 8 bytes (16 weights) of rows
@@ -160,7 +128,7 @@ struct Warp {
 #pragma unroll
       for (int s = 0; s < KS; ++s) {
         const int n = it.tile * C::R + row(i, t & 1), k = it.chunk * C::KC + (wk * KS + s) * 128 + (t >> 1) * 64;
-        abs[i][s] = fetch_abs(p, n < p.N && k < p.K, (int64_t)n * p.K + k);
+        abs[i][s] = fetch_abs(p.am, p.bs_shift, n < p.N && k < p.K, (int64_t)n * p.K + k);
       }
   }
 
@@ -211,8 +179,8 @@ struct Warp {
         for (int bb = 0; bb < NB; ++bb) {
           const uint32_t e0 = j < 2 ? wv[bb][0].x : wv[bb][0].y, e1 = j < 2 ? wv[bb][1].x : wv[bb][1].y;
           const int q = 2 * (j & 1);
-          const uint32_t a[4] = {lookup(table, lane4, e0, q), lookup(table, lane4, e1, q),
-                                 lookup(table, lane4, e0, q + 1), lookup(table, lane4, e1, q + 1)};
+          const uint32_t a[4] = {pair_lookup(table, lane4, e0, q), pair_lookup(table, lane4, e1, q),
+                                 pair_lookup(table, lane4, e0, q + 1), pair_lookup(table, lane4, e1, q + 1)};
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             const uint4& xv = xb[bb][mt][j >> 1];
@@ -262,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
   using C = Cfg<WK, TM, KS, MT, S>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
-  float* ncode = reinterpret_cast<float*>(smem) + kTableWords;
+  float* ncode = reinterpret_cast<float*>(smem) + kPairTableWords;
   float* red = ncode + 256;
   uint8_t* ring = reinterpret_cast<uint8_t*>(red + C::kRed);
   const int stage = C::kStageW + p.M * C::KC * (int)sizeof(T);
@@ -282,8 +250,7 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
     in.next(p.nchunks);
     cp_async_commit();
   }
-  for (int i = threadIdx.x; i < kTableWords; i += kThreads)
-    table[i] = pack_pair<T>(__ldg(p.code + (i >> 9)), __ldg(p.code + ((i >> 5) & 15)));
+  fill_pair_table<T, kThreads>(table, p.code);
   if (!p.am.plain) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);  // 256 threads = 256 entries
 #pragma unroll
   for (int i = 0; i < TM; ++i)
@@ -305,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
     for (int i = 0; i < TM; ++i)
 #pragma unroll
       for (int s = 0; s < KS; ++s) {
-        const float own = decode_abs(p, ncode, w.abs[i][s]);
+        const float own = decode_abs(p.am, ncode, w.abs[i][s]);
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll

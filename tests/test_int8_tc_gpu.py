@@ -10,7 +10,6 @@ the tolerance is test_kernels_gpu.test_int8_linear's (2 eps of the output dtype,
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Optional
 
 import pytest
@@ -18,22 +17,14 @@ import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
+from test_kernels_gpu import SEED, _gen, _rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 1000), (2048, 1032)]
 BIG = (8192, 28672)
 MS = [5, 7, 8, 16, 17, 32, 33, 48, 64]
-SEED = int(time.time() * 1000) % 2**31
 DEV = "cuda"
-
-
-def _gen(*key) -> torch.Generator:
-    return torch.Generator(device=DEV).manual_seed((SEED + hash(key)) % 2**31)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _nan_out(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
