@@ -4,7 +4,7 @@
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
 fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel; sq_nf4_mid: the opt-in
-fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M > 32, next to the default dequantize + cuBLAS) and Linear8bit
+fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit
 (threshold 6 and 0; plus sq_int8_t6_tc: threshold 6 with the opt-in int8 tensor-core kernel switched on, 5 <= M <= 64),
 bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
@@ -44,8 +44,9 @@ ROTATE_BYTES = 2 * 50 * 2**20
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
 # kinds timed with the int8 tensor-core kernel switched on (cuda_ops.INT8_TC), and the M range it serves
 INT8_TC_M = {"sq_int8_t6_tc": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
-# kinds timed with the large-M fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to
-MID_MIN_M = {"sq_nf4_mid": 33}
+# kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
+# computes any M; below 33 it is timed against the default small-M kernel)
+MID_MIN_M = {"sq_nf4_mid": 7}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -150,6 +151,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
     default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
+    default_mid_min = cuda_ops.GEMM4_MID_MIN_M
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -170,6 +172,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
             cuda_ops.INT8_TC = kind in INT8_TC_M or default_tc
             cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
+            cuda_ops.GEMM4_MID_MIN_M = MID_MIN_M.get(kind, default_mid_min)
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
@@ -188,6 +191,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
         cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
+        cuda_ops.GEMM4_MID_MIN_M = default_mid_min
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows

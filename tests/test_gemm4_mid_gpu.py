@@ -1,4 +1,4 @@
-"""csrc/gemm_4bit_mid.cu (fused-dequant tensor-core 4-bit GEMM, M > 32, opt-in via SHARDQ_GEMM4_MID) against the
+"""csrc/gemm_4bit_mid.cu (fused-dequant tensor-core 4-bit GEMM, opt-in via SHARDQ_GEMM4_MID; any M) against the
 fp64 reference (skipped without a GPU or without the kernels library).
 
 Same conventions as test_kernels_gpu.py (whose helpers it uses): fresh seeds, outlier columns in x and outlier
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 DEV = "cuda"
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 1000), (2048, 1032)]  # (K, N); 1000, 1032: N tails
-MS = [33, 48, 64, 100, 256, 512, 1024]
+MS = [1, 7, 16, 32, 33, 48, 64, 100, 256, 512, 1024]  # M <= 32 too: the bench times it there
 BIG = [(8192, 28672, 33), (8192, 28672, 256)]
 BLOCKSIZES = [64, 128, 256]
 
@@ -88,6 +88,7 @@ def test_gemm4_mid(monkeypatch, k, n, m, dtype, qt, dq, bs, bias):
     err = _rel(direct, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     monkeypatch.setattr(cuda_ops, "GEMM4_MID", True)
+    monkeypatch.setattr(cuda_ops, "GEMM4_MID_MIN_M", 1)
     out = _op(args, k, n, bs)
     assert out.shape == (m, n) and out.dtype == dtype
     assert torch.equal(out, direct), "the op did not use gemm_4bit_mid"

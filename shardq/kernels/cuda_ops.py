@@ -32,6 +32,7 @@ INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 64
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default until it is measured on a GPU.
 GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
+GEMM4_MID_MIN_M = SMALL_M + 1  # smallest M sent to it when on (the kernel computes any M; the bench lowers this)
 
 
 def reference(name: str) -> Callable:
@@ -134,11 +135,24 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     with _on_device(x.device):
-        if m <= SMALL_M:
+        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_mid(lib, x2, packed, am, code, blocksize, n, k, b, out):
+            pass
+        elif m <= SMALL_M:
             _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out)
         else:
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+                   b: Optional[Tensor], out: Tensor) -> bool:
+    """The fused-dequant tensor-core GEMM (csrc/gemm_4bit_mid.cu); False if it refuses the shape."""
+    rc = lib.shardq_gemm_4bit_mid(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
+                                  x2.shape[0], n, k, blocksize, DTYPE_CODES[x2.dtype], _stream(x2))
+    if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
+        return False
+    _lib.check(rc, "gemm_4bit_mid")
+    return True
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
@@ -159,14 +173,7 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
 
 def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> None:
-    """Large M: the fused-dequant kernel if GEMM4_MID and it takes the shape, else dequantize row chunks of W into
-    scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
-    if GEMM4_MID:
-        rc = lib.shardq_gemm_4bit_mid(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
-                                      x2.shape[0], n, k, blocksize, DTYPE_CODES[x2.dtype], _stream(x2))
-        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
-            _lib.check(rc, "gemm_4bit_mid")
-            return
+    """Large M: dequantize row chunks of W into scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
     rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * x2.element_size())))
     w = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
     dt, stream = DTYPE_CODES[x2.dtype], _stream(x2)
