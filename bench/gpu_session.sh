@@ -5,8 +5,9 @@
 # and carry it, with the bitsandbytes wheel for the peer columns:
 #   SHARDQ_CACHE=$PWD/.kcache python -c "from shardq.kernels.build import built_library; built_library()"
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
-# Steps (default all): check tests kernels offload dispatch load; "profile" (not in the default) reads the small-M
-# 4-bit kernels' hardware counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
+# Steps (default all): check tests new kernels offload dispatch load; "new" runs the GPU tests of the opt-in kernels
+# that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
+# and the default paths (NEW_MS); "profile" (not in the default) reads the small-M 4-bit kernels' counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
 # split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
 # 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step.
 set -u
@@ -18,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-check tests kernels offload dispatch load}
+steps=${*:-check tests new kernels offload dispatch load}
 summary=()
 
 step() {  # name, timeout seconds, command...
@@ -34,10 +35,13 @@ for s in $steps; do
   case $s in
     check) step check 120 python3 -m shardq.kernels --check ;;
     tests) step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_ops.py \
-             tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py \
-             tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py ;;
+             tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py ;;
+    new) step newtests 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py
+         mkdir -p "$OUT/new"
+         step newbench 420 python3 bench/bench_kernels.py --out "$OUT/new" --no-bnb \
+           --kinds fp16,sq_nf4,sq_nf4_mid,sq_int8_t6,sq_int8_t6_tc --ms ${NEW_MS:-1,7,16,32,33,64,256,512,4096} ;;
     kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} ;;
-    profile) for v in ${PROFILE_VARIANTS:-1 3}; do
+    profile) for v in ${PROFILE_VARIANTS:-4 1}; do
                step "ncu_v$v" 120 ncu --clock-control none -k regex:'gemm4|gemv4' --launch-skip 1 --launch-count 1 \
                  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
@@ -46,7 +50,7 @@ for s in $steps; do
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
-    *) echo "unknown step $s (check tests kernels profile offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests new kernels profile offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
