@@ -230,9 +230,12 @@ def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str
 
 
 def fill_meta_buffers(model: nn.Module, slots: Mapping[str, Slot], backed: set[str], journal: Journal) -> None:
-    """Recompute non-persistent buffers built on meta (rotary `inv_freq`) with transformers' own `_init_weights`.
+    """Recompute non-persistent buffers built on meta (rotary `inv_freq`, Gemma's `embed_scale`) with transformers'
+    own `_init_weights`.
 
-    Only modules that hold nothing but such buffers are touched, so no weight is ever re-initialised.
+    Only modules whose own tensors are all still on meta are touched: the buffers the checkpoint lacks become real
+    and are initialised; what `_init_weights` writes into their other tensors lands on meta and is discarded (the
+    checkpoint fills those later), so no loaded weight is ever re-initialised.
     """
     init = getattr(model, "_init_weights", None)
     if init is None:
@@ -240,11 +243,11 @@ def fill_meta_buffers(model: nn.Module, slots: Mapping[str, Slot], backed: set[s
     meta_ids = {id(s.get()) for k, s in slots.items() if k not in backed and s.get().device.type == "meta"}
     for module in model.modules():
         own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
-        if not own or not all(id(t) in meta_ids for t in own) or module._parameters:
+        todo = [n for n, b in module._buffers.items() if b is not None and id(b) in meta_ids]
+        if not todo or not all(t.device.type == "meta" for t in own):
             continue
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                journal.set_tensor(module, name, False, torch.empty_like(buf, device="cpu"))
+        for name in todo:
+            journal.set_tensor(module, name, False, torch.empty_like(module._buffers[name], device="cpu"))
         init(module)
 
 
