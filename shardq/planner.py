@@ -400,16 +400,17 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     error: PlanError | None = None
     for limit in sorted(set(sizes), reverse=True):
         pinned = [i for i, n in enumerate(sizes) if n > limit]
-        try:
-            assign = _settle(ctx, groups, caps, pinned, 2 * limit)
-        except PlanError as exc:
-            error = exc if error is None or 0 < exc.missing < error.missing else error
-            continue
-        first = first or assign
-        if _within_budgets(ctx, assign):
-            score = _gpu_resident(ctx, assign)
-            if best is None or score > best[0]:
-                best = (score, assign)
+        for gpu_first in (True, False) if pinned else (True,):
+            try:
+                assign = _settle(ctx, groups, caps, pinned, 2 * limit, gpu_first)
+            except PlanError as exc:
+                error = exc if error is None or 0 < exc.missing < error.missing else error
+                continue
+            first = first or assign
+            if _within_budgets(ctx, assign) and (gpu_first or _forced_hold(ctx, assign)):
+                score = _gpu_resident(ctx, assign)
+                if best is None or score > best[0]:
+                    best = (score, assign)
     if best is not None:
         return best[1]
     if first is not None and (error is None or _overrun(ctx, first) <= error.missing):
@@ -432,12 +433,12 @@ def _gpu_resident(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
 
 
 def _settle(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], pinned: list[int],
-            stream: int) -> dict[str, DeviceKey]:
+            stream: int, gpu_first: bool = True) -> dict[str, DeviceKey]:
     """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
     head, disk staging) until the placement needs no more than assumed."""
     assumed = _Assumed(stream=stream)
     for _ in range(8):
-        assign = _fill(ctx, groups, caps, assumed, pinned)
+        assign = _fill(ctx, groups, caps, assumed, pinned, gpu_first)
         need = _needs(ctx, assign)
         if need.stream > stream:
             raise PlanError(f"a streamed block needs {need.stream} bytes of stream buffers, over the {stream} assumed")
@@ -446,6 +447,15 @@ def _settle(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], pin
         assumed = _Assumed(stream, assumed.head_on_exec or need.head_on_exec,
                            max(assumed.disk_staging, need.disk_staging))
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
+
+
+def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
+    """Every name the user forced a mode for still covers a block placed on "cpu" (`_check_forced`)."""
+    try:
+        _check_forced(ctx, assign)
+    except PlanError:
+        return False
+    return True
 
 
 def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
@@ -458,11 +468,13 @@ def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
 
 
 def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
-          pinned: list[int]) -> dict[str, DeviceKey]:
+          pinned: list[int], gpu_first: bool = True) -> dict[str, DeviceKey]:
     """Pinned groups (kept from streaming) on the first device with room where they stay resident (a GPU, or the
     CPU when it computes), then a sequential fill: each group on the current device if it
     fits with the reserve, else on the next one. Groups holding a module's own tensors (nested entries) are
-    never offloaded: they go to the first GPU with room, or the CPU when it computes."""
+    never offloaded: they go to the first GPU with room, or the CPU when it computes. `gpu_first=False` leaves
+    the GPUs to the pinned groups that can stay resident nowhere else: those are placed first, and the others
+    (lookups that run on the CPU, such as a large embedding) take the CPU where it has room."""
     devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
     held: dict[DeviceKey, list[Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
@@ -470,9 +482,16 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
     def fits(dev: DeviceKey, trial: list[Unit]) -> bool:
         return _bytes(ctx, trial, dev) + sum(_reserve(ctx, dev, trial, assumed).values()) <= caps[dev]
 
+    def resident_on(gi: int) -> list[DeviceKey]:
+        where = [d for d in devices if _resident(ctx, d, groups[gi])]
+        return where if gpu_first else sorted(where, key=lambda d: isinstance(d, int))
+
     nested = [i for i, g in enumerate(groups) if any(u.own_only for u in g) and i not in pinned]
-    for gi in list(pinned) + nested:
-        resident = [d for d in devices if _resident(ctx, d, groups[gi])]
+    order = list(pinned) + nested
+    if not gpu_first:
+        order.sort(key=lambda gi: any(not isinstance(d, int) for d in resident_on(gi)))
+    for gi in order:
+        resident = resident_on(gi)
         dev = next((d for d in resident if fits(d, held[d] + groups[gi])), None)
         if dev is None:
             room = {d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())

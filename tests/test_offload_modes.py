@@ -63,8 +63,9 @@ def test_plan_prefix_over_gpu_and_cpu_blocks_forces_only_the_cpu_ones():
     assert p.device_map["model.layers.0"] == 0 and p.offload_modes["model.layers.1"] == "cpu"
     assert p.offload_modes["model.layers.3"] == "stream" and p.offload_modes["lm_head"] == "stream"
     assert p.offload_reasons["model.layers.1"] == "forced by offload_mode['model.layers']"
+    roomy = dict(kw, max_memory={0: "1GB", "cpu": "1GB"})  # everything fits on the GPU
     with pytest.raises(PlanError, match=r"'model.layers.0', but the plan puts its block\(s\) on GPU 0, not on 'cpu'"):
-        plan_model(m, None, offload_mode={"model.layers.0": "cpu"}, **kw)
+        plan_model(m, None, offload_mode={"model.layers.0": "cpu"}, **roomy)
 
 
 @pytest.mark.parametrize("offload_mode,match", [

@@ -511,3 +511,16 @@ def test_no_fit_reports_the_closest_miss():
     assert 0 < info.value.missing < 10 * 2**20
     ok = plan_model(m, "nf4", max_memory={"cpu": "210MB", "disk": "50GB"}, workload=(1, 128))
     assert ok.device_map["model.embed_tokens"] == "cpu" and ok.device_map["model.layers.0"] == "disk"
+
+
+def test_large_embedding_runs_on_cpu_so_the_head_stays_on_the_gpu():
+    """A big untied vocabulary under a small GPU cap: the embedding (a lookup, cheap on the CPU) leaves the GPU
+    to the head, which cannot stay resident anywhere else; streaming the head instead would need two head-sized
+    slots on the GPU (over the cap: this used to fail)."""
+    m = meta_model("llama", hidden=256, layers=8, vocab=32000, tie=False)
+    p = plan_model(m, "nf4", gpus="1x1GB", max_memory={0: "30MB", "cpu": "1GB"}, workload=(1, 64))
+    check_plan(m, p, tied_together=False)
+    assert p.device_map["lm_head"] == 0
+    assert p.device_map["model.embed_tokens"] == "cpu" and p.offload_modes["model.embed_tokens"] == "cpu"
+    assert p.device_map["model.layers.0"] == 0
+    assert p.reserve_detail[0]["stream"] < p.totals[0] // 4  # small slots: only layers stream
