@@ -210,3 +210,20 @@ def test_gpt2_save_quantized_has_the_bitsandbytes_layout_and_round_trips(saved, 
                             progress=False)
     assert streamed.shardq_plan.quant.method == method
     assert torch.equal(logits(streamed), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_gpt2_on_gpu_with_streamed_blocks_equals_quantize_model(saved, method):
+    """Conv1D weights bound for a GPU are transposed on the host (never through the pinned path) before
+    quantizing there; resident and streamed blocks agree with the model quantized whole on the GPU."""
+    ref, ckpt = saved["gpt2"]
+    want = quantize_model(copy.deepcopy(ref).half().cuda(), method)
+    dm = {k: (0 if i % 2 == 0 else "cpu") for i, k in enumerate(offload_map(meta_model_from_dir(ckpt)))}
+    model = load_sharded(meta_model_from_dir(ckpt), ckpt, quant=method, dtype=torch.float16, device_map=dm,
+                         max_memory={0: "1GB", "cpu": "1GB"}, offload_mode="stream", progress=False)
+    assert sum(type(m) is QCLS[method] for m in model.modules()) == 8
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        out, expected = model(input_ids=ids).logits, want(input_ids=ids).logits
+    torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), rtol=1e-3, atol=1e-3)
