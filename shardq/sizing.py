@@ -8,9 +8,9 @@ Formulas (DESIGN.md "Stored formats"), for a quantized weight of `numel = out*in
 with nblocks = ceil(numel/blocksize). Quantized: the `weight` of every layer `quantized_layers` names (an
 `nn.Linear` or subclass, or transformers' GPT-2 `Conv1D`, as bitsandbytes converts them; never MultiheadAttention's
 out_proj) whose name the config does not skip and which is not tied to another parameter (a tied head shares the
-embedding's full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed on the
-CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except that
-on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
+embedding's full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed
+on the CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except
+that on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def quantizable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def quantized_layers(model: nn.Module, quant: QuantConfig, skip: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Module]:
+def quantized_layers(model: nn.Module, quant: QuantConfig,
+                     skip: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Module]:
     """Name -> module of every layer stored quantized under `quant`: `quantizable`, not skipped by the config
     or by `skip` (same matching rules), and with a weight no other parameter name shares (a tied head keeps the
     embedding's full-precision tensor). Empty for method "none". The one rule sizing, planner, loader and

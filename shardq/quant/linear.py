@@ -1,4 +1,5 @@
-"""Quantized drop-in replacements for `nn.Linear` (and transformers' `Conv1D`), and the functions that convert a model to and from them.
+"""Quantized drop-in replacements for `nn.Linear` (and transformers' `Conv1D`), and the functions that convert a
+model to and from them.
 
 Every tensor lives in a registered buffer (or the bias parameter), so `.to()`, `state_dict()` and the
 offload stores move them generically; metadata (shapes, blocksize, quant type, compute dtype, threshold)
