@@ -6,7 +6,8 @@ The order is what makes the memory promises hold:
    listing every missing, unexpected and mis-shaped tensor), meta buffers nobody can fill, and the plan
    (the planner raises when the model does not fit or the map is bad). Nothing is allocated before this ends.
 2. the model becomes a meta skeleton (real weights become the source), quantized layers replace `nn.Linear`
-   on meta where the plan stores them quantized.
+   (and GPT-2's `Conv1D`, whose [in, out] weight is transposed on the host as it is read) on meta where the plan
+   stores them quantized.
 3. tensors stream one at a time in file order: read → moved to the device of their block → quantized there →
    assigned; the float copy dies at once, so host RAM holds about one tensor beyond what is placed there and a
    GPU never more than its placed bytes plus the planner's load reserve. Blocks planned on "disk" are written to
@@ -323,6 +324,7 @@ class Route:
     disk_block: str | None = None
     qmodule: nn.Module | None = None
     home: torch.device | None = None  # where a quantized module's tensors end up, when not where it is quantized
+    transpose: bool = False  # a Conv1D weight: the source's [in, out] becomes [out, in] on the host before quantizing
 
 
 def owner_unit(name: str, units: Mapping[str, Placement]) -> Placement:
@@ -348,40 +350,39 @@ def _quant_device(p: Placement, plan: Plan, need: int) -> torch.device:
 
 
 def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal,
-                   exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Replace, on meta, each linear the plan stores quantized by an empty Linear8bit/Linear4bit (except the
-    `exclude`d modules, which a pre-quantized checkpoint provides whole)."""
+                   exclude: Iterable[str] = ()) -> dict[str, tuple[nn.Module, bool]]:
+    """Replace, on meta, each layer the plan stores quantized (`sizing.quantized_layers`) by an empty
+    Linear8bit/Linear4bit (except the `exclude`d modules, which a pre-quantized checkpoint provides whole).
+    Returns weight name -> (new module, whether the source weight is a Conv1D's [in, out] to transpose)."""
     exclude = set(exclude)
     units = {p.name: p for p in plan.placements}
-    entries = sizing.tensor_entries(model, cfg)
     out = {}
-    for name, module in list(model.named_modules()):
-        entry = entries.get(f"{name}.weight")
-        if type(module) is not nn.Linear or entry is None or not entry.quantized or name in exclude or \
-                owner_unit(name, units).quant not in QUANTIZED:
+    for name, module in list(sizing.quantized_layers(model, cfg).items()):
+        if name in exclude or owner_unit(name, units).quant not in QUANTIZED:
             continue
-        new = empty_quantized(module.in_features, module.out_features, module.bias is not None, cfg, device="meta",
-                              dtype=module.weight.dtype)
+        out_f, in_f = sizing.linear_shape(module)
+        new = empty_quantized(in_f, out_f, module.bias is not None, cfg, device="meta", dtype=module.weight.dtype)
         parent, _, attr = name.rpartition(".")
         journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
-        out[f"{name}.weight"] = new
+        out[f"{name}.weight"] = (new, sizing.is_conv1d(module))
     return out
 
 
-def plan_routes(slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, nn.Module]) -> dict[str, Route]:
-    """A route for every slot of the (swapped) model."""
+def plan_routes(slots: Mapping[str, Slot], plan: Plan,
+                qweights: Mapping[str, tuple[nn.Module, bool]]) -> dict[str, Route]:
+    """A route for every slot of the (swapped) model; `qweights` as `swap_quantized` returns them."""
     units = {p.name: p for p in plan.placements}
     routes: dict[str, Route] = {}
     for key, slot in slots.items():
         places = [owner_unit(n, units) for n in slot.names]
-        qmod = qweights.get(key)
+        qmod, transpose = qweights.get(key, (None, False))
         fp32 = cpu_fp32(places[0], plan)
         if qmod is not None:
             p = places[0]
             dev = _quant_device(p, plan, qmod.out_features * qmod.in_features * (qmod.dtype.itemsize + 4))
             home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
             routes[key] = Route(dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None,
-                                qmod, home)
+                                qmod, home, transpose)
             continue
         gpu = next((p for p in places if isinstance(p.device, int)), None)
         want = torch.float32 if fp32 and slot.dtype.is_floating_point else slot.dtype
@@ -445,9 +446,9 @@ class PinnedReader:
 
 
 def _pinned_ok(src: SourceTensor, route: Route) -> bool:
-    """A straight file → pinned → GPU read: the tensor is in a file, bound for a GPU, and needs no downcast
-    (a downcast happens on the host so that the GPU never holds the wider copy)."""
-    return (src.info is not None and route.device.type == "cuda"
+    """A straight file → pinned → GPU read: the tensor is in a file, bound for a GPU, and needs no downcast or
+    transpose (both happen on the host so that the GPU never holds the wider or the untransposed copy)."""
+    return (src.info is not None and route.device.type == "cuda" and not route.transpose
             and not (src.dtype.is_floating_point and route.dtype.itemsize < src.dtype.itemsize))
 
 
@@ -467,6 +468,8 @@ def _fetch(src: SourceTensor, route: Route, pinned: PinnedReader | None = None) 
     want = route.dtype if t.is_floating_point() else t.dtype
     if want.itemsize < t.dtype.itemsize:
         t = t.to(want)
+    if route.transpose:  # on the host, so that a GPU never holds both layouts
+        t = t.t().contiguous()
     t = t.to(route.device, non_blocking=False)
     return t.to(want).contiguous()
 

@@ -239,11 +239,8 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
 
 
 def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
-    """(out, in) of every nn.Linear the config would quantize (a superset: tied heads stay unquantized)."""
-    if q.method == "none":
-        return []
-    return [(m.out_features, m.in_features) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not q.skips(n)]
+    """(out, in) of every layer the config quantizes (`sizing.quantized_layers`)."""
+    return [sizing.linear_shape(m) for m in sizing.quantized_layers(model, q).values()]
 
 
 def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
@@ -613,15 +610,16 @@ def _placement(ctx: _Ctx, u: Unit, dev: DeviceKey) -> Placement:
 
 
 def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Linear-like layers that the quantizer leaves in their dtype (GPT-2's Conv1D, nn.Linear subclasses)."""
+    """Linear-like layers that stay in their dtype although no skip rule asked for it (today only
+    MultiheadAttention's out_proj, whose weight the attention reads directly)."""
     if quant.method == "none":
         return []
-    kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and type(m) is not nn.Linear]
+    kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and not sizing.quantizable(m)]
     if not kept:
         return []
     kind = type(model.get_submodule(kept[0])).__name__
-    return [f"{len(kept)} linear-like layer(s) of other types (e.g. {kept[0]!r}, {kind}) are not quantized to "
-            f"{quant.method}: they stay in their own dtype"]
+    return [f"{len(kept)} linear-like layer(s) (e.g. {kept[0]!r}, {kind}) are not quantized to {quant.method}: "
+            "MultiheadAttention reads their weight directly, so they stay in their own dtype"]
 
 
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:

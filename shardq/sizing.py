@@ -5,12 +5,12 @@ Formulas (DESIGN.md "Stored formats"), for a quantized weight of `numel = out*in
   4-bit: ceil(numel/2) + 4*nblocks + 64              (packed nibbles + fp32 absmax + fp32 quant_map[16])
          double quant: nblocks + 4*ceil(nblocks/256) + 1024 + 4 replaces 4*nblocks
          (uint8 absmax codes + fp32 nested absmax + fp32 nested map[256] + fp32 offset)
-with nblocks = ceil(numel/blocksize). Quantized: the `weight` of an `nn.Linear` (exactly, as
-`shardq.quant.quantize_model` replaces them; GPT-2's `Conv1D` stays in its dtype) whose name the config does not
-skip and which is not tied to another parameter (a tied head shares the embedding's full-precision tensor, as
-bitsandbytes keeps it). Everything else keeps its own dtype; modules computed on the
-CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except that
-on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
+with nblocks = ceil(numel/blocksize). Quantized: the `weight` of every layer `quantized_layers` names (an
+`nn.Linear` or subclass, or transformers' GPT-2 `Conv1D`, as bitsandbytes converts them; never MultiheadAttention's
+out_proj) whose name the config does not skip and which is not tied to another parameter (a tied head shares the
+embedding's full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed
+on the CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except
+that on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
 """
 
 from __future__ import annotations
@@ -62,29 +62,75 @@ def quantized_weight_bytes(out_features: int, in_features: int, quant: QuantConf
     raise ValueError(f"quantization method {quant.method!r} stores no quantized weights")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and kin) or a subclass: a linear layer whose weight is stored [in, out] (nx, nf)
+    and computed as `x @ W + b`. Told by class name and layout, so transformers is never imported here."""
+    if not any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__):
+        return False
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return False
+    nf, nx = getattr(module, "nf", w.shape[1]), getattr(module, "nx", w.shape[0])
+    return tuple(w.shape) == (nx, nf)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out_features, in_features) of an nn.Linear or transformers Conv1D (weight stored [in, out]); else None."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_conv1d(module):
         w = module.weight
         return int(w.shape[1]), int(w.shape[0])
     return None
 
 
+def quantizable(module: nn.Module) -> bool:
+    """True for a layer type the quantizer replaces, as bitsandbytes does: `nn.Linear` and its subclasses, and
+    transformers' `Conv1D`. Not MultiheadAttention's out_proj (`NonDynamicallyQuantizableLinear`): the attention
+    reads its `.weight` directly instead of calling it."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def quantized_layers(model: nn.Module, quant: QuantConfig,
+                     skip: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Module]:
+    """Name -> module of every layer stored quantized under `quant`: `quantizable`, not skipped by the config
+    or by `skip` (same matching rules), and with a weight no other parameter name shares (a tied head keeps the
+    embedding's full-precision tensor). Empty for method "none". The one rule sizing, planner, loader and
+    `quantize_model` follow."""
+    if quant.method == "none":
+        return {}
+    extra = QuantConfig(skip_modules=tuple(skip)) if skip else None
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not quantizable(module) or quant.skips(name) or (extra is not None and extra.skips(name)):
+            continue
+        w = module._parameters.get("weight")
+        if w is not None and counts[id(w)] == 1:
+            out[name] = module
+    return out
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a quantizable layer as [out, in] (a Conv1D's [in, out] transposed, contiguous), detached."""
+    w = module.weight.detach()
+    return w.t().contiguous() if is_conv1d(module) else w
+
+
 def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntry]:
     """Every parameter and buffer by full name (tied names included), sized for `quant`."""
-    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    layers = quantized_layers(model, quant)
     out: dict[str, TensorEntry] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        shape = linear_shape(module)
-        quantizable = type(module) is nn.Linear and quant.method != "none" and not quant.skips(mod_name)
+        shape = linear_shape(module) if mod_name in layers else None
         for kind, tensors in (("p", module._parameters), ("b", module._buffers)):
             for tname, t in tensors.items():
                 if t is None:
                     continue
                 full = f"{mod_name}.{tname}" if mod_name else tname
-                q = quantizable and kind == "p" and tname == "weight" and counts[id(t)] == 1
+                q = shape is not None and kind == "p" and tname == "weight"
                 own = t.numel() * t.dtype.itemsize
                 fp32 = t.numel() * 4 if t.is_floating_point() else own
                 stored = quantized_weight_bytes(shape[0], shape[1], quant) if q else own

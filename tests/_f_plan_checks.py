@@ -11,9 +11,26 @@ from shardq.config import QuantConfig
 from shardq.planner import Plan
 
 
-def oracle_weight_bytes(linear: nn.Linear, quant: QuantConfig) -> int:
-    """Bytes of one quantized Linear weight, written out from DESIGN.md independently of shardq.sizing."""
+def _is_conv1d(mod: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, Conv1D)
+
+
+def oracle_quantizable(mod: nn.Module) -> bool:
+    """What bitsandbytes converts: nn.Linear and subclasses and transformers' Conv1D, but not
+    MultiheadAttention's out_proj."""
+    if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
+    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+
+
+def oracle_weight_bytes(linear: nn.Module, quant: QuantConfig) -> int:
+    """Bytes of one quantized Linear (or Conv1D, weight [in, out]) weight, written out from DESIGN.md
+    independently of shardq.sizing."""
     out_f, in_f = linear.weight.shape
+    if _is_conv1d(linear):
+        out_f, in_f = in_f, out_f
     n = out_f * in_f
     if quant.method == "int8":
         return n + 4 * out_f
@@ -48,7 +65,7 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
             full = f"{mname}.{tname}" if mname else tname
             key = _covering(plan, full)
             dev = plan.device_map[key]
-            quantized = (type(mod) is nn.Linear and tname == "weight" and q.method != "none" and not q.skips(mname)
+            quantized = (oracle_quantizable(mod) and tname == "weight" and q.method != "none" and not q.skips(mname)
                          and shared[id(t)] == 1)
             # without a GPU, quantized weights stay packed off-GPU (unless fp32_cpu_offload asks for fp32)
             packed = plan.execution_device is None and q.method != "none" and not q.fp32_cpu_offload

@@ -122,7 +122,7 @@ def rel_error(out: torch.Tensor, want: torch.Tensor) -> float:
     return ((out - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "bloom", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "bloom", "t5", "gpt2"])
 @pytest.mark.parametrize("method,bound", [("int8", 0.08), ("nf4", 0.3)])
 def test_quantized_offload_within_tolerance(saved, arch, method, bound, tmp_path):
     ref, ckpt = saved[arch]

@@ -488,12 +488,12 @@ def test_explicit_map_gpu_outside_max_memory_names_the_budget(models):
         plan_model(m, None, device_map=dm, gpus="2x1GB", max_memory={0: "1GB", "cpu": "1GB"}, workload=WL)
 
 
-def test_gpt2_conv1d_stays_unquantized_and_says_so(models):
+def test_gpt2_conv1d_is_quantized_without_warning(models):
     m = models["gpt2"]
     p = plan_model(m, "nf4", max_memory={0: "1GB"}, gpus="1x2GB", workload=WL)
     check_plan(m, p)
-    assert {x.quant for x in p.placements if x.name.startswith("transformer.h.")} == {"float16"}
-    assert any("Conv1D" in w and "not quantized" in w for w in p.warnings)
+    assert {x.quant for x in p.placements if x.name.startswith("transformer.h.")} == {"nf4"}
+    assert not p.warnings
     assert not plan_model(models["llama"], "nf4", max_memory={0: "1GB"}, gpus="1x2GB", workload=WL).warnings
 
 

@@ -1,4 +1,5 @@
-"""Quantized drop-in replacements for `nn.Linear`, and the functions that convert a model to and from them.
+"""Quantized drop-in replacements for `nn.Linear` (and transformers' `Conv1D`), and the functions that convert a
+model to and from them.
 
 Every tensor lives in a registered buffer (or the bias parameter), so `.to()`, `state_dict()` and the
 offload stores move them generically; metadata (shapes, blocksize, quant type, compute dtype, threshold)
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import shardq.ops  # noqa: F401  (registers torch.ops.shardq)
+from shardq import sizing
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 from shardq.quant import blockwise, codebooks
 
@@ -69,11 +71,15 @@ class _Quantized(nn.Module):
         return cls(in_features, out_features, bias, cfg, device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "_Quantized":
-        """Quantize an `nn.Linear` on the device its weight is on."""
-        m = cls.empty(linear.in_features, linear.out_features, linear.bias is not None, cfg, "meta",
-                      linear.weight.dtype)
-        return m.load_from_float(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+    def from_linear(cls, linear: nn.Module, cfg: QuantConfig) -> "_Quantized":
+        """Quantize an `nn.Linear` (or subclass) or a transformers `Conv1D` on the device its weight is on; a
+        Conv1D's [in, out] weight is transposed first, so the layer computes the same `x @ W + b`."""
+        shape = sizing.linear_shape(linear)
+        if shape is None:
+            raise TypeError(f"{type(linear).__name__} is not an nn.Linear or transformers Conv1D: nothing to quantize")
+        weight = sizing.linear_weight(linear)
+        m = cls.empty(shape[1], shape[0], linear.bias is not None, cfg, "meta", weight.dtype)
+        return m.load_from_float(weight, None if linear.bias is None else linear.bias.detach())
 
     def set_quantized(self, state: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         """Adopt already-quantized tensors (named as this layer's buffers) after checking shape and dtype."""
@@ -238,19 +244,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] | list[str] = ()) -> nn.Module:
-    """Replace every `nn.Linear` in place by its quantized form, except modules that `cfg.skips()` or that
-    `skip` names (exact name, dotted component or prefix). Returns the model. No-op for method "none"."""
+    """Replace in place every layer `shardq.sizing.quantized_layers` names (nn.Linear and subclasses, transformers'
+    Conv1D; not MultiheadAttention's out_proj, tied heads or what `cfg.skips()` or `skip` name: exact name, dotted
+    component or prefix) by its quantized form. Returns the model. No-op for method "none"."""
     cfg = QuantConfig.from_any(cfg)
-    if cfg.method == "none":
-        return model
-    extra = QuantConfig(skip_modules=tuple(skip)) if skip else None
-    cls = Linear8bit if cfg.method == "int8" else Linear4bit
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
-               and not cfg.skips(n) and not (extra is not None and extra.skips(n))]
+    targets = list(sizing.quantized_layers(model, cfg, skip).items())
     on_meta = [n for n, m in targets if m.weight.device.type == "meta"]
     if on_meta:  # checked before any layer is replaced
         raise ValueError(f"{len(on_meta)} linear(s) have weights on the meta device (e.g. {on_meta[0]!r}): load the "
                          "weights first, or build empty layers with Linear4bit.empty / Linear8bit.empty")
+    cls = Linear8bit if cfg.method == "int8" else Linear4bit
     for name, lin in tqdm(targets, desc=f"shardq: quantizing to {cfg.method}", unit="layer",
                           disable=len(targets) < PROGRESS_MIN_LAYERS, leave=False):
         _set_submodule(model, name, cls.from_linear(lin, cfg))

@@ -4,7 +4,9 @@ Per 4-bit linear `<m>`: `<m>.weight` uint8 [ceil(n/2), 1], `<m>.weight.absmax`, 
 with double quant `<m>.weight.nested_absmax` and `<m>.weight.nested_quant_map`, and
 `<m>.weight.quant_state.bitsandbytes__<nf4|fp4>`: a uint8 tensor holding the UTF-8 JSON of the non-tensor state
 (quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offset). Per 8-bit linear:
-`<m>.weight` int8 [out, in], `<m>.SCB` fp32 [out], `<m>.weight_format` uint8 0 (row-major). The quantization
+`<m>.weight` int8 [out, in], `<m>.SCB` fp32 [out], `<m>.weight_format` uint8 0 (row-major). A GPT-2 `Conv1D`
+(float weight [in, out]) is stored quantized exactly as a Linear [out, in], as transformers transposes it for
+bitsandbytes; it loads back as a Linear8bit/Linear4bit. The quantization
 settings go into config.json's `quantization_config`. Files are read through `shardq.checkpoint` (headers
 first, every check before any tensor is placed); nothing is ever unpickled.
 """
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from shardq import sizing
 from shardq.checkpoint import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
 from shardq.memory import parse_size
@@ -287,8 +290,15 @@ def linear_from_tensors(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in
     return m
 
 
-def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, *QuantLinear))]
+def _linears(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, out, in) of every layer a checkpoint may store quantized: linear-like layers (nn.Linear, GPT-2's
+    Conv1D, whose quantized weight bitsandbytes writes as [out, in] like a Linear's) and quantized ones."""
+    out = []
+    for n, m in model.named_modules():
+        shape = (m.out_features, m.in_features) if isinstance(m, QuantLinear) else sizing.linear_shape(m)
+        if shape is not None:
+            out.append((n, *shape))
+    return out
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:
@@ -309,15 +319,15 @@ def _validate_float(index: CheckpointIndex, key: str, t: torch.Tensor) -> None:
 def _plan_load(model: nn.Module, index: CheckpointIndex, cfg: QuantConfig, read: Callable[[str], torch.Tensor]):
     """Check every tensor the model needs against the headers; returns (quantized layers, float keys)."""
     layers: dict[str, tuple[LayerSpec, int, int]] = {}
-    for name, m in _linears(model):
+    for name, out_f, in_f in _linears(model):
         spec = layer_spec(index, name, read)
         if spec.method == "none":
             continue
-        for key, (dtypes, numel) in expected_layout(name, spec, m.out_features, m.in_features).items():
+        for key, (dtypes, numel) in expected_layout(name, spec, out_f, in_f).items():
             _check_entry(index, key, dtypes, numel)
-        if m.bias is not None:
-            _check_entry(index, f"{name}.bias", _FLOATS, m.out_features)
-        layers[name] = (spec, m.in_features, m.out_features)
+        if model.get_submodule(name).bias is not None:
+            _check_entry(index, f"{name}.bias", _FLOATS, out_f)
+        layers[name] = (spec, in_f, out_f)
     tied = {n: g for g in _tied_groups(model) for n in g}
     floats: list[str] = []
     for key, t in model.state_dict(keep_vars=True).items():
