@@ -124,5 +124,5 @@ def test_quantized_equals_in_memory_quantization(saved, arch, method, tmp_path):
     model = _load(ckpt, tmp_path, method)
     qref = quantize_model(copy.deepcopy(ref), method)
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
-    assert quantized == sum(isinstance(m, QuantLinear) for m in qref.modules())
+    assert quantized > 0 and quantized == sum(isinstance(m, QuantLinear) for m in qref.modules())
     torch.testing.assert_close(_logits(model), _logits(qref), rtol=1e-4, atol=1e-4)
