@@ -143,6 +143,9 @@ def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: S
                problems: list[str]) -> SourceTensor | None:
     """One SourceTensor for a fused target, shape known from the headers; None (and problems) when it cannot be."""
     missing = _missing_parts(group, model_shape)
+    if missing:
+        problems.extend(missing)
+        return None
     keys = [k for p in group.converter.source_patterns for _, k in group.parts.get(p, [])]
     srcs = [source[k] for k in keys]
     dtypes = {s.dtype for s in srcs}
@@ -154,9 +157,6 @@ def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: S
         shape = _converted_shape(group, source)
     except LoadError as exc:
         problems.append(str(exc))
-        return None
-    if missing:
-        problems.extend(missing)
         return None
     name = " + ".join(_pattern_name(group.parts[p]) for p in group.converter.source_patterns)
     return SourceTensor(name, shape, srcs[0].dtype, sum(s.nbytes for s in srcs), _composite_reader(group, source, shape),
