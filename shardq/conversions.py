@@ -85,7 +85,7 @@ def apply_conversions(model: nn.Module, source: Mapping[str, SourceTensor]) -> t
     renamings, converters, cml = found
     resolve, state = _resolver(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
-    out: dict[str, SourceTensor] = {}
+    names: dict[str, str] = {}  # checkpoint key → its name in the converted source (a group's target for a part)
     groups: dict[str, _Group] = {}
     for key in sorted(source, key=cml.dot_natural_key):  # transformers' order: experts 0, 1, 2, ..., 10
         renamed, _ = cml.rename_source_key(key, renamings, [])
@@ -93,15 +93,20 @@ def apply_conversions(model: nn.Module, source: Mapping[str, SourceTensor]) -> t
         if pattern is not None and resolve(target) is not None:
             group = groups.setdefault(target, _Group(target, copy.deepcopy(by_pattern[pattern])))
             group.parts.setdefault(pattern, []).append((_index(pattern, renamed), key))
-        elif target != key and resolve(target) is not None and resolve(key) is None:
-            out[target] = source[key]
-        else:
-            out[key] = source[key]
+        renamed_ok = target != key and resolve(target) is not None and resolve(key) is None
+        names[key] = target if target in groups or renamed_ok else key
     problems: list[str] = []
-    for target, group in groups.items():
-        composite = _composite(group, source, state[resolve(target)], problems)
-        if composite is not None:
-            out[target] = composite
+    out: dict[str, SourceTensor] = {}
+    done: set[str] = set()
+    for key, src in source.items():  # the checkpoint's own order; a composite where its first part was
+        name = names[key]
+        if name not in groups:
+            out[name] = src
+        elif name not in done:
+            done.add(name)
+            composite = _composite(groups[name], source, state[resolve(name)], problems)
+            if composite is not None:
+                out[name] = composite
     return out, problems
 
 
@@ -116,7 +121,8 @@ def _index(pattern: str, renamed: str) -> int | None:
 def _missing_parts(group: _Group, model_shape: Shape) -> list[str]:
     """Indices absent from a pattern while present in a sibling pattern, or below the model's expert count."""
     first_op = group.converter.operations[0]
-    count = model_shape[first_op.dim] if type(first_op).__name__ == "MergeModulelist" and model_shape else 0
+    merge = type(first_op).__name__ == "MergeModulelist" and -len(model_shape) <= first_op.dim < len(model_shape)
+    count = model_shape[first_op.dim] if merge else 0
     indices = {i for parts in group.parts.values() for i, _ in parts if i is not None}
     expected = indices | set(range(max(indices, default=-1) + 1)) | set(range(count))
     out = []

@@ -190,3 +190,28 @@ def test_renamed_tensor_with_wrong_shape_is_reported_by_both_names(saved, tmp_pa
     bad = _edit(ckpt, tmp_path / "bad", edit)
     with pytest.raises(LoadError, match=r"lm_head\.weight \(checkpoint embed_out\.weight\): checkpoint \[129, 64\]"):
         load_sharded(meta_model_from_dir(bad), bad, max_memory={"cpu": "1GB"}, progress=False)
+
+
+def test_unknown_operation_is_refused_by_name(saved, monkeypatch):
+    import transformers.conversion_mapping as cm
+    from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
+
+    real = cm.get_model_conversion_mapping
+    odd = WeightConverter(".experts.*.w2.weight", ".experts.down_proj", operations=[MergeModulelist(0), Transpose(1, 2)])
+    monkeypatch.setattr(cm, "get_model_conversion_mapping",
+                        lambda m: [odd if ".experts.*.w2.weight" in getattr(t, "source_patterns", []) else t
+                                   for t in real(m)])
+    _, ckpt = saved["mixtral"]
+    model = meta_model_from_dir(ckpt)
+    before = _snapshot(model)
+    with pytest.raises(LoadError, match=r"down_proj: transformers' conversion .*w2.* uses the operation Transpose"):
+        load_sharded(model, ckpt, max_memory={"cpu": "1GB"}, progress=False)
+    assert _snapshot(model) == before
+
+
+def test_converted_source_keeps_the_checkpoint_order(saved):
+    _, ckpt = saved["mixtral"]
+    src = checkpoint_source(index_checkpoint(ckpt))
+    out = convert_source(meta_model_from_dir(ckpt), src)
+    assert len(out) == len(src) - 2 * 12 + 2 * 2  # per layer: 4 experts x (w1, w2, w3) → gate_up_proj, down_proj
+    assert [k for k in out if k in src] == [k for k in src if k in out]
