@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class _Group:
 
 def _mapping(model: nn.Module) -> tuple[list[Any], list[Any], Any] | None:
     """(renamings, converters, transformers' module) of a transformers model; None when there is nothing to do."""
+    if "transformers" not in sys.modules:  # then the model is not a transformers one (and importing it costs RAM)
+        return None
     try:
         from transformers import core_model_loading as cml
         from transformers.conversion_mapping import get_model_conversion_mapping
