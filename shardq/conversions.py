@@ -80,7 +80,8 @@ def convert_source(model: nn.Module, source: Mapping[str, SourceTensor]) -> dict
     return out
 
 
-def apply_conversions(model: nn.Module, source: Mapping[str, SourceTensor]) -> tuple[dict[str, SourceTensor], list[str]]:
+def apply_conversions(model: nn.Module,
+                      source: Mapping[str, SourceTensor]) -> tuple[dict[str, SourceTensor], list[str]]:
     """The converted source and the problems found (names and shapes only, nothing is read)."""
     found = _mapping(model)
     if found is None:
@@ -168,8 +169,9 @@ def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: S
         problems.append(str(exc))
         return None
     name = " + ".join(_pattern_name(group.parts[p]) for p in group.converter.source_patterns)
-    return SourceTensor(name, shape, srcs[0].dtype, sum(s.nbytes for s in srcs), _composite_reader(group, source, shape),
-                        min(s.order for s in srcs), None)
+    reader = _composite_reader(group, source, shape)
+    nbytes = sum(s.nbytes for s in srcs)
+    return SourceTensor(name, shape, srcs[0].dtype, nbytes, reader, min(s.order for s in srcs), None)
 
 
 def _pattern_name(parts: list[tuple[int | None, str]]) -> str:
@@ -194,15 +196,17 @@ def _converted_shape(group: _Group, source: Mapping[str, SourceTensor]) -> Shape
                      for x in (state.pop(p) if isinstance(state[p], list) else [state.pop(p)])]
             state = {conv.target_patterns[0]: _cat(items, op.dim, group.target)}
         else:
-            raise LoadError(f"{group.target}: transformers' conversion {conv.source_patterns} → {conv.target_patterns} "
-                            f"uses the operation {kind}, which shardq cannot size from the headers: load this model "
-                            "with transformers' from_pretrained, or save the checkpoint in the model's own layout")
+            raise LoadError(f"{group.target}: transformers' conversion {conv.source_patterns} → "
+                            f"{conv.target_patterns} uses the operation {kind}, which shardq cannot size from the "
+                            "headers: load this model with transformers' from_pretrained, or save the checkpoint in "
+                            "the model's own layout")
     if len(state) != 1:
         raise LoadError(f"{group.target}: the conversion {conv.source_patterns} gives {len(state)} tensors, not one")
     value = next(iter(state.values()))
     if isinstance(value, list):
         if len(value) != 1:
-            raise LoadError(f"{group.target}: the conversion {conv.source_patterns} leaves {len(value)} tensors, not one")
+            raise LoadError(f"{group.target}: the conversion {conv.source_patterns} leaves {len(value)} tensors, "
+                            "not one")
         value = value[0]
     return value[1]
 

@@ -571,7 +571,8 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
-        warnings=_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant) + _expert_warnings(model, ctx.quant),
+        warnings=(_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant)
+                  + _expert_warnings(model, ctx.quant)),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )

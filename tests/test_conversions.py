@@ -197,7 +197,8 @@ def test_unknown_operation_is_refused_by_name(saved, monkeypatch):
     from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
 
     real = cm.get_model_conversion_mapping
-    odd = WeightConverter(".experts.*.w2.weight", ".experts.down_proj", operations=[MergeModulelist(0), Transpose(1, 2)])
+    odd = WeightConverter(".experts.*.w2.weight", ".experts.down_proj",
+                          operations=[MergeModulelist(0), Transpose(1, 2)])
     monkeypatch.setattr(cm, "get_model_conversion_mapping",
                         lambda m: [odd if ".experts.*.w2.weight" in getattr(t, "source_patterns", []) else t
                                    for t in real(m)])
