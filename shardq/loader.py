@@ -194,11 +194,12 @@ def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapp
             ignored.append(key)  # a second copy of a tied tensor
             continue
         slot = slots[slot_key]
+        shown = key if src.name == key else f"{key} (checkpoint {src.name})"  # renamed or fused by transformers
         if tuple(src.shape) != slot.shape:
-            wrong.append(f"{key}: checkpoint {list(src.shape)}, model {list(slot.shape)}")
+            wrong.append(f"{shown}: checkpoint {list(src.shape)}, model {list(slot.shape)}")
             continue
         if src.dtype.is_floating_point != slot.dtype.is_floating_point:  # e.g. int8 codes without their config
-            wrong.append(f"{key}: checkpoint {str(src.dtype).removeprefix('torch.')}, model "
+            wrong.append(f"{shown}: checkpoint {str(src.dtype).removeprefix('torch.')}, model "
                          f"{str(slot.dtype).removeprefix('torch.')}")
             continue
         mapping[key] = slot_key
@@ -650,14 +651,18 @@ def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: A
     if checkpoint is None:
         tensors = module_source(model)
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
+    from shardq.conversions import convert_source
+
     index = index_checkpoint(checkpoint)
     tensors = checkpoint_source(index)
     pre = prequantized_layers(model, checkpoint, index)
     if pre is None:
+        tensors = convert_source(model, tensors)  # transformers 5 renames and fused experts
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
     ckpt_cfg, layers = pre
     taken = {k for layer in layers.values() for k in layer.keys}
-    return Source(tensors, {k: v for k, v in tensors.items() if k not in taken}, layers, _merge_quant(ckpt_cfg, quant))
+    floats = convert_source(model, {k: v for k, v in tensors.items() if k not in taken})
+    return Source(floats | {k: tensors[k] for k in taken}, floats, layers, _merge_quant(ckpt_cfg, quant))
 
 
 def _check_offload_dir(plan: Plan, offload_dir: str | os.PathLike | None) -> Path | None:

@@ -587,7 +587,9 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
-        warnings=_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant), source=type(model).__name__,
+        warnings=(_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant)
+                  + _expert_warnings(model, ctx.quant)),
+        source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )
 
@@ -622,6 +624,20 @@ def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
             "MultiheadAttention reads their weight directly, so they stay in their own dtype"]
 
 
+def _expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
+    """Fused MoE expert weights (3-D parameters of `*Experts` modules) are not nn.Linear: they stay in their dtype."""
+    if quant.method == "none":
+        return []
+    kept = [(f"{m_name}.{p_name}", p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
+            for p_name, p in m._parameters.items() if p is not None and p.dim() == 3]
+    if not kept:
+        return []
+    nbytes = sum(p.numel() * p.element_size() for _, p in kept)
+    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not "
+            f"nn.Linear and are not quantized to {quant.method}: they stay in their own dtype, as bitsandbytes "
+            "leaves them"]
+
+
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
     where: dict[int, dict[DeviceKey, str]] = {}
     for u in ctx.units:
@@ -652,7 +668,11 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
         quant = config.quantization_config
     model = hf.meta_model_from_config(config, resolve_dtype(dtype) or _checkpoint_dtype(index))
     result = plan_model(model, quant, **kwargs)
-    result.mismatches = check_checkpoint(model, index.tensors)
+    from .conversions import apply_conversions
+    from .loader import checkpoint_source
+
+    converted, problems = apply_conversions(model, checkpoint_source(index))  # transformers 5 renames and fusions
+    result.mismatches = problems + check_checkpoint(model, converted)
     result.source = path
     return result
 
