@@ -5,9 +5,9 @@ transformers 5 renames some tensors on load (GPT-NeoX `embed_out.` → `lm_head.
 while checkpoints on the Hub and `save_pretrained` keep the old layout. `convert_source` applies the model's own
 conversion mapping (`transformers.conversion_mapping.get_model_conversion_mapping`) to a checkpoint's lazy
 `SourceTensor`s: a renamed tensor keeps its reader; each fused target becomes one composite `SourceTensor` whose
-shape comes from the headers and whose `read()` reads its parts and runs transformers' own operations on them
-(a composite needs about twice its own bytes of host RAM while it is built). Models outside transformers, or a
-transformers without conversion mappings, get their checkpoint unchanged.
+shape comes from the headers and whose `read()` copies its parts into their places in one preallocated tensor
+(the layout transformers' operations give; host RAM peaks at the fused tensor plus one part). Models outside
+transformers, or a transformers without conversion mappings, get their checkpoint unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import copy
 import re
 import sys
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,12 +163,13 @@ def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: S
                         f"({', '.join(f'{s.name} {s.dtype}' for s in srcs[:4])})")
         return None
     try:
-        shape = _converted_shape(group, source)
+        layout = _layout(group, source)
     except LoadError as exc:
         problems.append(str(exc))
         return None
+    shape = layout[0]
     name = " + ".join(_pattern_name(group.parts[p]) for p in group.converter.source_patterns)
-    reader = _composite_reader(group, source, shape)
+    reader = _composite_reader(group, source, layout, srcs[0].dtype)
     nbytes = sum(s.nbytes for s in srcs)
     return SourceTensor(name, shape, srcs[0].dtype, nbytes, reader, min(s.order for s in srcs), None)
 
@@ -180,11 +180,18 @@ def _pattern_name(parts: list[tuple[int | None, str]]) -> str:
     return f"{head}.*.{tail}" if sep and len(parts) > 1 else key
 
 
-def _converted_shape(group: _Group, source: Mapping[str, SourceTensor]) -> Shape:
-    """The shape transformers' operations give the parts, computed from their shapes (MergeModulelist, Concatenate)."""
+Piece = tuple[str, tuple[slice, ...]]  # a checkpoint tensor and the region of the fused tensor it fills
+Item = tuple[Shape, list[Piece]]
+
+
+def _layout(group: _Group, source: Mapping[str, SourceTensor]) -> Item:
+    """The fused tensor's shape and where each part lands in it, from the part shapes and transformers' operations
+    (MergeModulelist stacks each pattern's parts, Concatenate joins the patterns in order): `read` then fills one
+    preallocated tensor part by part."""
     conv = group.converter
-    state: dict[str, list[tuple[str, Shape]] | tuple[str, Shape]] = {
-        p: [(k, tuple(source[k].shape)) for _, k in group.parts[p]] for p in conv.source_patterns if p in group.parts}
+    state: dict[str, list[Item] | Item] = {
+        p: [(tuple(source[k].shape), [(k, tuple(slice(0, n) for n in source[k].shape))]) for _, k in group.parts[p]]
+        for p in conv.source_patterns if p in group.parts}
     for op in conv.operations:
         kind = type(op).__name__
         if kind == "MergeModulelist":
@@ -208,26 +215,35 @@ def _converted_shape(group: _Group, source: Mapping[str, SourceTensor]) -> Shape
             raise LoadError(f"{group.target}: the conversion {conv.source_patterns} leaves {len(value)} tensors, "
                             "not one")
         value = value[0]
-    return value[1]
+    return value
 
 
-def _stack(items: list[tuple[str, Shape]] | tuple[str, Shape], dim: int, target: str) -> tuple[str, Shape]:
+def _stack(items: list[Item] | Item, dim: int, target: str) -> Item:
     if not isinstance(items, list):
-        return items
-    _common(items, None, target)
-    shape = list(items[0][1])
-    shape.insert(dim if dim >= 0 else len(shape) + 1 + dim, len(items))
-    return items[0][0], tuple(shape)
+        return items  # already one tensor: transformers passes it through
+    _common([(p[0][0], shape) for shape, p in items], None, target)
+    shape = list(items[0][0])
+    d = dim if dim >= 0 else len(shape) + 1 + dim
+    shape.insert(d, len(items))
+    pieces = [(key, region[:d] + (slice(i, i + 1),) + region[d:])
+              for i, (_, ps) in enumerate(items) for key, region in ps]
+    return tuple(shape), pieces
 
 
-def _cat(items: list[tuple[str, Shape]], dim: int, target: str) -> tuple[str, Shape]:
+def _cat(items: list[Item], dim: int, target: str) -> Item:
     if not items:
         raise LoadError(f"{target}: nothing to concatenate")
-    d = dim % len(items[0][1])
-    _common(items, d, target)
-    shape = list(items[0][1])
-    shape[d] = sum(s[d] for _, s in items)
-    return items[0][0], tuple(shape)
+    d = dim % len(items[0][0])
+    _common([(p[0][0], shape) for shape, p in items], d, target)
+    shape = list(items[0][0])
+    shape[d] = sum(s[d] for s, _ in items)
+    pieces, offset = [], 0
+    for s, ps in items:
+        for key, region in ps:
+            r = region[d]
+            pieces.append((key, region[:d] + (slice(r.start + offset, r.stop + offset),) + region[d + 1:]))
+        offset += s[d]
+    return tuple(shape), pieces
 
 
 def _common(items: list[tuple[str, Shape]], free_dim: int | None, target: str) -> None:
@@ -245,24 +261,19 @@ def _common(items: list[tuple[str, Shape]], free_dim: int | None, target: str) -
         raise LoadError(f"{target}: part(s) with the wrong shape: {', '.join(odd)}; the other parts have {list(want)}")
 
 
-def _composite_reader(group: _Group, source: Mapping[str, SourceTensor], shape: Shape) -> Callable[[], torch.Tensor]:
-    """Read the parts (only when called) and run a fresh copy of transformers' converter on them."""
+def _composite_reader(group: _Group, source: Mapping[str, SourceTensor], layout: Item,
+                      dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """Read the parts (only when called) straight into their regions of one preallocated tensor: host RAM peaks
+    at the fused tensor plus one part."""
+    shape, pieces = layout
+
     def read() -> torch.Tensor:
-        conv = copy.deepcopy(group.converter)
-        for pattern in conv.source_patterns:
-            for _, key in group.parts.get(pattern, []):
-                done: Future = Future()
-                done.set_result(source[key].read())
-                conv.add_tensor(group.target, key, pattern, done)
-        result = conv.convert(group.target)
-        if len(result) != 1:
-            raise LoadError(f"{group.target}: transformers' conversion gave {sorted(result)}, expected one tensor")
-        value = next(iter(result.values()))
-        value = value[0] if isinstance(value, list) else value
-        if tuple(value.shape) != shape:
-            raise LoadError(f"{group.target}: the conversion gave shape {list(value.shape)}, the headers said "
-                            f"{list(shape)}")
-        return value.contiguous()
+        out = torch.empty(shape, dtype=dtype)
+        for key, region in pieces:
+            part = source[key].read()
+            view = out[region]
+            view.copy_(part.reshape(view.shape))
+            del part
+        return out
 
     return read
-

@@ -112,7 +112,7 @@ def test_plan_of_the_directory_reports_no_mismatch(saved, arch):
     assert any("fused MoE expert" in w for w in p.warnings) == (arch == "mixtral")
 
 
-def test_composites_are_read_lazily_by_transformers_ops(saved):
+def test_composites_are_read_lazily_into_transformers_layout(saved):
     ref, ckpt = saved["mixtral"]
     reads: list[str] = []
     src = {k: s.__class__(s.name, s.shape, s.dtype, s.nbytes, (lambda s=s: reads.append(s.name) or s.read()),
@@ -127,6 +127,8 @@ def test_composites_are_read_lazily_by_transformers_ops(saved):
     assert out["model.layers.0.mlp.gate.weight"].info is not None  # renamed: same lazy reader
     torch.testing.assert_close(fused.read(), ref.model.layers[1].mlp.experts.gate_up_proj.detach(), rtol=0, atol=0)
     assert len(reads) == 8 and all(".w1." in r or ".w3." in r for r in reads)
+    down = out["model.layers.0.mlp.experts.down_proj"]  # MergeModulelist alone
+    torch.testing.assert_close(down.read(), ref.model.layers[0].mlp.experts.down_proj.detach(), rtol=0, atol=0)
 
 
 def test_non_transformers_model_gets_no_conversion(saved):
