@@ -50,6 +50,9 @@ def config(arch: str):
                             bos_token_id=0, eos_token_id=0)
     if arch == "falcon":
         return T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
+    if arch == "gpt2":  # Conv1D projections
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=0,
+                            eos_token_id=0)
     if arch == "bart":
         return T.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -57,7 +60,7 @@ def config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "phi", "gptj", "falcon", "bart"]
+ARCHS = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "phi", "gpt2", "gptj", "falcon", "bart"]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +114,11 @@ def test_fp32_equal_and_generate(saved, arch, tmp_path):
     model = _load(ckpt, tmp_path, "none")
     assert {"cpu", "disk"} <= set(model.shardq_offload_modes.values())
     torch.testing.assert_close(_logits(model), _logits(ref), rtol=1e-5, atol=1e-5)
-    if not ref.config.is_encoder_decoder:
-        ids = _inputs(ref)["input_ids"]
-        kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+    ids = _inputs(ref)["input_ids"]
+    kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if ref.config.is_encoder_decoder:
+        kw["decoder_start_token_id"] = 2
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
