@@ -37,6 +37,7 @@ from shardq.dispatch import dispatch_model
 from shardq.offload import host_buffer, pin_buffer, write_disk_offload
 from shardq.planner import Plan, Placement, check_offload_mode, plan_model
 from shardq.progress import byte_bar
+from shardq.quant.experts import QuantizedExperts
 from shardq.quant.linear import empty_quantized
 
 QUANTIZED = ("int8", "nf4", "fp4")
@@ -273,6 +274,7 @@ class Journal:
     def __init__(self) -> None:
         self._tensors: dict[tuple[int, str, bool], tuple[nn.Module, str, bool, Any]] = {}
         self._modules: list[tuple[nn.Module, str, nn.Module]] = []
+        self._stacks: list[tuple[nn.Module, str, Any]] = []  # (experts module, attribute, its config before)
 
     def set_tensor(self, holder: nn.Module, attr: str, is_param: bool, value: torch.Tensor | None) -> None:
         store = holder._parameters if is_param else holder._buffers
@@ -285,13 +287,26 @@ class Journal:
         self._modules.append((parent, attr, parent._modules[attr]))
         parent._modules[attr] = new
 
+    def replace_param(self, parent: nn.Module, attr: str, new: nn.Module) -> None:
+        """Put module `new` where `parent` held parameter `attr` (a fused expert stack); undone by rollback."""
+        from shardq.quant.experts import replace_stack
+
+        self._stacks.append((parent, attr, parent.__dict__.get("config")))
+        self._tensors.setdefault((id(parent), attr, True), (parent, attr, True, parent._parameters[attr]))
+        replace_stack(parent, attr, new)
+
     def rollback(self) -> None:
+        for parent, attr, config in reversed(self._stacks):
+            parent._modules.pop(attr, None)
+            if config is not None:
+                parent.config = config
         for parent, attr, old in reversed(self._modules):
             parent._modules[attr] = old
         for holder, attr, is_param, old in self._tensors.values():
             (holder._parameters if is_param else holder._buffers)[attr] = old
         self._modules.clear()
         self._tensors.clear()
+        self._stacks.clear()
 
 
 def _assign(journal: Journal, slot: Slot, value: torch.Tensor) -> None:
@@ -353,7 +368,8 @@ def _quant_device(p: Placement, plan: Plan, need: int) -> torch.device:
 def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal,
                    exclude: Iterable[str] = ()) -> dict[str, tuple[nn.Module, bool]]:
     """Replace, on meta, each layer the plan stores quantized (`sizing.quantized_layers`) by an empty
-    Linear8bit/Linear4bit (except the `exclude`d modules, which a pre-quantized checkpoint provides whole).
+    Linear8bit/Linear4bit (except the `exclude`d modules, which a pre-quantized checkpoint provides whole), and
+    each fused expert stack it stores quantized (`sizing.quantized_experts`) by an empty QuantizedExperts.
     Returns weight name -> (new module, whether the source weight is a Conv1D's [in, out] to transpose)."""
     exclude = set(exclude)
     units = {p.name: p for p in plan.placements}
@@ -366,6 +382,14 @@ def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Jour
         parent, _, attr = name.rpartition(".")
         journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
         out[f"{name}.weight"] = (new, sizing.is_conv1d(module))
+    for name, shape in sizing.quantized_experts(model, cfg).items():
+        if owner_unit(name, units).quant not in QUANTIZED:
+            continue
+        parent, _, attr = name.rpartition(".")
+        experts = model.get_submodule(parent)
+        new = QuantizedExperts(*shape, cfg, device="meta", dtype=experts._parameters[attr].dtype)
+        journal.replace_param(experts, attr, new)
+        out[name] = (new, False)
     return out
 
 
@@ -374,13 +398,15 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan,
     """A route for every slot of the (swapped) model; `qweights` as `swap_quantized` returns them."""
     units = {p.name: p for p in plan.placements}
     routes: dict[str, Route] = {}
-    for key, slot in slots.items():
+    stacks = {k: Slot([k], [], (), torch.float32, True) for k in qweights if k not in slots}  # now modules
+    for key, slot in (slots | stacks).items():
         places = [owner_unit(n, units) for n in slot.names]
         qmod, transpose = qweights.get(key, (None, False))
         fp32 = cpu_fp32(places[0], plan)
         if qmod is not None:
             p = places[0]
-            dev = _quant_device(p, plan, qmod.out_features * qmod.in_features * (qmod.dtype.itemsize + 4))
+            numel = getattr(qmod, "num_experts", 1) * qmod.out_features * qmod.in_features
+            dev = _quant_device(p, plan, numel * (qmod.dtype.itemsize + 4))
             home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
             routes[key] = Route(dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None,
                                 qmod, home, transpose)
@@ -475,8 +501,9 @@ def _fetch(src: SourceTensor, route: Route, pinned: PinnedReader | None = None) 
     return t.to(want).contiguous()
 
 
-def _store(journal: Journal, slot: Slot, route: Route, value: torch.Tensor) -> None:
-    """Quantize into the route's module, or assign the value to every reference of the slot."""
+def _store(journal: Journal, slot: Slot | None, route: Route, value: torch.Tensor) -> None:
+    """Quantize into the route's module, or assign the value to every reference of the slot (None: a fused expert
+    stack, whose parameter the QuantizedExperts module replaced)."""
     if route.qmodule is None:
         _assign(journal, slot, value)
         return
@@ -523,7 +550,7 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
                 nbytes = load_layer(model, layers[key], source, owner_unit(key, units), plan, journal)
             else:
                 route = routes[match.mapping[key]]
-                _store(journal, slots[match.mapping[key]], route, _fetch(source[key], route, pinned))
+                _store(journal, slots.get(match.mapping[key]), route, _fetch(source[key], route, pinned))
                 nbytes = source[key].nbytes
             stats.bytes_read += nbytes
             stats.tensors += 1

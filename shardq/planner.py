@@ -156,7 +156,8 @@ def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], en
         act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
-        workspace=sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+        workspace=max(sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+                      _expert_workspace(model, q, itemsize)),
         forced=forced_all, forced_for=dict(per_block), workload=workload, itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
@@ -241,6 +242,11 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
 def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
     """(out, in) of every layer the config quantizes (`sizing.quantized_layers`)."""
     return [sizing.linear_shape(m) for m in sizing.quantized_layers(model, q).values()]
+
+
+def _expert_workspace(model: nn.Module, q: QuantConfig, itemsize: int) -> int:
+    """The largest expert weight a quantized expert stack dequantizes per call (the eager loop's `stack[e]`)."""
+    return max((o * i * itemsize for _, o, i in sizing.quantized_experts(model, q).values()), default=0)
 
 
 def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
@@ -625,17 +631,22 @@ def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
 
 
 def _expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Fused MoE expert weights (3-D parameters of `*Experts` modules) are not nn.Linear: they stay in their dtype."""
+    """Fused MoE expert weights (3-D parameters of `*Experts` modules) that stay in their dtype although no skip
+    rule asked for it: those shardq cannot quantize per expert (`sizing.fused_expert_params`, e.g. transposed
+    [E, in, out] stacks)."""
     if quant.method == "none":
         return []
-    kept = [(f"{m_name}.{p_name}", p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
-            for p_name, p in m._parameters.items() if p is not None and p.dim() == 3]
+    stacks = sizing.quantized_experts(model, quant)
+    kept = [(full, p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
+            for p_name, p in m._parameters.items()
+            if p is not None and p.dim() == 3 and (full := f"{m_name}.{p_name}") not in stacks
+            and not quant.skips(m_name) and not quant.skips(full)]
     if not kept:
         return []
     nbytes = sum(p.numel() * p.element_size() for _, p in kept)
-    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not "
-            f"nn.Linear and are not quantized to {quant.method}: they stay in their own dtype, as bitsandbytes "
-            "leaves them"]
+    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not in "
+            f"the [experts, out, in] layout shardq quantizes per expert and are not quantized to {quant.method}: "
+            "they stay in their own dtype, as bitsandbytes leaves every fused expert tensor"]
 
 
 def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:

@@ -11,6 +11,8 @@ out_proj) whose name the config does not skip and which is not tied to another p
 embedding's full-precision tensor, as bitsandbytes keeps it). Everything else keeps its own dtype; modules computed
 on the CPU in fp32 (fp32 CPU offload, or no GPU) hold every floating tensor in fp32 and nothing quantized, except
 that on a machine without a GPU quantized weights stay packed (the planner's `_cpu_quantized`).
+Fused MoE expert stacks (`fused_expert_params`: 3-D [E, out, in] parameters of transformers' experts modules) are
+quantized too, each expert exactly as a linear [out, in] weight: E x the formula above (`quantized_experts`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,38 @@ def quantized_layers(model: nn.Module, quant: QuantConfig,
     return out
 
 
+def fused_expert_params(module: nn.Module) -> list[str]:
+    """Names of a module's fused expert stacks that shardq quantizes: the 3-D floating parameters [E, out, in] of a
+    module transformers' `@use_experts_implementation` built (it sets `is_transposed` and `has_gate`), in the
+    non-transposed layout whose eager forward computes `F.linear(x, stack[e])`. Transposed stacks ([E, in, out],
+    e.g. GPT-OSS) stay float. Told by attributes, so transformers is never imported here."""
+    if not (hasattr(module, "has_gate") and getattr(module, "is_transposed", None) is False):
+        return []
+    experts = getattr(module, "num_experts", None)
+    return [n for n, p in module._parameters.items() if p is not None and p.dim() == 3 and p.is_floating_point()
+            and (experts is None or p.shape[0] == experts)]
+
+
+def quantized_experts(model: nn.Module, quant: QuantConfig,
+                      skip: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[int, int, int]]:
+    """Full parameter name -> (experts, out, in) of every fused expert stack stored quantized under `quant`:
+    `fused_expert_params`, neither the experts module nor the parameter skipped by the config or `skip` (the
+    rules of `quantized_layers`), and not shared with another name. Empty for method "none"."""
+    if quant.method == "none":
+        return {}
+    extra = QuantConfig(skip_modules=tuple(skip)) if skip else None
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    out: dict[str, tuple[int, int, int]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr in fused_expert_params(module):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            skipped = any(c.skips(n) for c in (quant, extra) if c is not None for n in (mod_name, full))
+            p = module._parameters[attr]
+            if not skipped and counts[id(p)] == 1:
+                out[full] = (int(p.shape[0]), int(p.shape[1]), int(p.shape[2]))
+    return out
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a quantizable layer as [out, in] (a Conv1D's [in, out] transposed, contiguous), detached."""
     w = module.weight.detach()
@@ -122,6 +156,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntry]:
     """Every parameter and buffer by full name (tied names included), sized for `quant`."""
     layers = quantized_layers(model, quant)
+    stacks = quantized_experts(model, quant)
     out: dict[str, TensorEntry] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         shape = linear_shape(module) if mod_name in layers else None
@@ -134,6 +169,9 @@ def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntr
                 own = t.numel() * t.dtype.itemsize
                 fp32 = t.numel() * 4 if t.is_floating_point() else own
                 stored = quantized_weight_bytes(shape[0], shape[1], quant) if q else own
+                if kind == "p" and full in stacks:
+                    experts, out_f, in_f = stacks[full]
+                    q, stored = True, experts * quantized_weight_bytes(out_f, in_f, quant)
                 out[full] = TensorEntry(full, id(t), t.numel(), t.dtype, q, stored, fp32)
     return out
 
