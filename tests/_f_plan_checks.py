@@ -31,6 +31,24 @@ def oracle_weight_bytes(linear: nn.Module, quant: QuantConfig) -> int:
     out_f, in_f = linear.weight.shape
     if _is_conv1d(linear):
         out_f, in_f = in_f, out_f
+    return _matrix_bytes(out_f, in_f, quant)
+
+
+def oracle_expert_stack(mod: nn.Module, t: torch.Tensor) -> bool:
+    """A fused MoE expert stack shardq quantizes: a 3-D float parameter [E, out, in] of a transformers experts
+    module in the non-transposed layout (the decorator sets `is_transposed`)."""
+    from transformers.integrations.moe import use_experts_implementation  # noqa: F401  (the layout's owner)
+
+    return (isinstance(t, nn.Parameter) and t.dim() == 3 and t.is_floating_point()
+            and getattr(mod, "is_transposed", None) is False and hasattr(mod, "has_gate"))
+
+
+def oracle_stack_bytes(t: torch.Tensor, quant: QuantConfig) -> int:
+    """E quantized [out, in] matrices, each stored exactly as one quantized linear weight."""
+    return t.shape[0] * _matrix_bytes(t.shape[1], t.shape[2], quant)
+
+
+def _matrix_bytes(out_f: int, in_f: int, quant: QuantConfig) -> int:
     n = out_f * in_f
     if quant.method == "int8":
         return n + 4 * out_f
@@ -65,8 +83,9 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
             full = f"{mname}.{tname}" if mname else tname
             key = _covering(plan, full)
             dev = plan.device_map[key]
-            quantized = (oracle_quantizable(mod) and tname == "weight" and q.method != "none" and not q.skips(mname)
-                         and shared[id(t)] == 1)
+            stack = oracle_expert_stack(mod, t) and not q.skips(full)
+            quantized = ((oracle_quantizable(mod) and tname == "weight") or stack) and q.method != "none" \
+                and not q.skips(mname) and shared[id(t)] == 1
             # without a GPU, quantized weights stay packed off-GPU (unless fp32_cpu_offload asks for fp32)
             packed = plan.execution_device is None and q.method != "none" and not q.fp32_cpu_offload
             # "cpu" blocks compute in fp32; disk blocks are stored for the plan's default CPU mode
@@ -75,7 +94,7 @@ def expected_totals(model: nn.Module, plan: Plan) -> dict:
             if fp32:
                 size = t.numel() * (4 if t.is_floating_point() else t.element_size())
             elif quantized:
-                size = oracle_weight_bytes(mod, q)
+                size = oracle_stack_bytes(t, q) if stack else oracle_weight_bytes(mod, q)
             else:
                 size = t.numel() * t.element_size()
             seen[dev][(id(t), fp32)] = size  # a tied tensor in fp32 and streamed blocks is held twice

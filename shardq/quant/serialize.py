@@ -129,7 +129,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig |
     """Write the model in the bitsandbytes layout and `config.json` (the model's transformers config if it has
     one, with `quantization_config`) into directory `path`; returns the directory. One `model.safetensors`, or
     with `max_shard_size` (bytes or a size such as "2GB") shards plus `model.safetensors.index.json`, as
-    transformers' `save_pretrained` writes them."""
+    transformers' `save_pretrained` writes them. Refuses a model with quantized fused MoE expert stacks
+    (`_refuse_expert_stacks`) before writing anything."""
+    _refuse_expert_stacks(model)
     cfg = infer_config(model) if cfg is None else QuantConfig.from_any(cfg)
     if cfg.method == "none":
         raise ValueError("the model has no quantized layers: run shardq.quantize_model(model, cfg) first")
@@ -146,6 +148,21 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig |
         config["dtype"] = _dtype_name(_main_float_dtype(tensors))
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     return root
+
+
+def _refuse_expert_stacks(model: nn.Module) -> None:
+    """bitsandbytes has no layout for fused MoE experts: transformers + bitsandbytes would read such tensors as float
+    3-D parameters and load garbage, so a model holding any `QuantizedExperts` is not written."""
+    from shardq.quant.experts import QuantizedExperts
+
+    stacks = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    if stacks:
+        experts = sorted({n.rpartition(".")[0] for n in stacks})
+        raise ValueError(
+            f"{len(stacks)} fused MoE expert stack(s) are quantized (e.g. {stacks[0]!r}); the bitsandbytes layout has "
+            "no format for them, so transformers would misread them. Save the float model and quantize it on load "
+            "(shardq.load_sharded(..., quant=...)), or quantize with the experts kept float: "
+            f"quantize_model(model, cfg, skip=[{experts[0]!r}, ...]) (any name component, e.g. 'experts', works)")
 
 
 def _write_shards(tensors: Mapping[str, torch.Tensor], root: Path, limit: int | None, meta: dict[str, str]) -> None:
