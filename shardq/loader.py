@@ -37,7 +37,7 @@ from shardq.dispatch import dispatch_model
 from shardq.offload import host_buffer, pin_buffer, write_disk_offload
 from shardq.planner import Plan, Placement, check_offload_mode, plan_model
 from shardq.progress import byte_bar
-from shardq.quant.experts import QuantizedExperts
+from shardq.quant.experts import QuantizedExperts, replace_stack
 from shardq.quant.linear import empty_quantized
 
 QUANTIZED = ("int8", "nf4", "fp4")
@@ -289,8 +289,6 @@ class Journal:
 
     def replace_param(self, parent: nn.Module, attr: str, new: nn.Module) -> None:
         """Put module `new` where `parent` held parameter `attr` (a fused expert stack); undone by rollback."""
-        from shardq.quant.experts import replace_stack
-
         self._stacks.append((parent, attr, parent.__dict__.get("config")))
         self._tensors.setdefault((id(parent), attr, True), (parent, attr, True, parent._parameters[attr]))
         replace_stack(parent, attr, new)
