@@ -193,3 +193,21 @@ def test_transposed_stacks_stay_float_with_a_warning():
     assert stacks(model) == {} and model[1].gate_up_proj.dim() == 3
     p = plan_model(model, quant="nf4", max_memory={"cpu": "1GB"})
     assert any("1 fused MoE expert tensor(s) (e.g. '1.gate_up_proj'" in w and "bitsandbytes" in w for w in p.warnings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_stacks_on_gpu_match_the_cpu(refs, arch, method):
+    """Quantized on the GPU (the CUDA quantize/dequantize ops on per-expert slices) and run there in fp32: the
+    same stored bytes as on the CPU, and logits equal within fp32 summation-order error."""
+    ref, _ = refs[arch]
+    cpu = quantize_model(copy.deepcopy(ref), method)
+    gpu = quantize_model(copy.deepcopy(ref).cuda(), method)
+    for name, stack in stacks(cpu).items():
+        other = dict(gpu.named_modules())[name]
+        for key, t in stack.state_dict().items():
+            assert torch.equal(t, other.state_dict()[key].cpu()), f"{name}.{key} differs from the CPU's"
+    with torch.no_grad():
+        got = gpu(input_ids=IDS.cuda()).logits.cpu()
+    torch.testing.assert_close(got, logits(cpu), rtol=1e-4, atol=1e-4)
