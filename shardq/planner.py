@@ -557,6 +557,11 @@ def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list
     why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
            f"(largest {format_size(biggest)});" if one > biggest else "")
     hint = "" if "disk" in ctx.budgets else " add 'disk' to max_memory to offload the rest to disk, or"
+    if "disk" in ctx.budgets and "cpu" in ctx.budgets:
+        no_gpu = ctx.exec_dev is None
+        slots = "two staging buffers" + (" and two stream slots" if no_gpu else "")
+        why += (f" a block on disk still needs {slots} of its size in CPU memory"
+                f" ({format_size((4 if no_gpu else 2) * _bytes(ctx, left[0], 'disk'))} for {left[0][0].name!r});")
     error = PlanError(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
         f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "

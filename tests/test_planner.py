@@ -524,3 +524,12 @@ def test_large_embedding_runs_on_cpu_so_the_head_stays_on_the_gpu():
     assert p.device_map["model.embed_tokens"] == "cpu" and p.offload_modes["model.embed_tokens"] == "cpu"
     assert p.device_map["model.layers.0"] == 0
     assert p.reserve_detail[0]["stream"] < p.totals[0] // 4  # small slots: only layers stream
+
+
+def test_no_fit_with_disk_says_what_a_disk_block_costs_the_cpu():
+    """Disk is no escape when the CPU cannot hold a disk block's staging buffers (and, without a GPU, its stream
+    slots): the error says so with the bytes."""
+    m = meta_model("llama", hidden=128, layers=4, vocab=640, tie=False)
+    with pytest.raises(PlanError, match=r"a block on disk still needs two staging buffers and two stream slots of "
+                                        r"its size in CPU memory \(3\.00 MiB for 'model\.layers\.0'\)"):
+        plan_model(m, None, max_memory={"cpu": "600KB", "disk": "1GB"}, workload=(1, 16))
