@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import QuantConfig
+from .placement import DISK_GBPS, PCIE_GBPS
 from .planner import STRATEGIES, Plan, plan, resolve_dtype
 
 
@@ -49,9 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
     p.add_argument("--dtype", help="weights dtype (default: the checkpoint's)")
     p.add_argument("--offload-dir", help="offload folder; its free space is the default disk budget")
+    p.add_argument("--pcie-gbps", type=_rate, default=PCIE_GBPS, metavar="GB/S",
+                   help=f"host-to-GPU rate for the per-forward transfer estimate (default {PCIE_GBPS:g})")
+    p.add_argument("--disk-gbps", type=_rate, default=DISK_GBPS, metavar="GB/S",
+                   help=f"offload-folder read rate for the per-forward transfer estimate (default {DISK_GBPS:g})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--full", action="store_true", help="one row per block (no folding of identical layers)")
     return p
+
+
+def _rate(text: str) -> float:
+    """A transfer rate in GB/s: a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate in GB/s, e.g. 25 or 12.5")
+    return value
 
 
 def parse_caps(text: str | None) -> dict[str, Any] | None:
@@ -148,5 +164,5 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .report import format_plan
 
-        print(format_plan(result, full=args.full))
+        print(format_plan(result, full=args.full, pcie_gbps=args.pcie_gbps, disk_gbps=args.disk_gbps))
     return 0

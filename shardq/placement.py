@@ -81,6 +81,14 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(self.totals.values())
 
+    def forward_cost(self) -> "ForwardCost":
+        """What one forward moves because of the offloading (see `ForwardCost`)."""
+        gpu = self.execution_device is not None
+        return ForwardCost(
+            pcie_bytes=sum(p.nbytes for p in self.placements if p.run == "stream" or (gpu and p.run == "disk")),
+            disk_bytes=sum(p.nbytes for p in self.placements if p.run == "disk"),
+            cpu_bytes=sum(p.nbytes for p in self.placements if p.run == "cpu"))
+
     def to_dict(self) -> dict[str, Any]:
         keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return {
@@ -93,10 +101,31 @@ class Plan:
             "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
             "free": {str(k): self.free(k) for k in self.budgets}, "tied_groups": self.tied_groups,
             "no_split": self.no_split, "warnings": self.warnings, "mismatches": self.mismatches,
+            "per_forward": asdict(self.forward_cost()),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+PCIE_GBPS = 25.0  # assumed host -> GPU rate when none is given (PCIe 4.0 x16 as measured in practice)
+DISK_GBPS = 2.0  # assumed read rate of the offload folder when none is given (an NVMe SSD)
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Bytes one forward moves because of the offloading: copied from the host to the execution GPU (blocks
+    streamed from the CPU, and disk blocks when a GPU runs them), read back from the offload folder, and of
+    weights computed on the CPU."""
+
+    pcie_bytes: int
+    disk_bytes: int
+    cpu_bytes: int
+
+    def seconds(self, pcie_gbps: float = PCIE_GBPS, disk_gbps: float = DISK_GBPS) -> float:
+        """A lower bound on a forward's time from its transfers alone: streaming overlaps the disk reads, the copies
+        and the compute, so the slower transfer bounds it."""
+        return max(self.pcie_bytes / (pcie_gbps * 1e9), self.disk_bytes / (disk_gbps * 1e9))
 
 
 def _quant_dict(q: QuantConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from .memory import DeviceKey, device_label, format_size
-from .placement import Placement, Plan
+from .placement import DISK_GBPS, PCIE_GBPS, Placement, Plan
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -67,9 +67,9 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
 
 
-def format_plan(plan: Plan, full: bool = False) -> str:
-    """The plan as text: header, block table (with why each offloaded block runs as it does), device table, and
-    a closing line on what was offloaded."""
+def format_plan(plan: Plan, full: bool = False, pcie_gbps: float = PCIE_GBPS, disk_gbps: float = DISK_GBPS) -> str:
+    """The plan as text: header, block table (with why each offloaded block runs as it does), device table, a
+    line on what was offloaded and one on what each forward then moves (with the transfer rates assumed)."""
     q = plan.quant
     qdesc = q.method + (" + double quant" if q.double_quant else "") + (", fp32 cpu offload" if q.fp32_cpu_offload else "")
     out = [f"shardq plan of {plan.source}: {plan.dtype}, quantization {qdesc}, strategy {plan.strategy}, "
@@ -89,6 +89,9 @@ def format_plan(plan: Plan, full: bool = False) -> str:
     out += _table(["device", "budget", "weights", "reserve", "free", "used", "reserve detail"], dev_rows, {1, 2, 3, 4, 5})
     out.append("")
     out.append(_summary(plan))
+    cost = _cost(plan, pcie_gbps, disk_gbps)
+    if cost:
+        out.append(cost)
     out += [f"warning: {w}" for w in plan.warnings]
     out += [f"checkpoint mismatch: {m}" for m in plan.mismatches]
     return "\n".join(out)
@@ -110,3 +113,26 @@ def _summary(plan: Plan) -> str:
     where = (f"; streamed blocks run on GPU {plan.execution_device}" if plan.execution_device is not None
              and any(p.run in ("stream", "disk") for p in off) else "")
     return f"{total}; offloaded {', '.join(parts)}{where}"
+
+
+def _cost(plan: Plan, pcie_gbps: float, disk_gbps: float) -> str:
+    """One line: the bytes each forward copies to the GPU, reads from disk and computes on the CPU, and the time
+    the transfers alone take at the stated rates ("" when nothing is offloaded)."""
+    c = plan.forward_cost()
+    if not (c.pcie_bytes or c.disk_bytes or c.cpu_bytes):
+        return ""
+    moved = []
+    if c.pcie_bytes:
+        moved.append(f"{format_size(c.pcie_bytes)} copied to GPU {plan.execution_device}")
+    if c.disk_bytes:
+        moved.append(f"{format_size(c.disk_bytes)} read from disk")
+    line = "per forward: "
+    if moved:
+        rates = ([f"PCIe {pcie_gbps:g} GB/s"] if c.pcie_bytes else []) + ([f"disk {disk_gbps:g} GB/s"] if c.disk_bytes
+                                                                        else [])
+        ms = c.seconds(pcie_gbps, disk_gbps) * 1e3
+        line += (f"{', '.join(moved)}: at least {ms:.{0 if ms >= 10 else 2}f} ms in transfers "
+                 f"({' and '.join(rates)} assumed; --pcie-gbps / --disk-gbps to change)")
+    if c.cpu_bytes:
+        line += ("; " if moved else "") + f"{format_size(c.cpu_bytes)} of weights used on the CPU"
+    return line

@@ -62,8 +62,30 @@ def test_offloaded_summary_line(ckpt, capsys):
     rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "int8", "--max-memory",
                       "0=300KB,cpu=300KB,disk=1GB", "--seq-len", "8")
     assert rc == 0
-    last = out.splitlines()[-1]
-    assert "offloaded" in last and "to cpu" in last and "to disk" in last and "run on GPU 0" in last
+    summary, cost = out.splitlines()[-2:]
+    assert "offloaded" in summary and "to cpu" in summary and "to disk" in summary and "run on GPU 0" in summary
+    assert cost.startswith("per forward: ") and "copied to GPU 0" in cost and "read from disk" in cost
+    assert "(PCIe 25 GB/s and disk 2 GB/s assumed;" in cost
+    rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "int8", "--max-memory",
+                      "0=300KB,cpu=300KB,disk=1GB", "--seq-len", "8", "--pcie-gbps", "50", "--disk-gbps", "0.5")
+    assert "(PCIe 50 GB/s and disk 0.5 GB/s assumed;" in out.splitlines()[-1]
+
+
+def test_per_forward_cost_in_json_and_its_estimate(ckpt, capsys):
+    """The JSON's per_forward bytes are the streamed and disk blocks' bytes as stored; the estimate is the slower
+    of the two transfers."""
+    rc, out, _ = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--quant", "int8", "--max-memory",
+                      "0=300KB,cpu=300KB,disk=1GB", "--seq-len", "8", "--json")
+    d = json.loads(out)
+    placed = d["placements"]
+    stream = sum(p["nbytes"] for p in placed if p["run"] == "stream")
+    disk = sum(p["nbytes"] for p in placed if p["run"] == "disk")
+    assert disk > 0 and d["per_forward"] == {"pcie_bytes": stream + disk, "disk_bytes": disk,
+                                             "cpu_bytes": sum(p["nbytes"] for p in placed if p["run"] == "cpu")}
+    from shardq.placement import ForwardCost
+
+    cost = ForwardCost(**d["per_forward"])
+    assert cost.seconds(10, 1) == max((stream + disk) / 10e9, disk / 1e9)
 
 
 def test_seed_device_map_from_file(ckpt, capsys, tmp_path):
@@ -147,3 +169,11 @@ def test_split_skip_and_offload_options(ckpt, capsys):
     d = json.loads(out)
     assert rc == 0 and d["cpu_mode"] == "cpu" and set(d["offload_modes"].values()) == {"cpu"}
     assert all(p["quant"] == "fp32" for p in d["placements"] if p["device"] == "cpu")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "fast"])
+def test_bad_transfer_rate_is_refused(ckpt, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main([str(ckpt["llama"]), "--gpus", "1x1GB", "--pcie-gbps", value])
+    assert exc.value.code == 2
+    assert "is not a positive rate in GB/s" in capsys.readouterr().err
