@@ -157,6 +157,20 @@ inline int sm_count() {
   return cache[dev] > 0 ? cache[dev] : 132;
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device. The attribute belongs to a function
+// on a device, so it is set once per device: `done` is the caller's flag array for that kernel.
+template <typename Kernel>
+inline cudaError_t allow_smem(Kernel kernel, size_t bytes, bool (&done)[64]) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (done[dev]) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (err == cudaSuccess) done[dev] = true;
+  return err;
+}
+
 inline int log2_exact(int64_t v) {
   if (v <= 0 || (v & (v - 1))) return -1;
   int s = 0;

@@ -222,15 +222,8 @@ template <typename T, int MT, int S>
 cudaError_t launch_mid(MidArgs p, cudaStream_t stream) {
   using C = MidCfg<MT, S>;
   static bool ready[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!ready[dev]) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(gemm4_mid<T, MT, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem());
-    if (err != cudaSuccess) return err;
-    ready[dev] = true;
-  }
+  const cudaError_t err = allow_smem(gemm4_mid<T, MT, S>, C::smem(), ready);
+  if (err != cudaSuccess) return err;
   p.mtiles = (p.M + C::BM - 1) / C::BM;
   p.ntiles = (p.N + kBN - 1) / kBN;
   gemm4_mid<T, MT, S><<<(unsigned)p.mtiles * (unsigned)p.ntiles, kThreads, C::smem(), stream>>>(p);

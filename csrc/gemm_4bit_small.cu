@@ -204,14 +204,9 @@ __global__ void __launch_bounds__(128) gemm4_generic(const T* __restrict__ x, co
 template <typename T, int NT, int MT>
 cudaError_t launch_mma(const Small4Args& p, cudaStream_t stream) {
   const int smem = (kTableWords + kWarps * MT * 16 * NT * 8) * 4;
-  static bool configured[64] = {false};  // the attribute is per function and device: set once each
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
-    cudaError_t err = cudaFuncSetAttribute(gemm4_small_mma<T, NT, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
+  static bool configured[64] = {};
+  const cudaError_t err = allow_smem(gemm4_small_mma<T, NT, MT>, smem, configured);
+  if (err != cudaSuccess) return err;
   const int ngroups = (p.N + NT * 8 - 1) / (NT * 8);
   const int grid = ngroups < 3 * sm_count() ? ngroups : 3 * sm_count();
   gemm4_small_mma<T, NT, MT><<<grid, kThreads, smem, stream>>>(p);

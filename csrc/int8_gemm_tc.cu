@@ -174,15 +174,8 @@ template <typename T, int WR, int WK, int TM, int MT>
 cudaError_t launch_tc(const Int8Args& p, cudaStream_t stream) {
   using C = TcCfg<WR, WK, TM, MT>;
   static bool opted[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = allow_smem(int8_gemm_tc<T, WR, WK, TM, MT>, C::kSmem, opted);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!opted[dev]) {
-    err = cudaFuncSetAttribute(int8_gemm_tc<T, WR, WK, TM, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-    if (err != cudaSuccess) return err;
-    opted[dev] = true;
-  }
   const unsigned grid = (unsigned)((p.N + C::R - 1) / C::R);
   int8_gemm_tc<T, WR, WK, TM, MT><<<grid, C::kThreads, C::kSmem, stream>>>(p);
   return cudaGetLastError();

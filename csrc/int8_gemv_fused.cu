@@ -198,16 +198,9 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_fused(FusedArgs p) {
 
 template <typename T, int MB>
 cudaError_t launch_mb(const FusedArgs& p, size_t smem, cudaStream_t stream) {
-  static bool configured[64] = {false};  // the shared-memory opt-in is per function and device
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!configured[dev]) {
-    const cudaError_t err = cudaFuncSetAttribute(int8_gemv_fused<T, MB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 kMaxSmem);
-    if (err != cudaSuccess) return err;
-    configured[dev] = true;
-  }
+  static bool configured[64] = {};
+  const cudaError_t err = allow_smem(int8_gemv_fused<T, MB>, kMaxSmem, configured);
+  if (err != cudaSuccess) return err;
   int8_gemv_fused<T, MB><<<(unsigned)((p.N + kRows - 1) / kRows), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
