@@ -82,3 +82,18 @@ def save_checkpoint(arch: str, path: Path, dtype: torch.dtype = torch.float16, s
         weight_map.update({n: fname for n in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def rewrite_checkpoint(ckpt_dir: Path, out_dir: Path, edit) -> Path:
+    """A single-file copy of a saved checkpoint (config.json included) after `edit` changed its tensor dict in
+    place: for tests of broken checkpoints."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    edit(tensors)
+    out_dir.mkdir()
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text((ckpt_dir / "config.json").read_text())
+    return out_dir

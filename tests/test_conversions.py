@@ -11,9 +11,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from _f_models import rewrite_checkpoint  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 import shardq  # noqa: E402
 from shardq.checkpoint import index_checkpoint  # noqa: E402
@@ -137,17 +137,6 @@ def test_non_transformers_model_gets_no_conversion(saved):
     assert convert_source(torch.nn.Linear(2, 2), src) == src
 
 
-def _edit(ckpt_dir, out_dir, edit):
-    tensors = {}
-    for f in sorted(ckpt_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    edit(tensors)
-    out_dir.mkdir()
-    save_file(tensors, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text((ckpt_dir / "config.json").read_text())
-    return out_dir
-
-
 def _snapshot(model):
     return ([(type(m), id(m)) for m in model.modules()],
             {k: (id(t), t.device, t.dtype, tuple(t.shape)) for k, t in model.state_dict(keep_vars=True).items()})
@@ -174,7 +163,7 @@ def test_broken_expert_group_fails_before_anything_is_placed(saved, tmp_path, pr
         else:
             t[key] = torch.randn(shape)
 
-    bad = _edit(ckpt, tmp_path / "bad", edit)
+    bad = rewrite_checkpoint(ckpt, tmp_path / "bad", edit)
     for model in (meta_model_from_dir(bad), copy.deepcopy(ref)):
         before = _snapshot(model)
         with pytest.raises(LoadError) as e:
@@ -190,7 +179,7 @@ def test_renamed_tensor_with_wrong_shape_is_reported_by_both_names(saved, tmp_pa
     def edit(t):
         t["embed_out.weight"] = torch.randn(VOCAB + 1, 64)
 
-    bad = _edit(ckpt, tmp_path / "bad", edit)
+    bad = rewrite_checkpoint(ckpt, tmp_path / "bad", edit)
     with pytest.raises(LoadError, match=r"lm_head\.weight \(checkpoint embed_out\.weight\): checkpoint \[129, 64\]"):
         load_sharded(meta_model_from_dir(bad), bad, max_memory={"cpu": "1GB"}, progress=False)
 

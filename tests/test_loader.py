@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from _f_models import rewrite_checkpoint  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -199,17 +200,6 @@ def test_dtype_and_plan_and_stats(saved):
 # bad checkpoints and maps: one clear error, nothing placed
 
 
-def _edit_single(ckpt_dir, out_dir, edit):
-    tensors = {}
-    for f in sorted(ckpt_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    edit(tensors)
-    out_dir.mkdir()
-    save_file(tensors, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text((ckpt_dir / "config.json").read_text())
-    return out_dir
-
-
 @pytest.mark.parametrize("problem", ["missing", "extra", "shape", "dtype"])
 def test_bad_checkpoint_lists_problems_and_leaves_model_untouched(saved, tmp_path, problem):
     _, ckpt = saved["llama"]
@@ -224,7 +214,7 @@ def test_bad_checkpoint_lists_problems_and_leaves_model_untouched(saved, tmp_pat
         else:  # int8 codes of a quantized checkpoint whose config.json lost its quantization_config
             t["model.layers.0.mlp.up_proj.weight"] = torch.randint(-127, 127, (160, 64), dtype=torch.int8)
 
-    bad = _edit_single(ckpt, tmp_path / "bad", edit)
+    bad = rewrite_checkpoint(ckpt, tmp_path / "bad", edit)
     model = meta_model_from_dir(bad)
     modules_before = [type(m) for m in model.modules()]
     with pytest.raises(LoadError) as e:
