@@ -211,3 +211,15 @@ def test_quantized_stacks_on_gpu_match_the_cpu(refs, arch, method):
     with torch.no_grad():
         got = gpu(input_ids=IDS.cuda()).logits.cpu()
     torch.testing.assert_close(got, logits(cpu), rtol=1e-4, atol=1e-4)
+
+
+def test_prequantized_checkpoint_with_float_experts_gets_them_quantized_on_load(refs, tmp_path):
+    """A bitsandbytes-layout checkpoint whose linears are quantized and whose fused experts are float (what
+    transformers + bitsandbytes writes for a MoE model): the linears load as stored, the experts are quantized
+    on load with the checkpoint's method, so the model equals quantize_model's."""
+    ref, _ = refs["mixtral"]
+    kept = quantize_model(copy.deepcopy(ref), "nf4", skip=["experts"])
+    ckpt = shardq.save_quantized(kept, tmp_path / "k")
+    model = load_sharded(meta_model_from_dir(ckpt), ckpt, max_memory={"cpu": "1GB"}, progress=False)
+    assert len(stacks(model)) == 4
+    torch.testing.assert_close(logits(model), logits(quantize_model(copy.deepcopy(ref), "nf4")), rtol=1e-5, atol=1e-5)
