@@ -717,9 +717,9 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `model`: any nn.Module, with real weights or built on the meta device. `checkpoint`: a .safetensors file or a
     directory (single file or shards with model.safetensors.index.json); None loads the model's own weights.
     `quant`: QuantConfig, transformers BitsAndBytesConfig, its dict, or "int8"/"nf4"/"fp4"/"none".
-    `device_map`: "auto"/"balanced", "sequential", or an explicit accelerate-format dict. `offload_dir`:
-    folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or "stream"
-    (weights copied to the GPU per forward) for every CPU block, or per block with a dict {block or parent
+    `device_map`: "auto"/"balanced", "balanced_low_0", "sequential", or an explicit accelerate-format dict.
+    `offload_dir`: folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or
+    "stream" (weights copied to the GPU per forward) for every CPU block, or per block with a dict {block or parent
     module name: mode} (the longest matching name wins; each name must cover a block placed on "cpu"); blocks
     not forced follow the planner's rule (`shardq.runmode`), and `model.shardq_offload_modes[block].reason` says
     why. `workload` = (batch, seq_len) sizes the activation reserve. `dtype`: cast floating weights to it

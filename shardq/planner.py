@@ -40,7 +40,7 @@ from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, cover
 from .sizing import TensorEntry
 from .units import Unit, decompose, make_units, tied_groups
 
-STRATEGIES = ("auto", "sequential", "balanced")
+STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 OFFLOAD_MODES = ("cpu", "stream")
 
 
@@ -89,8 +89,8 @@ def plan_model(
 ) -> Plan:
     """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
 
-    `device_map` is a strategy ("auto" = "balanced", "sequential") or an accelerate-format dict of module
-    names to devices, which is validated and checked against the budgets. `no_split` lists block classes or
+    `device_map` is a strategy ("auto" = "balanced", "balanced_low_0", "sequential") or an accelerate-format dict
+    of module names to devices, which is validated and checked against the budgets. `no_split` lists block classes or
     module names kept whole (default: transformers' `_no_split_modules`, else repeated ModuleList children).
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
     ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU), one
@@ -117,7 +117,8 @@ def plan_model(
         ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
     elif device_map in STRATEGIES:
-        assign = _place_with_exec_choice(ctx, balanced=device_map in ("auto", "balanced"))
+        assign = _place_with_exec_choice(ctx, balanced=device_map != "sequential",
+                                         low_zero=device_map == "balanced_low_0")
         strategy = device_map
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "
@@ -359,7 +360,7 @@ def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
     )
 
 
-def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
+def _place_with_exec_choice(ctx: _Ctx, balanced: bool, low_zero: bool = False) -> dict[str, DeviceKey]:
     """Place with the first GPU running streamed blocks; if its stream buffers do not fit, try the other GPUs
     (largest budget first). Returns the first placement within budgets, else the first one found (whose
     overflow the final check reports), else re-raises the first error."""
@@ -371,7 +372,7 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     for g in candidates:
         ctx.exec_dev = g
         try:
-            assign = _place(ctx, balanced)
+            assign = _place(ctx, balanced, low_zero)
         except PlanError as exc:
             error = error or exc
             continue
@@ -384,7 +385,7 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     return fallback[1]
 
 
-def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
+def _place(ctx: _Ctx, balanced: bool, low_zero: bool = False) -> dict[str, DeviceKey]:
     """Place units with the strategy.
 
     Streamed blocks cost two buffers of the largest one on the execution GPU, so the planner tries each
@@ -392,7 +393,7 @@ def _place(ctx: _Ctx, balanced: bool) -> dict[str, DeviceKey]:
     fixed at twice the limit, and the placement keeping the most weight bytes on the GPUs wins.
     """
     groups = tied_groups(ctx.units)
-    caps = _balanced_caps(ctx, groups) if balanced else dict(ctx.budgets)
+    caps = _balanced_caps(ctx, groups, low_zero) if balanced else dict(ctx.budgets)
     try:
         return _settle(ctx, groups, caps, [], 0)  # a placement where every block stays resident
     except PlanError:
@@ -517,8 +518,10 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
     return assign
 
 
-def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]]) -> dict[DeviceKey, int]:
-    """Per-GPU caps that spread the model evenly when it fits on the GPUs; the last GPU keeps its budget."""
+def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) -> dict[DeviceKey, int]:
+    """Per-GPU caps that spread the model evenly when it fits on the GPUs; the last GPU keeps its budget.
+    `low_zero` ("balanced_low_0", as accelerate): spread over the other GPUs, and leave the first GPU only what
+    they cannot hold (it keeps room for generate()'s work)."""
     gpus = [g for g in ctx.gpus if ctx.budgets[g] > 0]
     caps = dict(ctx.budgets)
     if len(gpus) < 2:
@@ -529,9 +532,13 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]]) -> dict[DeviceKey, int]:
     per_gpu_reserve = ctx.act + ctx.head_act + largest_load
     if total + len(gpus) * per_gpu_reserve > sum(ctx.budgets[g] for g in gpus):
         return caps
-    share = -(-total // len(gpus)) + biggest // 2 + per_gpu_reserve  # half a block of slack per GPU
-    for g in gpus[:-1]:
+    spread = gpus[1:] if low_zero else gpus
+    share = -(-total // len(spread)) + biggest // 2 + per_gpu_reserve  # half a block of slack per GPU
+    for g in spread[:-1]:
         caps[g] = min(ctx.budgets[g], share)
+    if low_zero:
+        room = sum(caps[g] - per_gpu_reserve for g in spread)
+        caps[gpus[0]] = min(ctx.budgets[gpus[0]], max(0, total - room) + per_gpu_reserve)
     return caps
 
 

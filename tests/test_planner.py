@@ -533,3 +533,18 @@ def test_no_fit_with_disk_says_what_a_disk_block_costs_the_cpu():
     with pytest.raises(PlanError, match=r"a block on disk still needs two staging buffers and two stream slots of "
                                         r"its size in CPU memory \(3\.00 MiB for 'model\.layers\.0'\)"):
         plan_model(m, None, max_memory={"cpu": "600KB", "disk": "1GB"}, workload=(1, 16))
+
+
+def test_balanced_low_0_leaves_the_first_gpu_what_the_others_cannot_hold():
+    """accelerate's "balanced_low_0": the model spread over GPUs 1.., GPU 0 kept free (for generate()'s work)
+    when the others hold it all; with one GPU it is "balanced"."""
+    m = meta_model("llama", hidden=128, layers=8, vocab=640, tie=False)
+    kw = dict(max_memory={0: "1GB", 1: "1GB", 2: "1GB", "cpu": "1GB"}, workload=(1, 16))
+    low = plan_model(m, None, gpus="3x1GB", device_map="balanced_low_0", **kw)
+    check_plan(m, low, tied_together=False)
+    assert low.totals[0] == 0 and low.totals[1] > 0 and low.totals[2] > 0
+    assert abs(low.totals[1] - low.totals[2]) < max(low.totals[1], low.totals[2]) // 2
+    assert low.execution_device == 0 and low.strategy == "balanced_low_0"
+    single = dict(gpus="1x1GB", max_memory={0: "1GB", "cpu": "1GB"}, workload=(1, 16))
+    one = plan_model(m, None, device_map="balanced_low_0", **single)
+    assert one.device_map == plan_model(m, None, device_map="balanced", **single).device_map
