@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep CPU blocks unquantized in fp32 and compute them on the CPU")
     p.add_argument("--skip-modules", metavar="NAMES", help="comma-separated modules kept unquantized (default lm_head)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="auto/balanced spread over the GPUs when "
-                   "the model fits on them (as transformers), else fill in order; sequential fills GPUs in order")
+                   "the model fits on them (as transformers), else fill in order; balanced_low_0 spreads over GPUs 1.. "
+                   "and leaves GPU 0 what they cannot hold; sequential fills GPUs in order")
     p.add_argument("--device-map", metavar="MAP", help="explicit map: JSON dict or a .json file, module -> device")
     p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
     p.add_argument("--offload-mode", choices=("cpu", "stream"), help="force how CPU blocks run (default: per block, "
