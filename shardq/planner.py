@@ -34,7 +34,7 @@ from . import hf, sizing
 from .config import QuantConfig
 from .hf import check_checkpoint
 from .devicemap import explicit_units, unknown_name
-from .memory import DeviceKey, device_label, format_size, get_max_memory
+from .memory import DeviceKey, device_label, format_size, get_max_memory, normalize_device
 from .placement import Placement, Plan, PlanError
 from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key, lookup_width
 from .sizing import TensorEntry
@@ -105,6 +105,7 @@ def plan_model(
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    device_map = _whole_model_map(device_map)
     if isinstance(device_map, Mapping):
         assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
                                        ctx.forced == "stream")
@@ -121,10 +122,25 @@ def plan_model(
                                          low_zero=device_map == "balanced_low_0")
         strategy = device_map
     else:
-        raise PlanError(f"device_map={device_map!r} is not a strategy or a dict: use one of {STRATEGIES} or a dict "
-                        "of module names to devices, e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
+        raise PlanError(f"device_map={device_map!r} is not a strategy, a device or a dict: use one of {STRATEGIES}, "
+                        "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
+                        "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
     _check_forced(ctx, assign)
     return _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+
+
+def _whole_model_map(device_map: Any) -> Any:
+    """One device for the whole model, as transformers takes it (`device_map=0`, "cuda:1", "cpu",
+    torch.device("cuda", 0)), is the map {"": device}; strategies, dicts and anything else pass unchanged."""
+    if isinstance(device_map, (Mapping, bool)) or device_map in STRATEGIES:
+        return device_map
+    if isinstance(device_map, (int, str, torch.device)):
+        try:
+            normalize_device(device_map, num_gpus=10**6)  # whether it names a device; which ones exist: later
+        except ValueError:
+            return device_map
+        return {"": device_map}
+    return device_map
 
 
 def _check_workload(workload: Any) -> tuple[int, int]:

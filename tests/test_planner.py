@@ -548,3 +548,14 @@ def test_balanced_low_0_leaves_the_first_gpu_what_the_others_cannot_hold():
     single = dict(gpus="1x1GB", max_memory={0: "1GB", "cpu": "1GB"}, workload=(1, 16))
     one = plan_model(m, None, device_map="balanced_low_0", **single)
     assert one.device_map == plan_model(m, None, device_map="balanced", **single).device_map
+
+
+@pytest.mark.parametrize("device_map,where", [(0, 0), ("cuda:1", 1), (torch.device("cuda", 1), 1), ("cpu", "cpu")])
+def test_one_device_for_the_whole_model(device_map, where):
+    """As transformers takes it: device_map=0, "cuda:1", torch.device or "cpu" puts the whole model there."""
+    m = meta_model("llama", hidden=128, layers=4, vocab=640, tie=False)
+    p = plan_model(m, None, gpus="2x1GB", max_memory={0: "1GB", 1: "1GB", "cpu": "1GB"}, workload=(1, 16),
+                   device_map=device_map)
+    assert set(p.device_map.values()) == {where} and p.strategy == "explicit"
+    with pytest.raises(PlanError, match="GPU 'cuda:7' does not exist"):
+        plan_model(m, None, gpus="2x1GB", max_memory={0: "1GB", 1: "1GB"}, device_map="cuda:7")
