@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from shardq.quant import blockwise
-from test_kernels_gpu import SEED, _gen, _poison, _quantized_weight, _rel
+from test_kernels_gpu import SEED, _gen, _poison, _quantized_weight, _rel, graph_replay
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -150,16 +150,7 @@ def test_gemm4_mid_cuda_graph(monkeypatch, m):
     args, _, _ = _inputs(k, n, m, torch.float16, "nf4", True, 64, True, "midgraph")
     x = args[0]
     fn = lambda t: torch.ops.shardq.gemm_4bit(t, *args[1:4], 64, n, k, *args[4], args[5])  # noqa: E731
-    fn(x)  # warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x)
-    fresh = torch.randn(m, k, device=DEV, dtype=torch.float16, generator=_gen("midgraph-fresh", m))
-    fresh[:, ::256] *= 20.0
-    x.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
+    out, fresh = graph_replay(fn, x, _gen("midgraph-fresh", m))
     eager = fn(fresh)
     assert torch.equal(out, eager), f"M={m}: graph replay differs from eager"
     rc, direct = _direct((fresh, *args[1:]), k, n, m, 64)

@@ -17,7 +17,7 @@ import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_kernels_gpu import SEED, _gen, _rel
+from test_kernels_gpu import SEED, _gen, _rel, graph_replay
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -174,15 +174,6 @@ def test_cuda_graph_capture(monkeypatch):
     for m in (5, 16, 64):
         x = torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g)
         fn = lambda t: torch.ops.shardq.int8_linear(t, w8, scb, None, 6.0)  # noqa: E731
-        fn(x)  # warm up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(x)
-        fresh = torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g)
-        fresh[:, ::256] *= 20.0
-        x.copy_(fresh)
-        graph.replay()
-        torch.cuda.synchronize()
+        out, fresh = graph_replay(fn, x, g)
         assert torch.equal(out, fn(fresh)), f"M={m}: graph replay differs from eager"
     assert counting.calls >= 9

@@ -240,6 +240,22 @@ def test_quantize_int8_rowwise(shape, dtype):
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
+def graph_replay(fn, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capture `fn(x)` in a CUDA graph (after a warm-up call outside it: build, cuBLAS handles), copy fresh inputs
+    with outlier columns into `x`, replay; returns (replayed output, the fresh inputs)."""
+    fn(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x)
+    fresh = torch.randn(x.shape, device=DEV, dtype=x.dtype, generator=g)
+    fresh[:, ::256] *= 20.0
+    x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out, fresh
+
+
 @pytest.mark.parametrize("variant", [1, 4])
 def test_cuda_graph_capture(monkeypatch, variant):
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
@@ -253,16 +269,7 @@ def test_cuda_graph_capture(monkeypatch, variant):
         "int8_linear": lambda x: torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0),
     }
     for (name, fn), (m, x) in itertools.product(fns.items(), xs.items()):
-        fn(x)  # warm up (build, cuBLAS handles) outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(x)
-        fresh = torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g)
-        fresh[:, ::256] *= 20.0
-        x.copy_(fresh)
-        graph.replay()
-        torch.cuda.synchronize()
+        out, fresh = graph_replay(fn, x, g)
         assert torch.equal(out, fn(fresh)), f"{name} M={m}: graph replay differs from eager"
 
 
