@@ -5,7 +5,8 @@
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
 fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel; sq_nf4_mid: the opt-in
 fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit
-(threshold 6 and 0; plus sq_int8_t6_tc: threshold 6 with the opt-in int8 tensor-core kernel switched on, 5 <= M <= 64),
+(threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with the int8 tensor-core kernel switched off, the dp4a GEMV
+it replaced for 5 <= M <= 32),
 bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
@@ -42,12 +43,12 @@ MS = "1,2,7,16,32,256,4096"
 ROTATE_BYTES = 2 * 50 * 2**20
 # kinds timed with one explicit small-M 4-bit variant (cuda_ops.GEMM4_VARIANT), and the largest M each applies to
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
-# kinds timed with the int8 tensor-core kernel switched on (cuda_ops.INT8_TC), and the M range it serves
-INT8_TC_M = {"sq_int8_t6_tc": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
+# kinds timed with the int8 tensor-core kernel switched off (cuda_ops.INT8_TC), over the M range it serves
+INT8_TC_OFF = {"sq_int8_t6_gemv": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
 # kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
 # computes any M; below 33 it is timed against the default small-M kernel)
 MID_MIN_M = {"sq_nf4_mid": 7}
-OPT_IN = {"sq_nf4_mid", "sq_int8_t6_tc"}  # timed only when --kinds names them
+OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv"}  # timed only when --kinds names them
 
 
 def events_ms(fn, reps: int) -> float:
@@ -166,12 +167,12 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         for row in rows:
             if kind in VARIANT_MAX_M and row["M"] > VARIANT_MAX_M[kind]:
                 continue
-            if kind in INT8_TC_M and not INT8_TC_M[kind][0] <= row["M"] <= INT8_TC_M[kind][1]:
+            if kind in INT8_TC_OFF and not INT8_TC_OFF[kind][0] <= row["M"] <= INT8_TC_OFF[kind][1]:
                 continue
             if kind in MID_MIN_M and row["M"] < MID_MIN_M[kind]:
                 continue
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
-            cuda_ops.INT8_TC = kind in INT8_TC_M or default_tc
+            cuda_ops.INT8_TC = kind not in INT8_TC_OFF and default_tc
             cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
             cuda_ops.GEMM4_MID_MIN_M = MID_MIN_M.get(kind, default_mid_min)
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
@@ -201,7 +202,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
 def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
-            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_tc", "sq i8t6 tc"), ("bnb_int8_t6", "bnb i8t6"),
+            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
     head += " | nf4 GB/s (% HBM) | fp16/nf4 | fp16/i8t6 |"
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
     kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_mid", "sq_int8_t6",
-             "sq_int8_t6_tc", "sq_int8_t0"]
+             "sq_int8_t6_gemv", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
     if not args.no_bnb:

@@ -7,7 +7,7 @@
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
 # Steps (default all): check tests new kernels offload dispatch load; "new" runs the GPU tests of the opt-in kernels
 # that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
-# and the default paths (NEW_MS, NEW_SHAPES); "profile" (not in the default) reads the small-M 4-bit kernels' counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
+# and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" (not in the default) read the small-M / fused-dequant 4-bit kernels' counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
 # split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
 # 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step.
 set -u
@@ -40,7 +40,7 @@ for s in $steps; do
     new) step newtests 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py
          mkdir -p "$OUT/new"
          step newbench 420 python3 bench/bench_kernels.py --out "$OUT/new" --no-bnb \
-           --kinds fp16,sq_nf4,sq_nf4_mid,sq_int8_t6,sq_int8_t6_tc --ms ${NEW_MS:-1,7,16,32,33,64,256,512,4096} \
+           --kinds fp16,sq_nf4,sq_nf4_mid,sq_int8_t6,sq_int8_t6_gemv --ms ${NEW_MS:-1,7,16,32,33,64,256,512,4096} \
            ${NEW_SHAPES:+--shapes $NEW_SHAPES} ;;
     kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} ;;
     profile) for v in ${PROFILE_VARIANTS:-4 1}; do
@@ -49,10 +49,14 @@ for s in $steps; do
                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
                  python3 bench/profile_kernel.py --variant "$v" --m "${PROFILE_M:-1}" --calls 2
              done ;;
+    profilemid) step ncu_mid 150 ncu --clock-control none -k regex:gemm4_mid --launch-skip 1 --launch-count 1 \
+                  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
+                  python3 bench/profile_kernel.py --mid --m "${PROFILE_MID_M:-64}" --calls 2 ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
-    *) echo "unknown step $s (check tests new kernels profile offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests new kernels profile profilemid offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

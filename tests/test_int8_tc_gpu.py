@@ -10,6 +10,7 @@ the tolerance is test_kernels_gpu.test_int8_linear's (2 eps of the output dtype,
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Optional
 
 import pytest
@@ -117,6 +118,7 @@ class _CountingLib:
 def _tc_on(monkeypatch) -> _CountingLib:
     counting = _CountingLib(lib.load(), "shardq_int8_gemm_tc")
     monkeypatch.setattr(cuda_ops, "INT8_TC", True)
+    monkeypatch.setattr(cuda_ops, "INT8_TC_MAX_M", 64)  # the kernel's whole range, past the default cap of 32
     monkeypatch.setattr(cuda_ops._lib, "load", lambda: counting)
     return counting
 
@@ -177,3 +179,16 @@ def test_cuda_graph_capture(monkeypatch):
         out, fresh = graph_replay(fn, x, g)
         assert torch.equal(out, fn(fresh)), f"M={m}: graph replay differs from eager"
     assert counting.calls >= 9
+
+
+@pytest.mark.parametrize("m,routed", [(4, False), (5, True), (32, True), (33, False)])
+def test_default_routing(monkeypatch, m, routed):
+    """By default int8_linear sends 5 <= M <= 32 to the tensor-core kernel (where it measured faster)."""
+    if os.environ.get("SHARDQ_INT8_TC") == "0":
+        pytest.skip("SHARDQ_INT8_TC=0 turns the tensor-core kernel off")
+    x, w8, scb, bias = _inputs(4096, 1000, m, torch.float16, True, "route")
+    counting = _CountingLib(lib.load(), "shardq_int8_gemm_tc")
+    monkeypatch.setattr(cuda_ops._lib, "load", lambda: counting)
+    out = torch.ops.shardq.int8_linear(x, w8, scb, bias, 6.0)
+    assert counting.calls == int(routed)
+    _check_reference(out, x, w8, scb, bias, 6.0)

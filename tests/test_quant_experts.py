@@ -56,8 +56,10 @@ def refs(tmp_path_factory):
 
 
 def logits(model: nn.Module) -> torch.Tensor:
+    """Logits for IDS, computed where the model's parameters live (a dispatched model moves inputs itself)."""
+    dev = next(p.device for p in model.parameters() if p.device.type != "meta")
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=IDS.to(dev)).logits
 
 
 def rel_error(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -146,12 +148,14 @@ def test_load_sharded_quantizes_stacks_on_load(refs, arch, method, tmp_path):
                          device_map=offload_map(model), offload_dir=tmp_path / "off", progress=False)
     assert "disk" in model.shardq_plan.device_map.values()
     assert len(stacks(model)) == 2 * ref.config.num_hidden_layers
-    want = quantize_model(copy.deepcopy(ref), method)
-    torch.testing.assert_close(logits(model), logits(want), rtol=1e-4, atol=1e-4)
-    kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(IDS), pad_token_id=0)
-    out = model.generate(IDS, **kw)
+    got = logits(model)  # with a GPU, offloaded blocks stream to it and run the CUDA kernels: compare there
+    want = quantize_model(copy.deepcopy(ref), method).to(got.device)
+    torch.testing.assert_close(got, logits(want), rtol=1e-4, atol=1e-4)
+    ids = IDS.to(got.device)
+    kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    out = model.generate(ids, **kw)
     assert out.shape == (2, IDS.shape[1] + 4)
-    torch.testing.assert_close(out, want.generate(IDS, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(out, want.generate(ids, **kw), rtol=0, atol=0)
 
 
 def test_skip_names_keep_experts_float(refs):

@@ -25,10 +25,11 @@ DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")
 # persistent CTAs), falling back to 1 where it refuses a shape; 1 = csrc/gemm_4bit_small.cu only (K-split CTAs;
 # kept selectable for comparisons). Variants 2, 3 and 5 were measured slower and removed (bench/RESULTS.md).
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
-# int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: SHARDQ_INT8_TC=1 takes csrc/int8_gemm_tc.cu (int8 tensor cores,
-# m16n8k32) after the prepare step, falling back where it refuses a shape. Off by default until measured on a GPU.
-INT8_TC = os.environ.get("SHARDQ_INT8_TC", "0") == "1"
-INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 64
+# int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: csrc/int8_gemm_tc.cu (int8 tensor cores, m16n8k32) after the
+# prepare step, falling back where it refuses a shape; SHARDQ_INT8_TC=0 keeps the dp4a GEMV there. The kernel
+# computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
+INT8_TC = os.environ.get("SHARDQ_INT8_TC", "1") == "1"
+INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 32
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default until it is measured on a GPU.
 GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
