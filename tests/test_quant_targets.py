@@ -212,8 +212,11 @@ def test_gpt2_save_quantized_has_the_bitsandbytes_layout_and_round_trips(saved, 
                             device_map=offload_map(meta_model_from_dir(out)), offload_dir=tmp_path / "off",
                             progress=False)
     assert streamed.shardq_plan.quant.method == method
-    got = logits(streamed)  # with a GPU the offloaded blocks run there: the reference is the same model on it
-    assert torch.equal(got, want if got.device == want.device else logits(copy.deepcopy(loaded).to(got.device)))
+    got = logits(streamed)
+    if got.device == want.device:
+        assert torch.equal(got, want)
+    else:  # with a GPU, embeddings run on the CPU and the blocks stream to the GPU: float rounding differs
+        torch.testing.assert_close(got, logits(copy.deepcopy(loaded).to(got.device)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
