@@ -1,8 +1,9 @@
 // Blockwise 4-bit dequantization: flattened elements [e0, e0 + count) of a packed nf4/fp4 tensor into a dense
 // fp16/bf16/fp32 buffer. Used by the dequantize_4bit op (loading, export) and by gemm_4bit for large M, where
 // row chunks of the weight are dequantized into scratch and multiplied by cuBLAS.
-// Fast path: 8 elements per thread from one coalesced 32-bit load into one 16-byte store (e0, count multiples of
-// 32, power-of-two blocksize >= 32, aligned pointers); generic path: one element per thread with per-element nibble and block addressing.
+// Fast path: 8 elements per thread from one coalesced 32-bit load into one 16-byte store (e0 a multiple of 8,
+// power-of-two blocksize >= 8, word-aligned packed bytes, 16-byte aligned output); the last count % 8 elements,
+// and every element where the fast path does not apply, one per thread with per-element nibble and block addressing.
 #include "common.cuh"
 
 namespace shardq {
@@ -105,16 +106,17 @@ SHARDQ_API int shardq_dequantize_4bit(const void* w, const float* absmax, const 
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
   const uint8_t* wp = static_cast<const uint8_t*>(w);
   const int shift = log2_exact(blocksize);
-  const bool fast = e0 % 32 == 0 && count % 32 == 0 && shift >= 5 && (uintptr_t)out % 16 == 0 &&
-                    ((uintptr_t)wp + e0 / 2) % 16 == 0;
+  // Whole 8-element words through the fast kernel, the last count % 8 elements through the generic one.
+  const bool fast = e0 % 8 == 0 && count >= 8 && shift >= 3 && (uintptr_t)out % 16 == 0 &&
+                    ((uintptr_t)wp + e0 / 2) % 4 == 0;
+  const int64_t nwords = fast ? count / 8 : 0, done = nwords * 8;
   SHARDQ_DISPATCH_ALL(dtype, T, {
-    if (fast) {
-      const int64_t nwords = count / 8;
-      dequant4_fast<T><<<grid_1d(nwords, 256 * kUnroll), 256, 0, stream>>>(wp, am, code, static_cast<T*>(out), e0,
-                                                                           nwords, shift);
-    } else {
-      dequant4_generic<T><<<grid_1d(count, 256), 256, 0, stream>>>(wp, am, code, static_cast<T*>(out), e0, count, blocksize);
-    }
+    T* o = static_cast<T*>(out);
+    if (nwords > 0)
+      dequant4_fast<T><<<grid_1d(nwords, 256 * kUnroll), 256, 0, stream>>>(wp, am, code, o, e0, nwords, shift);
+    if (done < count)
+      dequant4_generic<T><<<grid_1d(count - done, 256), 256, 0, stream>>>(wp, am, code, o + done, e0 + done,
+                                                                          count - done, blocksize);
     return cudaGetLastError();
   });
   return cudaErrorInvalidValue;

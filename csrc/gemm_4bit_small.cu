@@ -12,7 +12,7 @@
 // K % 128 != 0, blocksize 32, or M > 8 with fewer row tiles than SMs.
 //
 // Generic path (any K, blocksize, dtype incl. fp32, any alignment; rows and blocks may straddle bytes and rows):
-// a warp per output row reading the packed stream word by word (gemm4_generic below).
+// a CTA per output row and token group, coalesced per-element loads, several columns in flight per thread.
 #include "common.cuh"
 
 namespace shardq {
@@ -164,11 +164,11 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
   }
 }
 
-// Any-layout path: the packed weights read as the flat nibble stream they are. A warp owns one output row n (the
-// nibbles [n*K, n*K + K) of the stream, which may start mid-byte) and reads the 32-bit words covering it, each
-// lane a word (8 weights) at a time, 4 words in flight; nibbles of a word outside the row are masked. A word
-// lies inside one quantization block when blocksize % 8 == 0 (one absmax per word), otherwise each nibble
-// fetches its own. MT token rows per CTA (gridDim.y strides over token groups), fp32 accumulation.
+// Any-layout path (fp32, K % 32 != 0, rows starting mid-byte, any blocksize or alignment): the packed weights read
+// as the flat nibble stream they are. A CTA owns one output row n (stream elements [n*K, n*K + K)) and one group of
+// MT tokens; thread t takes columns t, t + 256, ..., so every load of the row (packed bytes, block scales, x) is
+// coalesced across the warp, and kGenericCols columns per thread are loaded before any is used (the row's
+// latency is paid a few times, not once per column). Partial sums meet in shared memory.
 struct GenericArgs {
   const void* x;
   const uint8_t* w;
@@ -176,73 +176,43 @@ struct GenericArgs {
   const float* code;
   const void* bias;
   void* out;
-  int64_t M, N, K, blocksize, nbytes;
+  int64_t M, N, K, blocksize;
   int bs_shift;
-  bool word_loads;  // w is 4-byte aligned
 };
 
-constexpr int kGenericWords = 4;  // words in flight per lane
-
-// Word wi of the packed stream (bytes past the end read as zero).
-__device__ __forceinline__ uint32_t stream_word(const GenericArgs& p, int64_t wi) {
-  const int64_t b0 = wi * 4;
-  if (p.word_loads && b0 + 4 <= p.nbytes) return __ldg(reinterpret_cast<const uint32_t*>(p.w) + wi);
-  uint32_t v = 0;
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-    if (b0 + b < p.nbytes) v |= (uint32_t)__ldg(p.w + b0 + b) << (8 * b);
-  return v;
-}
-
-__device__ __forceinline__ float block_scale(const GenericArgs& p, int64_t e) {
-  return p.am.get(p.bs_shift >= 0 ? e >> p.bs_shift : e / p.blocksize);
-}
+constexpr int kGenericThreads = 256;
+constexpr int kGenericCols = 8;  // columns per thread in flight
 
 template <typename T, int MT>
-__global__ void __launch_bounds__(256) gemm4_generic(GenericArgs p) {
+__global__ void __launch_bounds__(kGenericThreads) gemm4_generic(GenericArgs p) {
   __shared__ float cs[16];
+  __shared__ float red[kGenericThreads / 32][MT];
   if (threadIdx.x < 16) cs[threadIdx.x] = p.code[threadIdx.x];
   __syncthreads();
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* x = static_cast<const T*>(p.x);
-  const bool word_blocks = p.blocksize % 8 == 0;
-  for (int64_t n = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5); n < p.N; n += (int64_t)gridDim.x * 8) {
-    const int64_t s0 = n * p.K, w_first = s0 >> 3, w_last = (s0 + p.K - 1) >> 3;
+  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     for (int64_t m0 = (int64_t)blockIdx.y * MT; m0 < p.M; m0 += (int64_t)gridDim.y * MT) {
       float acc[MT];
 #pragma unroll
       for (int i = 0; i < MT; ++i) acc[i] = 0.f;
-      for (int64_t wb = w_first + lane; wb <= w_last; wb += 32 * kGenericWords) {
-        uint32_t word[kGenericWords];
-#pragma unroll kGenericWords
-        for (int u = 0; u < kGenericWords; ++u) word[u] = wb + 32 * u <= w_last ? stream_word(p, wb + 32 * u) : 0u;
-#pragma unroll kGenericWords
-        for (int u = 0; u < kGenericWords; ++u) {
-          const int64_t e0 = (wb + 32 * u) * 8, c0 = e0 - s0;  // c0: column of the word's first nibble
-          if (wb + 32 * u > w_last) continue;
-          const bool whole = c0 >= 0 && c0 + 8 <= p.K;
-          float wv[8];
-          uint32_t in_row = 0;  // bit j: nibble j belongs to row n
+      for (int64_t c0 = threadIdx.x; c0 < p.K; c0 += kGenericThreads * kGenericCols) {
+        float wv[kGenericCols];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int nib = (word[u] >> (8 * (j >> 1) + ((j & 1) ? 0 : 4))) & 15;
-            const bool ok = whole || (c0 + j >= 0 && c0 + j < p.K);
-            in_row |= (uint32_t)ok << j;
-            wv[j] = !ok ? 0.f : word_blocks ? cs[nib] : cs[nib] * block_scale(p, e0 + j);
+        for (int u = 0; u < kGenericCols; ++u) {
+          const int64_t c = c0 + u * kGenericThreads, e = n * p.K + c;
+          wv[u] = c < p.K ? cs[nibble_at(p.w, e)] * p.am.get(p.bs_shift >= 0 ? e >> p.bs_shift : e / p.blocksize)
+                          : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          if (m0 + i >= p.M) continue;
+          const T* xr = x + (m0 + i) * p.K;
+#pragma unroll
+          for (int u = 0; u < kGenericCols; ++u) {
+            const int64_t c = c0 + u * kGenericThreads;
+            if (c < p.K) acc[i] = fmaf(wv[u], to_f32(xr[c]), acc[i]);
           }
-          float part[MT];
-#pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            part[i] = 0.f;
-            if (m0 + i >= p.M) continue;
-            const T* xr = x + (m0 + i) * p.K + c0;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-              if (whole || (in_row >> j & 1u)) part[i] = fmaf(wv[j], to_f32(xr[j]), part[i]);
-          }
-          const float scale = word_blocks ? block_scale(p, e0) : 1.f;
-#pragma unroll
-          for (int i = 0; i < MT; ++i) acc[i] = fmaf(part[i], scale, acc[i]);
         }
       }
 #pragma unroll
@@ -250,11 +220,17 @@ __global__ void __launch_bounds__(256) gemm4_generic(GenericArgs p) {
         float v = acc[i];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && m0 + i < p.M) {
-          if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-          static_cast<T*>(p.out)[(m0 + i) * p.N + n] = from_f32<T>(v);
-        }
+        if (lane == 0) red[warp][i] = v;
       }
+      __syncthreads();
+      if (threadIdx.x < MT && m0 + threadIdx.x < p.M) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kGenericThreads / 32; ++w) v += red[w][threadIdx.x];
+        if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
+        static_cast<T*>(p.out)[(m0 + threadIdx.x) * p.N + n] = from_f32<T>(v);
+      }
+      __syncthreads();
     }
   }
 }
@@ -262,12 +238,12 @@ __global__ void __launch_bounds__(256) gemm4_generic(GenericArgs p) {
 template <typename T>
 cudaError_t launch_generic(const GenericArgs& p, cudaStream_t stream) {
   const int mt = p.M <= 1 ? 1 : p.M <= 2 ? 2 : p.M <= 4 ? 4 : 8;
-  const int64_t rows = (p.N + 7) / 8, groups = (p.M + mt - 1) / mt;
-  const dim3 grid((unsigned)(rows < 65535 ? rows : 65535), (unsigned)(groups < 65535 ? groups : 65535));
-  if (mt == 1) gemm4_generic<T, 1><<<grid, 256, 0, stream>>>(p);
-  else if (mt == 2) gemm4_generic<T, 2><<<grid, 256, 0, stream>>>(p);
-  else if (mt == 4) gemm4_generic<T, 4><<<grid, 256, 0, stream>>>(p);
-  else gemm4_generic<T, 8><<<grid, 256, 0, stream>>>(p);
+  const int64_t groups = (p.M + mt - 1) / mt;
+  const dim3 grid((unsigned)(p.N < 65535 ? p.N : 65535), (unsigned)(groups < 65535 ? groups : 65535));
+  if (mt == 1) gemm4_generic<T, 1><<<grid, kGenericThreads, 0, stream>>>(p);
+  else if (mt == 2) gemm4_generic<T, 2><<<grid, kGenericThreads, 0, stream>>>(p);
+  else if (mt == 4) gemm4_generic<T, 4><<<grid, kGenericThreads, 0, stream>>>(p);
+  else gemm4_generic<T, 8><<<grid, kGenericThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -314,8 +290,7 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
     const Small4Args p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift};
     SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
   }
-  const GenericArgs g{x, static_cast<const uint8_t*>(w), am, code, bias, out, M, N, K, blocksize, (N * K + 1) / 2,
-                      shift, (uintptr_t)w % 4 == 0};
+  const GenericArgs g{x, static_cast<const uint8_t*>(w), am, code, bias, out, M, N, K, blocksize, shift};
   SHARDQ_DISPATCH_ALL(dtype, T, return launch_generic<T>(g, stream));
   return cudaErrorInvalidValue;
 }

@@ -269,6 +269,27 @@ def test_quantize_dequantize_4bit(qt, dtype, shape, bs):
         assert torch.equal(deq, blockwise.dequantize_4bit_ref(rp, ra, code, bs, list(shape), out_dtype))
 
 
+@pytest.mark.parametrize("e0,count,bs", [(0, 4097 * 1000, 64), (8, 9, 64), (24, 1001, 8), (4104, 8 * 517 + 7, 128),
+                                         (3, 1000, 64), (16, 7, 64), (0, 777, 12), (64, 4096, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_4bit_ranges(e0, count, bs, dtype):
+    """The launcher on element ranges [e0, e0 + count) as gemm_4bit's large-M chunks use it: whole words through the
+    vector kernel, tails and unaligned starts through the per-element one; every element written, exactly."""
+    g = _gen("dq4r", e0, count, bs)
+    total = e0 + count + 5
+    a = torch.randn(total, device=DEV, generator=g) * 3
+    code = codebooks.code_4bit("nf4", DEV)
+    packed, absmax = cuda_ops.reference("quantize_4bit")(a, code, bs)
+    out = torch.full((count,), float("nan"), dtype=dtype, device=DEV)
+    am, _keep = cuda_ops._absmax_args(absmax, None, None, 0.0, absmax.numel())
+    rc = lib.load().shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), out.data_ptr(), e0, count, bs,
+                                           cuda_ops.DTYPE_CODES[dtype], cuda_ops._stream(out))
+    assert rc == 0
+    torch.cuda.synchronize()
+    want = blockwise.dequantize_4bit_ref(packed, absmax, code, bs, [total], dtype)[e0:e0 + count]
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 4097), (3, 5, 77), (1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_quantize_int8_rowwise(shape, dtype):
