@@ -11,8 +11,9 @@
 // This is the fallback of gemm_4bit_tc.cu (the faster kernel, bench/RESULTS.md) where that one refuses a shape:
 // K % 128 != 0, blocksize 32, or M > 8 with fewer row tiles than SMs.
 //
-// Generic path (any K, blocksize, dtype incl. fp32, any alignment; rows and blocks may straddle bytes and rows):
-// a CTA per output row and token group, coalesced per-element loads, several columns in flight per thread.
+// Other layouts (fp32, K % 32 != 0, rows starting mid-byte, blocksizes below 32, unaligned pointers) are refused:
+// gemm_4bit dequantizes them and calls cuBLAS, which measured faster at every M than a per-element CUDA-core
+// kernel (4097x1000 on an H200, bench/RESULTS.md).
 #include "common.cuh"
 
 namespace shardq {
@@ -164,89 +165,6 @@ __global__ void __launch_bounds__(kThreads) gemm4_small_mma(Small4Args p) {
   }
 }
 
-// Any-layout path (fp32, K % 32 != 0, rows starting mid-byte, any blocksize or alignment): the packed weights read
-// as the flat nibble stream they are. A CTA owns one output row n (stream elements [n*K, n*K + K)) and one group of
-// MT tokens; thread t takes columns t, t + 256, ..., so every load of the row (packed bytes, block scales, x) is
-// coalesced across the warp, and kGenericCols columns per thread are loaded before any is used (the row's
-// latency is paid a few times, not once per column). Partial sums meet in shared memory.
-struct GenericArgs {
-  const void* x;
-  const uint8_t* w;
-  Absmax am;
-  const float* code;
-  const void* bias;
-  void* out;
-  int64_t M, N, K, blocksize;
-  int bs_shift;
-};
-
-constexpr int kGenericThreads = 256;
-constexpr int kGenericCols = 8;  // columns per thread in flight
-
-template <typename T, int MT>
-__global__ void __launch_bounds__(kGenericThreads) gemm4_generic(GenericArgs p) {
-  __shared__ float cs[16];
-  __shared__ float red[kGenericThreads / 32][MT];
-  if (threadIdx.x < 16) cs[threadIdx.x] = p.code[threadIdx.x];
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T* x = static_cast<const T*>(p.x);
-  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
-    for (int64_t m0 = (int64_t)blockIdx.y * MT; m0 < p.M; m0 += (int64_t)gridDim.y * MT) {
-      float acc[MT];
-#pragma unroll
-      for (int i = 0; i < MT; ++i) acc[i] = 0.f;
-      for (int64_t c0 = threadIdx.x; c0 < p.K; c0 += kGenericThreads * kGenericCols) {
-        float wv[kGenericCols];
-#pragma unroll
-        for (int u = 0; u < kGenericCols; ++u) {
-          const int64_t c = c0 + u * kGenericThreads, e = n * p.K + c;
-          wv[u] = c < p.K ? cs[nibble_at(p.w, e)] * p.am.get(p.bs_shift >= 0 ? e >> p.bs_shift : e / p.blocksize)
-                          : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          if (m0 + i >= p.M) continue;
-          const T* xr = x + (m0 + i) * p.K;
-#pragma unroll
-          for (int u = 0; u < kGenericCols; ++u) {
-            const int64_t c = c0 + u * kGenericThreads;
-            if (c < p.K) acc[i] = fmaf(wv[u], to_f32(xr[c]), acc[i]);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        float v = acc[i];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) red[warp][i] = v;
-      }
-      __syncthreads();
-      if (threadIdx.x < MT && m0 + threadIdx.x < p.M) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < kGenericThreads / 32; ++w) v += red[w][threadIdx.x];
-        if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-        static_cast<T*>(p.out)[(m0 + threadIdx.x) * p.N + n] = from_f32<T>(v);
-      }
-      __syncthreads();
-    }
-  }
-}
-
-template <typename T>
-cudaError_t launch_generic(const GenericArgs& p, cudaStream_t stream) {
-  const int mt = p.M <= 1 ? 1 : p.M <= 2 ? 2 : p.M <= 4 ? 4 : 8;
-  const int64_t groups = (p.M + mt - 1) / mt;
-  const dim3 grid((unsigned)(p.N < 65535 ? p.N : 65535), (unsigned)(groups < 65535 ? groups : 65535));
-  if (mt == 1) gemm4_generic<T, 1><<<grid, kGenericThreads, 0, stream>>>(p);
-  else if (mt == 2) gemm4_generic<T, 2><<<grid, kGenericThreads, 0, stream>>>(p);
-  else if (mt == 4) gemm4_generic<T, 4><<<grid, kGenericThreads, 0, stream>>>(p);
-  else gemm4_generic<T, 8><<<grid, kGenericThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <typename T, int NT, int MT>
 cudaError_t launch_mma(const Small4Args& p, cudaStream_t stream) {
   const int smem = (kTableWords + kWarps * MT * 16 * NT * 8) * 4;
@@ -274,7 +192,8 @@ cudaError_t dispatch_mma(const Small4Args& p, cudaStream_t stream) {
 using namespace shardq;
 
 // out[M,N] = x[M,K] @ W[N,K].T (+ bias). absmax: fp32 per block, or (absmax_q, nested_absmax, nested_code,
-// offset) for double quant. Uses the tensor-core path when M <= 32 and the layout allows it.
+// offset) for double quant. Returns cudaErrorNotSupported, launching nothing, unless fp16/bf16, M <= 32,
+// K % 32 == 0, a power-of-two blocksize >= 32 and 16-byte aligned x and w.
 SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                       const float* nested_absmax, const float* nested_code, float offset,
                                       const float* code, const void* bias, void* out, int64_t M, int64_t N,
@@ -290,7 +209,5 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
     const Small4Args p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift};
     SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
   }
-  const GenericArgs g{x, static_cast<const uint8_t*>(w), am, code, bias, out, M, N, K, blocksize, shift};
-  SHARDQ_DISPATCH_ALL(dtype, T, return launch_generic<T>(g, stream));
-  return cudaErrorInvalidValue;
+  return cudaErrorNotSupported;
 }

@@ -166,25 +166,20 @@ def _generic_cases():
 
 
 @pytest.mark.parametrize("k,n,m,dtype,bs,dq,shifted", list(_generic_cases()))
-def test_gemm_4bit_generic_any_layout(k, n, m, dtype, bs, dq, shifted):
-    """The any-layout kernel (fp32, K % 32 != 0, rows starting mid-byte, blocksizes not a multiple of 8 and not
-    a power of two, weights at an odd address) called directly, against the fp64 reference."""
+def test_gemm_4bit_any_layout(k, n, m, dtype, bs, dq, shifted):
+    """Layouts the small-M kernels refuse (fp32, K % 32 != 0, rows starting mid-byte, blocksizes not a multiple of
+    8 or not a power of two, weights at an odd address) through the op, against the fp64 reference."""
     g = _gen("g4any", k, n, m, bs, dq, shifted)
     packed, absmax, code, nested, real = _quantized_weight(n, k, "nf4" if m % 2 else "fp4", dq, g, bs)
-    if shifted:  # the same bytes one byte past a 16-byte boundary: word loads must not be used
+    if shifted:  # the same bytes one byte past a 16-byte boundary: no vector loads of them
         buf = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
         buf[1:] = packed.reshape(-1)
         packed = buf[1:]
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::max(1, k // 8)] *= 20.0
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if n % 2 else None
-    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # every element must be written
-    rc = lib.load().shardq_gemm_4bit_small(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
-                                           None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bs,
-                                           cuda_ops.DTYPE_CODES[dtype], cuda_ops._stream(x))
-    assert rc == 0
-    torch.cuda.synchronize()
+    _poison(m * n * x.element_size())
+    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)
     assert torch.isfinite(out).all(), "output not fully written"
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
@@ -195,7 +190,7 @@ def test_gemm_4bit_generic_any_layout(k, n, m, dtype, bs, dq, shifted):
 
 @pytest.mark.parametrize("k,n,m", [(1024, 1000, 1), (4097, 96, 7), (512, 1000, 64)])
 def test_gemm_4bit_fp32_input(k, n, m):
-    """fp32 activations take the generic CUDA-core kernel (M <= 32) or dequantize + cuBLAS in fp32."""
+    """fp32 activations: the weights are dequantized to fp32 and multiplied by cuBLAS."""
     g = _gen("g4f32", k, n, m)
     packed, absmax, code, nested, real = _quantized_weight(n, k, "nf4", m == 7, g)
     x = torch.randn(m, k, device=DEV, generator=g)

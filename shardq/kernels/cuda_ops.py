@@ -138,9 +138,9 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     with _on_device(x.device):
         if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_mid(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
-        elif m <= SMALL_M:
-            _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out)
-        else:
+        elif m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
+            pass
+        else:  # large M, and layouts the small-M kernels refuse (fp32, odd K, unaligned)
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
     return out.reshape(*x.shape[:-1], n)
 
@@ -157,8 +157,9 @@ def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blo
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                     b: Optional[Tensor], out: Tensor) -> None:
-    """M <= SMALL_M: the tensor-core ring kernel (variant 4) where it takes the shape, else the K-split kernel."""
+                     b: Optional[Tensor], out: Tensor) -> bool:
+    """M <= SMALL_M: the tensor-core ring kernel (variant 4) where it takes the shape, else the K-split kernel;
+    False if both refuse the layout."""
     m = x2.shape[0]
     args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), m, n, k, blocksize,
             DTYPE_CODES[x2.dtype])
@@ -167,9 +168,12 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
         rc = lib.shardq_gemm_4bit_tc(*args, stream)
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "gemm_4bit_tc")
-            return
+            return True
     rc = lib.shardq_gemm_4bit_small(*args, stream)
+    if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
+        return False
     _lib.check(rc, "gemm_4bit_small")
+    return True
 
 
 def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
