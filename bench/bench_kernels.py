@@ -204,6 +204,7 @@ def table(rows: list[dict], hbm: float) -> str:
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
+    cols = [c for c in cols if any(c[0] + "_us" in r for r in rows)]  # contenders of this run only
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
     head += " | nf4 GB/s (% HBM) | fp16/nf4 | fp16/i8t6 |"
     lines = [head, "|" + "---|" * (len(cols) + 5)]
