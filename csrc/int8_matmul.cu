@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(256) int8_gemv(Int8Args p, int m0) {
         }
       }
     }
-  } else {  // unrolled so that several columns' byte loads are in flight at once
-#pragma unroll 4
+  } else {
     for (int k = tid; k < p.K; k += 256) {
       int wv[kRows];
 #pragma unroll
@@ -132,10 +131,10 @@ cudaError_t gemv_chunk(const Int8Args& p, int m0, cudaStream_t stream) {
 template <typename T>
 cudaError_t gemv_all(const Int8Args& p, cudaStream_t stream) {
   const bool vec = p.K % 16 == 0 && (uintptr_t)p.w % 16 == 0 && (uintptr_t)p.q % 16 == 0;
-  if (p.M <= 4) {
-    if (p.M == 1) return vec ? gemv_chunk<T, 1, true>(p, 0, stream) : gemv_chunk<T, 1, false>(p, 0, stream);
-    if (p.M == 2) return vec ? gemv_chunk<T, 2, true>(p, 0, stream) : gemv_chunk<T, 2, false>(p, 0, stream);
-    return vec ? gemv_chunk<T, 4, true>(p, 0, stream) : gemv_chunk<T, 4, false>(p, 0, stream);
+  if (vec && p.M <= 4) {
+    if (p.M == 1) return gemv_chunk<T, 1, true>(p, 0, stream);
+    if (p.M == 2) return gemv_chunk<T, 2, true>(p, 0, stream);
+    return gemv_chunk<T, 4, true>(p, 0, stream);
   }
   for (int m0 = 0; m0 < p.M; m0 += 8) {  // 8 activation rows per pass over the weight
     const cudaError_t err = vec ? gemv_chunk<T, 8, true>(p, m0, stream) : gemv_chunk<T, 8, false>(p, m0, stream);
