@@ -25,6 +25,13 @@ def register() -> None:
     _registered = True
 
 
+def cuda_kernel(name: str):
+    """The CUDA implementation registered for op `shardq::<name>` (shardq.ops.call uses it to skip the dispatcher)."""
+    from shardq.kernels.cuda_ops import KERNELS
+
+    return KERNELS[name]
+
+
 def available() -> bool:
     """True if the kernels library is built and loaded (builds it on first call)."""
     from shardq.kernels import lib

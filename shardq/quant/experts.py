@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-import shardq.ops  # noqa: F401  (registers torch.ops.shardq)
+import shardq.ops  # registers torch.ops.shardq
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 from shardq.quant import blockwise, codebooks
 from shardq.quant.linear import _Quantized
@@ -109,8 +109,8 @@ class QuantizedExperts(_Quantized):
         if self.double_quant:
             absmax = blockwise.dequantize_absmax(absmax, self.nested_absmax[e], self.nested_quant_map[e],
                                                  self._offset(e))
-        return torch.ops.shardq.dequantize_4bit(self.weight[e].unsqueeze(1), absmax, self.quant_map[e],
-                                                self.blocksize, [self.out_features, self.in_features], dtype)
+        return shardq.ops.call("dequantize_4bit", self.weight[e].unsqueeze(1), absmax, self.quant_map[e],
+                               self.blocksize, [self.out_features, self.in_features], dtype)
 
     def __getitem__(self, idx: int | torch.Tensor) -> torch.Tensor:
         if isinstance(idx, torch.Tensor) and idx.numel() == 1 and not idx.is_floating_point():

@@ -3,7 +3,8 @@ model to and from them.
 
 Every tensor lives in a registered buffer (or the bias parameter), so `.to()`, `state_dict()` and the
 offload stores move them generically; metadata (shapes, blocksize, quant type, compute dtype, threshold)
-are plain attributes. Forwards go through `torch.ops.shardq.*`, so CUDA kernels take over on a GPU.
+are plain attributes. Forwards go through the `shardq::*` ops (`shardq.ops.call`: straight to the CUDA kernel in
+eager mode on a GPU, the op itself otherwise), so CUDA kernels take over on a GPU.
 The loader builds empty modules on the meta device (`empty`) and fills them with `load_from_float`,
 which quantizes on the device the float weight is on.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import shardq.ops  # noqa: F401  (registers torch.ops.shardq)
+import shardq.ops  # registers torch.ops.shardq
 from shardq import sizing
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 from shardq.quant import blockwise, codebooks
@@ -159,10 +160,9 @@ class Linear4bit(_Quantized):
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
         dq = self.double_quant
-        out = torch.ops.shardq.gemm_4bit(
-            xc, self.weight, self.absmax, self.quant_map, self.blocksize, self.out_features, self.in_features,
-            self.nested_absmax if dq else None, self.nested_quant_map if dq else None,
-            self.offset_value() if dq else 0.0, self.bias)
+        out = shardq.ops.call("gemm_4bit", xc, self.weight, self.absmax, self.quant_map, self.blocksize,
+                              self.out_features, self.in_features, self.nested_absmax if dq else None,
+                              self.nested_quant_map if dq else None, self.offset_value() if dq else 0.0, self.bias)
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -205,7 +205,7 @@ class Linear8bit(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
-        out = torch.ops.shardq.int8_linear(xc, self.weight, self.SCB, self.bias, self.threshold)
+        out = shardq.ops.call("int8_linear", xc, self.weight, self.SCB, self.bias, self.threshold)
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
