@@ -154,7 +154,7 @@ def test_gemm_4bit_variant_blocksizes(monkeypatch, variant, bs, m):
         assert torch.equal(direct, out)
 
 
-def _generic_cases():
+def _any_layout_cases():
     shapes = [(1, 1), (3, 5), (7, 33), (9, 1000), (33, 17), (4097, 1000), (1001, 257), (4096, 64)]
     combos = itertools.product([torch.float16, torch.bfloat16, torch.float32], [64, 8, 12, 40], [False, True],
                                [False, True])
@@ -165,7 +165,7 @@ def _generic_cases():
         yield pytest.param(k, n, m, dtype, bs, dq, shifted, id=f"K{k}-N{n}-M{m}-{i}")
 
 
-@pytest.mark.parametrize("k,n,m,dtype,bs,dq,shifted", list(_generic_cases()))
+@pytest.mark.parametrize("k,n,m,dtype,bs,dq,shifted", list(_any_layout_cases()))
 def test_gemm_4bit_any_layout(k, n, m, dtype, bs, dq, shifted):
     """Layouts the small-M kernels refuse (fp32, K % 32 != 0, rows starting mid-byte, blocksizes not a multiple of
     8 or not a power of two, weights at an odd address) through the op, against the fp64 reference."""
