@@ -97,3 +97,15 @@ def rewrite_checkpoint(ckpt_dir: Path, out_dir: Path, edit) -> Path:
     save_file(tensors, str(out_dir / "model.safetensors"))
     (out_dir / "config.json").write_text((ckpt_dir / "config.json").read_text())
     return out_dir
+
+
+def save_sharded_models(tmp_path_factory, archs, build) -> dict:
+    """arch -> (reference model from `build(arch)`, its checkpoint saved by transformers in 40 KB shards)."""
+    out = {}
+    for arch in archs:
+        ref = build(arch)
+        d = tmp_path_factory.mktemp(arch)
+        ref.save_pretrained(d, max_shard_size="40KB")
+        assert (d / "model.safetensors.index.json").exists()
+        out[arch] = (ref, d)
+    return out

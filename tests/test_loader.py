@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from _f_models import rewrite_checkpoint  # noqa: E402
+from _f_models import rewrite_checkpoint, save_sharded_models  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -56,14 +56,7 @@ def build(arch: str, tie: bool = False) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """arch -> (reference model, sharded checkpoint dir)."""
-    out = {}
-    for arch in ("llama", "opt", "bloom", "t5", "gpt2"):
-        ref = build(arch)
-        d = tmp_path_factory.mktemp(arch)
-        ref.save_pretrained(d, max_shard_size="40KB")
-        assert (d / "model.safetensors.index.json").exists()
-        out[arch] = (ref, d)
-    return out
+    return save_sharded_models(tmp_path_factory, ("llama", "opt", "bloom", "t5", "gpt2"), build)
 
 
 def inputs(arch: str):

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from torch import nn  # noqa: E402
+from _f_models import save_sharded_models  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from shardq import sizing  # noqa: E402
@@ -67,14 +68,7 @@ def rel_error(out: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """arch -> (fp32 reference model, sharded checkpoint dir)."""
-    out = {}
-    for arch in ("gpt2", "falcon"):
-        ref = build(arch)
-        d = tmp_path_factory.mktemp(arch)
-        ref.save_pretrained(d, max_shard_size="40KB")
-        assert (d / "model.safetensors.index.json").exists()
-        out[arch] = (ref, d)
-    return out
+    return save_sharded_models(tmp_path_factory, ("gpt2", "falcon"), build)
 
 
 def offload_map(model: nn.Module) -> dict:
