@@ -129,8 +129,8 @@ kernels.register()
 
 def call(name: str, *args):
     """Run `shardq::<name>` eagerly. A plain CUDA tensor as first argument, outside torch.compile and needing no
-    gradient, goes straight to the op's CUDA kernel: the torch.library dispatcher costs about 10-20 µs of host
-    time per call (measured on this project's CI-class CPU), more than a decode-sized kernel takes. Anything else
+    gradient, goes straight to the op's CUDA kernel: the torch.library dispatcher costs 8-28 µs of host time per
+    call (bench/bench_op_overhead.py), more than a decode-sized kernel takes. Anything else
     (CPU, meta and fake tensors, tracing, autograd) goes through the op, so torch.compile sees the op."""
     x = args[0]
     if _direct(x):

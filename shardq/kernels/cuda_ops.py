@@ -31,7 +31,8 @@ GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 INT8_TC = os.environ.get("SHARDQ_INT8_TC", "1") == "1"
 INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 32
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
-# copy of W) before dequantize + cuBLAS. Off by default until it is measured on a GPU.
+# copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
+# largest shape (bench/RESULTS.md).
 GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
 GEMM4_MID_MIN_M = SMALL_M + 1  # smallest M sent to it when on (the kernel computes any M; the bench lowers this)
 
