@@ -3,7 +3,8 @@
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
-fallback K-split small-M kernel forced for M <= 32, next to the default tensor-core ring kernel; sq_nf4_mid: the opt-in
+fallback K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core ring kernel for M <= 8, where the
+default is the register-streaming GEMV; sq_nf4_mid: the opt-in
 fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit
 (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with the int8 tensor-core kernel switched off, the dp4a GEMV
 it replaced for 5 <= M <= 32),
@@ -43,12 +44,14 @@ MS = "1,2,7,16,32,256,4096"
 ROTATE_BYTES = 2 * 50 * 2**20
 # kinds timed with one explicit small-M 4-bit variant (cuda_ops.GEMM4_VARIANT), and the largest M each applies to
 VARIANT_MAX_M = {"sq_nf4_v1": 32}
+# kinds timed with the register-streaming GEMV switched off (cuda_ops.GEMM4_GEMV): the ring kernel it replaced
+GEMV_OFF_MAX_M = {"sq_nf4_tc": cuda_ops.GEMV_MAX_M}
 # kinds timed with the int8 tensor-core kernel switched off (cuda_ops.INT8_TC), over the M range it serves
 INT8_TC_OFF = {"sq_int8_t6_gemv": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
 # kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
 # computes any M; below 33 it is timed against the default small-M kernel)
 MID_MIN_M = {"sq_nf4_mid": 7}
-OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv"}  # timed only when --kinds names them
+OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv", "sq_nf4_tc"}  # timed only when --kinds names them
 
 
 def events_ms(fn, reps: int) -> float:
@@ -153,6 +156,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
     default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
+    default_gemv = cuda_ops.GEMM4_GEMV
     default_mid_min = cuda_ops.GEMM4_MID_MIN_M
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
@@ -171,6 +175,9 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 continue
             if kind in MID_MIN_M and row["M"] < MID_MIN_M[kind]:
                 continue
+            if kind in GEMV_OFF_MAX_M and row["M"] > GEMV_OFF_MAX_M[kind]:
+                continue
+            cuda_ops.GEMM4_GEMV = kind not in GEMV_OFF_MAX_M and default_gemv
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
             cuda_ops.INT8_TC = kind not in INT8_TC_OFF and default_tc
             cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
@@ -193,7 +200,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
         cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
-        cuda_ops.GEMM4_MID_MIN_M = default_mid_min
+        cuda_ops.GEMM4_MID_MIN_M, cuda_ops.GEMM4_GEMV = default_mid_min, default_gemv
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
@@ -201,6 +208,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
 
 def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
+            ("sq_nf4_tc", "sq nf4 ring"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_mid", "sq_int8_t6",
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_int8_t6",
              "sq_int8_t6_gemv", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

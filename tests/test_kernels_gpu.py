@@ -90,66 +90,79 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
     _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4")
 
 
-# The default small-M kernel (variant 4, csrc/gemm_4bit_tc.cu: M <= 32, K % 128, blocksize >= 64), called through
-# the op and directly (which proves the op used it): the issue shapes, a ragged N (1000 rows: not a multiple of
-# any row tile), and shapes it must refuse (K = 4097; 4128 = 32 * 129; M > 8 with fewer row tiles than SMs) so
-# variant 1 runs instead. test_gemm_4bit above runs the same op with whichever kernel takes the shape.
+# The default small-M kernels, called through the op and directly (which proves the op used them): "gemv"
+# (csrc/gemm_4bit_gemv.cu: M <= 8, K % 128, K >= 1024, blocksize 64..1024, x staged in shared memory) and "tc"
+# (csrc/gemm_4bit_tc.cu: M <= 32, K % 128, blocksize >= 64; the op's choice with the GEMV off). Shapes: the issue
+# shapes, a ragged N (1000 rows: not a multiple of any row tile), and shapes they must refuse (K = 4097; 4128 =
+# 32 * 129; for tc M > 8 with fewer row tiles than SMs) so that the next kernel runs instead. test_gemm_4bit above
+# runs the same op with whichever kernel takes the shape.
 VAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512),
               (11008, 1000)]
-VARIANTS = {4: ("shardq_gemm_4bit_tc", 128, [1, 2, 7, 8, 9, 16, 17, 32])}
+KERNELS = {"gemv": ("shardq_gemm_4bit_gemv", [1, 2, 3, 7, 8]),
+           "tc": ("shardq_gemm_4bit_tc", [1, 2, 7, 8, 9, 16, 17, 32])}
 
 
-def _direct(variant, args, k, n, m, bs):
-    """Call the variant's launcher itself: (rc, output)."""
+def _use(monkeypatch, kernel: str) -> None:
+    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", 4)
+    monkeypatch.setattr(cuda_ops, "GEMM4_GEMV", kernel == "gemv")
+
+
+def _direct(kernel, args, k, n, m, bs):
+    """Call the kernel's launcher itself: (rc, output)."""
     x, packed, absmax, code, nested, bias = args
     am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
     _poison(m * n * 2)
     out = torch.empty((m, n), dtype=x.dtype, device=DEV)
-    fn = getattr(lib.load(), VARIANTS[variant][0])
+    fn = getattr(lib.load(), KERNELS[kernel][0])
     rc = fn(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), m, n, k, bs, cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
     return rc, out
 
 
-def _tc_refuses(variant: int, n: int, m: int) -> bool:
-    """Variant 4 leaves M > 8 with fewer row tiles (64 rows for M <= 16, else 128) than SMs to variant 1."""
-    if variant != 4 or m <= 8:
+def _accepts(kernel: str, k: int, n: int, m: int, bs: int) -> bool:
+    """The launcher's documented preconditions (fp16/bf16 and aligned pointers hold in these tests)."""
+    props = torch.cuda.get_device_properties(0)
+    if kernel == "gemv":
+        smem = 65536 + (256 + 2 * 2048) * 4 + m * (2 * k + 16)
+        fits = smem <= props.shared_memory_per_block_optin
+        return m <= 8 and k % 128 == 0 and k >= 1024 and 64 <= bs <= 1024 and fits
+    if m > 32 or k % 128 or bs < 64:
         return False
-    return -(-n // (64 if m <= 16 else 128)) < torch.cuda.get_device_properties(0).multi_processor_count
+    # tc leaves M > 8 with fewer row tiles (64 rows for M <= 16, else 128) than SMs to the K-split kernel
+    return m <= 8 or -(-n // (64 if m <= 16 else 128)) >= props.multi_processor_count
 
 
-def _variant_grid():
+def _kernel_grid():
     combos = list(itertools.product([torch.float16, torch.bfloat16], ["nf4", "fp4"], [False, True]))
-    for v, (_, _, ms) in VARIANTS.items():
+    for kern, (_, ms) in KERNELS.items():
         for i, ((k, n), m) in enumerate(itertools.product(VAR_SHAPES, ms)):
             c = (i + i // 8) % len(combos)
-            yield pytest.param(v, k, n, m, *combos[c], id=f"v{v}-K{k}-N{n}-M{m}-{c}")
+            yield pytest.param(kern, k, n, m, *combos[c], id=f"{kern}-K{k}-N{n}-M{m}-{c}")
 
 
-@pytest.mark.parametrize("variant,k,n,m,dtype,qt,dq", list(_variant_grid()))
-def test_gemm_4bit_variant(monkeypatch, variant, k, n, m, dtype, qt, dq):
-    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
-    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, f"g4v{variant}")
-    rc, direct = _direct(variant, args, k, n, m, 64)
-    if k % VARIANTS[variant][1] or _tc_refuses(variant, n, m):
-        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"variant {variant} accepted K={k} N={n} M={m}"
+@pytest.mark.parametrize("kernel,k,n,m,dtype,qt,dq", list(_kernel_grid()))
+def test_gemm_4bit_small_kernels(monkeypatch, kernel, k, n, m, dtype, qt, dq):
+    _use(monkeypatch, kernel)
+    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, f"g4{kernel}")
+    rc, direct = _direct(kernel, args, k, n, m, 64)
+    if not _accepts(kernel, k, n, m, 64):
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{kernel} accepted K={k} N={n} M={m}"
     else:
-        assert rc == 0, f"variant {variant} refused K={k} N={n} M={m} (rc {rc})"
-        assert torch.equal(direct, out), f"the op did not use variant {variant}"
+        assert rc == 0, f"{kernel} refused K={k} N={n} M={m} (rc {rc})"
+        assert torch.equal(direct, out), f"the op did not use {kernel}"
 
 
-@pytest.mark.parametrize("variant", [4])
-@pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2), (256, 24)])
-def test_gemm_4bit_variant_blocksizes(monkeypatch, variant, bs, m):
-    """Blocksizes 32..K and beyond: bs 32 is refused (an mma must sum inside one block) and variant 1 runs."""
-    monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2), (256, 24), (512, 8)])
+def test_gemm_4bit_small_kernel_blocksizes(monkeypatch, kernel, bs, m):
+    """Blocksizes 32..K and beyond: each kernel takes the ones its mma blocks allow (bs >= 64; the GEMV also
+    bs <= 1024) and the next kernel runs for the others."""
+    _use(monkeypatch, kernel)
     k, n = 2048, 1000
-    args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs == 128,
-                                 f"g4v{variant}bs", bs)
-    rc, direct = _direct(variant, args, k, n, m, bs)
-    expect_ok = m <= max(VARIANTS[variant][2]) and bs >= 64
-    expect_ok = expect_ok and not _tc_refuses(variant, n, m)
-    assert rc == (0 if expect_ok else lib.CUDA_ERROR_NOT_SUPPORTED)
+    args, out = _check_gemm_4bit(k, n, m, torch.bfloat16 if m % 2 else torch.float16, "nf4", bs in (128, 512),
+                                 f"g4{kernel}bs", bs)
+    rc, direct = _direct(kernel, args, k, n, m, bs)
+    assert rc == (0 if _accepts(kernel, k, n, m, bs) else lib.CUDA_ERROR_NOT_SUPPORTED)
     if rc == 0:
         assert torch.equal(direct, out)
 
@@ -311,10 +324,11 @@ def graph_replay(fn, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor,
     return out, fresh
 
 
-@pytest.mark.parametrize("variant", [1, 4])
-def test_cuda_graph_capture(monkeypatch, variant):
+@pytest.mark.parametrize("variant,gemv", [(1, False), (4, False), (4, True)])
+def test_cuda_graph_capture(monkeypatch, variant, gemv):
     monkeypatch.setattr(cuda_ops, "GEMM4_VARIANT", variant)
-    g = _gen("graph", variant)
+    monkeypatch.setattr(cuda_ops, "GEMM4_GEMV", gemv)
+    g = _gen("graph", variant, gemv)
     n, k = 1024, 2048
     packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", True, g)
     w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))

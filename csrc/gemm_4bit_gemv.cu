@@ -1,0 +1,326 @@
+// 4-bit (nf4/fp4, optional double quant) matmul for M <= 8 tokens: out = x @ W.T + bias, reading every packed
+// weight byte once, straight from global memory into registers.
+//
+// Why (ncu of gemm_4bit_tc.cu on an H100 and an H200, bench/RESULTS.md): at M = 1 the ring kernel issued ~9.8
+// thread instructions per packed byte, ~60 % of them bookkeeping (cp.async addresses, ring waits, barriers, block
+// scale shuffles), and reached only 49 % of the H200's copy bandwidth. This kernel keeps the part that is cheap
+// (tensor-core mma with the weights as the A operand, one lookup per byte) and drops the rest:
+//   - no shared-memory ring: each lane loads its 8-byte pieces with plain 64-bit loads, D slices ahead of use in
+//     registers, so the only per-slice bookkeeping is pointer increments; no barrier inside a tile;
+//   - x (all M <= 8 tokens, whole K) is staged in shared memory once per CTA;
+//   - a lookup is one PRMT and one LDS: the PRMT builds the address (byte << 8 | lane * 4) from the packed word
+//     and a register holding lane * 4, so the 256-entry pair table is lane-private at a 256-byte stride (64 KB,
+//     entry e of lane l in bank l: lookups never conflict);
+//   - the four lanes of an mma row read 8 bytes each of one quantization block (blocksize >= 64), so an mma sums
+//     inside one block and its absmax scales the fp32 partial sum once.
+// Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
+// over all groups of the persistent grid), its 8 warps take the tile's 128-column slices round-robin, and the 8
+// partial sums meet in shared memory (two buffers, one named barrier per tile).
+#include "common.cuh"
+
+namespace shardq {
+namespace {
+
+constexpr int kWarpsK = 8;                      // warps per group, along K
+constexpr int kGroups = 2;                      // groups per CTA
+constexpr int kThreads = 32 * kWarpsK * kGroups;
+constexpr int kTableBytes = 256 * 256;          // entry e of lane l at byte e * 256 + l * 4
+constexpr int kRedFloats = 2 * kWarpsK * 16 * 8;  // per group: 2 buffers x warps x 16 rows x 8 tokens
+constexpr int kDepth = 3;                       // slices loaded ahead per warp
+
+struct GemvArgs {
+  const void* x;
+  const uint8_t* w;
+  Absmax am;
+  const float* code;
+  const void* bias;
+  void* out;
+  int M, N, K, bs_shift, tiles, xstride;  // xstride: bytes between staged x rows
+};
+
+inline size_t gemv_smem(int M, int K, int tsize) {
+  return (size_t)kTableBytes + (256 + (size_t)kGroups * kRedFloats) * 4 + (size_t)M * (K * tsize + 16);
+}
+
+// One 128-column slice of a lane's two rows (g, g + 8): 8 packed bytes per (block, row) and the raw block scales.
+struct Slice {
+  uint2 w[2][2];    // [block][row]
+  AbsRaw a[2][2];   // [block][row]
+};
+
+// Pair of byte Q of wd: the table offset (wd.byte[Q] << 8) | lane * 4 is one PRMT, and the table's shared-window
+// address (uniform) folds into the LDS as [R + UR].
+template <int Q>
+__device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint32_t wd) {
+  uint32_t off, v;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(wd), "r"(lane4), "n"(0x5504 | (Q << 4)));
+  asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(table + off));
+  return v;
+}
+
+// A warp's walk over its slices (wk, wk + 8, ... of each of its group's tiles): where the next slice to load is.
+// Plain absmax blocks are addressed through per-row pointers; double quant keeps the block index for the nested
+// absmax. With blocksize 64 the slice's two blocks have their own scales (boff = 1), above it they share one.
+template <bool kPlain>
+struct Loader {
+  const uint8_t* wp[2];   // this lane's 8-byte piece of block 0 in rows g and g + 8
+  const float* ap[2];     // plain: absmax of that block
+  const uint8_t* qp[2];   // double quant: its 8-bit code
+  int64_t blk[2];         // double quant: its index
+  int s, tile, astep, boff;
+
+  __device__ __forceinline__ void start(const GemvArgs& p, int g, int t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(tile * 16 + g + 8 * h, p.N - 1);
+      wp[h] = p.w + (int64_t)n * (p.K / 2) + s * 64 + t * 8;
+      const int64_t b = ((int64_t)n * p.K + s * 128) >> p.bs_shift;
+      if (kPlain) {
+        ap[h] = p.am.plain + b;
+      } else {
+        qp[h] = p.am.q + b;
+        blk[h] = b;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void load(const GemvArgs& p, Slice& d) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) d.w[b][h] = __ldcs(reinterpret_cast<const uint2*>(wp[h] + b * 32));
+      if (kPlain) {
+        d.a[0][h].v = __ldg(ap[h]);
+        d.a[1][h].v = __ldg(ap[h] + boff);
+      } else {
+        d.a[0][h].q = __ldg(qp[h]);
+        d.a[1][h].q = __ldg(qp[h] + boff);
+        d.a[0][h].v = __ldg(p.am.nested_absmax + (blk[h] >> 8));
+        d.a[1][h].v = __ldg(p.am.nested_absmax + ((blk[h] + boff) >> 8));
+      }
+    }
+  }
+
+  __device__ __forceinline__ void next(const GemvArgs& p, int wk, int groups, int g, int t) {
+    s += kWarpsK;
+    if (s * 128 < p.K) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wp[h] += kWarpsK * 64;
+        if (kPlain) {
+          ap[h] += astep;
+        } else {
+          qp[h] += astep;
+          blk[h] += astep;
+        }
+      }
+    } else {
+      s = wk;
+      tile += groups;
+      start(p, g, t);
+    }
+  }
+};
+
+// Slice product: two blocks, four chained mma each, every block's fp32 partial scaled once by its absmax.
+template <typename T>
+__device__ __forceinline__ void multiply(const Slice& d, const float (&sc)[2][2], const uint8_t* xs,
+                                         uint32_t table, uint32_t lane4, float (&acc)[4]) {
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    const uint4 x0 = *reinterpret_cast<const uint4*>(xs + b * 128);
+    const uint4 x1 = *reinterpret_cast<const uint4*>(xs + b * 128 + 16);
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t w0 = j < 2 ? d.w[b][0].x : d.w[b][0].y, w1 = j < 2 ? d.w[b][1].x : d.w[b][1].y;
+      const uint4& xv = j < 2 ? x0 : x1;
+      uint32_t a[4];
+      if (j & 1) {
+        a[0] = lookup<2>(table, lane4, w0);
+        a[1] = lookup<2>(table, lane4, w1);
+        a[2] = lookup<3>(table, lane4, w0);
+        a[3] = lookup<3>(table, lane4, w1);
+      } else {
+        a[0] = lookup<0>(table, lane4, w0);
+        a[1] = lookup<0>(table, lane4, w1);
+        a[2] = lookup<1>(table, lane4, w0);
+        a[3] = lookup<1>(table, lane4, w1);
+      }
+      mma16816<T>(part, a, j & 1 ? xv.z : xv.x, j & 1 ? xv.w : xv.y);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[c] = fmaf(part[c], sc[b][c >> 1], acc[c]);
+  }
+}
+
+__device__ __forceinline__ void group_sync(int group) {
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "n"(32 * kWarpsK) : "memory");
+}
+
+// End of a tile: the group's 8 warps add their partial sums (buffer `buf`), add the bias and store.
+template <typename T>
+__device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group, int wk, int g, int t, int tile,
+                                       float (&acc)[4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int tok = 2 * t + (c & 1), r = g + 8 * (c >> 1);
+    if (tok < p.M) red[(wk * 16 + r) * 8 + tok] = acc[c];
+    acc[c] = 0.f;
+  }
+  group_sync(group);
+  const int j = threadIdx.x % (32 * kWarpsK), r = j % 16, tok = j / 16, n = tile * 16 + r;
+  if (tok < p.M && n < p.N) {
+    float v = 0.f;
+#pragma unroll
+    for (int k = 0; k < kWarpsK; ++k) v += red[(k * 16 + r) * 8 + tok];
+    if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
+    static_cast<T*>(p.out)[(int64_t)tok * p.N + n] = from_f32<T>(v);
+  }
+}
+
+// Stages the pair table and x, then each group walks its tiles; per warp, slices are loaded kDepth ahead.
+template <typename T, bool kPlain>
+__global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* table = smem;
+  float* ncode = reinterpret_cast<float*>(smem + kTableBytes);
+  float* red_all = ncode + 256;
+  uint8_t* xs = reinterpret_cast<uint8_t*>(red_all + kGroups * kRedFloats);
+  for (int i = threadIdx.x; i < 256 * 8; i += kThreads) {
+    const uint32_t v = pack_pair<T>(__ldg(p.code + (i >> 7)), __ldg(p.code + ((i >> 3) & 15)));
+    *reinterpret_cast<uint4*>(table + (i >> 3) * 256 + (i & 7) * 16) = make_uint4(v, v, v, v);
+  }
+  const int xunits = p.K / 8;
+  for (int i = threadIdx.x; i < p.M * xunits; i += kThreads) {
+    const int m = i / xunits, u = i % xunits;
+    *reinterpret_cast<uint4*>(xs + m * p.xstride + u * 16) =
+        __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)m * p.K) + u);
+  }
+  if (!kPlain && threadIdx.x < 256) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);
+  __syncthreads();
+  // warp through a shuffle: the compiler then knows it (and the loop trip counts) warp-uniform, and keeps the
+  // table address in a uniform register that the LDS adds for free.
+  const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 5, 0);
+  const int group = warp / kWarpsK, wk = warp % kWarpsK;
+  const int g = lane >> 2, t = lane & 3, groups = gridDim.x * kGroups;
+  float* red = red_all + group * kRedFloats;
+  const int first = blockIdx.x * kGroups + group;
+  const int my_tiles = first < p.tiles ? (p.tiles - first + groups - 1) / groups : 0;
+  const int items = my_tiles * ((p.K / 128 - wk + kWarpsK - 1) / kWarpsK);
+  uint32_t lane4;
+  asm("mov.b32 %0, %1;" : "=r"(lane4) : "r"(lane * 4));
+  const uint32_t table_addr = static_cast<uint32_t>(__cvta_generic_to_shared(table));
+  const uint8_t* xrow = xs + min(g, p.M - 1) * p.xstride + t * 32;
+  Loader<kPlain> ld;
+  ld.s = wk;
+  ld.tile = first;
+  ld.astep = (128 * kWarpsK) >> p.bs_shift;
+  ld.boff = p.bs_shift == 6;
+  if (items > 0) ld.start(p, g, t);
+  // kDepth slices in flight while one is multiplied: a ring of kDepth + 1 register sets, unrolled so that every
+  // set keeps its registers (slot d is multiplied while slot d - 1, just used, is refilled).
+  constexpr int kRing = kDepth + 1;
+  Slice buf[kRing];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d)
+    if (d < items) {
+      ld.load(p, buf[d]);
+      ld.next(p, wk, groups, g, t);
+    }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int s = wk, tile = first, tiles_done = 0;
+  for (int i = 0; i < items; i += kRing) {
+#pragma unroll
+    for (int d = 0; d < kRing; ++d) {
+      if (i + d < items) {
+        if (i + d + kDepth < items) {
+          ld.load(p, buf[(d + kDepth) % kRing]);
+          ld.next(p, wk, groups, g, t);
+        }
+        float sc[2][2];
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) sc[b][h] = kPlain ? buf[d].a[b][h].v : decode_abs(p.am, ncode, buf[d].a[b][h]);
+        multiply<T>(buf[d], sc, xrow + s * 256, table_addr, lane4, acc);
+        s += kWarpsK;
+        if (s * 128 >= p.K) {
+          finish<T>(p, red + (tiles_done & 1) * (kRedFloats / 2), group, wk, g, t, tile, acc);
+          s = wk;
+          tile += groups;
+          ++tiles_done;
+        }
+      }
+    }
+  }
+}
+
+// Resident CTAs per SM for a dynamic shared-memory size, cached per device (a small direct-mapped cache: a lost
+// race only costs one more occupancy query, and a stale entry only changes the grid size).
+template <typename Kernel>
+int resident_per_sm(Kernel kernel, int dev, size_t smem) {
+  struct Entry {
+    size_t smem;
+    int per_sm;
+  };
+  static Entry cache[64][16] = {};
+  Entry& e = cache[dev][(smem / 16) % 16];
+  if (e.smem == smem && e.per_sm > 0) return e.per_sm;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) return 0;
+  e.per_sm = per_sm;
+  e.smem = smem;
+  return per_sm;
+}
+
+template <typename T, bool kPlain>
+cudaError_t launch_gemv(GemvArgs p, cudaStream_t stream) {
+  static bool allowed[64] = {};
+  static int optin[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t smem = gemv_smem(p.M, p.K, (int)sizeof(T));
+  if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
+  err = allow_smem(gemm4_gemv<T, kPlain>, (size_t)optin[dev], allowed);
+  if (err != cudaSuccess) return err;
+  const int per_sm = resident_per_sm(gemm4_gemv<T, kPlain>, dev, smem);
+  if (per_sm < 1) return cudaErrorNotSupported;
+  p.tiles = (p.N + 15) / 16;
+  const int want = (p.tiles + kGroups - 1) / kGroups, res = per_sm * sm_count();
+  gemm4_gemv<T, kPlain><<<want < res ? want : res, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace shardq
+
+using namespace shardq;
+
+// Same arguments as shardq_gemm_4bit_tc. Returns cudaErrorNotSupported, launching nothing, unless: dtype fp16/bf16,
+// 1 <= M <= 8, K % 128 == 0 and K >= 1024 (a slice for every warp), blocksize a power of two in [64, 1024], x
+// 16-byte and w 8-byte aligned, and the staged x fitting in shared memory beside the 64 KB table.
+SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* absmax, const void* absmax_q,
+                                     const float* nested_absmax, const float* nested_code, float offset,
+                                     const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
+                                     int64_t blocksize, int dtype, void* stream_ptr) {
+  const int shift = log2_exact(blocksize);
+  const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 8 && N >= 1 && N <= INT32_MAX / 16 &&
+                  K >= 128 * kWarpsK && K % 128 == 0 && K <= (1 << 20) && shift >= 6 && shift <= 10 &&
+                  (uintptr_t)x % 16 == 0 && (uintptr_t)w % 8 == 0 &&
+                  (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
+  if (!ok) return cudaErrorNotSupported;
+  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
+                   (int)K * 2 + 16};
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (absmax != nullptr) {
+    SHARDQ_DISPATCH_16(dtype, T, return launch_gemv<T, true>(p, stream));
+  } else {
+    SHARDQ_DISPATCH_16(dtype, T, return launch_gemv<T, false>(p, stream));
+  }
+  return cudaErrorNotSupported;
+}
