@@ -1,21 +1,24 @@
 // 4-bit (nf4/fp4, optional double quant) matmul for M <= 8 tokens: out = x @ W.T + bias, reading every packed
 // weight byte once, straight from global memory into registers.
 //
-// Why (ncu of gemm_4bit_tc.cu on an H100 and an H200, bench/RESULTS.md): at M = 1 the ring kernel issued ~9.8
-// thread instructions per packed byte, ~60 % of them bookkeeping (cp.async addresses, ring waits, barriers, block
-// scale shuffles), and reached only 49 % of the H200's copy bandwidth. This kernel keeps the part that is cheap
-// (tensor-core mma with the weights as the A operand, one lookup per byte) and drops the rest:
-//   - no shared-memory ring: each lane loads its 8-byte pieces with plain 64-bit loads, D slices ahead of use in
-//     registers, so the only per-slice bookkeeping is pointer increments; no barrier inside a tile;
-//   - x (all M <= 8 tokens, whole K) is staged in shared memory once per CTA;
-//   - a lookup is one PRMT and one LDS: the PRMT builds the address (byte << 8 | lane * 4) from the packed word
-//     and a register holding lane * 4, so the 256-entry pair table is lane-private at a 256-byte stride (64 KB,
-//     entry e of lane l in bank l: lookups never conflict);
-//   - the four lanes of an mma row read 8 bytes each of one quantization block (blocksize >= 64), so an mma sums
-//     inside one block and its absmax scales the fp32 partial sum once.
+// Why (ncu on an H200, bench/RESULTS.md): the ring kernel (gemm_4bit_tc.cu) issued ~9.8 thread instructions per
+// packed byte at M = 1, ~60 % of them bookkeeping (cp.async addresses, ring waits, barriers, scale shuffles). This
+// kernel keeps the tensor-core mma with the weights as the A operand and drops the rest:
+//   - no shared-memory ring: each lane loads 16 contiguous packed bytes per row and slice with one 128-bit load,
+//     kDepth slices ahead of use in registers; the only per-slice bookkeeping is pointer increments;
+//   - the L1/shared pipeline is the scarce resource (a first version with 64-bit loads and a scale load per block
+//     and row ran at 83 % L1 throughput and 46 % of HBM), so weights come as 128-bit loads (8 rows x 64 bytes per
+//     request), one scale per row and slice, and x (all M <= 8 tokens, whole K) is staged in shared memory once per
+//     CTA, swizzled so that its 128-bit reads never conflict;
+//   - a lookup is one PRMT and one LDS: the PRMT builds the offset (byte << 8 | lane * 4) from the packed word and
+//     a register holding lane * 4, so the 256-entry pair table is lane-private at a 256-byte stride (64 KB; entry e
+//     of lane l in bank l: lookups never conflict);
+//   - a lane's 32 weights span half a quantization block (blocksize 64), so an mma's k range mixes two blocks:
+//     each looked-up pair is scaled by its block's absmax (one HMUL2, in the activation dtype, as the reference
+//     dequantizes) before the mma, which accumulates in fp32.
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
-// over all groups of the persistent grid), its 8 warps take the tile's 128-column slices round-robin, and the 8
-// partial sums meet in shared memory (two buffers, one named barrier per tile).
+// over all groups of the persistent grid), each warp a contiguous eighth of the tile's 128-column slices, and the
+// 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
 #include "common.cuh"
 
 namespace shardq {
@@ -26,7 +29,7 @@ constexpr int kGroups = 2;                      // groups per CTA
 constexpr int kThreads = 32 * kWarpsK * kGroups;
 constexpr int kTableBytes = 256 * 256;          // entry e of lane l at byte e * 256 + l * 4
 constexpr int kRedFloats = 2 * kWarpsK * 16 * 8;  // per group: 2 buffers x warps x 16 rows x 8 tokens
-constexpr int kDepth = 3;                       // slices loaded ahead per warp
+constexpr int kDepth = 4;                       // slices loaded ahead per warp
 
 struct GemvArgs {
   const void* x;
@@ -39,17 +42,17 @@ struct GemvArgs {
 };
 
 inline size_t gemv_smem(int M, int K, int tsize) {
-  return (size_t)kTableBytes + (256 + (size_t)kGroups * kRedFloats) * 4 + (size_t)M * (K * tsize + 16);
+  return (size_t)kTableBytes + (256 + (size_t)kGroups * kRedFloats) * 4 + (size_t)M * (K * tsize + 32);
 }
 
-// One 128-column slice of a lane's two rows (g, g + 8): 8 packed bytes per (block, row) and the raw block scales.
+// One 128-column slice of a lane's two rows (g, g + 8): 16 packed bytes each (32 weights at 32 t) and the raw
+// scale of the block holding them.
 struct Slice {
-  uint2 w[2][2];    // [block][row]
-  AbsRaw a[2][2];   // [block][row]
+  uint4 w[2];
+  AbsRaw a[2];
 };
 
-// Pair of byte Q of wd: the table offset (wd.byte[Q] << 8) | lane * 4 is one PRMT, and the table's shared-window
-// address (uniform) folds into the LDS as [R + UR].
+// Pair of byte Q of wd: the table offset (wd.byte[Q] << 8) | lane * 4 is one PRMT.
 template <int Q>
 __device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint32_t wd) {
   uint32_t off, v;
@@ -58,23 +61,21 @@ __device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint3
   return v;
 }
 
-// A warp's walk over its slices (wk, wk + 8, ... of each of its group's tiles): where the next slice to load is.
-// Plain absmax blocks are addressed through per-row pointers; double quant keeps the block index for the nested
-// absmax. With blocksize 64 the slice's two blocks have their own scales (boff = 1), above it they share one.
+// A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
 template <bool kPlain>
 struct Loader {
-  const uint8_t* wp[2];   // this lane's 8-byte piece of block 0 in rows g and g + 8
-  const float* ap[2];     // plain: absmax of that block
-  const uint8_t* qp[2];   // double quant: its 8-bit code
-  int64_t blk[2];         // double quant: its index
-  int s, tile, astep, boff;
+  const uint8_t* wp[2];  // this lane's 16 bytes of the slice in rows g and g + 8
+  const float* ap[2];    // plain: absmax of row g / g + 8 at column 0
+  const uint8_t* qp[2];  // double quant: the same for the 8-bit codes
+  int64_t blk[2];        // double quant: block index of column 0
+  int s, tile, lo, hi;
 
   __device__ __forceinline__ void start(const GemvArgs& p, int g, int t) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = min(tile * 16 + g + 8 * h, p.N - 1);
-      wp[h] = p.w + (int64_t)n * (p.K / 2) + s * 64 + t * 8;
-      const int64_t b = ((int64_t)n * p.K + s * 128) >> p.bs_shift;
+      wp[h] = p.w + (int64_t)n * (p.K / 2) + s * 64 + t * 16;
+      const int64_t b = ((int64_t)n * p.K) >> p.bs_shift;  // K % blocksize == 0: rows start on a block
       if (kPlain) {
         ap[h] = p.am.plain + b;
       } else {
@@ -84,73 +85,58 @@ struct Loader {
     }
   }
 
-  __device__ __forceinline__ void load(const GemvArgs& p, Slice& d) const {
+  __device__ __forceinline__ void load(const GemvArgs& p, int t, Slice& d) const {
+    const int i = (s * 128 + t * 32) >> p.bs_shift;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int b = 0; b < 2; ++b) d.w[b][h] = __ldcs(reinterpret_cast<const uint2*>(wp[h] + b * 32));
+      d.w[h] = __ldcs(reinterpret_cast<const uint4*>(wp[h]));
       if (kPlain) {
-        d.a[0][h].v = __ldg(ap[h]);
-        d.a[1][h].v = __ldg(ap[h] + boff);
+        d.a[h].v = __ldg(ap[h] + i);
       } else {
-        d.a[0][h].q = __ldg(qp[h]);
-        d.a[1][h].q = __ldg(qp[h] + boff);
-        d.a[0][h].v = __ldg(p.am.nested_absmax + (blk[h] >> 8));
-        d.a[1][h].v = __ldg(p.am.nested_absmax + ((blk[h] + boff) >> 8));
+        d.a[h].q = __ldg(qp[h] + i);
+        d.a[h].v = __ldg(p.am.nested_absmax + ((blk[h] + i) >> 8));
       }
     }
   }
 
-  __device__ __forceinline__ void next(const GemvArgs& p, int wk, int groups, int g, int t) {
-    s += kWarpsK;
-    if (s * 128 < p.K) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        wp[h] += kWarpsK * 64;
-        if (kPlain) {
-          ap[h] += astep;
-        } else {
-          qp[h] += astep;
-          blk[h] += astep;
-        }
-      }
+  __device__ __forceinline__ void next(const GemvArgs& p, int groups, int g, int t) {
+    if (++s < hi) {
+      wp[0] += 64;
+      wp[1] += 64;
     } else {
-      s = wk;
+      s = lo;
       tile += groups;
       start(p, g, t);
     }
   }
 };
 
-// Slice product: two blocks, four chained mma each, every block's fp32 partial scaled once by its absmax.
+// Staged x: 16-byte unit u of a row sits at u ^ bit3(u), so that the four lanes of a quarter-warp reading units
+// 4t + c (t = 0..3) hit distinct banks; rows are 2K + 32 bytes apart so that two tokens' rows do not collide.
+__device__ __forceinline__ int x_unit(int u) { return u ^ ((u >> 3) & 1); }
+
+// Slice product: 8 mma (two chains), each over 16 k of rows g and g + 8 with the pairs pre-scaled.
 template <typename T>
-__device__ __forceinline__ void multiply(const Slice& d, const float (&sc)[2][2], const uint8_t* xs,
-                                         uint32_t table, uint32_t lane4, float (&acc)[4]) {
+__device__ __forceinline__ void multiply(const Slice& d, const uint32_t (&sc)[2], const uint8_t* xe,
+                                         const uint8_t* xo, uint32_t table, uint32_t lane4, float (&acc)[2][4]) {
+  uint4 xv[4];
 #pragma unroll
-  for (int b = 0; b < 2; ++b) {
-    const uint4 x0 = *reinterpret_cast<const uint4*>(xs + b * 128);
-    const uint4 x1 = *reinterpret_cast<const uint4*>(xs + b * 128 + 16);
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c = 0; c < 4; ++c) xv[c] = *reinterpret_cast<const uint4*>((c & 1 ? xo : xe) + 16 * c);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t w0 = j < 2 ? d.w[b][0].x : d.w[b][0].y, w1 = j < 2 ? d.w[b][1].x : d.w[b][1].y;
-      const uint4& xv = j < 2 ? x0 : x1;
-      uint32_t a[4];
-      if (j & 1) {
-        a[0] = lookup<2>(table, lane4, w0);
-        a[1] = lookup<2>(table, lane4, w1);
-        a[2] = lookup<3>(table, lane4, w0);
-        a[3] = lookup<3>(table, lane4, w1);
-      } else {
-        a[0] = lookup<0>(table, lane4, w0);
-        a[1] = lookup<0>(table, lane4, w1);
-        a[2] = lookup<1>(table, lane4, w0);
-        a[3] = lookup<1>(table, lane4, w1);
-      }
-      mma16816<T>(part, a, j & 1 ? xv.z : xv.x, j & 1 ? xv.w : xv.y);
-    }
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[c] = fmaf(part[c], sc[b][c >> 1], acc[c]);
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t w0 = j == 0 ? d.w[0].x : j == 1 ? d.w[0].y : j == 2 ? d.w[0].z : d.w[0].w;
+    const uint32_t w1 = j == 0 ? d.w[1].x : j == 1 ? d.w[1].y : j == 2 ? d.w[1].z : d.w[1].w;
+    uint32_t a[4];
+    a[0] = scale_pair<T>(lookup<0>(table, lane4, w0), sc[0]);
+    a[1] = scale_pair<T>(lookup<0>(table, lane4, w1), sc[1]);
+    a[2] = scale_pair<T>(lookup<1>(table, lane4, w0), sc[0]);
+    a[3] = scale_pair<T>(lookup<1>(table, lane4, w1), sc[1]);
+    mma16816<T>(acc[0], a, xv[j].x, xv[j].y);
+    a[0] = scale_pair<T>(lookup<2>(table, lane4, w0), sc[0]);
+    a[1] = scale_pair<T>(lookup<2>(table, lane4, w1), sc[1]);
+    a[2] = scale_pair<T>(lookup<3>(table, lane4, w0), sc[0]);
+    a[3] = scale_pair<T>(lookup<3>(table, lane4, w1), sc[1]);
+    mma16816<T>(acc[1], a, xv[j].z, xv[j].w);
   }
 }
 
@@ -158,15 +144,15 @@ __device__ __forceinline__ void group_sync(int group) {
   asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "n"(32 * kWarpsK) : "memory");
 }
 
-// End of a tile: the group's 8 warps add their partial sums (buffer `buf`), add the bias and store.
+// End of a tile: the group's 8 warps add their partial sums (buffer `red`), add the bias and store.
 template <typename T>
 __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group, int wk, int g, int t, int tile,
-                                       float (&acc)[4]) {
+                                       float (&acc)[2][4]) {
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const int tok = 2 * t + (c & 1), r = g + 8 * (c >> 1);
-    if (tok < p.M) red[(wk * 16 + r) * 8 + tok] = acc[c];
-    acc[c] = 0.f;
+    if (tok < p.M) red[(wk * 16 + r) * 8 + tok] = acc[0][c] + acc[1][c];
+    acc[0][c] = acc[1][c] = 0.f;
   }
   group_sync(group);
   const int j = threadIdx.x % (32 * kWarpsK), r = j % 16, tok = j / 16, n = tile * 16 + r;
@@ -194,30 +180,29 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   const int xunits = p.K / 8;
   for (int i = threadIdx.x; i < p.M * xunits; i += kThreads) {
     const int m = i / xunits, u = i % xunits;
-    *reinterpret_cast<uint4*>(xs + m * p.xstride + u * 16) =
+    *reinterpret_cast<uint4*>(xs + m * p.xstride + x_unit(u) * 16) =
         __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)m * p.K) + u);
   }
   if (!kPlain && threadIdx.x < 256) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);
   __syncthreads();
-  // warp through a shuffle: the compiler then knows it (and the loop trip counts) warp-uniform, and keeps the
-  // table address in a uniform register that the LDS adds for free.
-  const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 5, 0);
-  const int group = warp / kWarpsK, wk = warp % kWarpsK;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = warp / kWarpsK, wk = warp % kWarpsK;
   const int g = lane >> 2, t = lane & 3, groups = gridDim.x * kGroups;
   float* red = red_all + group * kRedFloats;
-  const int first = blockIdx.x * kGroups + group;
+  const int first = blockIdx.x * kGroups + group, nslices = p.K / 128;
   const int my_tiles = first < p.tiles ? (p.tiles - first + groups - 1) / groups : 0;
-  const int items = my_tiles * ((p.K / 128 - wk + kWarpsK - 1) / kWarpsK);
+  Loader<kPlain> ld;
+  ld.lo = wk * nslices / kWarpsK;
+  ld.hi = (wk + 1) * nslices / kWarpsK;
+  ld.s = ld.lo;
+  ld.tile = first;
+  const int items = my_tiles * (ld.hi - ld.lo);
+  if (items > 0) ld.start(p, g, t);
   uint32_t lane4;
   asm("mov.b32 %0, %1;" : "=r"(lane4) : "r"(lane * 4));
   const uint32_t table_addr = static_cast<uint32_t>(__cvta_generic_to_shared(table));
-  const uint8_t* xrow = xs + min(g, p.M - 1) * p.xstride + t * 32;
-  Loader<kPlain> ld;
-  ld.s = wk;
-  ld.tile = first;
-  ld.astep = (128 * kWarpsK) >> p.bs_shift;
-  ld.boff = p.bs_shift == 6;
-  if (items > 0) ld.start(p, g, t);
+  // this lane's x: units 4t + c of each slice, at x_unit(): +16 for even c and -16 for odd c where bit3 is set
+  const uint8_t* xrow = xs + min(g, p.M - 1) * p.xstride + t * 64;
+  const int flip = (t >> 1) * 16;
   // kDepth slices in flight while one is multiplied: a ring of kDepth + 1 register sets, unrolled so that every
   // set keeps its registers (slot d is multiplied while slot d - 1, just used, is refilled).
   constexpr int kRing = kDepth + 1;
@@ -225,29 +210,30 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
     if (d < items) {
-      ld.load(p, buf[d]);
-      ld.next(p, wk, groups, g, t);
+      ld.load(p, t, buf[d]);
+      ld.next(p, groups, g, t);
     }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int s = wk, tile = first, tiles_done = 0;
+  float acc[2][4] = {};
+  int s = ld.lo, tile = first, tiles_done = 0;
   for (int i = 0; i < items; i += kRing) {
 #pragma unroll
     for (int d = 0; d < kRing; ++d) {
       if (i + d < items) {
         if (i + d + kDepth < items) {
-          ld.load(p, buf[(d + kDepth) % kRing]);
-          ld.next(p, wk, groups, g, t);
+          ld.load(p, t, buf[(d + kDepth) % kRing]);
+          ld.next(p, groups, g, t);
         }
-        float sc[2][2];
+        uint32_t sc[2];
 #pragma unroll
-        for (int b = 0; b < 2; ++b)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) sc[b][h] = kPlain ? buf[d].a[b][h].v : decode_abs(p.am, ncode, buf[d].a[b][h]);
-        multiply<T>(buf[d], sc, xrow + s * 256, table_addr, lane4, acc);
-        s += kWarpsK;
-        if (s * 128 >= p.K) {
+        for (int h = 0; h < 2; ++h) {
+          const float v = kPlain ? buf[d].a[h].v : decode_abs(p.am, ncode, buf[d].a[h]);
+          sc[h] = pack_pair<T>(v, v);
+        }
+        const uint8_t* xsl = xrow + s * 256;
+        multiply<T>(buf[d], sc, xsl + flip, xsl - flip, table_addr, lane4, acc);
+        if (++s == ld.hi) {
           finish<T>(p, red + (tiles_done & 1) * (kRedFloats / 2), group, wk, g, t, tile, acc);
-          s = wk;
+          s = ld.lo;
           tile += groups;
           ++tiles_done;
         }
@@ -301,8 +287,8 @@ cudaError_t launch_gemv(GemvArgs p, cudaStream_t stream) {
 using namespace shardq;
 
 // Same arguments as shardq_gemm_4bit_tc. Returns cudaErrorNotSupported, launching nothing, unless: dtype fp16/bf16,
-// 1 <= M <= 8, K % 128 == 0 and K >= 1024 (a slice for every warp), blocksize a power of two in [64, 1024], x
-// 16-byte and w 8-byte aligned, and the staged x fitting in shared memory beside the 64 KB table.
+// 1 <= M <= 8, K % 128 == 0 and K >= 1024 (a slice for every warp), blocksize a power of two in [64, 1024] dividing
+// K, x and w 16-byte aligned, and the staged x fitting in shared memory beside the 64 KB table.
 SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                      const float* nested_absmax, const float* nested_code, float offset,
                                      const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
@@ -310,12 +296,12 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
   const int shift = log2_exact(blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 8 && N >= 1 && N <= INT32_MAX / 16 &&
                   K >= 128 * kWarpsK && K % 128 == 0 && K <= (1 << 20) && shift >= 6 && shift <= 10 &&
-                  (uintptr_t)x % 16 == 0 && (uintptr_t)w % 8 == 0 &&
+                  K % blocksize == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 &&
                   (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
   if (!ok) return cudaErrorNotSupported;
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
-                   (int)K * 2 + 16};
+                   (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (absmax != nullptr) {
     SHARDQ_DISPATCH_16(dtype, T, return launch_gemv<T, true>(p, stream));

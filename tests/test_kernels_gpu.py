@@ -91,7 +91,8 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
 
 
 # The default small-M kernels, called through the op and directly (which proves the op used them): "gemv"
-# (csrc/gemm_4bit_gemv.cu: M <= 8, K % 128, K >= 1024, blocksize 64..1024, x staged in shared memory) and "tc"
+# (csrc/gemm_4bit_gemv.cu: M <= 8, K % 128, K >= 1024, blocksize 64..1024 dividing K, x staged in shared memory)
+# and "tc"
 # (csrc/gemm_4bit_tc.cu: M <= 32, K % 128, blocksize >= 64; the op's choice with the GEMV off). Shapes: the issue
 # shapes, a ragged N (1000 rows: not a multiple of any row tile), and shapes they must refuse (K = 4097; 4128 =
 # 32 * 129; for tc M > 8 with fewer row tiles than SMs) so that the next kernel runs instead. test_gemm_4bit above
@@ -123,9 +124,9 @@ def _accepts(kernel: str, k: int, n: int, m: int, bs: int) -> bool:
     """The launcher's documented preconditions (fp16/bf16 and aligned pointers hold in these tests)."""
     props = torch.cuda.get_device_properties(0)
     if kernel == "gemv":
-        smem = 65536 + (256 + 2 * 2048) * 4 + m * (2 * k + 16)
+        smem = 65536 + (256 + 2 * 2048) * 4 + m * (2 * k + 32)
         fits = smem <= props.shared_memory_per_block_optin
-        return m <= 8 and k % 128 == 0 and k >= 1024 and 64 <= bs <= 1024 and fits
+        return m <= 8 and k % 128 == 0 and k >= 1024 and 64 <= bs <= 1024 and k % bs == 0 and fits
     if m > 32 or k % 128 or bs < 64:
         return False
     # tc leaves M > 8 with fewer row tiles (64 rows for M <= 16, else 128) than SMs to the K-split kernel
