@@ -19,6 +19,8 @@
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
 // over all groups of the persistent grid), each warp a contiguous eighth of the tile's 128-column slices, and the
 // 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace shardq {
@@ -29,7 +31,6 @@ constexpr int kGroups = 2;                      // groups per CTA
 constexpr int kThreads = 32 * kWarpsK * kGroups;
 constexpr int kTableBytes = 256 * 256;          // entry e of lane l at byte e * 256 + l * 4
 constexpr int kRedFloats = 2 * kWarpsK * 16 * 8;  // per group: 2 buffers x warps x 16 rows x 8 tokens
-constexpr int kDepth = 4;                       // slices loaded ahead per warp
 
 struct GemvArgs {
   const void* x;
@@ -45,11 +46,12 @@ inline size_t gemv_smem(int M, int K, int tsize) {
   return (size_t)kTableBytes + (256 + (size_t)kGroups * kRedFloats) * 4 + (size_t)M * (K * tsize + 32);
 }
 
-// One 128-column slice of a lane's two rows (g, g + 8): 16 packed bytes each (32 weights at 32 t) and the raw
-// scale of the block holding them.
+// One slice of P * 128 columns of a lane's two rows (g, g + 8): in each 128-column piece, 16 packed bytes per row
+// (32 weights at 32 t) and the raw scale of the block holding them.
+template <int P>
 struct Slice {
-  uint4 w[2];
-  AbsRaw a[2];
+  uint4 w[P][2];
+  AbsRaw a[P][2];
 };
 
 // Pair of byte Q of wd: the table offset (wd.byte[Q] << 8) | lane * 4 is one PRMT.
@@ -62,7 +64,7 @@ __device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint3
 }
 
 // A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
-template <bool kPlain>
+template <bool kPlain, int P>
 struct Loader {
   const uint8_t* wp[2];  // this lane's 16 bytes of the slice in rows g and g + 8
   const float* ap[2];    // plain: absmax of row g / g + 8 at column 0
@@ -74,7 +76,7 @@ struct Loader {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = min(tile * 16 + g + 8 * h, p.N - 1);
-      wp[h] = p.w + (int64_t)n * (p.K / 2) + s * 64 + t * 16;
+      wp[h] = p.w + (int64_t)n * (p.K / 2) + s * 64 * P + t * 16;
       const int64_t b = ((int64_t)n * p.K) >> p.bs_shift;  // K % blocksize == 0: rows start on a block
       if (kPlain) {
         ap[h] = p.am.plain + b;
@@ -85,24 +87,27 @@ struct Loader {
     }
   }
 
-  __device__ __forceinline__ void load(const GemvArgs& p, int t, Slice& d) const {
-    const int i = (s * 128 + t * 32) >> p.bs_shift;
+  __device__ __forceinline__ void load(const GemvArgs& p, int t, Slice<P>& d) const {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      d.w[h] = __ldcs(reinterpret_cast<const uint4*>(wp[h]));
-      if (kPlain) {
-        d.a[h].v = __ldg(ap[h] + i);
-      } else {
-        d.a[h].q = __ldg(qp[h] + i);
-        d.a[h].v = __ldg(p.am.nested_absmax + ((blk[h] + i) >> 8));
+    for (int q = 0; q < P; ++q) {
+      const int i = (s * 128 * P + q * 128 + t * 32) >> p.bs_shift;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        d.w[q][h] = __ldcs(reinterpret_cast<const uint4*>(wp[h] + q * 64));
+        if (kPlain) {
+          d.a[q][h].v = __ldg(ap[h] + i);
+        } else {
+          d.a[q][h].q = __ldg(qp[h] + i);
+          d.a[q][h].v = __ldg(p.am.nested_absmax + ((blk[h] + i) >> 8));
+        }
       }
     }
   }
 
   __device__ __forceinline__ void next(const GemvArgs& p, int groups, int g, int t) {
     if (++s < hi) {
-      wp[0] += 64;
-      wp[1] += 64;
+      wp[0] += 64 * P;
+      wp[1] += 64 * P;
     } else {
       s = lo;
       tile += groups;
@@ -115,17 +120,17 @@ struct Loader {
 // 4t + c (t = 0..3) hit distinct banks; rows are 2K + 32 bytes apart so that two tokens' rows do not collide.
 __device__ __forceinline__ int x_unit(int u) { return u ^ ((u >> 3) & 1); }
 
-// Slice product: 8 mma (two chains), each over 16 k of rows g and g + 8 with the pairs pre-scaled.
+// Piece product: 8 mma (two chains), each over 16 k of rows g and g + 8 with the pairs pre-scaled.
 template <typename T>
-__device__ __forceinline__ void multiply(const Slice& d, const uint32_t (&sc)[2], const uint8_t* xe,
+__device__ __forceinline__ void multiply(const uint4 (&w)[2], const uint32_t (&sc)[2], const uint8_t* xe,
                                          const uint8_t* xo, uint32_t table, uint32_t lane4, float (&acc)[2][4]) {
   uint4 xv[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) xv[c] = *reinterpret_cast<const uint4*>((c & 1 ? xo : xe) + 16 * c);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t w0 = j == 0 ? d.w[0].x : j == 1 ? d.w[0].y : j == 2 ? d.w[0].z : d.w[0].w;
-    const uint32_t w1 = j == 0 ? d.w[1].x : j == 1 ? d.w[1].y : j == 2 ? d.w[1].z : d.w[1].w;
+    const uint32_t w0 = j == 0 ? w[0].x : j == 1 ? w[0].y : j == 2 ? w[0].z : w[0].w;
+    const uint32_t w1 = j == 0 ? w[1].x : j == 1 ? w[1].y : j == 2 ? w[1].z : w[1].w;
     uint32_t a[4];
     a[0] = scale_pair<T>(lookup<0>(table, lane4, w0), sc[0]);
     a[1] = scale_pair<T>(lookup<0>(table, lane4, w1), sc[1]);
@@ -166,8 +171,9 @@ __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group,
 }
 
 // Stages the pair table and x, then each group walks its tiles; per warp, slices are loaded kDepth ahead.
-template <typename T, bool kPlain>
+template <typename T, bool kPlain, int P>
 __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
+  constexpr int kDepth = P == 1 ? 4 : P == 2 ? 2 : 1;  // slices loaded ahead per warp
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* table = smem;
   float* ncode = reinterpret_cast<float*>(smem + kTableBytes);
@@ -188,9 +194,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = warp / kWarpsK, wk = warp % kWarpsK;
   const int g = lane >> 2, t = lane & 3, groups = gridDim.x * kGroups;
   float* red = red_all + group * kRedFloats;
-  const int first = blockIdx.x * kGroups + group, nslices = p.K / 128;
+  const int first = blockIdx.x * kGroups + group, nslices = p.K / (128 * P);
   const int my_tiles = first < p.tiles ? (p.tiles - first + groups - 1) / groups : 0;
-  Loader<kPlain> ld;
+  Loader<kPlain, P> ld;
   ld.lo = wk * nslices / kWarpsK;
   ld.hi = (wk + 1) * nslices / kWarpsK;
   ld.s = ld.lo;
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   // kDepth slices in flight while one is multiplied: a ring of kDepth + 1 register sets, unrolled so that every
   // set keeps its registers (slot d is multiplied while slot d - 1, just used, is refilled).
   constexpr int kRing = kDepth + 1;
-  Slice buf[kRing];
+  Slice<P> buf[kRing];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
     if (d < items) {
@@ -223,14 +229,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
           ld.load(p, t, buf[(d + kDepth) % kRing]);
           ld.next(p, groups, g, t);
         }
-        uint32_t sc[2];
+        const uint8_t* xsl = xrow + s * 256 * P;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float v = kPlain ? buf[d].a[h].v : decode_abs(p.am, ncode, buf[d].a[h]);
-          sc[h] = pack_pair<T>(v, v);
+        for (int q = 0; q < P; ++q) {
+          uint32_t sc[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float v = kPlain ? buf[d].a[q][h].v : decode_abs(p.am, ncode, buf[d].a[q][h]);
+            sc[h] = pack_pair<T>(v, v);
+          }
+          multiply<T>(buf[d].w[q], sc, xsl + 256 * q + flip, xsl + 256 * q - flip, table_addr, lane4, acc);
         }
-        const uint8_t* xsl = xrow + s * 256;
-        multiply<T>(buf[d], sc, xsl + flip, xsl - flip, table_addr, lane4, acc);
         if (++s == ld.hi) {
           finish<T>(p, red + (tiles_done & 1) * (kRedFloats / 2), group, wk, g, t, tile, acc);
           s = ld.lo;
@@ -242,27 +251,48 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   }
 }
 
-// Resident CTAs per SM for a dynamic shared-memory size, cached per device (a small direct-mapped cache: a lost
-// race only costs one more occupancy query, and a stale entry only changes the grid size).
-template <typename Kernel>
-int resident_per_sm(Kernel kernel, int dev, size_t smem) {
+// Launches one instantiation as a persistent grid. Resident CTAs per SM are cached per device and shared-memory
+// size (a small direct-mapped cache: a lost race costs one more occupancy query, a stale entry only the grid size).
+template <typename T, bool kPlain, int P>
+cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_t stream) {
   struct Entry {
     size_t smem;
     int per_sm;
   };
+  static bool allowed[64] = {};
   static Entry cache[64][16] = {};
+  cudaError_t err = allow_smem(gemm4_gemv<T, kPlain, P>, (size_t)optin, allowed);
+  if (err != cudaSuccess) return err;
   Entry& e = cache[dev][(smem / 16) % 16];
-  if (e.smem == smem && e.per_sm > 0) return e.per_sm;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) return 0;
-  e.per_sm = per_sm;
-  e.smem = smem;
-  return per_sm;
+  if (e.smem != smem || e.per_sm < 1) {
+    int per_sm = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm4_gemv<T, kPlain, P>, kThreads, smem);
+    if (err != cudaSuccess) return err;
+    if (per_sm < 1) return cudaErrorNotSupported;
+    e.per_sm = per_sm;
+    e.smem = smem;
+  }
+  p.tiles = (p.N + 15) / 16;
+  const int want = (p.tiles + kGroups - 1) / kGroups, res = e.per_sm * sm_count();
+  gemm4_gemv<T, kPlain, P><<<want < res ? want : res, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Columns per slice = 128 * pieces: the most (up to SHARDQ_GEMV_PIECES, default 2) that divides K and still gives
+// every warp a slice.
+inline int pieces_for(int K) {
+  static const int cap = [] {
+    const char* e = getenv("SHARDQ_GEMV_PIECES");
+    const int v = e ? atoi(e) : 2;
+    return v == 1 || v == 2 || v == 4 ? v : 2;
+  }();
+  for (int q = cap; q >= 1; q /= 2)
+    if (K % (128 * q) == 0 && K / (128 * q) >= kWarpsK) return q;
+  return 0;
 }
 
 template <typename T, bool kPlain>
-cudaError_t launch_gemv(GemvArgs p, cudaStream_t stream) {
-  static bool allowed[64] = {};
+cudaError_t launch_pieces(const GemvArgs& p, cudaStream_t stream) {
   static int optin[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -271,14 +301,12 @@ cudaError_t launch_gemv(GemvArgs p, cudaStream_t stream) {
   if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const size_t smem = gemv_smem(p.M, p.K, (int)sizeof(T));
   if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
-  err = allow_smem(gemm4_gemv<T, kPlain>, (size_t)optin[dev], allowed);
-  if (err != cudaSuccess) return err;
-  const int per_sm = resident_per_sm(gemm4_gemv<T, kPlain>, dev, smem);
-  if (per_sm < 1) return cudaErrorNotSupported;
-  p.tiles = (p.N + 15) / 16;
-  const int want = (p.tiles + kGroups - 1) / kGroups, res = per_sm * sm_count();
-  gemm4_gemv<T, kPlain><<<want < res ? want : res, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  switch (pieces_for(p.K)) {
+    case 4: return launch_gemv<T, kPlain, 4>(p, dev, smem, optin[dev], stream);
+    case 2: return launch_gemv<T, kPlain, 2>(p, dev, smem, optin[dev], stream);
+    case 1: return launch_gemv<T, kPlain, 1>(p, dev, smem, optin[dev], stream);
+    default: return cudaErrorNotSupported;
+  }
 }
 
 }  // namespace
@@ -304,9 +332,9 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                    (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (absmax != nullptr) {
-    SHARDQ_DISPATCH_16(dtype, T, return launch_gemv<T, true>(p, stream));
+    SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, true>(p, stream));
   } else {
-    SHARDQ_DISPATCH_16(dtype, T, return launch_gemv<T, false>(p, stream));
+    SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, false>(p, stream));
   }
   return cudaErrorNotSupported;
 }
