@@ -40,6 +40,7 @@ struct GemvArgs {
   const void* bias;
   void* out;
   int M, N, K, bs_shift, tiles, xstride;  // xstride: bytes between staged x rows
+  int load_mode;
 };
 
 inline size_t gemv_smem(int M, int K, int tsize) {
@@ -60,6 +61,22 @@ __device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint3
   uint32_t off, v;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(wd), "r"(lane4), "n"(0x5504 | (Q << 4)));
   asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(table + off));
+  return v;
+}
+
+// 16 packed bytes streamed once: mode 0 ld.global.cs, 1 ld.global.nc.L1::no_allocate, 2 the same with an L2
+// prefetch of the surrounding 256 bytes (longer DRAM bursts).
+__device__ __forceinline__ uint4 load_weights(const uint8_t* src, int mode) {
+  uint4 v;
+  if (mode == 2) {
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  } else if (mode == 1) {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  } else {
+    v = __ldcs(reinterpret_cast<const uint4*>(src));
+  }
   return v;
 }
 
@@ -93,7 +110,7 @@ struct Loader {
       const int i = (s * 128 * P + q * 128 + t * 32) >> p.bs_shift;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        d.w[q][h] = __ldcs(reinterpret_cast<const uint4*>(wp[h] + q * 64));
+        d.w[q][h] = load_weights(wp[h] + q * 64, p.load_mode);
         if (kPlain) {
           d.a[q][h].v = __ldg(ap[h] + i);
         } else {
@@ -328,8 +345,12 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                   (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
   if (!ok) return cudaErrorNotSupported;
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  static const int load_mode = [] {
+    const char* e = getenv("SHARDQ_GEMV_LOAD");
+    return e ? atoi(e) : 0;
+  }();
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
-                   (int)K * 2 + 32};
+                   (int)K * 2 + 32, load_mode};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (absmax != nullptr) {
     SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, true>(p, stream));
