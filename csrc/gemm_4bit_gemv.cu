@@ -4,11 +4,12 @@
 // Why (ncu on an H200, bench/RESULTS.md): the ring kernel (gemm_4bit_tc.cu) issued ~9.8 thread instructions per
 // packed byte at M = 1, ~60 % of them bookkeeping (cp.async addresses, ring waits, barriers, scale shuffles). This
 // kernel keeps the tensor-core mma with the weights as the A operand and drops the rest:
-//   - no shared-memory ring: each lane loads 16 contiguous packed bytes per row and slice with one 128-bit load,
-//     kDepth slices ahead of use in registers; the only per-slice bookkeeping is pointer increments;
+//   - no shared-memory ring: each lane loads 16 contiguous packed bytes per row and 128-column piece with one
+//     128-bit load, slices of 2 pieces (128 contiguous bytes per row) kDepth ahead of use in registers; the only
+//     per-slice bookkeeping is pointer increments;
 //   - the L1/shared pipeline is the scarce resource (a first version with 64-bit loads and a scale load per block
 //     and row ran at 83 % L1 throughput and 46 % of HBM), so weights come as 128-bit loads (8 rows x 64 bytes per
-//     request), one scale per row and slice, and x (all M <= 8 tokens, whole K) is staged in shared memory once per
+//     request), one scale per row and piece, and x (all M <= 8 tokens, whole K) is staged in shared memory once per
 //     CTA, swizzled so that its 128-bit reads never conflict;
 //   - a lookup is one PRMT and one LDS: the PRMT builds the offset (byte << 8 | lane * 4) from the packed word and
 //     a register holding lane * 4, so the 256-entry pair table is lane-private at a 256-byte stride (64 KB; entry e
@@ -17,10 +18,8 @@
 //     each looked-up pair is scaled by its block's absmax (one HMUL2, in the activation dtype, as the reference
 //     dequantizes) before the mma, which accumulates in fp32.
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
-// over all groups of the persistent grid), each warp a contiguous eighth of the tile's 128-column slices, and the
+// over all groups of the persistent grid), each warp a contiguous eighth of the tile's slices, and the
 // 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
-#include <stdlib.h>
-
 #include "common.cuh"
 
 namespace shardq {
@@ -40,7 +39,6 @@ struct GemvArgs {
   const void* bias;
   void* out;
   int M, N, K, bs_shift, tiles, xstride;  // xstride: bytes between staged x rows
-  int load_mode;
 };
 
 inline size_t gemv_smem(int M, int K, int tsize) {
@@ -64,19 +62,13 @@ __device__ __forceinline__ uint32_t lookup(uint32_t table, uint32_t lane4, uint3
   return v;
 }
 
-// 16 packed bytes streamed once: mode 0 ld.global.cs, 1 ld.global.nc.L1::no_allocate, 2 the same with an L2
-// prefetch of the surrounding 256 bytes (longer DRAM bursts).
-__device__ __forceinline__ uint4 load_weights(const uint8_t* src, int mode) {
+// 16 packed bytes read once: not kept in L1, and L2 fetches the surrounding 256 bytes (longer DRAM bursts; measured
+// against ld.global.cs and plain no_allocate on an H200: 55.1 vs 57.3 us at 8192x28672, M = 1).
+__device__ __forceinline__ uint4 load_weights(const uint8_t* src) {
   uint4 v;
-  if (mode == 2) {
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
-  } else if (mode == 1) {
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
-  } else {
-    v = __ldcs(reinterpret_cast<const uint4*>(src));
-  }
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(src));
   return v;
 }
 
@@ -110,7 +102,7 @@ struct Loader {
       const int i = (s * 128 * P + q * 128 + t * 32) >> p.bs_shift;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        d.w[q][h] = load_weights(wp[h] + q * 64, p.load_mode);
+        d.w[q][h] = load_weights(wp[h] + q * 64);
         if (kPlain) {
           d.a[q][h].v = __ldg(ap[h] + i);
         } else {
@@ -190,7 +182,7 @@ __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group,
 // Stages the pair table and x, then each group walks its tiles; per warp, slices are loaded kDepth ahead.
 template <typename T, bool kPlain, int P>
 __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
-  constexpr int kDepth = P == 1 ? 4 : P == 2 ? 2 : 1;  // slices loaded ahead per warp
+  constexpr int kDepth = P == 1 ? 4 : 2;  // slices loaded ahead per warp (as many as the registers hold)
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* table = smem;
   float* ncode = reinterpret_cast<float*>(smem + kTableBytes);
@@ -295,18 +287,10 @@ cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_
   return cudaGetLastError();
 }
 
-// Columns per slice = 128 * pieces: the most (up to SHARDQ_GEMV_PIECES, default 2) that divides K and still gives
-// every warp a slice.
-inline int pieces_for(int K) {
-  static const int cap = [] {
-    const char* e = getenv("SHARDQ_GEMV_PIECES");
-    const int v = e ? atoi(e) : 2;
-    return v == 1 || v == 2 || v == 4 ? v : 2;
-  }();
-  for (int q = cap; q >= 1; q /= 2)
-    if (K % (128 * q) == 0 && K / (128 * q) >= kWarpsK) return q;
-  return 0;
-}
+// Columns per slice = 128 * pieces: 2 (128 contiguous bytes per row and slice) where that divides K and still gives
+// every warp a slice, else 1. Measured on an H200 at 8192x28672, M = 1: 61.6 us with 1 piece, 55.1 with 2; 4 pieces
+// (55.7) leave registers for one slice in flight only.
+inline int pieces_for(int K) { return K % 256 == 0 && K / 256 >= kWarpsK ? 2 : 1; }
 
 template <typename T, bool kPlain>
 cudaError_t launch_pieces(const GemvArgs& p, cudaStream_t stream) {
@@ -319,7 +303,6 @@ cudaError_t launch_pieces(const GemvArgs& p, cudaStream_t stream) {
   const size_t smem = gemv_smem(p.M, p.K, (int)sizeof(T));
   if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
   switch (pieces_for(p.K)) {
-    case 4: return launch_gemv<T, kPlain, 4>(p, dev, smem, optin[dev], stream);
     case 2: return launch_gemv<T, kPlain, 2>(p, dev, smem, optin[dev], stream);
     case 1: return launch_gemv<T, kPlain, 1>(p, dev, smem, optin[dev], stream);
     default: return cudaErrorNotSupported;
@@ -345,12 +328,8 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                   (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
   if (!ok) return cudaErrorNotSupported;
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
-  static const int load_mode = [] {
-    const char* e = getenv("SHARDQ_GEMV_LOAD");
-    return e ? atoi(e) : 0;
-  }();
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
-                   (int)K * 2 + 32, load_mode};
+                   (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (absmax != nullptr) {
     SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, true>(p, stream));
