@@ -20,8 +20,6 @@
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
 // over all groups of the persistent grid), each warp a contiguous eighth of the tile's slices, and the
 // 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
-#include <stdlib.h>
-
 #include "common.cuh"
 
 namespace shardq {
@@ -41,7 +39,6 @@ struct GemvArgs {
   const void* bias;
   void* out;
   int M, N, K, bs_shift, tiles, xstride;  // xstride: bytes between staged x rows
-  int l2_prefetch;
 };
 
 inline size_t gemv_smem(int M, int K, int tsize) {
@@ -75,18 +72,6 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* src) {
   return v;
 }
 
-// Asks L2 to fetch this warp's K range of the 16 rows of `tile` (lane r < 16: row r) as one bulk prefetch per row,
-// so DRAM serves whole row runs instead of 128-byte pieces of 256 interleaved streams per SM (sm_90+; a no-op before).
-__device__ __forceinline__ void prefetch_rows(const GemvArgs& p, int tile, int lo, int hi, int P) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int lane = threadIdx.x & 31, n = tile * 16 + lane;
-  if (p.l2_prefetch && lane < 16 && n < p.N) {
-    const uint8_t* src = p.w + (int64_t)n * (p.K / 2) + lo * 64 * P;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"((hi - lo) * 64 * P) : "memory");
-  }
-#endif
-}
-
 // A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
 template <bool kPlain, int P>
 struct Loader {
@@ -96,8 +81,7 @@ struct Loader {
   int64_t blk[2];        // double quant: block index of column 0
   int s, tile, lo, hi;
 
-  __device__ __forceinline__ void start(const GemvArgs& p, int g, int t, int groups) {
-    prefetch_rows(p, tile + groups, lo, hi, P);
+  __device__ __forceinline__ void start(const GemvArgs& p, int g, int t) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = min(tile * 16 + g + 8 * h, p.N - 1);
@@ -136,7 +120,7 @@ struct Loader {
     } else {
       s = lo;
       tile += groups;
-      start(p, g, t, groups);
+      start(p, g, t);
     }
   }
 };
@@ -227,10 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   ld.s = ld.lo;
   ld.tile = first;
   const int items = my_tiles * (ld.hi - ld.lo);
-  if (items > 0) {
-    prefetch_rows(p, first, ld.lo, ld.hi, P);
-    ld.start(p, g, t, groups);
-  }
+  if (items > 0) ld.start(p, g, t);
   uint32_t lane4;
   asm("mov.b32 %0, %1;" : "=r"(lane4) : "r"(lane * 4));
   const uint32_t table_addr = static_cast<uint32_t>(__cvta_generic_to_shared(table));
@@ -347,12 +328,8 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                   (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
   if (!ok) return cudaErrorNotSupported;
   const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
-  static const int l2_prefetch = [] {
-    const char* e = getenv("SHARDQ_GEMV_L2PREFETCH");
-    return e ? atoi(e) : 1;
-  }();
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
-                   (int)K * 2 + 32, l2_prefetch};
+                   (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (absmax != nullptr) {
     SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, true>(p, stream));
