@@ -20,6 +20,8 @@
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
 // over all groups of the persistent grid), each warp a contiguous eighth of the tile's slices, and the
 // 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace shardq {
@@ -73,8 +75,14 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* src) {
 }
 
 // A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
-template <bool kPlain, int P>
+// Scale modes: plain fp32 absmax loaded per piece and row; double quant; plain with blocksize 64 and 2 pieces, where
+// one 128-bit load per row brings the slice's four block scales (half the scale requests: they were half of all L1
+// requests of a slice).
+enum AbsMode : int { kAbsPlain = 0, kAbsNested = 1, kAbsPlain4 = 2 };
+
+template <int kAbs, int P>
 struct Loader {
+  static constexpr bool kPlain = kAbs != kAbsNested;
   const uint8_t* wp[2];  // this lane's 16 bytes of the slice in rows g and g + 8
   const float* ap[2];    // plain: absmax of row g / g + 8 at column 0
   const uint8_t* qp[2];  // double quant: the same for the 8-bit codes
@@ -97,13 +105,22 @@ struct Loader {
   }
 
   __device__ __forceinline__ void load(const GemvArgs& p, int t, Slice<P>& d) const {
+    if (kAbs == kAbsPlain4) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float4 a4 = __ldg(reinterpret_cast<const float4*>(ap[h] + s * 4));  // blocks 4s .. 4s + 3
+        d.a[0][h].v = t >> 1 ? a4.y : a4.x;
+        d.a[P - 1][h].v = t >> 1 ? a4.w : a4.z;
+      }
+    }
 #pragma unroll
     for (int q = 0; q < P; ++q) {
       const int i = (s * 128 * P + q * 128 + t * 32) >> p.bs_shift;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         d.w[q][h] = load_weights(wp[h] + q * 64);
-        if (kPlain) {
+        if (kAbs == kAbsPlain4) {
+        } else if (kPlain) {
           d.a[q][h].v = __ldg(ap[h] + i);
         } else {
           d.a[q][h].q = __ldg(qp[h] + i);
@@ -180,8 +197,9 @@ __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group,
 }
 
 // Stages the pair table and x, then each group walks its tiles; per warp, slices are loaded kDepth ahead.
-template <typename T, bool kPlain, int P>
+template <typename T, int kAbs, int P>
 __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
+  constexpr bool kPlain = kAbs != kAbsNested;
   constexpr int kDepth = P == 1 ? 4 : 2;  // slices loaded ahead per warp (as many as the registers hold)
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* table = smem;
@@ -205,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
   float* red = red_all + group * kRedFloats;
   const int first = blockIdx.x * kGroups + group, nslices = p.K / (128 * P);
   const int my_tiles = first < p.tiles ? (p.tiles - first + groups - 1) / groups : 0;
-  Loader<kPlain, P> ld;
+  Loader<kAbs, P> ld;
   ld.lo = wk * nslices / kWarpsK;
   ld.hi = (wk + 1) * nslices / kWarpsK;
   ld.s = ld.lo;
@@ -262,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
 
 // Launches one instantiation as a persistent grid. Resident CTAs per SM are cached per device and shared-memory
 // size (a small direct-mapped cache: a lost race costs one more occupancy query, a stale entry only the grid size).
-template <typename T, bool kPlain, int P>
+template <typename T, int kAbs, int P>
 cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_t stream) {
   struct Entry {
     size_t smem;
@@ -270,12 +288,12 @@ cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_
   };
   static bool allowed[64] = {};
   static Entry cache[64][16] = {};
-  cudaError_t err = allow_smem(gemm4_gemv<T, kPlain, P>, (size_t)optin, allowed);
+  cudaError_t err = allow_smem(gemm4_gemv<T, kAbs, P>, (size_t)optin, allowed);
   if (err != cudaSuccess) return err;
   Entry& e = cache[dev][(smem / 16) % 16];
   if (e.smem != smem || e.per_sm < 1) {
     int per_sm = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm4_gemv<T, kPlain, P>, kThreads, smem);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm4_gemv<T, kAbs, P>, kThreads, smem);
     if (err != cudaSuccess) return err;
     if (per_sm < 1) return cudaErrorNotSupported;
     e.per_sm = per_sm;
@@ -283,7 +301,7 @@ cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_
   }
   p.tiles = (p.N + 15) / 16;
   const int want = (p.tiles + kGroups - 1) / kGroups, res = e.per_sm * sm_count();
-  gemm4_gemv<T, kPlain, P><<<want < res ? want : res, kThreads, smem, stream>>>(p);
+  gemm4_gemv<T, kAbs, P><<<want < res ? want : res, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -292,8 +310,8 @@ cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_
 // (55.7) leave registers for one slice in flight only.
 inline int pieces_for(int K) { return K % 256 == 0 && K / 256 >= kWarpsK ? 2 : 1; }
 
-template <typename T, bool kPlain>
-cudaError_t launch_pieces(const GemvArgs& p, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_pieces(const GemvArgs& p, bool plain4_ok, cudaStream_t stream) {
   static int optin[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -302,11 +320,14 @@ cudaError_t launch_pieces(const GemvArgs& p, cudaStream_t stream) {
   if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const size_t smem = gemv_smem(p.M, p.K, (int)sizeof(T));
   if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
-  switch (pieces_for(p.K)) {
-    case 2: return launch_gemv<T, kPlain, 2>(p, dev, smem, optin[dev], stream);
-    case 1: return launch_gemv<T, kPlain, 1>(p, dev, smem, optin[dev], stream);
-    default: return cudaErrorNotSupported;
+  const bool nested = p.am.plain == nullptr, two = pieces_for(p.K) == 2;
+  if (nested) {
+    return two ? launch_gemv<T, kAbsNested, 2>(p, dev, smem, optin[dev], stream)
+               : launch_gemv<T, kAbsNested, 1>(p, dev, smem, optin[dev], stream);
   }
+  if (two && plain4_ok) return launch_gemv<T, kAbsPlain4, 2>(p, dev, smem, optin[dev], stream);
+  return two ? launch_gemv<T, kAbsPlain, 2>(p, dev, smem, optin[dev], stream)
+             : launch_gemv<T, kAbsPlain, 1>(p, dev, smem, optin[dev], stream);
 }
 
 }  // namespace
@@ -331,10 +352,11 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
                    (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (absmax != nullptr) {
-    SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, true>(p, stream));
-  } else {
-    SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T, false>(p, stream));
-  }
+  static const bool plain4_env = [] {
+    const char* e = getenv("SHARDQ_GEMV_ABS4");
+    return !e || atoi(e) != 0;
+  }();
+  const bool plain4_ok = plain4_env && absmax != nullptr && shift == 6 && (uintptr_t)absmax % 16 == 0;
+  SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T>(p, plain4_ok, stream));
   return cudaErrorNotSupported;
 }
