@@ -9,8 +9,8 @@
 //     per-slice bookkeeping is pointer increments;
 //   - the L1/shared pipeline is the scarce resource (a first version with 64-bit loads and a scale load per block
 //     and row ran at 83 % L1 throughput and 46 % of HBM), so weights come as 128-bit loads (8 rows x 64 bytes per
-//     request), one scale per row and piece, and x (all M <= 8 tokens, whole K) is staged in shared memory once per
-//     CTA, swizzled so that its 128-bit reads never conflict;
+//     request), scales as one load per row and piece (per row and slice with blocksize 64), and x (all M <= 8
+//     tokens, whole K) is staged in shared memory once per CTA, swizzled so that its 128-bit reads never conflict;
 //   - a lookup is one PRMT and one LDS: the PRMT builds the offset (byte << 8 | lane * 4) from the packed word and
 //     a register holding lane * 4, so the 256-entry pair table is lane-private at a 256-byte stride (64 KB; entry e
 //     of lane l in bank l: lookups never conflict);
@@ -20,8 +20,6 @@
 // Work split: a CTA holds two independent groups of 8 warps; a group owns one 16-row tile at a time (tiles strided
 // over all groups of the persistent grid), each warp a contiguous eighth of the tile's slices, and the
 // 8 partial sums meet in shared memory (two buffers, one named barrier per tile).
-#include <stdlib.h>
-
 #include "common.cuh"
 
 namespace shardq {
@@ -76,8 +74,8 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* src) {
 
 // A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
 // Scale modes: plain fp32 absmax loaded per piece and row; double quant; plain with blocksize 64 and 2 pieces, where
-// one 128-bit load per row brings the slice's four block scales (half the scale requests: they were half of all L1
-// requests of a slice).
+// one 128-bit load per row brings the slice's four block scales (half the scale requests, which were half of all
+// L1 requests of a slice; H200, 8192x28672, M = 1: 52.8 vs 55.4 us).
 enum AbsMode : int { kAbsPlain = 0, kAbsNested = 1, kAbsPlain4 = 2 };
 
 template <int kAbs, int P>
@@ -352,11 +350,7 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
                    (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  static const bool plain4_env = [] {
-    const char* e = getenv("SHARDQ_GEMV_ABS4");
-    return !e || atoi(e) != 0;
-  }();
-  const bool plain4_ok = plain4_env && absmax != nullptr && shift == 6 && (uintptr_t)absmax % 16 == 0;
+  const bool plain4_ok = absmax != nullptr && shift == 6 && (uintptr_t)absmax % 16 == 0;
   SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T>(p, plain4_ok, stream));
   return cudaErrorNotSupported;
 }
