@@ -72,12 +72,12 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* src) {
   return v;
 }
 
-// A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
 // Scale modes: plain fp32 absmax loaded per piece and row; double quant; plain with blocksize 64 and 2 pieces, where
 // one 128-bit load per row brings the slice's four block scales (half the scale requests, which were half of all
 // L1 requests of a slice; H200, 8192x28672, M = 1: 52.8 vs 55.4 us).
 enum AbsMode : int { kAbsPlain = 0, kAbsNested = 1, kAbsPlain4 = 2 };
 
+// A warp's walk over its slices [lo, hi) of each of its group's tiles: where the next slice to load is.
 template <int kAbs, int P>
 struct Loader {
   static constexpr bool kPlain = kAbs != kAbsNested;
@@ -117,10 +117,9 @@ struct Loader {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         d.w[q][h] = load_weights(wp[h] + q * 64);
-        if (kAbs == kAbsPlain4) {
-        } else if (kPlain) {
+        if (kAbs == kAbsPlain) {
           d.a[q][h].v = __ldg(ap[h] + i);
-        } else {
+        } else if (kAbs == kAbsNested) {
           d.a[q][h].q = __ldg(qp[h] + i);
           d.a[q][h].v = __ldg(p.am.nested_absmax + ((blk[h] + i) >> 8));
         }
