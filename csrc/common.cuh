@@ -32,6 +32,16 @@ struct Absmax {
   const float* nested_absmax;
   const float* nested_code;
   float offset;
+  // From a launcher's scale arguments: the fp32 absmax, or double quant (8-bit codes, nested absmax, nested code,
+  // offset).
+  static Absmax of(const float* absmax, const void* absmax_q, const float* nested_absmax, const float* nested_code,
+                   float offset) {
+    return {absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  }
+  // Whether the arguments name a whole scale: the fp32 absmax, or every part of double quant.
+  bool given() const {
+    return plain != nullptr || (q != nullptr && nested_absmax != nullptr && nested_code != nullptr);
+  }
   __device__ __forceinline__ float get(int64_t blk) const {
     if (plain) return __ldg(plain + blk);
     return __ldg(nested_code + __ldg(q + blk)) * __ldg(nested_absmax + (blk >> 8)) + offset;

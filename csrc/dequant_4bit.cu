@@ -103,7 +103,7 @@ SHARDQ_API int shardq_dequantize_4bit(const void* w, const float* absmax, const 
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (count <= 0) return cudaSuccess;
   if (e0 < 0 || blocksize <= 0) return cudaErrorInvalidValue;
-  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
   const uint8_t* wp = static_cast<const uint8_t*>(w);
   const int shift = log2_exact(blocksize);
   // Whole 8-element words through the fast kernel, the last count % 8 elements through the generic one.

@@ -339,13 +339,12 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                                      const float* nested_absmax, const float* nested_code, float offset,
                                      const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                      int64_t blocksize, int dtype, void* stream_ptr) {
+  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
   const int shift = log2_exact(blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 8 && N >= 1 && N <= INT32_MAX / 16 &&
                   K >= 128 * kWarpsK && K % 128 == 0 && K <= (1 << 20) && shift >= 6 && shift <= 10 &&
-                  K % blocksize == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 &&
-                  (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
+                  K % blocksize == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && am.given();
   if (!ok) return cudaErrorNotSupported;
-  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
   const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
                    (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);

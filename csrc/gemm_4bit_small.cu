@@ -201,7 +201,7 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (M <= 0 || N <= 0 || K <= 0 || blocksize <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
     return cudaErrorInvalidValue;
-  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
+  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
   const int shift = log2_exact(blocksize);
   const bool aligned = ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
   const bool fast = dtype != kF32 && M <= 32 && K % 32 == 0 && shift >= 5 && aligned;

@@ -341,13 +341,12 @@ SHARDQ_API int shardq_gemm_4bit_tc(const void* x, const void* w, const float* ab
                                    const float* nested_absmax, const float* nested_code, float offset,
                                    const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                    int64_t blocksize, int dtype, void* stream_ptr) {
+  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
   const int shift = log2_exact(blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 32 && N >= 1 && N <= INT32_MAX / 2 &&
                   K >= 128 && (int64_t)M * K <= INT32_MAX && K % 128 == 0 && shift >= 6 && (uintptr_t)x % 16 == 0 &&
-                  (uintptr_t)w % 16 == 0 &&
-                  (absmax != nullptr || (absmax_q != nullptr && nested_absmax != nullptr && nested_code != nullptr));
+                  (uintptr_t)w % 16 == 0 && am.given();
   if (!ok) return cudaErrorNotSupported;
-  const Absmax am{absmax, static_cast<const uint8_t*>(absmax_q), nested_absmax, nested_code, offset};
   const TcArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0, 0};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, stream));
