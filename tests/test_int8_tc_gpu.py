@@ -61,7 +61,7 @@ def _prepare(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict[str,
     buf, off = cuda_ops._int8_scratch(m, k, x.device)
     p = {name: buf.data_ptr() + o for name, o in off.items()}
     rc = lib.load().shardq_int8_prepare(x.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"],
-                                        m, k, threshold, cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
+                                        None, 0, m, k, threshold, cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
     assert rc == 0
     return buf, p
 

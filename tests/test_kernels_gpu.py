@@ -90,6 +90,14 @@ def test_gemm_4bit(k, n, m, dtype, qt, dq):
     _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4")
 
 
+@pytest.mark.parametrize("chunk_rows,k,n,m", [(1000, 4096, 4096, 256), (64, 1024, 1000, 33), (300, 4097, 1000, 40)])
+def test_gemm_4bit_large_in_chunks(monkeypatch, chunk_rows, k, n, m):
+    """Large M dequantizes W in row chunks, cuBLAS writing each chunk's output columns in place (ragged last)."""
+    monkeypatch.setattr(cuda_ops, "DEQUANT_CHUNK_BYTES", chunk_rows * k * 2)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check_gemm_4bit(k, n, m, dtype, "nf4", m % 2 == 0, f"chunks{chunk_rows}")
+
+
 # The default small-M kernels, called through the op and directly (which proves the op used them): "gemv"
 # (csrc/gemm_4bit_gemv.cu: M <= 8, K % 128, K >= 1024, blocksize 64..1024 dividing K, x staged in shared memory)
 # and "tc"
@@ -237,6 +245,26 @@ def test_int8_linear(k, n, m, dtype, threshold):
     err = _rel(out, exact)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference (eps {eps:.1e})"
     return (x, w8, scb, bias), out
+
+
+@pytest.mark.parametrize("k,n,m,every,dtype", [(1024, 1000, 64, 8, torch.float16), (4096, 4104, 300, 3, torch.bfloat16),
+                                               (1000, 1003, 33, 16, torch.float16), (1024, 512, 40, 8, torch.float32),
+                                               (4104, 96, 65, 50, torch.float32)])
+def test_int8_linear_many_outliers(k, n, m, every, dtype):
+    """Large M (torch._int_mm + epilogue) with more outlier columns than the prepare step compacts and the epilogue
+    stages (INT8_OUTLIER_CAP): the rest are read from x and W directly. Ragged N and K take the scalar kernels."""
+    g = _gen("i8many", k, n, m)
+    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
+    x[:, ::every] *= 20.0
+    bias = torch.randn(n, device=DEV, generator=g).to(dtype) if m % 2 else None
+    _poison(m * n * 4)
+    out = torch.ops.shardq.int8_linear(x, w8, scb, bias, 6.0)
+    assert torch.isfinite(out).all(), "output not fully written"
+    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, 6.0).float()
+    eps = max(torch.finfo(dtype).eps, 1e-6)
+    err = _rel(out, ref)
+    assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference ({-(-k // every)} outlier columns)"
 
 
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 2), (11008, 4096, 3), (8192, 28672, 4),

@@ -12,7 +12,6 @@ import os
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from shardq.kernels import lib as _lib
@@ -35,6 +34,9 @@ GEMV_MAX_M = 8
 # computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
 INT8_TC = os.environ.get("SHARDQ_INT8_TC", "1") == "1"
 INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 32
+# int8_linear, M > SMALL_M: the activation prepare step copies up to this many outlier columns of x into a compact
+# [M, cap] buffer for the epilogue (which also stages that many of W's in shared memory; more are read directly).
+INT8_OUTLIER_CAP = 64
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
 # largest shape (bench/RESULTS.md).
@@ -199,14 +201,11 @@ def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
         rc = lib.shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), wc.data_ptr(), n0 * k, nr * k,
                                         blocksize, dt, stream)
         _lib.check(rc, "dequantize_4bit")
-        bc = None if b is None else b[n0:n0 + nr]
-        if nr == n:  # one chunk: cuBLAS writes the output directly
-            if bc is None:
-                torch.mm(x2, wc.t(), out=out)
-            else:
-                torch.addmm(bc, x2, wc.t(), out=out)
+        oc = out[:, n0:n0 + nr]  # row stride n: cuBLAS writes the column block in place (ldc), no copy
+        if b is None:
+            torch.mm(x2, wc.t(), out=oc)
         else:
-            out[:, n0:n0 + nr] = F.linear(x2, wc, bc)
+            torch.addmm(b[n0:n0 + nr], x2, wc.t(), out=oc)
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
@@ -264,9 +263,10 @@ def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def _int8_scratch(m: int, k: int, device: torch.device) -> tuple[Tensor, dict[str, int]]:
-    """One uint8 buffer for colmax f32[k], outlier list i32[k], count i32, row absmax f32[m], q int8[m, k]."""
-    sizes = {"colmax": 4 * k, "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k}
+def _int8_scratch(m: int, k: int, device: torch.device, xo_bytes: int = 0) -> tuple[Tensor, dict[str, int]]:
+    """One uint8 buffer for colmax f32[k], outlier list i32[k], count i32, row absmax f32[m], q int8[m, k] and
+    xo_bytes for the compacted outlier columns of x (large M)."""
+    sizes = {"colmax": 4 * k, "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k, "xo": xo_bytes}
     offsets, pos = {}, 0
     for name, size in sizes.items():
         offsets[name] = pos
@@ -321,12 +321,15 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "int8_gemv_fused")
             return out.reshape(*x.shape[:-1], n)
-    buf, off = _int8_scratch(m, k, x.device)
+    large = m > SMALL_M  # torch._int_mm + the epilogue, which reads x's outlier columns compacted by prepare
+    xo_cap = min(k, INT8_OUTLIER_CAP) if large and threshold > 0 else 0
+    buf, off = _int8_scratch(m, k, x.device, m * xo_cap * x2.element_size())
     base = buf.data_ptr()
     p = {name: base + o for name, o in off.items()}
+    xo = p["xo"] if xo_cap else None
     with _on_device(x.device):
         rc = lib.shardq_int8_prepare(x2.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"],
-                                     m, k, float(threshold), dt, stream)
+                                     xo, xo_cap, m, k, float(threshold), dt, stream)
         _lib.check(rc, "int8_prepare")
         tail = (x2.data_ptr(), w.data_ptr(), scb.data_ptr(), p["list"], p["count"], _ptr(b), out.data_ptr(),
                 m, n, k, dt, stream)
@@ -335,13 +338,13 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
             if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
                 _lib.check(rc, "int8_gemm_tc")
                 return out.reshape(*x.shape[:-1], n)
-        if m <= SMALL_M:
+        if not large:
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
         else:
             q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
             acc = _int_mm_padded(q, w)
-            rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], *tail)
+            rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], xo, xo_cap, *tail)
             _lib.check(rc, "int8_epilogue")
     return out.reshape(*x.shape[:-1], n)
 

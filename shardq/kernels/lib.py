@@ -29,11 +29,11 @@ SIGNATURES: dict[str, list] = {
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_quantize_4bit": [_P, _P, _P, _P, _I64, _I64, _INT, _P],
     "shardq_quantize_int8_rowwise": [_P, _P, _P, _I64, _I64, _INT, _P],
-    "shardq_int8_prepare": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F32, _INT, _P],
+    "shardq_int8_prepare": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _INT, _P],
     "shardq_int8_gemv_fused": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _INT, _P],
     "shardq_int8_gemv": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_gemm_tc": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
-    "shardq_int8_epilogue": [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
+    "shardq_int8_epilogue": [_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
 }
 
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: a launcher's preconditions do not hold, nothing launched
