@@ -238,7 +238,8 @@ inline bool rows_vectorizable(const void* a, const void* q, int64_t cols) {
   return cols % 8 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)q % 8 == 0;
 }
 
-// Warps per row: the fewest (a power of two up to 8) that give ~32 warps per SM.
+// Warps per row: the fewest (a power of two up to 8) that give ~32 warps per SM (H200, M = 4096, K = 4096 or 8192:
+// 1, 2, 4 or 8 warps per row all measured within 10 %; few rows need more warps each to fill the GPU).
 template <typename T>
 void launch_rowquant(const T* a, int8_t* q, float* scale, const float* colmax, float threshold, int64_t rows,
                      int64_t cols, OutlierCopy<T> oc, cudaStream_t stream) {
