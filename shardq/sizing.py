@@ -231,15 +231,16 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     """Scratch the CUDA quantized matmuls allocate for one call, at most over the `(out, in)` weight shapes.
 
     int8 (LLM.int8()): the int8 activations and per-column statistics, the int32 product of the tensor-core GEMM,
-    and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more than SMALL_M rows, or a layout
+    x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more than SMALL_M rows, or a layout
     the small-M kernels refuse (fp32 activations, K % 32 != 0, blocksize < 32): the weight rows dequantized per
     cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need none.
     """
-    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, SMALL_M
+    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, SMALL_M, int8_outlier_cap
 
     def int8(n: int, k: int) -> int:
         pad = (tokens * _up8(k) + _up8(n) * _up8(k)) if (n % 8 or k % 8) else 0
-        return 8 * k + tokens * (k + 4) + 4 * tokens * _up8(n) + pad + 1280
+        outliers = tokens * int8_outlier_cap(tokens, k, quant.threshold) * itemsize
+        return 8 * k + tokens * (k + 4) + 4 * tokens * _up8(n) + pad + outliers + 1536
 
     def four(n: int, k: int) -> int:
         if tokens <= SMALL_M and k % 32 == 0 and itemsize == 2 and quant.blocksize >= 32:

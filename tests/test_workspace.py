@@ -8,12 +8,15 @@ from shardq.config import QuantConfig
 from shardq.kernels import cuda_ops
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (512, 2816, 1024), (4096, 11008, 4096), (300, 1003, 4097)])
-def test_int8_workspace_covers_kernel_scratch(m, n, k):
-    scratch, _ = cuda_ops._int8_scratch(m, k, torch.device("cpu"))
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (512, 2816, 1024), (4096, 11008, 4096), (300, 1003, 4097),
+                                   (40, 96, 50)])
+@pytest.mark.parametrize("threshold,itemsize", [(6.0, 2), (0.0, 2), (6.0, 4)])
+def test_int8_workspace_covers_kernel_scratch(m, n, k, threshold, itemsize):
+    xo = m * cuda_ops.int8_outlier_cap(m, k, threshold) * itemsize  # as int8_linear sizes it
+    scratch, _ = cuda_ops._int8_scratch(m, k, torch.device("cpu"), xo)
     int32_out = 4 * m * (-(-n // 8) * 8)
     padded = (m * (-(-k // 8) * 8) + (-(-n // 8) * 8) * (-(-k // 8) * 8)) if (n % 8 or k % 8) else 0
-    got = sizing.matmul_workspace_bytes([(n, k)], QuantConfig("int8"), m, 2)
+    got = sizing.matmul_workspace_bytes([(n, k)], QuantConfig("int8", threshold=threshold), m, itemsize)
     assert got >= scratch.numel() + int32_out + padded
 
 

@@ -274,6 +274,11 @@ def _int8_scratch(m: int, k: int, device: torch.device, xo_bytes: int = 0) -> tu
     return torch.empty(pos, dtype=torch.uint8, device=device), offsets
 
 
+def int8_outlier_cap(m: int, k: int, threshold: float) -> int:
+    """Outlier columns of x that int8_linear's prepare step compacts for the large-M epilogue (0: none)."""
+    return min(k, INT8_OUTLIER_CAP) if m > SMALL_M and threshold > 0 else 0
+
+
 def _int_mm_padded(q: Tensor, w: Tensor) -> Tensor:
     """int32 q @ w.T on the tensor cores (cuBLASLt through torch._int_mm), which needs K and N multiples of 8:
     other shapes are zero-padded (zeros add nothing to the integer sums); the result may have extra columns."""
@@ -322,7 +327,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
             _lib.check(rc, "int8_gemv_fused")
             return out.reshape(*x.shape[:-1], n)
     large = m > SMALL_M  # torch._int_mm + the epilogue, which reads x's outlier columns compacted by prepare
-    xo_cap = min(k, INT8_OUTLIER_CAP) if large and threshold > 0 else 0
+    xo_cap = int8_outlier_cap(m, k, threshold)
     buf, off = _int8_scratch(m, k, x.device, m * xo_cap * x2.element_size())
     base = buf.data_ptr()
     p = {name: base + o for name, o in off.items()}
