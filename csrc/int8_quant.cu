@@ -10,7 +10,6 @@
 namespace shardq {
 namespace {
 
-
 // V consecutive elements starting at p as floats: V = 8 is one 16-byte load for 16-bit T (two for float; p
 // aligned to 8 elements), V = 1 a plain load.
 template <typename T, int V>
