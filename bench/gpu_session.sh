@@ -9,8 +9,8 @@
 # that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
 # and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" (not in the default) read the small-M / fused-dequant 4-bit kernels' counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
 # split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
-# 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments) and TEST_LIMIT
-# (seconds) the tests step.
+# 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments, split on spaces),
+# TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT (seconds) the tests step.
 set -u
 OUT=${OUT:-/tmp/shardq-gpu}
 mkdir -p "$OUT"
@@ -35,7 +35,7 @@ step() {  # name, timeout seconds, command...
 for s in $steps; do
   case $s in
     check) step check 120 python3 -m shardq.kernels --check ;;
-    tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests/test_kernels_gpu.py \
+    tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_kernels_gpu.py \
              tests/test_ops.py tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py \
              tests/test_loader_gpu.py tests/test_quant_experts.py tests/test_quant_targets.py} ;;
     new) step newtests 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py
