@@ -3,8 +3,8 @@
     python bench/bench_pieces.py --shapes 4096x4096,8192x28672 --ms 512,4096 --out $OUT
 
 int8 (threshold 6 with outlier columns, and 0): each launch of the op alone — the activation prepare step,
-cuBLASLt's int8 GEMM (torch._int_mm), the dequantizing epilogue — and the whole op, against fp16 cuBLAS. nf4: the whole op at several dequantize chunk sizes
-(SHARDQ_DEQUANT_CHUNK_MB; a chunk small enough to stay in L2 is written and read back without reaching HBM).
+cuBLASLt's int8 GEMM (torch._int_mm), the dequantizing epilogue — and the whole op, against fp16 cuBLAS.
+nf4 (M > 32: dequantize + cuBLAS): the whole op, the dequantize pass alone, and the fp16 GEMM it feeds.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from bench_kernels import DEV, build, events_ms, hbm_copy_gbps  # noqa: E402
 from shardq.kernels import cuda_ops  # noqa: E402
 from shardq.kernels import lib as _lib  # noqa: E402
 
-CHUNKS_MB = (4, 8, 16, 32, 64, 512)
 
 
 def graph_us(fn, calls: int = 10) -> float:
@@ -80,19 +79,17 @@ def int8_pieces(k: int, n: int, m: int, thr: float) -> dict:
     return res
 
 
-def nf4_chunks(k: int, n: int, m: int) -> dict:
+def nf4_pieces(k: int, n: int, m: int) -> dict:
+    """The large-M 4-bit op (dequantize into scratch + cuBLAS) against its two parts alone: the dequantize pass over
+    the whole weight and the fp16 GEMM (cuBLAS on an fp16 weight)."""
     mod = build("sq_nf4", (torch.randn(n, k) * 0.02).half())
     fp16 = build("fp16", (torch.randn(n, k) * 0.02).half())
     x = x_with_outliers(m, k)
-    res = {"fp16": graph_us(lambda: fp16(x))}
-    saved = cuda_ops.DEQUANT_CHUNK_BYTES
-    try:
-        for mb in CHUNKS_MB:
-            cuda_ops.DEQUANT_CHUNK_BYTES = mb * 2**20
-            res[f"chunk{mb}"] = graph_us(lambda: mod(x))
-    finally:
-        cuda_ops.DEQUANT_CHUNK_BYTES = saved
-    return res
+
+    def dequantize():
+        torch.ops.shardq.dequantize_4bit(mod.weight, mod.absmax, mod.quant_map, mod.blocksize, [n, k], torch.float16)
+
+    return {"fp16": graph_us(lambda: fp16(x)), "dequantize": graph_us(dequantize), "op": graph_us(lambda: mod(x))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({a: round(b, 1) if isinstance(b, float) else b for a, b in r.items()}),
                           flush=True)
             if "nf4" in args.parts:
-                r = {"K": k, "N": n, "M": m, "what": "nf4", **nf4_chunks(k, n, m)}
+                r = {"K": k, "N": n, "M": m, "what": "nf4", **nf4_pieces(k, n, m)}
                 rows.append(r)
                 print(json.dumps({a: round(b, 1) if isinstance(b, float) else b for a, b in r.items()}), flush=True)
             torch.cuda.empty_cache()
