@@ -231,9 +231,10 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     """Scratch the CUDA quantized matmuls allocate for one call, at most over the `(out, in)` weight shapes.
 
     int8 (LLM.int8()): the int8 activations and per-column statistics, the int32 product of the tensor-core GEMM,
-    x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more than SMALL_M rows, or a layout
-    the small-M kernels refuse (fp32 activations, K % 32 != 0, blocksize < 32): the weight rows dequantized per
-    cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need none.
+    x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more
+    than SMALL_M rows, or a layout the small-M kernels refuse (fp32 activations, K % 32 != 0, blocksize < 32): the
+    weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need
+    none.
     """
     from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, SMALL_M, int8_outlier_cap
 
