@@ -188,6 +188,25 @@ inline int log2_exact(int64_t v) {
   return s;
 }
 
+// The operands of a 4-bit matmul, out[M, N] = x[M, K] @ W[N, K].T + bias, as every 4-bit kernel takes them (kernels
+// needing more derive from it). bs_shift: log2(blocksize), -1 if blocksize is not a power of two.
+struct Gemm4Args {
+  const void* x;
+  const uint8_t* w;
+  Absmax am;
+  const float* code;
+  const void* bias;
+  void* out;
+  int M, N, K, bs_shift;
+  // From a launcher's C arguments; M, N and K are narrowed to int, so launchers check them before launching.
+  static Gemm4Args of(const void* x, const void* w, const float* absmax, const void* absmax_q,
+                      const float* nested_absmax, const float* nested_code, float offset, const float* code,
+                      const void* bias, void* out, int64_t M, int64_t N, int64_t K, int64_t blocksize) {
+    return {x, static_cast<const uint8_t*>(w), Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset),
+            code, bias, out, (int)M, (int)N, (int)K, log2_exact(blocksize)};
+  }
+};
+
 inline unsigned grid_1d(int64_t n, int threads, int64_t cap = 1 << 20) {
   int64_t g = (n + threads - 1) / threads;
   if (g < 1) g = 1;

@@ -31,14 +31,8 @@ constexpr int kThreads = 32 * kWarpsK * kGroups;
 constexpr int kTableBytes = 256 * 256;          // entry e of lane l at byte e * 256 + l * 4
 constexpr int kRedFloats = 2 * kWarpsK * 16 * 8;  // per group: 2 buffers x warps x 16 rows x 8 tokens
 
-struct GemvArgs {
-  const void* x;
-  const uint8_t* w;
-  Absmax am;
-  const float* code;
-  const void* bias;
-  void* out;
-  int M, N, K, bs_shift, tiles, xstride;  // xstride: bytes between staged x rows
+struct GemvArgs : Gemm4Args {
+  int tiles, xstride;  // xstride: bytes between staged x rows
 };
 
 inline size_t gemv_smem(int M, int K, int tsize) {
@@ -339,16 +333,15 @@ SHARDQ_API int shardq_gemm_4bit_gemv(const void* x, const void* w, const float* 
                                      const float* nested_absmax, const float* nested_code, float offset,
                                      const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                      int64_t blocksize, int dtype, void* stream_ptr) {
-  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
-  const int shift = log2_exact(blocksize);
+  const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
+                                    K, blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 8 && N >= 1 && N <= INT32_MAX / 16 &&
-                  K >= 128 * kWarpsK && K % 128 == 0 && K <= (1 << 20) && shift >= 6 && shift <= 10 &&
-                  K % blocksize == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && am.given();
+                  K >= 128 * kWarpsK && K % 128 == 0 && K <= (1 << 20) && a.bs_shift >= 6 && a.bs_shift <= 10 &&
+                  K % blocksize == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && a.am.given();
   if (!ok) return cudaErrorNotSupported;
-  const GemvArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0,
-                   (int)K * 2 + 32};
+  const GemvArgs p{a, 0, (int)K * 2 + 32};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool plain4_ok = absmax != nullptr && shift == 6 && (uintptr_t)absmax % 16 == 0;
+  const bool plain4_ok = absmax != nullptr && a.bs_shift == 6 && (uintptr_t)absmax % 16 == 0;
   SHARDQ_DISPATCH_16(dtype, T, return launch_pieces<T>(p, plain4_ok, stream));
   return cudaErrorNotSupported;
 }

@@ -36,14 +36,8 @@ constexpr int kBK = 64;                 // k per ring stage
 constexpr int kWStage = kBN * kBK / 2;  // packed weight bytes per stage
 constexpr int kBand = 8;                // M tiles per raster band (CTAs sharing a weight tile run together)
 
-struct MidArgs {
-  const void* x;
-  const uint8_t* w;
-  Absmax am;
-  const float* code;
-  const void* bias;
-  void* out;
-  int M, N, K, bs_shift, mtiles, ntiles;
+struct MidArgs : Gemm4Args {
+  int mtiles, ntiles;
 };
 
 // MT token tiles of 8 per warp, S ring stages.
@@ -249,14 +243,14 @@ SHARDQ_API int shardq_gemm_4bit_mid(const void* x, const void* w, const float* a
                                     const float* nested_absmax, const float* nested_code, float offset,
                                     const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                     int64_t blocksize, int dtype, void* stream_ptr) {
-  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
-  const int shift = log2_exact(blocksize);
+  const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
+                                    K, blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX &&
-                  K >= kBK && K <= INT32_MAX && K % kBK == 0 && shift >= 6 &&
+                  K >= kBK && K <= INT32_MAX && K % kBK == 0 && a.bs_shift >= 6 &&
                   ((M + 63) / 64) * ((N + kBN - 1) / kBN) <= INT32_MAX && (uintptr_t)x % 16 == 0 &&
-                  (uintptr_t)w % 16 == 0 && am.given();
+                  (uintptr_t)w % 16 == 0 && a.am.given();
   if (!ok) return cudaErrorNotSupported;
-  const MidArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0, 0};
+  const MidArgs p{a, 0, 0};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   SHARDQ_DISPATCH_16(dtype, T, return dispatch_mid<T>(p, stream));
   return cudaErrorNotSupported;

@@ -28,15 +28,7 @@ __device__ __forceinline__ uint32_t byte_of(const uint4& v, int q) {
   return (w >> ((q & 3) * 8)) & 0xFF;
 }
 
-struct Small4Args {
-  const void* x;
-  const uint8_t* w;
-  Absmax am;
-  const float* code;
-  const void* bias;
-  void* out;
-  int M, N, K, bs_shift;
-};
+using Small4Args = Gemm4Args;
 
 // Loads the 16 packed bytes and the block scale of row n at column kt (zeros outside the matrix).
 template <typename T>
@@ -201,12 +193,11 @@ SHARDQ_API int shardq_gemm_4bit_small(const void* x, const void* w, const float*
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (M <= 0 || N <= 0 || K <= 0 || blocksize <= 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
     return cudaErrorInvalidValue;
-  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
-  const int shift = log2_exact(blocksize);
   const bool aligned = ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
-  const bool fast = dtype != kF32 && M <= 32 && K % 32 == 0 && shift >= 5 && aligned;
+  const Small4Args p = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out,
+                                     M, N, K, blocksize);
+  const bool fast = dtype != kF32 && M <= 32 && K % 32 == 0 && p.bs_shift >= 5 && aligned;
   if (fast) {
-    const Small4Args p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift};
     SHARDQ_DISPATCH_16(dtype, T, return dispatch_mma<T>(p, stream));
   }
   return cudaErrorNotSupported;

@@ -27,14 +27,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct TcArgs {
-  const void* x;
-  const uint8_t* w;
-  Absmax am;
-  const float* code;
-  const void* bias;
-  void* out;
-  int M, N, K, bs_shift, tiles, nchunks;
+struct TcArgs : Gemm4Args {
+  int tiles, nchunks;
 };
 
 // WK warps along K, TM row tiles of 16 per warp, KS 128-column slices per warp and chunk, MT token tiles of 8,
@@ -341,13 +335,13 @@ SHARDQ_API int shardq_gemm_4bit_tc(const void* x, const void* w, const float* ab
                                    const float* nested_absmax, const float* nested_code, float offset,
                                    const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                    int64_t blocksize, int dtype, void* stream_ptr) {
-  const Absmax am = Absmax::of(absmax, absmax_q, nested_absmax, nested_code, offset);
-  const int shift = log2_exact(blocksize);
+  const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
+                                    K, blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 32 && N >= 1 && N <= INT32_MAX / 2 &&
-                  K >= 128 && (int64_t)M * K <= INT32_MAX && K % 128 == 0 && shift >= 6 && (uintptr_t)x % 16 == 0 &&
-                  (uintptr_t)w % 16 == 0 && am.given();
+                  K >= 128 && (int64_t)M * K <= INT32_MAX && K % 128 == 0 && a.bs_shift >= 6 &&
+                  (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && a.am.given();
   if (!ok) return cudaErrorNotSupported;
-  const TcArgs p{x, static_cast<const uint8_t*>(w), am, code, bias, out, (int)M, (int)N, (int)K, shift, 0, 0};
+  const TcArgs p{a, 0, 0};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, stream));
   return cudaErrorNotSupported;
