@@ -3,12 +3,11 @@
     python bench/bench_kernels.py [--shapes 4096x4096,...] [--ms 1,2,...] [--out DIR]
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the
-fallback K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core ring kernel for M <= 8, where the
-default is the register-streaming GEMV; sq_nf4_mid: the opt-in
-fused-dequant kernel csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit
-(threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with the int8 tensor-core kernel switched off, the dp4a GEMV
-it replaced for 5 <= M <= 32),
-bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
+fallback K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core ring kernel for M <= 16
+(GEMV_MAX_M), where the default is the register-streaming GEMV; sq_nf4_mid: the opt-in fused-dequant kernel
+csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus
+sq_int8_t6_gemv: threshold 6 with the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for
+5 <= M <= 32), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
   - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;

@@ -234,9 +234,10 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more
     than SMALL_M rows, or a layout the small-M kernels refuse (fp32 activations, K % 32 != 0, blocksize < 32): the
     weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need
-    none.
+    none, except the GEMV's K split (M <= GEMV_MAX_M, x too large to stage whole): fp32 sums, 4 bytes per token and
+    output feature.
     """
-    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, SMALL_M, int8_outlier_cap
+    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, SMALL_M, int8_outlier_cap
 
     def int8(n: int, k: int) -> int:
         pad = (tokens * _up8(k) + _up8(n) * _up8(k)) if (n % 8 or k % 8) else 0
@@ -245,7 +246,8 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
 
     def four(n: int, k: int) -> int:
         if tokens <= SMALL_M and k % 32 == 0 and itemsize == 2 and quant.blocksize >= 32:
-            return 0
+            split = tokens <= GEMV_MAX_M and k % 256 == 0 and k >= 2048  # the GEMV's K split may need its fp32 sums
+            return 4 * tokens * n if split else 0
         rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)))
         return rows * k * itemsize
 

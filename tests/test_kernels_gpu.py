@@ -99,7 +99,7 @@ def test_gemm_4bit_large_in_chunks(monkeypatch, chunk_rows, k, n, m):
 
 
 # The default small-M kernels, called through the op and directly (which proves the op used them): "gemv"
-# (csrc/gemm_4bit_gemv.cu: M <= 8, K % 128, K >= 1024, blocksize 64..1024 dividing K, x staged in shared memory)
+# (csrc/gemm_4bit_gemv.cu: M <= 16, K % 128, K >= 1024, blocksize 64..1024 dividing K, x staged in shared memory)
 # and "tc"
 # (csrc/gemm_4bit_tc.cu: M <= 32, K % 128, blocksize >= 64; the op's choice with the GEMV off). Shapes: the issue
 # shapes, a ragged N (1000 rows: not a multiple of any row tile), and shapes they must refuse (K = 4097; 4128 =
@@ -107,7 +107,7 @@ def test_gemm_4bit_large_in_chunks(monkeypatch, chunk_rows, k, n, m):
 # runs the same op with whichever kernel takes the shape.
 VAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (4097, 1000), (1024, 1000), (4128, 512),
               (11008, 1000)]
-KERNELS = {"gemv": ("shardq_gemm_4bit_gemv", [1, 2, 3, 7, 8]),
+KERNELS = {"gemv": ("shardq_gemm_4bit_gemv", [1, 2, 3, 7, 8, 9, 12, 16]),
            "tc": ("shardq_gemm_4bit_tc", [1, 2, 7, 8, 9, 16, 17, 32])}
 
 
@@ -132,9 +132,9 @@ def _accepts(kernel: str, k: int, n: int, m: int, bs: int) -> bool:
     """The launcher's documented preconditions (fp16/bf16 and aligned pointers hold in these tests)."""
     props = torch.cuda.get_device_properties(0)
     if kernel == "gemv":
-        smem = 65536 + (256 + 2 * 2048) * 4 + m * (2 * k + 32)
+        smem = 65536 + (256 + 2 * 2048 * (1 if m <= 8 else 2)) * 4 + m * (2 * k + 32)
         fits = smem <= props.shared_memory_per_block_optin
-        return m <= 8 and k % 128 == 0 and k >= 1024 and 64 <= bs <= 1024 and k % bs == 0 and fits
+        return m <= 16 and k % 128 == 0 and k >= 1024 and 64 <= bs <= 1024 and k % bs == 0 and fits
     if m > 32 or k % 128 or bs < 64:
         return False
     # tc leaves M > 8 with fewer row tiles (64 rows for M <= 16, else 128) than SMs to the K-split kernel
@@ -159,6 +159,48 @@ def test_gemm_4bit_small_kernels(monkeypatch, kernel, k, n, m, dtype, qt, dq):
     else:
         assert rc == 0, f"{kernel} refused K={k} N={n} M={m} (rc {rc})"
         assert torch.equal(direct, out), f"the op did not use {kernel}"
+
+
+def _accepts_split(k: int, n: int, m: int, bs: int) -> bool:
+    """shardq_gemm_4bit_gemv_split's preconditions: the GEMV's, with x staged for K / 2."""
+    return k % 256 == 0 and _accepts("gemv", k // 2, n, m, bs) and k % bs == 0
+
+
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq", [
+    (8192, 28672, 16, torch.float16, "nf4", False), (8192, 28672, 9, torch.bfloat16, "fp4", True),
+    (11008, 4096, 16, torch.float16, "nf4", True), (11008, 4096, 12, torch.bfloat16, "nf4", False),
+    (8192, 1000, 8, torch.float16, "fp4", False), (4096, 1000, 3, torch.bfloat16, "nf4", True),
+    (2048, 1000, 16, torch.float16, "nf4", True), (1024, 1000, 4, torch.float16, "nf4", False),
+    (4224, 96, 16, torch.bfloat16, "fp4", False), (16384, 256, 16, torch.bfloat16, "nf4", False)])
+def test_gemm_4bit_gemv_split(monkeypatch, k, n, m, dtype, qt, dq):
+    """The GEMV with K in two halves (x too large to stage whole, e.g. 16 tokens at K = 8192): called directly it
+    matches the op's output (checked against the reference) to the output's rounding, and the op uses it, bit for
+    bit, where the whole-K GEMV refuses; it refuses where K / 2 breaks the GEMV's preconditions or x still does not
+    fit (K = 16384, M = 16)."""
+    _use(monkeypatch, "gemv")
+    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4split")
+    x, packed, absmax, code, nested, bias = args
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // 64))
+    ws = torch.full((m * n,), float("nan"), device=DEV)  # the launcher zeroes it
+    _poison(m * n * 2)
+    direct = torch.empty((m, n), dtype=dtype, device=DEV)
+    rc = lib.load().shardq_gemm_4bit_gemv_split(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                                None if bias is None else bias.data_ptr(), direct.data_ptr(),
+                                                ws.data_ptr(), m, n, k, 64, cuda_ops.DTYPE_CODES[dtype],
+                                                cuda_ops._stream(x))
+    if not _accepts_split(k, n, m, 64):
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"split accepted K={k} N={n} M={m}"
+        return
+    assert rc == 0, f"split refused K={k} N={n} M={m} (rc {rc})"
+    assert torch.isfinite(direct).all()
+    if _accepts("gemv", k, n, m, 64):
+        assert _rel(direct, out) <= 2 * torch.finfo(dtype).eps
+    else:
+        assert torch.equal(direct, out), "the op did not use the split GEMV"
+        g = _gen("g4split-graph", k, n, m)
+        fn = lambda xx: torch.ops.shardq.gemm_4bit(xx, packed, absmax, code, 64, n, k, *nested, bias)  # noqa: E731
+        replayed, fresh = graph_replay(fn, x.clone(), g)
+        assert torch.equal(replayed, fn(fresh)), "graph replay differs from eager"
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
@@ -361,7 +403,7 @@ def test_cuda_graph_capture(monkeypatch, variant, gemv):
     n, k = 1024, 2048
     packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", True, g)
     w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
-    xs = {m: torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g) for m in (1, 8, 64)}
+    xs = {m: torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g) for m in (1, 8, 13, 64)}
     fns = {
         "gemm_4bit": lambda x: torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None),
         "int8_linear": lambda x: torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0),

@@ -24,6 +24,9 @@ def test_int8_workspace_covers_kernel_scratch(m, n, k, threshold, itemsize):
 def test_4bit_workspace_is_the_dequantized_chunk_only_for_large_m(method):
     cfg = QuantConfig(method)
     assert sizing.matmul_workspace_bytes([(28672, 8192)], cfg, cuda_ops.SMALL_M, 2) == 0
+    # the GEMV's K split (x too large to stage whole) sums in fp32: 4 bytes per token and output feature
+    assert sizing.matmul_workspace_bytes([(28672, 8192)], cfg, 16, 2) == 4 * 16 * 28672
+    assert sizing.matmul_workspace_bytes([(1000, 1024)], cfg, 16, 2) == 0  # K < 2048: no split
     full = sizing.matmul_workspace_bytes([(1024, 1024)], cfg, 512, 2)
     assert full == 1024 * 1024 * 2
     big = sizing.matmul_workspace_bytes([(65536, 8192)], cfg, 512, 2)  # 1 GiB in fp16: chunked

@@ -25,10 +25,12 @@ DEQUANT_CHUNK_BYTES = int(float(os.environ.get("SHARDQ_DEQUANT_CHUNK_MB", "512")
 # kept selectable for comparisons). Variants 2, 3 and 5 were measured slower and removed (bench/RESULTS.md).
 GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 # Decode-sized 4-bit GEMM (variant 4, M <= GEMV_MAX_M): csrc/gemm_4bit_gemv.cu first (weights straight from global
-# memory into registers, no ring; H200, 8192x28672, M = 1: 52.5 vs 65 us), the ring kernel where it refuses a shape.
+# memory into registers, no ring; H200, 8192x28672, M = 1: 52.5 vs 65 us; 9 <= M <= 16 as a second token fragment),
+# K split in two halves where x is too large to stage whole (fp32 scratch, a memset and a second launch), the ring
+# kernel where both refuse a shape.
 # SHARDQ_GEMM4_GEMV=0 keeps the ring kernel.
 GEMM4_GEMV = os.environ.get("SHARDQ_GEMM4_GEMV", "1") == "1"
-GEMV_MAX_M = 8
+GEMV_MAX_M = 16
 # int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: csrc/int8_gemm_tc.cu (int8 tensor cores, m16n8k32) after the
 # prepare step, falling back where it refuses a shape; SHARDQ_INT8_TC=0 keeps the dp4a GEMV there. The kernel
 # computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
@@ -169,11 +171,15 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     """M <= SMALL_M: for variant 4 the register-streaming GEMV (M <= GEMV_MAX_M), then the tensor-core ring kernel,
     where they take the shape, else the K-split kernel; False if all refuse the layout."""
     m = x2.shape[0]
-    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), m, n, k, blocksize,
-            DTYPE_CODES[x2.dtype])
+    pre = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr())
+    post = (m, n, k, blocksize, DTYPE_CODES[x2.dtype])
+    args = pre + post
     stream = _stream(x2)
     if GEMM4_VARIANT == 4 and GEMM4_GEMV and m <= GEMV_MAX_M:
         rc = lib.shardq_gemm_4bit_gemv(*args, stream)
+        if rc == _lib.CUDA_ERROR_NOT_SUPPORTED and k % 256 == 0 and k >= 2048:  # x too large to stage: halve K
+            ws = torch.empty(m * n, dtype=torch.float32, device=x2.device)
+            rc = lib.shardq_gemm_4bit_gemv_split(*pre, ws.data_ptr(), *post, stream)
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "gemm_4bit_gemv")
             return True
