@@ -7,7 +7,10 @@ fallback K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core r
 (GEMV_MAX_M), where the default is the register-streaming GEMV; sq_nf4_mid: the opt-in fused-dequant kernel
 csrc/gemm_4bit_mid.cu forced for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus
 sq_int8_t6_gemv: threshold 6 with the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for
-5 <= M <= 32), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Inputs carry 8
+5 <= M <= 32), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Opt-in,
+fp32 compute dtype (bitsandbytes' default): sq_nf4_c32 / bnb_nf4_c32 are nf4 layers with compute_dtype=float32
+fed fp16 x, as a model loaded with a default BitsAndBytesConfig runs them; sq_nf4_c32_deq is sq_nf4_c32 with the
+fp32 kernel switched off (dequantize-to-fp32 + cuBLAS, the path before it). Inputs carry 8
 outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
   - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;
@@ -50,7 +53,10 @@ INT8_TC_OFF = {"sq_int8_t6_gemv": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_
 # kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
 # computes any M; below 33 it is timed against the default small-M kernel)
 MID_MIN_M = {"sq_nf4_mid": 7}
-OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv", "sq_nf4_tc"}  # timed only when --kinds names them
+# kinds timed with the fp32-activation kernel switched off (cuda_ops.GEMM4_F32)
+F32_OFF = {"sq_nf4_c32_deq"}
+# timed only when --kinds names them
+OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv", "sq_nf4_tc", "sq_nf4_c32", "sq_nf4_c32_deq", "bnb_nf4_c32"}
 
 
 def events_ms(fn, reps: int) -> float:
@@ -99,8 +105,10 @@ def build(kind: str, w: torch.Tensor):
     lin.weight.data.copy_(w)
     if kind == "fp16":
         return lin.to(DEV)
+    c32 = torch.float32 if "_c32" in kind else None
     if kind.startswith("sq_nf4"):  # sq_nf4_vN: same module, timed with small-M kernel variant N (VARIANT_MAX_M)
-        return Linear4bit.from_linear(lin.to(DEV), QuantConfig(method="nf4", double_quant="_dq" in kind))
+        cfg = QuantConfig(method="nf4", double_quant="_dq" in kind, compute_dtype=c32)
+        return Linear4bit.from_linear(lin.to(DEV), cfg)
     if kind.startswith("sq_int8"):
         thr = 6.0 if "_t6" in kind else 0.0
         return Linear8bit.from_linear(lin.to(DEV), QuantConfig(method="int8", threshold=thr))
@@ -108,7 +116,8 @@ def build(kind: str, w: torch.Tensor):
 
     if kind.startswith("bnb_nf4"):
         dq = kind.endswith("_dq")
-        m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, compress_statistics=dq, quant_type="nf4")
+        m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=c32 or torch.float16, compress_statistics=dq,
+                              quant_type="nf4")
         m.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=dq, quant_type="nf4")
         return m.to(DEV)
     thr = 6.0 if kind.endswith("t6") else 0.0
@@ -155,7 +164,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
     default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
-    default_gemv = cuda_ops.GEMM4_GEMV
+    default_gemv, default_f32 = cuda_ops.GEMM4_GEMV, cuda_ops.GEMM4_F32
     default_mid_min = cuda_ops.GEMM4_MID_MIN_M
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
@@ -177,6 +186,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             if kind in GEMV_OFF_MAX_M and row["M"] > GEMV_OFF_MAX_M[kind]:
                 continue
             cuda_ops.GEMM4_GEMV = kind not in GEMV_OFF_MAX_M and default_gemv
+            cuda_ops.GEMM4_F32 = kind not in F32_OFF and default_f32
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
             cuda_ops.INT8_TC = kind not in INT8_TC_OFF and default_tc
             cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
@@ -200,6 +210,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
         cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
         cuda_ops.GEMM4_MID_MIN_M, cuda_ops.GEMM4_GEMV = default_mid_min, default_gemv
+        cuda_ops.GEMM4_F32 = default_f32
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
@@ -209,6 +220,7 @@ def table(rows: list[dict], hbm: float) -> str:
     cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
             ("sq_nf4_tc", "sq nf4 ring"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
+            ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
             ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t0", "sq i8t0"), ("bnb_int8_t0", "bnb i8t0")]
     cols = [c for c in cols if any(c[0] + "_us" in r for r in rows)]  # contenders of this run only
@@ -244,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_int8_t6",
-             "sq_int8_t6_gemv", "sq_int8_t0"]
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_nf4_c32", "sq_nf4_c32_deq",
+             "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t0"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
     if not args.no_bnb:
@@ -253,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             import bitsandbytes as bnb
 
             res["bnb"] = bnb.__version__
-            kinds += ["bnb_nf4", "bnb_nf4_dq", "bnb_int8_t6", "bnb_int8_t0"]
+            kinds += ["bnb_nf4", "bnb_nf4_dq", "bnb_nf4_c32", "bnb_int8_t6", "bnb_int8_t0"]
         except Exception as exc:
             res["bnb_error"] = repr(exc)[:200]
     if args.kinds:

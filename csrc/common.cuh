@@ -177,7 +177,11 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes, bool (&done)[64]) {
   if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
   if (done[dev]) return cudaSuccess;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-  if (err == cudaSuccess) done[dev] = true;
+  if (err == cudaSuccess) {
+    done[dev] = true;
+  } else {
+    cudaGetLastError();  // reported here, once: not again by the next launcher that checks for launch errors
+  }
   return err;
 }
 

@@ -252,18 +252,74 @@ def test_gemm_4bit_any_layout(k, n, m, dtype, bs, dq, shifted):
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
 
 
-@pytest.mark.parametrize("k,n,m", [(1024, 1000, 1), (4097, 96, 7), (512, 1000, 64)])
-def test_gemm_4bit_fp32_input(k, n, m):
-    """fp32 activations: the weights are dequantized to fp32 and multiplied by cuBLAS."""
-    g = _gen("g4f32", k, n, m)
-    packed, absmax, code, nested, real = _quantized_weight(n, k, "nf4", m == 7, g)
+def _f32_cases():
+    shapes = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (1056, 77), (2048, 4104), (4097, 1000),
+              (8192, 1000), (32, 5), (65536, 5)]
+    combos = itertools.cycle(itertools.product(["nf4", "fp4"], [False, True], [64, 32, 256, 4096]))
+    for i, ((k, n), m) in enumerate(itertools.product(shapes, [1, 2, 3, 8, 9])):
+        qt, dq, bs = next(combos)
+        if dq and bs % 8:
+            bs = 64
+        yield pytest.param(k, n, m, qt, dq, bs, id=f"K{k}-N{n}-M{m}-{qt}-{'dq' if dq else 'plain'}-bs{bs}")
+
+
+def _accepts_f32(k: int, m: int, bs: int) -> bool:
+    """shardq_gemm_4bit_f32's preconditions (fp32 and aligned pointers hold in these tests)."""
+    fits = k * 4 + 64 <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin  # one token's x
+    return m <= 8 and k % 32 == 0 and bs >= 32 and fits
+
+
+@pytest.mark.parametrize("k,n,m,qt,dq,bs", list(_f32_cases()))
+def test_gemm_4bit_f32(k, n, m, qt, dq, bs):
+    """fp32 activations (bitsandbytes' default compute dtype): the op against the fp64 reference within a few times
+    the error of the same fp32 computation through torch; the fp32 kernel called directly gives the op's output bit
+    for bit where it takes the shape (so the op used it; tokens whose x does not fit in shared memory together go
+    in several launches: M = 8 at K = 8192 and 11008), and refuses the rest (M > 8, K % 32, one token's x too
+    large for shared memory at K = 65536), which the op then computes by dequantize + cuBLAS."""
+    g = _gen("g4f32", k, n, m, bs)
+    packed, absmax, code, nested, real = _quantized_weight(n, k, qt, dq, g, bs)
     x = torch.randn(m, k, device=DEV, generator=g)
+    x[:, ::max(1, k // 8)] *= 20.0
+    bias = torch.randn(n, device=DEV, generator=g) if m % 2 else None
     _poison(m * n * 4)
-    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    wdq = blockwise.dequantize_4bit_ref(packed, real, code, 64, [n, k], torch.float64)
-    err = _rel(out, x.double() @ wdq.T)
-    assert err < 1e-5, f"seed {SEED}: rel err {err:.3e}"
+    out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all(), "output not fully written"
+    wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
+    ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
+    err, tol = _rel(out, ref), 4 * _rel(F.linear(x, wdq, bias), ref) + 1e-7
+    assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
+    _poison(m * n * 4)
+    direct = torch.empty((m, n), device=DEV)
+    rc = lib.load().shardq_gemm_4bit_f32(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                         None if bias is None else bias.data_ptr(), direct.data_ptr(), m, n, k, bs,
+                                         cuda_ops.DTYPE_CODES[x.dtype], cuda_ops._stream(x))
+    if not _accepts_f32(k, m, bs):
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"f32 kernel accepted K={k} M={m} bs={bs}"
+        return
+    assert rc == 0, f"f32 kernel refused K={k} N={n} M={m} bs={bs} (rc {rc})"
+    assert torch.equal(direct, out), "the op did not use the fp32 kernel"
+
+
+def test_gemm_4bit_f32_refusals_and_graph():
+    """The fp32 kernel refuses 16-bit x, blocksize 16 and unaligned weights; captured in a CUDA graph it replays
+    like eager."""
+    g = _gen("g4f32-graph")
+    n, k = 1000, 2048
+    packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", True, g)
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // 64))
+    out = torch.empty((1, n), device=DEV)
+    f32 = lib.load().shardq_gemm_4bit_f32
+    for dtype, bs, w in [(torch.float16, 64, packed), (torch.float32, 16, packed),
+                         (torch.float32, 64, torch.cat([packed.new_zeros(1), packed.reshape(-1)])[1:])]:
+        x = torch.randn(1, k, device=DEV, dtype=dtype, generator=g)
+        rc = f32(x.data_ptr(), w.data_ptr(), *am, code.data_ptr(), None, out.data_ptr(), 1, n, k, bs,
+                 cuda_ops.DTYPE_CODES[dtype], cuda_ops._stream(x))
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, (dtype, bs, w.data_ptr() % 16)
+    fn = lambda xx: torch.ops.shardq.gemm_4bit(xx, packed, absmax, code, 64, n, k, *nested, None)  # noqa: E731
+    for m in (1, 5):
+        replayed, fresh = graph_replay(fn, torch.randn(m, k, device=DEV, generator=g), g)
+        assert torch.equal(replayed, fn(fresh)), f"M={m}: graph replay differs from eager"
 
 
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 7), (4097, 1000, 16), (8192, 28672, 32),

@@ -31,6 +31,11 @@ GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 # SHARDQ_GEMM4_GEMV=0 keeps the ring kernel.
 GEMM4_GEMV = os.environ.get("SHARDQ_GEMM4_GEMV", "1") == "1"
 GEMV_MAX_M = 16
+# fp32 activations (bitsandbytes' default compute dtype), M <= F32_MAX_M: csrc/gemm_4bit_f32.cu (fp32 dequantization
+# and FMA on the CUDA cores, weights read once) instead of dequantize-to-fp32 + cuBLAS. SHARDQ_GEMM4_F32=0 keeps the
+# latter (for comparisons).
+GEMM4_F32 = os.environ.get("SHARDQ_GEMM4_F32", "1") == "1"
+F32_MAX_M = 8
 # int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: csrc/int8_gemm_tc.cu (int8 tensor cores, m16n8k32) after the
 # prepare step, falling back where it refuses a shape; SHARDQ_INT8_TC=0 keeps the dp4a GEMV there. The kernel
 # computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
@@ -150,7 +155,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
             pass
         elif m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
-        else:  # large M, and layouts the small-M kernels refuse (fp32, odd K, unaligned)
+        else:  # large M, and layouts the small-M kernels refuse (odd K, unaligned; fp32 beyond the fp32 kernel)
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
     return out.reshape(*x.shape[:-1], n)
 
@@ -168,13 +173,22 @@ def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blo
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> bool:
-    """M <= SMALL_M: for variant 4 the register-streaming GEMV (M <= GEMV_MAX_M), then the tensor-core ring kernel,
-    where they take the shape, else the K-split kernel; False if all refuse the layout."""
+    """M <= SMALL_M: fp32 x through the fp32 kernel (M <= F32_MAX_M); for variant 4 the register-streaming GEMV
+    (M <= GEMV_MAX_M), then the tensor-core ring kernel, where they take the shape, else the K-split kernel; False
+    if all refuse the layout."""
     m = x2.shape[0]
     pre = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr())
     post = (m, n, k, blocksize, DTYPE_CODES[x2.dtype])
     args = pre + post
     stream = _stream(x2)
+    if x2.dtype == torch.float32:  # only the CUDA-core fp32 kernel keeps fp32 products
+        if not GEMM4_F32 or m > F32_MAX_M:
+            return False
+        rc = lib.shardq_gemm_4bit_f32(*args, stream)
+        if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
+            return False
+        _lib.check(rc, "gemm_4bit_f32")
+        return True
     if GEMM4_VARIANT == 4 and GEMM4_GEMV and m <= GEMV_MAX_M:
         rc = lib.shardq_gemm_4bit_gemv(*args, stream)
         if rc == _lib.CUDA_ERROR_NOT_SUPPORTED and k % 256 == 0 and k >= 2048:  # x too large to stage: halve K
