@@ -163,12 +163,9 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
 def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                    b: Optional[Tensor], out: Tensor) -> bool:
     """The fused-dequant tensor-core GEMM (csrc/gemm_4bit_mid.cu); False if it refuses the shape."""
-    rc = lib.shardq_gemm_4bit_mid(x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
-                                  x2.shape[0], n, k, blocksize, DTYPE_CODES[x2.dtype], _stream(x2))
-    if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
-        return False
-    _lib.check(rc, "gemm_4bit_mid")
-    return True
+    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), x2.shape[0], n, k,
+            blocksize, DTYPE_CODES[x2.dtype])
+    return _launch(lib.shardq_gemm_4bit_mid, args, _stream(x2), "gemm_4bit_mid")
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
@@ -182,13 +179,7 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     args = pre + post
     stream = _stream(x2)
     if x2.dtype == torch.float32:  # only the CUDA-core fp32 kernel keeps fp32 products
-        if not GEMM4_F32 or m > F32_MAX_M:
-            return False
-        rc = lib.shardq_gemm_4bit_f32(*args, stream)
-        if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
-            return False
-        _lib.check(rc, "gemm_4bit_f32")
-        return True
+        return GEMM4_F32 and m <= F32_MAX_M and _launch(lib.shardq_gemm_4bit_f32, args, stream, "gemm_4bit_f32")
     if GEMM4_VARIANT == 4 and GEMM4_GEMV and m <= GEMV_MAX_M:
         rc = lib.shardq_gemm_4bit_gemv(*args, stream)
         if rc == _lib.CUDA_ERROR_NOT_SUPPORTED and k % 256 == 0 and k >= 2048:  # x too large to stage: halve K
@@ -197,15 +188,17 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "gemm_4bit_gemv")
             return True
-    if GEMM4_VARIANT == 4:
-        rc = lib.shardq_gemm_4bit_tc(*args, stream)
-        if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
-            _lib.check(rc, "gemm_4bit_tc")
-            return True
-    rc = lib.shardq_gemm_4bit_small(*args, stream)
+    if GEMM4_VARIANT == 4 and _launch(lib.shardq_gemm_4bit_tc, args, stream, "gemm_4bit_tc"):
+        return True
+    return _launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
+
+
+def _launch(fn, args: tuple, stream, name: str) -> bool:
+    """Call a launcher: False if it refused the shape (cudaErrorNotSupported, nothing launched), else check it."""
+    rc = fn(*args, stream)
     if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
         return False
-    _lib.check(rc, "gemm_4bit_small")
+    _lib.check(rc, name)
     return True
 
 
