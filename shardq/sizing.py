@@ -232,11 +232,12 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
 
     int8 (LLM.int8()): the int8 activations and per-column statistics, the int32 product of the tensor-core GEMM,
     x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more
-    than SMALL_M rows, or a layout the small-M kernels refuse (fp32 activations, K % 32 != 0, blocksize < 32): the
-    weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the small-M kernels need
-    none, except the GEMV's K split (M <= GEMV_MAX_M, x too large to stage whole): fp32 sums, 4 bytes per token and
-    output feature.
+    than SMALL_M rows (F32_MAX_M for fp32 activations), or a layout the small-M kernels refuse (K % 32 != 0,
+    blocksize < 32): the weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the
+    small-M kernels need none, except the GEMV's K split (M <= GEMV_MAX_M, x too large to stage whole): fp32 sums, 4
+    bytes per token and output feature.
     """
+    from .kernels import cuda_ops
     from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, SMALL_M, int8_outlier_cap
 
     def int8(n: int, k: int) -> int:
@@ -248,6 +249,9 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
         if tokens <= SMALL_M and k % 32 == 0 and itemsize == 2 and quant.blocksize >= 32:
             split = tokens <= GEMV_MAX_M and k % 256 == 0 and k >= 2048  # the GEMV's K split may need its fp32 sums
             return 4 * tokens * n if split else 0
+        fp32_kernel = cuda_ops.GEMM4_F32 and tokens <= cuda_ops.F32_MAX_M and k * 4 + 64 <= cuda_ops.F32_MIN_SMEM
+        if itemsize == 4 and k % 32 == 0 and quant.blocksize >= 32 and fp32_kernel:
+            return 0
         rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)))
         return rows * k * itemsize
 

@@ -33,6 +33,20 @@ def test_4bit_workspace_is_the_dequantized_chunk_only_for_large_m(method):
     assert big <= cuda_ops.DEQUANT_CHUNK_BYTES and big >= cuda_ops.DEQUANT_CHUNK_BYTES - 8192 * 2
 
 
+def test_4bit_fp32_workspace_follows_the_fp32_kernel(monkeypatch):
+    """fp32 activations (a default BitsAndBytesConfig): the fp32 kernel (M <= F32_MAX_M, K % 32 == 0, one token's x
+    in the smallest shared memory) needs no scratch; elsewhere W is dequantized to fp32 in chunks."""
+    cfg = QuantConfig("nf4")
+    chunk = 1024 * 4096 * 4  # the whole weight dequantized to fp32 (under DEQUANT_CHUNK_BYTES)
+    assert sizing.matmul_workspace_bytes([(1024, 4096)], cfg, cuda_ops.F32_MAX_M, 4) == 0
+    assert sizing.matmul_workspace_bytes([(1024, 4096)], cfg, cuda_ops.F32_MAX_M + 1, 4) == chunk
+    assert sizing.matmul_workspace_bytes([(1024, 4097)], cfg, 1, 4) == 1024 * 4097 * 4  # odd K
+    wide = (cuda_ops.F32_MIN_SMEM // 4 // 32 + 1) * 32  # one token's x past the smallest shared memory
+    assert sizing.matmul_workspace_bytes([(16, wide)], cfg, 1, 4) == 16 * wide * 4
+    monkeypatch.setattr(cuda_ops, "GEMM4_F32", False)
+    assert sizing.matmul_workspace_bytes([(1024, 4096)], cfg, 1, 4) == chunk
+
+
 def test_plan_reserves_workspace_on_gpus_with_quantized_blocks():
     transformers = pytest.importorskip("transformers")
     from shardq.planner import plan_model

@@ -36,6 +36,9 @@ GEMV_MAX_M = 16
 # latter (for comparisons).
 GEMM4_F32 = os.environ.get("SHARDQ_GEMM4_F32", "1") == "1"
 F32_MAX_M = 8
+# The kernel stages one token's x (K fp32 values) in shared memory at least; the planner counts on that only below
+# the smallest per-block opt-in of the GPUs the library is built for (99 KB on sm_86 / sm_89).
+F32_MIN_SMEM = 99 * 1024
 # int8_linear for INT8_TC_MIN_M <= M <= INT8_TC_MAX_M: csrc/int8_gemm_tc.cu (int8 tensor cores, m16n8k32) after the
 # prepare step, falling back where it refuses a shape; SHARDQ_INT8_TC=0 keeps the dp4a GEMV there. The kernel
 # computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
