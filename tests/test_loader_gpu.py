@@ -81,6 +81,29 @@ def test_peak_within_cap_while_loading_and_prefill_and_generate_equal(ckpt, quan
         torch.testing.assert_close(capped, _generate(whole), rtol=0, atol=0)
 
 
+def test_fp32_compute_decode_within_cap(ckpt):
+    """nf4 with fp32 compute (what a default BitsAndBytesConfig asks for): decode-sized forwards run the fp32 kernel,
+    which needs no scratch, and the planner reserves none for them; loading and an 8-token forward stay within a
+    cap that forces offload."""
+    cap = "100MB"
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    torch.zeros(1, device="cuda")
+    base = _reset()
+    model = load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory={0: cap, "cpu": "8GB"}, quant=quant,
+                                  workload=(1, 8), progress=False)
+    load_peak = _peaks(base)[0]
+    assert any(p.device == "cpu" for p in model.shardq_plan.placements)  # the cap forced offload
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(0)
+        logits = model(_ids(8).cuda(), use_cache=False).logits
+        peak = _peaks(base)[0]
+    del model
+    assert torch.isfinite(logits).all()
+    assert load_peak <= parse_size(cap), f"loading peaked at {load_peak} bytes over the {cap} cap"
+    assert peak <= parse_size(cap), f"the 8-token forward peaked at {peak} bytes over the {cap} cap"
+
+
 def test_failed_load_leaves_no_gpu_memory(ckpt, monkeypatch):
     """A load that fails midway (after tensors were already quantized onto GPU 0) leaves nothing of itself on the
     GPU and the model as it was (all on meta, no quantized layer swapped in). Garbage from earlier tests is
