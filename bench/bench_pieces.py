@@ -5,6 +5,7 @@
 int8 (threshold 6 with outlier columns, and 0): each launch of the op alone — the activation prepare step,
 cuBLASLt's int8 GEMM (torch._int_mm), the dequantizing epilogue — and the whole op, against fp16 cuBLAS.
 nf4 (M > 32: dequantize + cuBLAS): the whole op, the dequantize pass alone, and the fp16 GEMM it feeds.
+prep: the int8 prepare step alone, 20 back-to-back calls per graph (N is ignored), for small batches too.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def int8_pieces(k: int, n: int, m: int, thr: float) -> dict:
     return res
 
 
+def prep_piece(k: int, m: int, thr: float) -> dict:
+    """int8_linear's activation prepare step alone (any M: small batches take the two-launch path)."""
+    lib = _lib.load()
+    x = x_with_outliers(m, k)
+    buf, off = cuda_ops._int8_scratch(m, k, DEV)
+    p = {name: buf.data_ptr() + o for name, o in off.items()}
+
+    def prepare():
+        rc = lib.shardq_int8_prepare(x.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"], None,
+                                     0, m, k, float(thr), 0, cuda_ops._stream(x))
+        _lib.check(rc, "int8_prepare")
+
+    return {"prepare": graph_us(prepare, calls=20)}
+
+
 def nf4_pieces(k: int, n: int, m: int) -> dict:
     """The large-M 4-bit op (dequantize into scratch + cuBLAS) against its two parts alone: the dequantize pass over
     the whole weight and the fp16 GEMM (cuBLAS on an fp16 weight)."""
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x28672")
     ap.add_argument("--ms", default="512,4096")
-    ap.add_argument("--parts", default="int8,nf4")
+    ap.add_argument("--parts", default="int8,nf4", help="int8, nf4, prep (the int8 prepare step alone, any M)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     hbm = hbm_copy_gbps()
@@ -110,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                     r = {"K": k, "N": n, "M": m, "what": f"int8 t{thr:g}", **int8_pieces(k, n, m, thr)}
                     rows.append(r)
                     print(json.dumps({a: round(b, 1) if isinstance(b, float) else b for a, b in r.items()}),
+                          flush=True)
+            if "prep" in args.parts:
+                for thr in (6.0, 0.0):
+                    r = {"K": k, "M": m, "what": f"int8 prepare t{thr:g}", **prep_piece(k, m, thr)}
+                    rows.append(r)
+                    print(json.dumps({a: round(b, 2) if isinstance(b, float) else b for a, b in r.items()}),
                           flush=True)
             if "nf4" in args.parts:
                 r = {"K": k, "N": n, "M": m, "what": "nf4", **nf4_pieces(k, n, m)}

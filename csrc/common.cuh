@@ -143,11 +143,15 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 // LLM.int8() helpers: round(v * 127 / absmax) with the factor formed as the reference forms it (torch evaluates 127 / t as
 // t.reciprocal() * 127), so ties round identically.
-__device__ __forceinline__ int8_t quant127(float v, float absmax) {
-  if (!(absmax > 0.f)) return 0;
-  const float q = rintf(v * (__frcp_rn(absmax) * 127.f));
-  return (int8_t)fminf(fmaxf(q, -127.f), 127.f);
+__device__ __forceinline__ float quant127_factor(float absmax) {
+  return absmax > 0.f ? __frcp_rn(absmax) * 127.f : 0.f;
 }
+// quant127 with the row's factor formed once (quant127_factor): the same value.
+__device__ __forceinline__ int8_t quant127_by(float v, float factor) {
+  if (factor == 0.f) return 0;
+  return (int8_t)fminf(fmaxf(rintf(v * factor), -127.f), 127.f);
+}
+__device__ __forceinline__ int8_t quant127(float v, float absmax) { return quant127_by(v, quant127_factor(absmax)); }
 
 // Sum of the 16 int8 products of a and b, added to acc.
 __device__ __forceinline__ int dot16(const int4& a, const int4& b, int acc) {

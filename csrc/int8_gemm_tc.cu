@@ -44,7 +44,9 @@ struct TcCfg {
   static constexpr int kSmem = kStages * kStage;
   static_assert(R * U % kThreads == 0, "every thread copies the same number of weight units");
   static_assert(U >= 8, "the swizzle permutes 128-byte groups");
-  static_assert(WK * R * kRedStride * 4 <= kSmem, "the reduction buffer fits in the drained ring");
+  static constexpr int kRedInts = WK * R * kRedStride;
+  static_assert((kRedInts + kStagedOutliers * (R + MP)) * 4 <= kSmem,
+                "the reduction buffer and the staged outlier columns fit in the drained ring");
 };
 
 // Physical 16-byte unit of unit u in staged row r: odd rows swap the 64-byte halves of each 128 bytes, so the 8
@@ -110,7 +112,8 @@ __device__ __forceinline__ void compute_slice(const uint8_t* stage, int wr, int 
   }
 }
 
-// The WK partial sums of each (row, token) meet in shared memory; then the epilogue, n fastest across threads.
+// The WK partial sums of each (row, token) meet in shared memory, beside the staged outlier columns; then the
+// epilogue, n fastest across threads.
 template <typename T, class C, int TM, int MT>
 __device__ __forceinline__ void reduce_store(const Int8Args& p, int* red, int n0, int wr, int wk, int g, int t,
                                              const int (&acc)[TM][MT][4]) {
@@ -123,6 +126,9 @@ __device__ __forceinline__ void reduce_store(const Int8Args& p, int* red, int n0
         const int r = (wr * TM + i) * 16 + g + 8 * (c >> 1), m = mt * 8 + 2 * t + (c & 1);
         red[(wk * C::R + r) * C::kRedStride + m] = acc[i][mt][c];
       }
+  float* wo = reinterpret_cast<float*>(red + C::kRedInts);
+  float* xo = wo + kStagedOutliers * C::R;
+  const int staged = stage_outliers<T, C::R>(p, n0, wo, xo, C::kThreads);
   __syncthreads();
   for (int j = threadIdx.x; j < C::R * p.M; j += C::kThreads) {
     const int r = j % C::R, m = j / C::R, n = n0 + r;
@@ -130,7 +136,8 @@ __device__ __forceinline__ void reduce_store(const Int8Args& p, int* red, int n0
       int v = 0;
 #pragma unroll
       for (int k = 0; k < C::kWK; ++k) v += red[(k * C::R + r) * C::kRedStride + m];
-      static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(epilogue<T>(p, m, n, v));
+      static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(epilogue_staged<T, C::R>(p, m, n, r, v, wo, xo,
+                                                                                          staged));
     }
   }
 }

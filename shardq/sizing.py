@@ -238,12 +238,12 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     bytes per token and output feature.
     """
     from .kernels import cuda_ops
-    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, SMALL_M, int8_outlier_cap
+    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, INT8_PREP_STATS, SMALL_M, int8_outlier_cap
 
     def int8(n: int, k: int) -> int:
         pad = (tokens * _up8(k) + _up8(n) * _up8(k)) if (n % 8 or k % 8) else 0
         outliers = tokens * int8_outlier_cap(tokens, k, quant.threshold) * itemsize
-        return 8 * k + tokens * (k + 4) + 4 * tokens * _up8(n) + pad + outliers + 1536
+        return 8 * k + 4 * INT8_PREP_STATS + tokens * (k + 4) + 4 * tokens * _up8(n) + pad + outliers + 1536
 
     def four(n: int, k: int) -> int:
         if tokens <= SMALL_M and k % 32 == 0 and itemsize == 2 and quant.blocksize >= 32:

@@ -347,10 +347,13 @@ def test_int8_linear(k, n, m, dtype, threshold):
 
 @pytest.mark.parametrize("k,n,m,every,dtype", [(1024, 1000, 64, 8, torch.float16), (4096, 4104, 300, 3, torch.bfloat16),
                                                (1000, 1003, 33, 16, torch.float16), (1024, 512, 40, 8, torch.float32),
-                                               (4104, 96, 65, 50, torch.float32)])
+                                               (4104, 96, 65, 50, torch.float32), (1024, 1000, 16, 8, torch.float16),
+                                               (2048, 1032, 7, 30, torch.bfloat16), (4096, 4096, 32, 2, torch.float16),
+                                               (1000, 1003, 12, 9, torch.float16)])
 def test_int8_linear_many_outliers(k, n, m, every, dtype):
-    """Large M (torch._int_mm + epilogue) with more outlier columns than the prepare step compacts and the epilogue
-    stages (INT8_OUTLIER_CAP): the rest are read from x and W directly. Ragged N and K take the scalar kernels."""
+    """More outlier columns than the kernels stage: large M (torch._int_mm + epilogue) past INT8_OUTLIER_CAP, small
+    M (the tensor-core kernel) past its 32 staged columns; the rest are read from x and W directly. Ragged N and K
+    take the scalar kernels."""
     g = _gen("i8many", k, n, m)
     w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
@@ -370,8 +373,9 @@ def test_int8_linear_many_outliers(k, n, m, every, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_fused_small_m(k, n, m, dtype, threshold):
-    """M <= 4 takes the one-launch kernel (activation prep inside every CTA): the op's output is the direct
-    call's, and both match the reference; K % 32 != 0 is refused (the two-launch path runs)."""
+    """The one-launch kernel (activation prep inside every CTA) computes M <= 4 within the reference's tolerance;
+    the op takes it for M <= INT8_FUSED_MAX_M (its output is then the direct call's); K % 32 != 0 is refused
+    (the two-launch path runs)."""
     (x, w8, scb, bias), out = test_int8_linear(k, n, m, dtype, threshold)
     _poison(m * n * 2)
     direct = torch.empty_like(out)
@@ -380,8 +384,13 @@ def test_int8_fused_small_m(k, n, m, dtype, threshold):
                                            cuda_ops._stream(x))
     if k % 32:
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED
-    else:
-        assert rc == 0 and torch.equal(direct, out), "the op did not use the fused kernel"
+        return
+    assert rc == 0
+    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
+    err = _rel(direct, ref)
+    assert err <= 2 * torch.finfo(dtype).eps, f"seed {SEED}: fused kernel rel err {err:.3e}"
+    if m <= cuda_ops.INT8_FUSED_MAX_M:
+        assert torch.equal(direct, out), "the op did not use the fused kernel"
 
 
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])

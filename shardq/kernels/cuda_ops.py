@@ -43,10 +43,17 @@ F32_MIN_SMEM = 99 * 1024
 # prepare step, falling back where it refuses a shape; SHARDQ_INT8_TC=0 keeps the dp4a GEMV there. The kernel
 # computes M up to 64, but above 32 the padded torch._int_mm GEMM + epilogue was faster (bench/RESULTS.md, H200).
 INT8_TC = os.environ.get("SHARDQ_INT8_TC", "1") == "1"
-INT8_TC_MIN_M, INT8_TC_MAX_M = 5, 32
+INT8_TC_MIN_M, INT8_TC_MAX_M = 2, 32
+# int8_linear for M <= INT8_FUSED_MAX_M: csrc/int8_gemv_fused.cu (one launch, the activation side inside every CTA;
+# it computes M <= 4, but from M = 2 its per-CTA scan of x cost more than the two prepare launches + the tensor-core
+# kernel on an H200, bench/RESULTS.md)
+INT8_FUSED_MAX_M = 1
 # int8_linear, M > SMALL_M: the activation prepare step copies up to this many outlier columns of x into a compact
 # [M, cap] buffer for the epilogue (which also stages that many of W's in shared memory; more are read directly).
 INT8_OUTLIER_CAP = 64
+# Floats the prepare step's small-batch launches (M <= SMALL_M) keep past colmax's K: per-chunk outlier counts and row
+# maxima (kPrepStats in csrc/int8_quant.cu).
+INT8_PREP_STATS = 64 + 64 * 32
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
 # largest shape (bench/RESULTS.md).
@@ -280,9 +287,10 @@ def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _int8_scratch(m: int, k: int, device: torch.device, xo_bytes: int = 0) -> tuple[Tensor, dict[str, int]]:
-    """One uint8 buffer for colmax f32[k], outlier list i32[k], count i32, row absmax f32[m], q int8[m, k] and
-    xo_bytes for the compacted outlier columns of x (large M)."""
-    sizes = {"colmax": 4 * k, "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k, "xo": xo_bytes}
+    """One uint8 buffer for colmax f32[k + INT8_PREP_STATS], outlier list i32[k], count i32, row absmax f32[m], q
+    int8[m, k] and xo_bytes for the compacted outlier columns of x (large M)."""
+    sizes = {"colmax": 4 * (k + INT8_PREP_STATS), "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k,
+             "xo": xo_bytes}
     offsets, pos = {}, 0
     for name, size in sizes.items():
         offsets[name] = pos
@@ -335,7 +343,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
     w, scb = weight.contiguous(), scale.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     dt, stream = DTYPE_CODES[x.dtype], _stream(x)
-    if m <= 4:  # one launch: the activation side is done inside every CTA (csrc/int8_gemv_fused.cu)
+    if m <= INT8_FUSED_MAX_M:  # one launch: the activation side is done inside every CTA
         with _on_device(x.device):
             rc = lib.shardq_int8_gemv_fused(x2.data_ptr(), w.data_ptr(), scb.data_ptr(), _ptr(b), out.data_ptr(),
                                             m, n, k, float(threshold), dt, stream)
