@@ -114,10 +114,10 @@ __device__ __forceinline__ int4 load_w(const FusedArgs& p, int n, int k) {
 }
 
 // This warp's outlier part: o[m][r] += x[m, c] * W[n0 + r, c] over the outlier columns c (lanes split the mask).
-template <typename T, int MB>
-__device__ __forceinline__ void outliers(const FusedArgs& p, const uint32_t* mask, int n0, float (&o)[MB][kWarpRows]) {
+template <typename T, int MB, int R>
+__device__ __forceinline__ void outliers(const FusedArgs& p, const uint32_t* mask, int n0, float (&o)[MB][R]) {
   const int lane = threadIdx.x & 31;
-  for (int i = lane; i < p.K / 32; i += 32) {
+  for (int i = lane; i < (p.K + 31) / 32; i += 32) {
     uint32_t bits = mask[i];
     while (bits) {
       const int c = i * 32 + __ffs(bits) - 1;
@@ -127,11 +127,36 @@ __device__ __forceinline__ void outliers(const FusedArgs& p, const uint32_t* mas
         if (m >= p.M) continue;
         const float xv = to_f32(static_cast<const T*>(p.x)[(int64_t)m * p.K + c]);
 #pragma unroll
-        for (int r = 0; r < kWarpRows; ++r)
+        for (int r = 0; r < R; ++r)
           if (n0 + r < p.N) o[m][r] += xv * (float)p.w[(int64_t)(n0 + r) * p.K + c];
       }
     }
   }
+}
+
+// The warp's sums meet (lane 0) and out[m, n0 + r] gets the epilogue: scales, outlier part, bias.
+template <typename T, int MB, int R>
+__device__ __forceinline__ void store_rows(const FusedArgs& p, const float* amax, int n0, const int (&acc)[MB][R],
+                                           const float (&o)[MB][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      int a = acc[m][r];
+      float f = o[m][r];
+      for (int s = 16; s > 0; s >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, s);
+        f += __shfl_xor_sync(0xffffffffu, f, s);
+      }
+      const int n = n0 + r;
+      if (lane == 0 && m < p.M && n < p.N) {
+        const float scb = p.scb[n];
+        float v = (float)a * amax[m] * scb * (1.f / (127.f * 127.f)) + f * scb * (1.f / 127.f);
+        if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
+        static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
+      }
+    }
 }
 
 template <typename T, int MB>
@@ -175,25 +200,155 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_fused(FusedArgs p) {
       for (int r = 0; r < kWarpRows; ++r) wv[s][r] = load_w(p, n0 + r, k + 1024);
     }
   }
-  outliers<T, MB>(p, mask, n0, o);
+  outliers<T, MB, kWarpRows>(p, mask, n0, o);
+  store_rows<T, MB, kWarpRows>(p, amax, n0, acc, o);
+}
+
+// ---- M = 1 and any K (rows of W not 16-byte aligned, e.g. K = 4097) ----
+// x's row is read in 16-byte units (the last partial one element by element) and kept in registers between the scan
+// and the quantization; q is staged with zero bytes around it; each lane reads W in 16-byte-aligned chunks of the
+// flat weight array and funnel-shifts q's words onto the chunk's columns (bytes of the neighbouring rows meet zeros).
+// One weight row per warp, kAnyGroup chunks per lane in flight (N = 1000 gives 1000 warps).
+constexpr int kAnyUnits = 8;  // 16-byte units of x per thread
+constexpr int kAnyMaxK = 8 * kThreads * kAnyUnits;
+constexpr int kAnyGroup = 4;
+constexpr int kQPad = 16;  // zero bytes staged before column 0
+
+__host__ __device__ inline int any_q_bytes(int K) { return (kQPad + K + 32 + 15) / 16 * 16; }
+
+// Element j of a 16-byte unit of 16-bit values.
+template <typename T>
+__device__ __forceinline__ float unit_at(const uint4& u, int j) {
+  return to_f32(reinterpret_cast<const T*>(&u)[j]);
+}
+
+// Unit i of x's row (zeros past K).
+template <typename T>
+__device__ __forceinline__ uint4 load_x_unit(const FusedArgs& p, int i) {
+  const T* x = static_cast<const T*>(p.x);
+  if (8 * i + 8 <= p.K) return __ldg(reinterpret_cast<const uint4*>(x) + i);
+  uint4 u = make_uint4(0u, 0u, 0u, 0u);
+  T* e = reinterpret_cast<T*>(&u);
+  for (int j = 0; j < 8 && 8 * i + j < p.K; ++j) e[j] = x[8 * i + j];
+  return u;
+}
+
+// Outlier bits into mask (zeroed) and the row's absmax over the other columns (returned to every thread).
+template <typename T>
+__device__ __forceinline__ float scan_row(const FusedArgs& p, const uint4 (&xu)[kAnyUnits], uint32_t* mask) {
+  __shared__ float smax[kThreads / 32];
+  float rmax = 0.f;
 #pragma unroll
-  for (int m = 0; m < MB; ++m)
+  for (int u = 0; u < kAnyUnits; ++u) {
+    const int e0 = 8 * (threadIdx.x + u * kThreads);
+    uint32_t bits = 0;
 #pragma unroll
-    for (int r = 0; r < kWarpRows; ++r) {
-      int a = acc[m][r];
-      float f = o[m][r];
-      for (int s = 16; s > 0; s >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, s);
-        f += __shfl_xor_sync(0xffffffffu, f, s);
-      }
-      const int n = n0 + r;
-      if (lane == 0 && m < p.M && n < p.N) {
-        const float scb = p.scb[n];
-        float v = (float)a * amax[m] * scb * (1.f / (127.f * 127.f)) + f * scb * (1.f / 127.f);
-        if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-        static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
+    for (int j = 0; j < 8; ++j) {
+      const float v = fabsf(unit_at<T>(xu[u], j));
+      if (p.threshold > 0.f && v > p.threshold) {
+        bits |= 1u << j;
+      } else {
+        rmax = fmaxf(rmax, v);
       }
     }
+    if (bits) atomicOr(&mask[e0 >> 5], bits << (e0 & 31));
+  }
+  for (int s = 16; s > 0; s >>= 1) rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, s));
+  if ((threadIdx.x & 31) == 0) smax[threadIdx.x >> 5] = rmax;
+  __syncthreads();
+  rmax = 0.f;
+  for (int w = 0; w < kThreads / 32; ++w) rmax = fmaxf(rmax, smax[w]);
+  return rmax;
+}
+
+// q[kQPad + k] = quant127(x[k]) (0 in outlier columns), zeros before and after.
+template <typename T>
+__device__ __forceinline__ void quantize_row(const FusedArgs& p, const uint4 (&xu)[kAnyUnits], const uint32_t* mask,
+                                             float amax, int8_t* q) {
+  const float f = quant127_factor(amax);
+#pragma unroll
+  for (int u = 0; u < kAnyUnits; ++u) {
+    const int e0 = 8 * (threadIdx.x + u * kThreads);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int k = e0 + j;
+      if (k < p.K) q[kQPad + k] = (mask[k >> 5] >> (k & 31)) & 1u ? (int8_t)0 : quant127_by(unit_at<T>(xu[u], j), f);
+    }
+  }
+  for (int i = threadIdx.x; i < kQPad; i += kThreads) q[i] = 0;
+  for (int i = kQPad + p.K + threadIdx.x; i < any_q_bytes(p.K); i += kThreads) q[i] = 0;
+}
+
+// Weight chunks c0 + lane + 32 j of a row: 16-byte-aligned pieces of the flat array from `first` (the row's first
+// byte rounded down to 16); past the array's end, zeros.
+__device__ __forceinline__ void load_chunks(const FusedArgs& p, const int8_t* first, int chunks, int c0,
+                                            int4 (&wv)[kAnyGroup]) {
+  const int8_t* end = p.w + (int64_t)p.N * p.K;
+#pragma unroll
+  for (int j = 0; j < kAnyGroup; ++j) {
+    const int c = c0 + (threadIdx.x & 31) + 32 * j;
+    const int8_t* a = first + 16 * c;
+    wv[j] = make_int4(0, 0, 0, 0);
+    if (c < chunks && a + 16 <= end) {
+      wv[j] = __ldcs(reinterpret_cast<const int4*>(a));
+    } else if (c < chunks) {
+      int8_t* b = reinterpret_cast<int8_t*>(&wv[j]);
+      for (int i = 0; i < 16 && a + i < end; ++i) b[i] = a[i];
+    }
+  }
+}
+
+// 16 staged q bytes from byte offset off (any alignment; off >= 1 and off + 19 within the staging).
+__device__ __forceinline__ int4 q_unaligned(const int8_t* q, int off) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(q + (off & ~3));
+  const int sh = (off & 3) * 8;
+  const uint32_t a = w[0], b = w[1], c = w[2], d = w[3], e = w[4];
+  return make_int4((int)__funnelshift_r(a, b, sh), (int)__funnelshift_r(b, c, sh), (int)__funnelshift_r(c, d, sh),
+                   (int)__funnelshift_r(d, e, sh));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) int8_gemv_any(FusedArgs p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float amax[1];
+  int8_t* q = reinterpret_cast<int8_t*>(smem);
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + any_q_bytes(p.K));
+  const int n = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  const int64_t start = (int64_t)min(n, p.N - 1) * p.K;
+  const int lead = (int)(start & 15), chunks = (lead + p.K + 15) / 16;
+  const int8_t* first = p.w + (start - lead);
+  int4 wv[kAnyGroup];
+  load_chunks(p, first, chunks, 0, wv);  // in flight while x is scanned
+  uint4 xu[kAnyUnits];
+#pragma unroll
+  for (int u = 0; u < kAnyUnits; ++u) xu[u] = load_x_unit<T>(p, threadIdx.x + u * kThreads);
+  for (int i = threadIdx.x; i < (p.K + 31) / 32; i += kThreads) mask[i] = 0u;
+  __syncthreads();
+  const float a = scan_row<T>(p, xu, mask);
+  if (threadIdx.x == 0) amax[0] = a;
+  quantize_row<T>(p, xu, mask, a, q);
+  __syncthreads();
+  int acc[1][1] = {{0}};
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kAnyGroup) {
+    if (c0 > 0) load_chunks(p, first, chunks, c0, wv);
+#pragma unroll
+    for (int j = 0; j < kAnyGroup; ++j) {
+      const int c = c0 + (threadIdx.x & 31) + 32 * j;
+      if (c < chunks) acc[0][0] = dot16(wv[j], q_unaligned(q, kQPad + 16 * c - lead), acc[0][0]);
+    }
+  }
+  float o[1][1] = {{0.f}};
+  outliers<T, 1, 1>(p, mask, n, o);
+  store_rows<T, 1, 1>(p, amax, n, acc, o);
+}
+
+template <typename T>
+cudaError_t launch_any(const FusedArgs& p, size_t smem, cudaStream_t stream) {
+  static bool configured[64] = {};
+  const cudaError_t err = allow_smem(int8_gemv_any<T>, kMaxSmem, configured);
+  if (err != cudaSuccess) return err;
+  int8_gemv_any<T><<<(unsigned)((p.N + kThreads / 32 - 1) / (kThreads / 32)), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename T, int MB>
@@ -218,16 +373,23 @@ cudaError_t launch_fused(const FusedArgs& p, size_t smem, cudaStream_t stream) {
 using namespace shardq;
 
 // out[M, N] = int8_linear(x, w, scb, bias, threshold) for 1 <= M <= 4 in one launch. Returns cudaErrorNotSupported,
-// launching nothing, unless: dtype fp16/bf16, K % 32 == 0, M * K + K / 8 <= 96 KB, x and w 16-byte aligned.
+// launching nothing, unless: dtype fp16/bf16, x and w 16-byte aligned, and either K % 32 == 0 with
+// M * K + K / 8 <= 96 KB, or M = 1 with K <= 16384 (any K: the unaligned-row kernel).
 SHARDQ_API int shardq_int8_gemv_fused(const void* x, const void* w, const float* scb, const void* bias, void* out,
                                       int64_t M, int64_t N, int64_t K, float threshold, int dtype,
                                       void* stream_ptr) {
-  const size_t smem = (size_t)((M * K + 15) / 16) * 16 + (size_t)(K / 32) * 4;
-  const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 4 && N >= 1 && N <= INT32_MAX && K >= 32 &&
-                  K % 32 == 0 && smem <= (size_t)kMaxSmem && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
+  const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 4 && N >= 1 && N <= INT32_MAX - 8 && K >= 1 &&
+                  K <= INT32_MAX / 8 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0;
   if (!ok) return cudaErrorNotSupported;
   const FusedArgs p{x, static_cast<const int8_t*>(w), scb, bias, out, (int)M, (int)N, (int)K, threshold};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  SHARDQ_DISPATCH_16(dtype, T, return launch_fused<T>(p, smem, stream));
+  const size_t smem = (size_t)((M * K + 15) / 16) * 16 + (size_t)(K / 32) * 4;
+  if (K % 32 == 0 && smem <= (size_t)kMaxSmem) {
+    SHARDQ_DISPATCH_16(dtype, T, return launch_fused<T>(p, smem, stream));
+  }
+  if (M == 1 && K <= kAnyMaxK) {
+    const size_t any_smem = (size_t)any_q_bytes((int)K) + (size_t)((K + 31) / 32) * 4;
+    SHARDQ_DISPATCH_16(dtype, T, return launch_any<T>(p, any_smem, stream));
+  }
   return cudaErrorNotSupported;
 }
