@@ -8,6 +8,7 @@
 // in shared memory with the reference's rounding (quant127), so the int32 sums equal the two-launch path's.
 // Then each warp streams 4 weight rows (16-byte loads, two steps in flight), dp4a against the shared q, and
 // adds the outlier columns in fp32 from the mask. A CTA covers 32 weight rows, which amortizes the x scan.
+// int8_gemv_any (below) is the same idea for M = 1 when K % 32 != 0, where W's rows are not 16-byte aligned.
 #include "common.cuh"
 
 namespace shardq {
