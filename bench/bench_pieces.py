@@ -45,6 +45,20 @@ def x_with_outliers(m: int, k: int) -> torch.Tensor:
     return x
 
 
+def prepare_call(x: torch.Tensor, p: dict, xo, cap: int, thr: float):
+    """int8_linear's prepare step on x into the scratch pointers p, as a no-argument call (the stream is read at each
+    call: graph capture runs on a side stream)."""
+    lib = _lib.load()
+    m, k = x.shape
+
+    def prepare():
+        rc = lib.shardq_int8_prepare(x.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"], xo,
+                                     cap, m, k, float(thr), 0, cuda_ops._stream(x))
+        _lib.check(rc, "int8_prepare")
+
+    return prepare
+
+
 def int8_pieces(k: int, n: int, m: int, thr: float) -> dict:
     """The op, and each of its launches alone on the same prepared scratch."""
     lib = _lib.load()
@@ -58,11 +72,7 @@ def int8_pieces(k: int, n: int, m: int, thr: float) -> dict:
     xo = p["xo"] if cap else None
     q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
 
-    def prepare():  # the stream is read at each call: graph capture runs on a side stream
-        rc = lib.shardq_int8_prepare(x.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"], xo,
-                                     cap, m, k, float(thr), 0, cuda_ops._stream(x))
-        _lib.check(rc, "int8_prepare")
-
+    prepare = prepare_call(x, p, xo, cap, thr)
     prepare()
     acc = torch._int_mm(q, w.t())
 
@@ -82,17 +92,10 @@ def int8_pieces(k: int, n: int, m: int, thr: float) -> dict:
 
 def prep_piece(k: int, m: int, thr: float) -> dict:
     """int8_linear's activation prepare step alone (any M: small batches take the two-launch path)."""
-    lib = _lib.load()
     x = x_with_outliers(m, k)
     buf, off = cuda_ops._int8_scratch(m, k, DEV)
     p = {name: buf.data_ptr() + o for name, o in off.items()}
-
-    def prepare():
-        rc = lib.shardq_int8_prepare(x.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"], None,
-                                     0, m, k, float(thr), 0, cuda_ops._stream(x))
-        _lib.check(rc, "int8_prepare")
-
-    return {"prepare": graph_us(prepare, calls=20)}
+    return {"prepare": graph_us(prepare_call(x, p, None, 0, thr), calls=20)}
 
 
 def nf4_pieces(k: int, n: int, m: int) -> dict:
