@@ -4,7 +4,9 @@
 
 For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± double quant; plus sq_nf4_v1: the fallback
 K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core ring kernel for M <= 16 (GEMV_MAX_M), where
-the default is the register-streaming GEMV; sq_nf4_mid: the opt-in fused-dequant kernel csrc/gemm_4bit_mid.cu forced
+the default is the register-streaming GEMV; sq_nf4_deq: M > 32 through dequantize + cuBLAS, where the default on
+Hopper is the fused-dequant wgmma kernel (csrc/gemm_4bit_wgmma.cu) for 32 < M <= 128 on wide grids; sq_nf4_wg: that
+kernel forced for every M > 32; sq_nf4_mid: the opt-in fused-dequant kernel csrc/gemm_4bit_mid.cu forced
 for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with
 the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_fused /
 sq_int8_t0_fused: the one-launch kernel forced for M <= 4, where the default is the prepare step + the tensor-core
@@ -56,10 +58,15 @@ INT8_FUSED_ON = {"sq_int8_t6_fused": 4, "sq_int8_t0_fused": 4}
 # kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
 # computes any M; below 33 it is timed against the default small-M kernel)
 MID_MIN_M = {"sq_nf4_mid": 7}
+# kinds timed with the Hopper fused-dequant kernel switched off (cuda_ops.GEMM4_WGMMA): dequantize + cuBLAS, the
+# large-M path it replaced, over the M it serves
+WGMMA_OFF_MIN_M = {"sq_nf4_deq": cuda_ops.SMALL_M + 1}
+# kinds timed with the Hopper fused-dequant kernel forced for every M > 32 and grid (the op routes only part to it)
+WGMMA_FORCED = {"sq_nf4_wg"}
 # kinds timed with the fp32-activation kernel switched off (cuda_ops.GEMM4_F32)
 F32_OFF = {"sq_nf4_c32_deq"}
 # timed only when --kinds names them
-OPT_IN = {"sq_nf4_mid", "sq_int8_t6_gemv", "sq_nf4_tc", "sq_nf4_c32", "sq_nf4_c32_deq", "bnb_nf4_c32",
+OPT_IN = {"sq_nf4_mid", "sq_nf4_wg", "sq_int8_t6_gemv", "sq_nf4_tc", "sq_nf4_c32", "sq_nf4_c32_deq", "bnb_nf4_c32",
           *INT8_FUSED_ON}
 
 
@@ -169,7 +176,8 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
     default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
     default_fused = cuda_ops.INT8_FUSED_MAX_M
-    default_gemv, default_f32 = cuda_ops.GEMM4_GEMV, cuda_ops.GEMM4_F32
+    default_gemv, default_f32, default_wgmma = cuda_ops.GEMM4_GEMV, cuda_ops.GEMM4_F32, cuda_ops.GEMM4_WGMMA
+    default_wgmma_max, default_wgmma_fill = cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL
     default_mid_min = cuda_ops.GEMM4_MID_MIN_M
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
@@ -192,6 +200,13 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 continue
             if kind in GEMV_OFF_MAX_M and row["M"] > GEMV_OFF_MAX_M[kind]:
                 continue
+            if kind in WGMMA_OFF_MIN_M and row["M"] < WGMMA_OFF_MIN_M[kind]:
+                continue
+            if kind in WGMMA_FORCED and row["M"] <= cuda_ops.SMALL_M:
+                continue
+            cuda_ops.GEMM4_WGMMA = kind not in WGMMA_OFF_MIN_M and default_wgmma
+            cuda_ops.WGMMA_MAX_M = 1 << 30 if kind in WGMMA_FORCED else default_wgmma_max
+            cuda_ops.WGMMA_MIN_FILL = 0.0 if kind in WGMMA_FORCED else default_wgmma_fill
             cuda_ops.GEMM4_GEMV = kind not in GEMV_OFF_MAX_M and default_gemv
             cuda_ops.GEMM4_F32 = kind not in F32_OFF and default_f32
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
@@ -219,13 +234,17 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
         cuda_ops.GEMM4_MID_MIN_M, cuda_ops.GEMM4_GEMV = default_mid_min, default_gemv
         cuda_ops.GEMM4_F32, cuda_ops.INT8_FUSED_MAX_M = default_f32, default_fused
+        cuda_ops.GEMM4_WGMMA = default_wgmma
+        cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL = default_wgmma_max, default_wgmma_fill
         del mods, first, ref_mod
         torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict], hbm: float) -> str:
-    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_v1", "sq nf4 v1"),
+    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_deq", "sq nf4 deq"),
+            ("sq_nf4_wg", "sq nf4 wgmma"),
+            ("sq_nf4_v1", "sq nf4 v1"),
             ("sq_nf4_tc", "sq nf4 ring"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_nf4_c32", "sq_nf4_c32_deq",
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_nf4_c32", "sq_nf4_c32_deq",
              "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0", "sq_int8_t0_fused"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

@@ -50,16 +50,16 @@ def _inputs(k: int, n: int, m: int, dtype: torch.dtype, qt: str, dq: bool, bs: i
 
 
 def _direct(args, k: int, n: int, m: int, bs: int, x: Optional[torch.Tensor] = None,
-            packed: Optional[torch.Tensor] = None) -> tuple[int, torch.Tensor]:
-    """Call shardq_gemm_4bit_mid itself on a NaN-poisoned output (x / packed may be replaced): (rc, output)."""
+            packed: Optional[torch.Tensor] = None, launcher: str = "shardq_gemm_4bit_mid") -> tuple[int, torch.Tensor]:
+    """Call the launcher itself on a NaN-poisoned output (x / packed may be replaced): (rc, output)."""
     x0, packed0, absmax, code, nested, bias = args
     x = x0 if x is None else x
     packed = packed0 if packed is None else packed
     am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
     out = torch.full((m, n), float("nan"), dtype=x0.dtype, device=DEV)
-    rc = lib.load().shardq_gemm_4bit_mid(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
-                                         None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bs,
-                                         cuda_ops.DTYPE_CODES[x0.dtype], cuda_ops._stream(x0))
+    rc = getattr(lib.load(), launcher)(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                       None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bs,
+                                       cuda_ops.DTYPE_CODES[x0.dtype], cuda_ops._stream(x0))
     torch.cuda.synchronize()
     return rc, out
 

@@ -25,7 +25,8 @@ def test_csrc_compiles_and_exports_every_launcher(tmp_path):
     for name in lib.SIGNATURES:
         assert hasattr(loaded, name), f"{name} missing from {so}"
     _check_tc_refusals(loaded)
-    _check_mid_refusals(loaded)
+    _check_fused_refusals(loaded, "shardq_gemm_4bit_mid")
+    _check_fused_refusals(loaded, "shardq_gemm_4bit_wgmma")
     _check_int8_fused_refusals(loaded)
 
 
@@ -44,11 +45,11 @@ def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
 
 
-def _check_mid_refusals(loaded: ctypes.CDLL) -> None:
-    """shardq_gemm_4bit_mid (large M, opt-in) refuses, before any CUDA call, what it cannot run: gemm_4bit then
-    dequantizes and uses cuBLAS."""
-    fn = loaded.shardq_gemm_4bit_mid
-    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_gemm_4bit_mid"], ctypes.c_int
+def _check_fused_refusals(loaded: ctypes.CDLL, name: str) -> None:
+    """The large-M fused-dequant launchers (wgmma: Hopper, default; mid: opt-in) refuse, before any CUDA call, what
+    they cannot run: gemm_4bit then dequantizes and uses cuBLAS."""
+    fn = getattr(loaded, name)
+    fn.argtypes, fn.restype = lib.SIGNATURES[name], ctypes.c_int
     ok = dict(x=4096, w=8192, M=256, N=1000, K=1024, bs=64, dtype=0, absmax=64)
     bad = [dict(K=4097), dict(K=4128), dict(K=32), dict(M=0), dict(N=0), dict(dtype=2), dict(bs=48), dict(bs=32),
            dict(bs=16), dict(x=4104), dict(w=8200), dict(absmax=None), dict(M=2**31), dict(M=2**30, N=2**30)]
@@ -56,7 +57,7 @@ def _check_mid_refusals(loaded: ctypes.CDLL) -> None:
         a = dict(ok, **change)
         rc = fn(a["x"], a["w"], a["absmax"], None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
                 a["dtype"], None)
-        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{name} {change}: rc {rc}"
 
 
 def _check_int8_fused_refusals(loaded: ctypes.CDLL) -> None:
@@ -100,6 +101,11 @@ def test_arch_flags_include_ptx_of_newest(monkeypatch):
     monkeypatch.setenv("SHARDQ_CUDA_ARCHS", "80;90")
     flags = build.arch_flags()
     assert "arch=compute_80,code=sm_80" in flags and "arch=compute_90,code=compute_90" in flags
+    assert "arch=compute_90a,code=sm_90a" in flags  # Hopper SASS with wgmma (csrc/gemm_4bit_wgmma.cu)
+    assert "arch=compute_90,code=sm_90" not in flags
+    monkeypatch.setenv("SHARDQ_CUDA_ARCHS", "90a")
+    assert build.arch_flags() == ["-gencode", "arch=compute_90a,code=sm_90a", "-gencode",
+                                  "arch=compute_90,code=compute_90"]
 
 
 @pytest.fixture

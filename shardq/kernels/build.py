@@ -65,15 +65,22 @@ def toolchain() -> Toolchain:
     return Toolchain(nvcc=nvcc, version=proc.stdout.strip())
 
 
+# Archs whose SASS is built with the arch-specific features (Hopper's wgmma): "90" builds sm_90a, which runs on
+# every compute capability 9.0 GPU; the PTX shipped for later GPUs stays the portable compute_90.
+ARCH_SPECIFIC = {"90": "90a"}
+
+
 def arch_flags(archs: tuple[str, ...] | None = None) -> list[str]:
-    """-gencode flags: SASS for each arch, plus PTX of the newest so later GPUs can JIT it."""
+    """-gencode flags: SASS for each arch (90 as sm_90a), plus portable PTX of the newest so later GPUs can JIT it."""
     if archs is None:
         env = os.environ.get("SHARDQ_CUDA_ARCHS")
         archs = tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip()) if env else DEFAULT_ARCHS
+    plain = [a.rstrip("a") for a in archs]
     flags = []
-    for a in archs:
-        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    newest = max(archs, key=lambda a: int("".join(ch for ch in a if ch.isdigit())))
+    for a in dict.fromkeys(plain):
+        sass = ARCH_SPECIFIC.get(a, a)
+        flags += ["-gencode", f"arch=compute_{sass},code=sm_{sass}"]
+    newest = max(plain, key=int)
     flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 

@@ -7,6 +7,7 @@ stream to the library, and never synchronizes. If the library is unavailable it 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Optional, Sequence
@@ -54,6 +55,15 @@ INT8_OUTLIER_CAP = 64
 # Floats the prepare step's small-batch launches (M <= SMALL_M) keep past colmax's K: per-chunk outlier counts and row
 # maxima (kPrepStats in csrc/int8_quant.cu).
 INT8_PREP_STATS = 64 + 64 * 32
+# SMALL_M < M <= WGMMA_MAX_M 4-bit on Hopper: csrc/gemm_4bit_wgmma.cu (weights dequantized in registers into the
+# warpgroup MMA, no dequantized copy of W) where it takes the shape (compute capability 9.0, K % 64 == 0, blocksize
+# >= 64) and its grid of 128-feature tiles covers at least WGMMA_MIN_FILL of the SMs (it does not split K yet);
+# elsewhere dequantize + cuBLAS, which measured faster there (H200, bench/RESULTS.md: at M >= 256 the kernel is
+# bound by the dequantization's shared-memory traffic and latency at 2 warps per scheduler, ~440 TFLOP/s).
+# SHARDQ_GEMM4_WGMMA=0 keeps dequantize + cuBLAS for every M (for comparisons).
+GEMM4_WGMMA = os.environ.get("SHARDQ_GEMM4_WGMMA", "1") == "1"
+WGMMA_MAX_M = 128
+WGMMA_MIN_FILL = 0.5
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
 # largest shape (bench/RESULTS.md).
@@ -161,21 +171,39 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     with _on_device(x.device):
-        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_mid(lib, x2, packed, am, code, blocksize, n, k, b, out):
+        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_fused(lib.shardq_gemm_4bit_mid, x2, packed, am, code,
+                                                                   blocksize, n, k, b, out):
             pass
         elif m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
+            pass
+        elif _wgmma_suits(m, n, x2.device) and _gemm_4bit_fused(lib.shardq_gemm_4bit_wgmma, x2, packed, am, code,
+                                                                 blocksize, n, k, b, out):
             pass
         else:  # large M, and layouts the small-M kernels refuse (odd K, unaligned; fp32 beyond the fp32 kernel)
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
     return out.reshape(*x.shape[:-1], n)
 
 
-def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                   b: Optional[Tensor], out: Tensor) -> bool:
-    """The fused-dequant tensor-core GEMM (csrc/gemm_4bit_mid.cu); False if it refuses the shape."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _wgmma_suits(m: int, n: int, device: torch.device) -> bool:
+    """Whether M and the grid of csrc/gemm_4bit_wgmma.cu's 128-feature tiles are where it beat dequantize + cuBLAS."""
+    if not GEMM4_WGMMA or not SMALL_M < m <= WGMMA_MAX_M:
+        return False
+    ctas = -(-n // 128) * -(-m // (64 if m <= 64 else 128))
+    return ctas >= WGMMA_MIN_FILL * _sm_count(device.index)
+
+
+def _gemm_4bit_fused(fn, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+                     b: Optional[Tensor], out: Tensor) -> bool:
+    """A fused-dequant tensor-core GEMM launcher (csrc/gemm_4bit_wgmma.cu, gemm_4bit_mid.cu); False if it refuses
+    the shape or the device."""
     args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), x2.shape[0], n, k,
             blocksize, DTYPE_CODES[x2.dtype])
-    return _launch(lib.shardq_gemm_4bit_mid, args, _stream(x2), "gemm_4bit_mid")
+    return _launch(fn, args, _stream(x2), fn.__name__)
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,

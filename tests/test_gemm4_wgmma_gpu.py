@@ -1,0 +1,141 @@
+"""csrc/gemm_4bit_wgmma.cu (Hopper: weights dequantized in registers into the warpgroup MMA; the default 4-bit path
+for M > 32 on compute capability 9.0) against the fp64 reference (skipped without such a GPU or the library).
+
+Same conventions as test_kernels_gpu.py: fresh seeds, outlier columns in x and outlier weights, NaN-poisoned
+outputs, tolerance 4 x the error of the same-precision torch matmul + 1e-5. Each case calls the launcher directly;
+where the op routes to it (32 < M <= 128, grid filling half the SMs) the op's output must be bit-identical to it
+(proves the op used the kernel). The grid covers every tile
+configuration (64- and 128-token tiles, 128 and 256 features per CTA), ragged M and N, K not a multiple of 128,
+every blocksize the kernel takes, nf4/fp4, double quant, bias, fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import shardq.ops  # noqa: F401
+from shardq.kernels import cuda_ops, lib
+from test_gemm4_mid_gpu import _direct, _inputs, _op
+from test_kernels_gpu import SEED, _gen, _rel, graph_replay
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs a compute capability 9.0 GPU (Hopper)")]
+
+DEV = "cuda"
+LAUNCHER = "shardq_gemm_4bit_wgmma"
+# (K, N): the issue's shapes, N tails (1000, 1032, 28680 = 112 * 256 + 8), K = 4160 (65 k-tiles: odd, not % 128)
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 1000), (2048, 1032), (4160, 520), (64, 264)]
+MS = [1, 7, 33, 48, 64, 65, 100, 129, 256, 512, 1000, 4096]
+BIG = [(8192, 28672, 33), (8192, 28672, 256), (8192, 28680, 512), (8192, 28672, 4096)]
+BLOCKSIZES = [64, 128, 256]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library():
+    if lib.load() is None:
+        pytest.skip(f"kernels library unavailable: {lib.error()}")
+
+
+def _grid():
+    cases = list(itertools.product(SHAPES, MS)) + [((k, n), m) for k, n, m in BIG]
+    for i, ((k, n), m) in enumerate(cases):
+        dtype = [torch.float16, torch.bfloat16][i % 2]
+        qt, dq, bs, bias = ["nf4", "fp4"][(i // 2) % 2], (i // 4) % 2 == 1, BLOCKSIZES[i % 3], (i // 3) % 2 == 0
+        yield pytest.param(k, n, m, dtype, qt, dq, bs, bias,
+                           id=f"K{k}-N{n}-M{m}-{str(dtype)[6:]}-{qt}-dq{int(dq)}-bs{bs}-b{int(bias)}")
+
+
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq,bs,bias", list(_grid()))
+def test_gemm4_wgmma(k, n, m, dtype, qt, dq, bs, bias):
+    args, ref, tol = _inputs(k, n, m, dtype, qt, dq, bs, bias, "wgmma")
+    rc, direct = _direct(args, k, n, m, bs, launcher=LAUNCHER)
+    assert rc == 0, f"gemm_4bit_wgmma refused K={k} N={n} M={m} bs={bs} (rc {rc})"
+    assert torch.isfinite(direct).all(), "output not fully written"
+    err = _rel(direct, ref)
+    assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
+    if cuda_ops._wgmma_suits(m, n, args[0].device):
+        out = _op(args, k, n, bs)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert torch.equal(out, direct), "the op did not use gemm_4bit_wgmma"
+
+
+@pytest.mark.parametrize("bs", [64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("dq", [False, True])
+def test_gemm4_wgmma_blocksizes(bs, dq):
+    """Blocks longer than a row (4096 > K = 2048) too: a 64-column k-tile always lies inside one block."""
+    k, n, m = 2048, 1000, 100
+    args, ref, tol = _inputs(k, n, m, torch.bfloat16 if dq else torch.float16, "nf4", dq, bs, True, "wgbs")
+    rc, out = _direct(args, k, n, m, bs, launcher=LAUNCHER)
+    assert rc == 0 and torch.isfinite(out).all()
+    err = _rel(out, ref)
+    assert err <= tol, f"seed {SEED}: bs {bs}: rel err {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("k,bs,shift,what", [(1056, 64, None, "K % 64"), (2048, 32, None, "blocksize 32"),
+                                             (2048, 64, "x", "misaligned x"), (2048, 64, "w", "misaligned w")])
+def test_gemm4_wgmma_refuses(k, bs, shift, what):
+    """Refused shapes launch nothing (the output keeps its NaN) and the op falls back to dequantize + cuBLAS."""
+    n, m = 1000, 64
+    args, ref, tol = _inputs(k, n, m, torch.float16, "nf4", False, bs, True, "wgref")
+    x, packed = args[0], args[1]
+    if shift == "x":
+        xs = torch.empty(m * k + 1, dtype=x.dtype, device=DEV)
+        xs[1:].copy_(x.reshape(-1))
+        x = xs[1:].view(m, k)
+    if shift == "w":
+        ps = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
+        ps[1:].copy_(packed.reshape(-1))
+        packed = ps[1:]
+    rc, out = _direct(args, k, n, m, bs, x=x, packed=packed, launcher=LAUNCHER)
+    assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{what}: rc {rc}"
+    assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"
+    fallback = _op((x, packed, *args[2:]), k, n, bs)
+    err = _rel(fallback, ref)
+    assert torch.isfinite(fallback).all() and err <= tol, f"{what}: fallback rel err {err:.3e} > {tol:.3e}"
+
+
+def _force(monkeypatch) -> None:
+    """Route every M > 32 and grid to the kernel (the op's default sends only where it measured faster)."""
+    monkeypatch.setattr(cuda_ops, "WGMMA_MAX_M", 1 << 30)
+    monkeypatch.setattr(cuda_ops, "WGMMA_MIN_FILL", 0.0)
+
+
+def test_gemm4_wgmma_routing():
+    """The op's choice: 32 < M <= 128 with at least half the SMs' worth of 128-feature tiles."""
+    dev, sms = torch.device(DEV, torch.cuda.current_device()), torch.cuda.get_device_properties(0).multi_processor_count
+    assert cuda_ops._wgmma_suits(64, 28672, dev) and cuda_ops._wgmma_suits(128, 11008, dev)
+    assert not cuda_ops._wgmma_suits(32, 28672, dev) and not cuda_ops._wgmma_suits(129, 28672, dev)
+    assert cuda_ops._wgmma_suits(33, 128 * -(-sms // 2), dev) != cuda_ops._wgmma_suits(33, 128 * (sms // 2 - 1), dev)
+
+
+def test_gemm4_wgmma_off_uses_dequantize(monkeypatch):
+    """SHARDQ_GEMM4_WGMMA=0 (the comparison switch) sends M > 32 to dequantize + cuBLAS: a different rounding path,
+    still within tolerance."""
+    _force(monkeypatch)
+    k, n, m = 2048, 1032, 256
+    args, ref, tol = _inputs(k, n, m, torch.float16, "nf4", True, 64, True, "wgoff")
+    on = _op(args, k, n, 64)
+    monkeypatch.setattr(cuda_ops, "GEMM4_WGMMA", False)
+    off = _op(args, k, n, 64)
+    rc, direct = _direct(args, k, n, m, 64, launcher=LAUNCHER)
+    assert rc == 0 and torch.equal(on, direct) and not torch.equal(off, direct)
+    assert _rel(off, ref) <= tol and _rel(on, ref) <= tol
+
+
+@pytest.mark.parametrize("m", [33, 256])
+def test_gemm4_wgmma_cuda_graph(monkeypatch, m):
+    """The op captures into a CUDA graph; replay on new x equals eager, and eager is the kernel's own output."""
+    _force(monkeypatch)
+    k, n = 2048, 1032
+    args, _, _ = _inputs(k, n, m, torch.float16, "nf4", True, 64, True, "wggraph")
+    x = args[0]
+    fn = lambda t: torch.ops.shardq.gemm_4bit(t, *args[1:4], 64, n, k, *args[4], args[5])  # noqa: E731
+    out, fresh = graph_replay(fn, x, _gen("wggraph-fresh", m))
+    eager = fn(fresh)
+    assert torch.equal(out, eager), f"M={m}: graph replay differs from eager"
+    rc, direct = _direct((fresh, *args[1:]), k, n, m, 64, launcher=LAUNCHER)
+    assert rc == 0 and torch.equal(direct, eager)
