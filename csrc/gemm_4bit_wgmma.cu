@@ -25,6 +25,7 @@
 // generic proxy, so each thread fences them to the async proxy (which wgmma reads through) before the barrier.
 // Rows past M or N are not copied: their stale shared memory only reaches accumulator rows and columns that are
 // never stored. Tiles are rastered in bands of kBand token tiles, so CTAs sharing a weight tile run together.
+// Grids too small for the GPU split K (grid.y runs of k-tiles, fp32 partials, wg_sum adds them in order).
 //
 // Measured (H200, bench/RESULTS.md): ~440 TFLOP/s at large M, limited by the dequantization (shared-memory traffic
 // and latency at 2 warps per scheduler), so the op routes only 32 < M <= 128 here.
@@ -37,7 +38,6 @@
 namespace shardq {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kBK = 64;    // k per ring stage: one 128-byte swizzle row of x
 constexpr int kBand = 8;   // token tiles per raster band
 
@@ -45,20 +45,25 @@ constexpr int kBand = 8;   // token tiles per raster band
 // b * 256 + l * 4 (half of each 256-byte row unused), i.e. byte 0 of the offset is l * 4 and byte 1 is b.
 constexpr int kWideTableWords = 256 * 64;
 
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ void fill_wide_table(uint32_t* table, const float* code) {
   for (int i = threadIdx.x; i < 256 * 32; i += kThreads)
     table[(i >> 5) * 64 + (i & 31)] = pack_pair<T>(__ldg(code + (i >> 9)), __ldg(code + ((i >> 5) & 15)));
 }
 
+// splits > 1: CTA (tile, z) walks the z-th of `splits` equal runs of k-tiles and writes its fp32 partial sums to
+// ws[z][M][N]; wg_sum adds them in order (deterministic) with the bias.
 struct WgArgs : Gemm4Args {
-  int mtiles, ntiles;
+  float* ws;
+  int splits, mtiles, ntiles;
 };
 
-// MT m64 row tiles per warpgroup, BT tokens per CTA, S ring stages.
-template <int MT, int BT, int S>
+// WG warpgroups per CTA, MT m64 row tiles per warpgroup, BT tokens per CTA, S ring stages.
+template <int WG, int MT_, int BT_, int S_>
 struct WgCfg {
-  static constexpr int BN = 2 * 64 * MT;       // output features per CTA
+  static constexpr int MT = MT_, BT = BT_, S = S_;
+  static constexpr int kThreads = 128 * WG;
+  static constexpr int BN = WG * 64 * MT;      // output features per CTA
   static constexpr int kXBytes = BT * 128;     // x tile per stage (a multiple of the 1024-byte swizzle atom)
   static constexpr int kWBytes = BN * kBK / 2;  // packed weights per stage
   static constexpr int kStage = kXBytes + kWBytes;
@@ -121,27 +126,28 @@ __device__ __forceinline__ void tile_of(const WgArgs& p, int& m0, int& n0) {
   n0 = (rem / rows) * BN;
 }
 
-// This thread's cp.async copies: x rows tid / 8 + 32 j (16-byte unit tid % 8, the same swizzled position in every
-// row of the copy) and packed weight rows tid / 2 + 128 j (half tid % 2), each source a pointer that moves one
-// k-tile per issue (tiles are issued in order). Rows past M or N are masked out.
+// This thread's cp.async copies: x rows tid / 8 + R j with R = threads / 8 (16-byte unit tid % 8, the same swizzled
+// position in every row of the copy) and packed weight rows tid / 2 + 4 R j (half tid % 2), each source a pointer
+// that moves one k-tile per issue (tiles are issued in order). Rows past M or N are masked out.
 template <typename T, class C>
 struct Loader {
+  static constexpr int R = C::kThreads / 8;
   const T* x[C::kXCopies];
   const uint8_t* w[C::kWCopies];
   uint32_t xdst, wdst, xmask, wmask;
 
-  __device__ __forceinline__ void init(const WgArgs& p, int m0, int n0) {
+  __device__ __forceinline__ void init(const WgArgs& p, int m0, int n0, int kt0) {
     const int tid = threadIdx.x, m = tid >> 3, c = tid & 7, r = tid >> 1;
     xmask = wmask = 0;
 #pragma unroll
     for (int j = 0; j < C::kXCopies; ++j) {
-      x[j] = static_cast<const T*>(p.x) + (int64_t)(m0 + m + 32 * j) * p.K + c * 8;
-      xmask |= (m0 + m + 32 * j < p.M ? 1u : 0u) << j;
+      x[j] = static_cast<const T*>(p.x) + (int64_t)(m0 + m + R * j) * p.K + kt0 * kBK + c * 8;
+      xmask |= (m0 + m + R * j < p.M ? 1u : 0u) << j;
     }
 #pragma unroll
     for (int j = 0; j < C::kWCopies; ++j) {
-      w[j] = p.w + (int64_t)(n0 + r + 128 * j) * (p.K / 2) + (tid & 1) * 16;
-      wmask |= (n0 + r + 128 * j < p.N ? 1u : 0u) << j;
+      w[j] = p.w + (int64_t)(n0 + r + 4 * R * j) * (p.K / 2) + kt0 * (kBK / 2) + (tid & 1) * 16;
+      wmask |= (n0 + r + 4 * R * j < p.N ? 1u : 0u) << j;
     }
     xdst = m * 128 + ((c ^ (m & 7)) << 4);
     wdst = C::kXBytes + r * 32 + (tid & 1) * 16;
@@ -151,12 +157,12 @@ struct Loader {
   __device__ __forceinline__ void issue(uint8_t* dst) {
 #pragma unroll
     for (int j = 0; j < C::kXCopies; ++j) {
-      if (xmask >> j & 1) cp_async16(dst + xdst + j * 4096, x[j]);
+      if (xmask >> j & 1) cp_async16(dst + xdst + j * R * 128, x[j]);
       x[j] += kBK;
     }
 #pragma unroll
     for (int j = 0; j < C::kWCopies; ++j) {
-      if (wmask >> j & 1) cp_async16(dst + wdst + j * 4096, w[j]);
+      if (wmask >> j & 1) cp_async16(dst + wdst + j * 4 * R * 32, w[j]);
       w[j] += kBK / 2;
     }
   }
@@ -174,6 +180,21 @@ struct WgWarp {
   AbsRaw raw;
   uint32_t s2[MT][2];
   uint32_t a[2][kSteps][MT][4];
+
+  __device__ __forceinline__ void init(const uint32_t* pair_table) {
+    const int warp = threadIdx.x >> 5;
+    lane = threadIdx.x & 31;
+    base = (warp >> 2) * 64 * MT + (warp & 3) * 16;
+    g = lane >> 2;
+    t = lane & 3;
+    lane4 = lane * 4;
+    sel = 0x5504u | (t << 4);
+    table = reinterpret_cast<const char*>(pair_table);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < BT / 2; ++i) acc[mt][i] = 0.f;
+  }
 
   // CTA-local row of (m64 tile mt, half h) for this lane.
   __device__ __forceinline__ int row(int mt, int h) const { return base + mt * 64 + 8 * h + g; }
@@ -226,8 +247,13 @@ struct WgWarp {
     wg_commit();
   }
 
-  // acc[mt][4j + c] is (feature row(mt, c >> 1), token 8j + 2t + (c & 1)); bias added in fp32, one rounding.
+  // acc[mt][4j + c] is (feature row(mt, c >> 1), token 8j + 2t + (c & 1)); bias added in fp32, one rounding. With
+  // splits, the partial sums go to ws[z] as they are.
   __device__ __forceinline__ void store(const WgArgs& p, int m0, int n0) const {
+    if (p.splits > 1) {
+      store_partial(p, m0, n0);
+      return;
+    }
     T* out = static_cast<T*>(p.out);
     const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
@@ -246,12 +272,41 @@ struct WgWarp {
           }
       }
   }
+
+  __device__ __forceinline__ void store_partial(const WgArgs& p, int m0, int n0) const {
+    float* ws = p.ws + (int64_t)blockIdx.y * p.M * p.N;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + row(mt, h);
+        if (n >= p.N) continue;
+#pragma unroll
+        for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int m = m0 + 8 * j + 2 * t + c;
+            if (m < p.M) ws[(int64_t)m * p.N + n] = acc[mt][4 * j + 2 * h + c];
+          }
+      }
+  }
 };
 
-template <typename T, int MT, int BT, int S>
-__global__ void __launch_bounds__(kThreads, 1) gemm4_wgmma(WgArgs p) {
+// out = sum over z of ws[z] (in order) + bias.
+template <typename T>
+__global__ void wg_sum(const float* ws, const T* bias, T* out, int64_t M, int64_t N, int splits) {
+  const int64_t total = M * N;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = bias ? to_f32(bias[i % N]) : 0.f;
+    for (int z = 0; z < splits; ++z) v += ws[z * total + i];
+    out[i] = from_f32<T>(v);
+  }
+}
+
+template <typename T, class C>
+__global__ void __launch_bounds__(C::kThreads, 1) gemm4_wgmma(WgArgs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WgCfg<MT, BT, S>;
+  constexpr int MT = C::MT, BT = C::BT, S = C::S;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem_raw);  // first: lookups address it as base + PRMT result
   float* ncode = reinterpret_cast<float*>(table + kWideTableWords);
@@ -260,36 +315,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_wgmma(WgArgs p) {
   uint8_t* ring = after + (((sbase + 1023) & ~1023u) - sbase);  // the swizzle atom is 1024-byte aligned
   int m0, n0;
   tile_of<BT, C::BN>(p, m0, n0);
-  const int nk = p.K / kBK;
+  const int nkt = p.K / kBK, k0 = (int)((int64_t)nkt * blockIdx.y / p.splits);
+  const int nk = (int)((int64_t)nkt * (blockIdx.y + 1) / p.splits) - k0;  // this CTA's k-tiles: k0 .. k0 + nk - 1
   Loader<T, C> ld;
-  ld.init(p, m0, n0);
+  ld.init(p, m0, n0, k0);
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
     if (st < nk) ld.issue(ring + st * C::kStage);
     cp_async_commit();
   }
-  fill_wide_table<T>(table, p.code);
-  if (!p.am.plain) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);  // 256 threads = 256 entries
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  fill_wide_table<T, C::kThreads>(table, p.code);
+  if (!p.am.plain && threadIdx.x < 256) ncode[threadIdx.x] = __ldg(p.am.nested_code + threadIdx.x);
   WgWarp<T, MT, BT> w;
-  w.base = (warp >> 2) * 64 * MT + (warp & 3) * 16;
-  w.g = lane >> 2;
-  w.t = lane & 3;
-  w.lane = lane;
-  w.lane4 = lane * 4;
-  w.sel = 0x5504u | (w.t << 4);
-  w.table = reinterpret_cast<const char*>(table);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < BT / 2; ++i) w.acc[mt][i] = 0.f;
-  w.prefetch(p, n0, 0);
+  w.init(table);
+  w.prefetch(p, n0, k0);
   cp_async_wait<S - 2>();
   fence_to_async();
   __syncthreads();
   w.scales(p, ncode);
   w.build(ring + C::kXBytes, 0);
-  if (nk > 1) w.prefetch(p, n0, 1);
+  if (nk > 1) w.prefetch(p, n0, k0 + 1);
   // One k-tile: its wgmmas from A buffer B (a constant, so the fragments stay in registers), then the next
   // k-tile's fragments built into the other buffer.
   auto tile = [&](int kt, auto buf) {
@@ -304,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_wgmma(WgArgs p) {
     if (kt + 1 < nk) {
       w.scales(p, ncode);
       w.build(ring + ((kt + 1) % S) * C::kStage + C::kXBytes, 1 - B);
-      if (kt + 2 < nk) w.prefetch(p, n0, kt + 2);
+      if (kt + 2 < nk) w.prefetch(p, n0, k0 + kt + 2);
     }
   };
   for (int kt = 0; kt < nk; kt += 2) {
@@ -335,27 +380,32 @@ bool runs_here(Kernel kernel, signed char (&state)[64]) {
   return state[dev] > 0;
 }
 
-template <typename T, int MT, int BT, int S>
+template <typename T, class C>
 cudaError_t launch_wgmma(WgArgs p, cudaStream_t stream) {
-  using C = WgCfg<MT, BT, S>;
   static signed char here[64] = {};
   static bool ready[64] = {};
-  if (!runs_here(gemm4_wgmma<T, MT, BT, S>, here)) return cudaErrorNotSupported;
-  const cudaError_t err = allow_smem(gemm4_wgmma<T, MT, BT, S>, C::smem(), ready);
+  if (!runs_here(gemm4_wgmma<T, C>, here)) return cudaErrorNotSupported;
+  const cudaError_t err = allow_smem(gemm4_wgmma<T, C>, C::smem(), ready);
   if (err != cudaSuccess) return err;
-  p.mtiles = (p.M + BT - 1) / BT;
+  p.mtiles = (p.M + C::BT - 1) / C::BT;
   p.ntiles = (p.N + C::BN - 1) / C::BN;
-  gemm4_wgmma<T, MT, BT, S><<<(unsigned)p.mtiles * (unsigned)p.ntiles, kThreads, C::smem(), stream>>>(p);
+  const dim3 grid((unsigned)p.mtiles * (unsigned)p.ntiles, (unsigned)p.splits);
+  gemm4_wgmma<T, C><<<grid, C::kThreads, C::smem(), stream>>>(p);
+  if (p.splits > 1)
+    wg_sum<T><<<grid_1d((int64_t)p.M * p.N, 256, 8 * sm_count()), 256, 0, stream>>>(
+        p.ws, static_cast<const T*>(p.bias), static_cast<T*>(p.out), p.M, p.N, p.splits);
   return cudaGetLastError();
 }
 
-// 64-token tiles up to M = 64, 128 above; 128 features per CTA where 256 would leave SMs idle.
+// 64-token tiles up to M = 64, 128 above; 128 features per CTA where 256 would leave SMs idle. (Four warpgroups of
+// one m64 tile each instead of two of two measured the same on an H200: the limit is not warps in flight.)
 template <typename T>
 cudaError_t dispatch_wgmma(const WgArgs& p, cudaStream_t stream) {
   const int64_t ctas = (int64_t)((p.M + 127) / 128) * ((p.N + 255) / 256);
-  const bool narrow = ctas < sm_count();
-  if (p.M <= 64) return narrow ? launch_wgmma<T, 1, 64, 6>(p, stream) : launch_wgmma<T, 2, 64, 6>(p, stream);
-  return narrow ? launch_wgmma<T, 1, 128, 5>(p, stream) : launch_wgmma<T, 2, 128, 5>(p, stream);
+  const bool narrow = p.splits > 1 || ctas < sm_count();
+  if (p.M <= 64)
+    return narrow ? launch_wgmma<T, WgCfg<2, 1, 64, 6>>(p, stream) : launch_wgmma<T, WgCfg<2, 2, 64, 6>>(p, stream);
+  return narrow ? launch_wgmma<T, WgCfg<2, 1, 128, 5>>(p, stream) : launch_wgmma<T, WgCfg<2, 2, 128, 5>>(p, stream);
 }
 
 }  // namespace
@@ -363,21 +413,26 @@ cudaError_t dispatch_wgmma(const WgArgs& p, cudaStream_t stream) {
 
 using namespace shardq;
 
-// Same arguments as shardq_gemm_4bit_tc. Returns cudaErrorNotSupported, launching nothing, unless: the device is
-// compute capability 9.0 with this library's sm_90a code, dtype fp16/bf16, K % 64 == 0, blocksize a power of two
-// >= 64, x and w 16-byte aligned, an absmax given, and at most 2^31 - 1 CTAs.
+// Arguments as shardq_gemm_4bit_tc, plus ws and splits: K is split into `splits` runs of k-tiles (for grids too
+// small to fill the GPU), each CTA's fp32 partial sums written to ws (splits * M * N floats, unused when splits is
+// 1) and added in order with the bias by a second launch. Returns cudaErrorNotSupported, launching nothing, unless:
+// the device is compute capability 9.0 with this library's sm_90a code, dtype fp16/bf16, K % 64 == 0, blocksize a
+// power of two >= 64, x and w 16-byte aligned, an absmax given, 1 <= splits <= min(K / 64, 64) with ws given when
+// splits > 1, and at most 2^31 - 1 CTAs per split.
 SHARDQ_API int shardq_gemm_4bit_wgmma(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                       const float* nested_absmax, const float* nested_code, float offset,
-                                      const float* code, const void* bias, void* out, int64_t M, int64_t N,
-                                      int64_t K, int64_t blocksize, int dtype, void* stream_ptr) {
+                                      const float* code, const void* bias, void* out, float* ws, int64_t M,
+                                      int64_t N, int64_t K, int64_t blocksize, int64_t splits, int dtype,
+                                      void* stream_ptr) {
   const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
                                     K, blocksize);
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX &&
                   K >= kBK && K <= INT32_MAX && K % kBK == 0 && a.bs_shift >= 6 &&
                   ((M + 63) / 64) * ((N + 127) / 128) <= INT32_MAX && (uintptr_t)x % 16 == 0 &&
-                  (uintptr_t)w % 16 == 0 && a.am.given();
+                  (uintptr_t)w % 16 == 0 && a.am.given() && splits >= 1 && splits <= 64 && splits <= K / kBK &&
+                  (splits == 1 || ws != nullptr);
   if (!ok) return cudaErrorNotSupported;
-  const WgArgs p{a, 0, 0};
+  const WgArgs p{a, ws, (int)splits, 0, 0};
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   SHARDQ_DISPATCH_16(dtype, T, return dispatch_wgmma<T>(p, stream));
   return cudaErrorNotSupported;

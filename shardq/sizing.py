@@ -233,7 +233,8 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     int8 (LLM.int8()): the int8 activations and per-column statistics, the int32 product of the tensor-core GEMM,
     x's compacted outlier columns, and zero-padded copies when a dimension is not a multiple of 8. 4-bit with more
     than SMALL_M rows (F32_MAX_M for fp32 activations), or a layout the small-M kernels refuse (K % 32 != 0,
-    blocksize < 32): the weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES); the
+    blocksize < 32): the weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES), or
+    for the Hopper kernel's K split (SMALL_M < M <= WGMMA_MAX_M) its fp32 partial sums, whichever is larger; the
     small-M kernels need none, except the GEMV's K split (M <= GEMV_MAX_M, x too large to stage whole): fp32 sums, 4
     bytes per token and output feature.
     """
@@ -253,7 +254,8 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
         if itemsize == 4 and k % 32 == 0 and quant.blocksize >= 32 and fp32_kernel:
             return 0
         rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * itemsize)))
-        return rows * k * itemsize
+        partials = 4 * cuda_ops.WGMMA_MAX_SPLITS * tokens * n if SMALL_M < tokens <= cuda_ops.WGMMA_MAX_M else 0
+        return max(rows * k * itemsize, partials)
 
     if quant.method == "int8":
         return max((int8(n, k) for n, k in shapes), default=0)

@@ -3,8 +3,8 @@ for M > 32 on compute capability 9.0) against the fp64 reference (skipped withou
 
 Same conventions as test_kernels_gpu.py: fresh seeds, outlier columns in x and outlier weights, NaN-poisoned
 outputs, tolerance 4 x the error of the same-precision torch matmul + 1e-5. Each case calls the launcher directly;
-where the op routes to it (32 < M <= 128, grid filling half the SMs) the op's output must be bit-identical to it
-(proves the op used the kernel). The grid covers every tile
+where the op routes to it (32 < M <= 128; K split where the grid would fill less than half the SMs) the op's output
+must be bit-identical to it with the same split (proves the op used the kernel). The grid covers every tile
 configuration (64- and 128-token tiles, 128 and 256 features per CTA), ragged M and N, K not a multiple of 128,
 every blocksize the kernel takes, nf4/fp4, double quant, bias, fp16/bf16.
 """
@@ -12,13 +12,14 @@ every blocksize the kernel takes, nf4/fp4, double quant, bias, fp16/bf16.
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 import pytest
 import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_gemm4_mid_gpu import _direct, _inputs, _op
+from test_gemm4_mid_gpu import _inputs, _op
 from test_kernels_gpu import SEED, _gen, _rel, graph_replay
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -26,7 +27,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     reason="needs a compute capability 9.0 GPU (Hopper)")]
 
 DEV = "cuda"
-LAUNCHER = "shardq_gemm_4bit_wgmma"
 # (K, N): the issue's shapes, N tails (1000, 1032, 28680 = 112 * 256 + 8), K = 4160 (65 k-tiles: odd, not % 128)
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 1000), (2048, 1032), (4160, 520), (64, 264)]
 MS = [1, 7, 33, 48, 64, 65, 100, 129, 256, 512, 1000, 4096]
@@ -38,6 +38,26 @@ BLOCKSIZES = [64, 128, 256]
 def _library():
     if lib.load() is None:
         pytest.skip(f"kernels library unavailable: {lib.error()}")
+
+
+def _direct(args, k: int, n: int, m: int, bs: int, x: Optional[torch.Tensor] = None,
+            packed: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> tuple[int, torch.Tensor]:
+    """Call shardq_gemm_4bit_wgmma itself on a NaN-poisoned output, with the op's K split unless `splits` is given
+    (x / packed may be replaced): (rc, output)."""
+    x0, packed0, absmax, code, nested, bias = args
+    x = x0 if x is None else x
+    packed = packed0 if packed is None else packed
+    if splits is None:
+        splits = cuda_ops.wgmma_splits(m, n, k, x0.device) or 1
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
+    out = torch.full((m, n), float("nan"), dtype=x0.dtype, device=DEV)
+    ws = torch.full((splits * m * n,), float("nan"), device=DEV)
+    rc = lib.load().shardq_gemm_4bit_wgmma(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                           None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                           ws.data_ptr() if splits > 1 else None, m, n, k, bs, splits,
+                                           cuda_ops.DTYPE_CODES[x0.dtype], cuda_ops._stream(x0))
+    torch.cuda.synchronize()
+    return rc, out
 
 
 def _grid():
@@ -52,12 +72,12 @@ def _grid():
 @pytest.mark.parametrize("k,n,m,dtype,qt,dq,bs,bias", list(_grid()))
 def test_gemm4_wgmma(k, n, m, dtype, qt, dq, bs, bias):
     args, ref, tol = _inputs(k, n, m, dtype, qt, dq, bs, bias, "wgmma")
-    rc, direct = _direct(args, k, n, m, bs, launcher=LAUNCHER)
+    rc, direct = _direct(args, k, n, m, bs)
     assert rc == 0, f"gemm_4bit_wgmma refused K={k} N={n} M={m} bs={bs} (rc {rc})"
     assert torch.isfinite(direct).all(), "output not fully written"
     err = _rel(direct, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
-    if cuda_ops._wgmma_suits(m, n, args[0].device):
+    if cuda_ops.wgmma_splits(m, n, k, args[0].device):
         out = _op(args, k, n, bs)
         assert out.shape == (m, n) and out.dtype == dtype
         assert torch.equal(out, direct), "the op did not use gemm_4bit_wgmma"
@@ -69,7 +89,7 @@ def test_gemm4_wgmma_blocksizes(bs, dq):
     """Blocks longer than a row (4096 > K = 2048) too: a 64-column k-tile always lies inside one block."""
     k, n, m = 2048, 1000, 100
     args, ref, tol = _inputs(k, n, m, torch.bfloat16 if dq else torch.float16, "nf4", dq, bs, True, "wgbs")
-    rc, out = _direct(args, k, n, m, bs, launcher=LAUNCHER)
+    rc, out = _direct(args, k, n, m, bs)
     assert rc == 0 and torch.isfinite(out).all()
     err = _rel(out, ref)
     assert err <= tol, f"seed {SEED}: bs {bs}: rel err {err:.3e} > {tol:.3e}"
@@ -90,7 +110,7 @@ def test_gemm4_wgmma_refuses(k, bs, shift, what):
         ps = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
         ps[1:].copy_(packed.reshape(-1))
         packed = ps[1:]
-    rc, out = _direct(args, k, n, m, bs, x=x, packed=packed, launcher=LAUNCHER)
+    rc, out = _direct(args, k, n, m, bs, x=x, packed=packed)
     assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{what}: rc {rc}"
     assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"
     fallback = _op((x, packed, *args[2:]), k, n, bs)
@@ -104,12 +124,18 @@ def _force(monkeypatch) -> None:
     monkeypatch.setattr(cuda_ops, "WGMMA_MIN_FILL", 0.0)
 
 
-def test_gemm4_wgmma_routing():
-    """The op's choice: 32 < M <= 128 with at least half the SMs' worth of 128-feature tiles."""
-    dev, sms = torch.device(DEV, torch.cuda.current_device()), torch.cuda.get_device_properties(0).multi_processor_count
-    assert cuda_ops._wgmma_suits(64, 28672, dev) and cuda_ops._wgmma_suits(128, 11008, dev)
-    assert not cuda_ops._wgmma_suits(32, 28672, dev) and not cuda_ops._wgmma_suits(129, 28672, dev)
-    assert cuda_ops._wgmma_suits(33, 128 * -(-sms // 2), dev) != cuda_ops._wgmma_suits(33, 128 * (sms // 2 - 1), dev)
+@pytest.mark.parametrize("k,n,m", [(4096, 4096, 64), (11008, 4096, 100), (1024, 1000, 33), (4160, 520, 128)])
+@pytest.mark.parametrize("splits", [2, 3, 5, 8])
+def test_gemm4_wgmma_k_split(k, n, m, splits):
+    """K in `splits` runs of k-tiles (uneven where they do not divide), partial sums added in order with the bias:
+    within tolerance, deterministic (two calls bit-equal)."""
+    dtype = torch.bfloat16 if splits % 2 else torch.float16
+    args, ref, tol = _inputs(k, n, m, dtype, "nf4" if splits < 5 else "fp4", splits > 2, 64, splits != 3, "wgsplit")
+    rc, out = _direct(args, k, n, m, 64, splits=splits)
+    assert rc == 0 and torch.isfinite(out).all(), f"rc {rc}"
+    err = _rel(out, ref)
+    assert err <= tol, f"seed {SEED}: splits {splits}: rel err {err:.3e} > {tol:.3e}"
+    assert torch.equal(out, _direct(args, k, n, m, 64, splits=splits)[1])
 
 
 def test_gemm4_wgmma_off_uses_dequantize(monkeypatch):
@@ -121,7 +147,7 @@ def test_gemm4_wgmma_off_uses_dequantize(monkeypatch):
     on = _op(args, k, n, 64)
     monkeypatch.setattr(cuda_ops, "GEMM4_WGMMA", False)
     off = _op(args, k, n, 64)
-    rc, direct = _direct(args, k, n, m, 64, launcher=LAUNCHER)
+    rc, direct = _direct(args, k, n, m, 64, splits=1)
     assert rc == 0 and torch.equal(on, direct) and not torch.equal(off, direct)
     assert _rel(off, ref) <= tol and _rel(on, ref) <= tol
 
@@ -137,5 +163,5 @@ def test_gemm4_wgmma_cuda_graph(monkeypatch, m):
     out, fresh = graph_replay(fn, x, _gen("wggraph-fresh", m))
     eager = fn(fresh)
     assert torch.equal(out, eager), f"M={m}: graph replay differs from eager"
-    rc, direct = _direct((fresh, *args[1:]), k, n, m, 64, launcher=LAUNCHER)
+    rc, direct = _direct((fresh, *args[1:]), k, n, m, 64, splits=1)
     assert rc == 0 and torch.equal(direct, eager)

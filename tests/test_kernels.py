@@ -53,11 +53,36 @@ def _check_fused_refusals(loaded: ctypes.CDLL, name: str) -> None:
     ok = dict(x=4096, w=8192, M=256, N=1000, K=1024, bs=64, dtype=0, absmax=64)
     bad = [dict(K=4097), dict(K=4128), dict(K=32), dict(M=0), dict(N=0), dict(dtype=2), dict(bs=48), dict(bs=32),
            dict(bs=16), dict(x=4104), dict(w=8200), dict(absmax=None), dict(M=2**31), dict(M=2**30, N=2**30)]
+    wgmma = name == "shardq_gemm_4bit_wgmma"  # takes a workspace and a K-split count after out / blocksize
+    if wgmma:
+        ok.update(ws=512, splits=2)
+        bad += [dict(splits=0), dict(splits=65), dict(splits=17), dict(ws=None)]  # K = 1024: 16 k-tiles at most
     for change in bad:
         a = dict(ok, **change)
-        rc = fn(a["x"], a["w"], a["absmax"], None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
-                a["dtype"], None)
+        head = (a["x"], a["w"], a["absmax"], None, None, None, 0.0, 128, None, 256)
+        if wgmma:
+            rc = fn(*head, a["ws"], a["M"], a["N"], a["K"], a["bs"], a["splits"], a["dtype"], None)
+        else:
+            rc = fn(*head, a["M"], a["N"], a["K"], a["bs"], a["dtype"], None)
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{name} {change}: rc {rc}"
+
+
+def test_wgmma_routing_and_k_split(monkeypatch):
+    """Which M and shapes the op sends to csrc/gemm_4bit_wgmma.cu, and how many K runs it asks for (a pure function
+    of the shape and the SM count)."""
+    monkeypatch.setattr(cuda_ops, "_sm_count", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert cuda_ops.wgmma_splits(64, 28672, 8192, dev) == 1  # 224 CTAs: no split
+    assert cuda_ops.wgmma_splits(128, 11008, 4096, dev) == 1  # 86 CTAs >= half the SMs
+    assert cuda_ops.wgmma_splits(64, 4096, 11008, dev) == 5  # 32 CTAs: 5 runs of 34-35 k-tiles
+    assert cuda_ops.wgmma_splits(33, 1000, 11008, dev) == 8  # 8 CTAs: capped at WGMMA_MAX_SPLITS
+    assert cuda_ops.wgmma_splits(64, 4096, 4096, dev) == 0  # narrow, K too short to split: dequantize + cuBLAS
+    monkeypatch.setattr(cuda_ops, "WGMMA_SPLIT_MIN_K", 0)
+    assert cuda_ops.wgmma_splits(64, 4096, 4096, dev) == 5  # 5 runs of 12-13 k-tiles
+    assert cuda_ops.wgmma_splits(64, 4096, 512, dev) == 1  # 8 k-tiles: too few to split
+    assert cuda_ops.wgmma_splits(32, 28672, 8192, dev) == 0 and cuda_ops.wgmma_splits(129, 28672, 8192, dev) == 0
+    monkeypatch.setattr(cuda_ops, "GEMM4_WGMMA", False)
+    assert cuda_ops.wgmma_splits(64, 28672, 8192, dev) == 0
 
 
 def _check_int8_fused_refusals(loaded: ctypes.CDLL) -> None:

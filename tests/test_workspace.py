@@ -33,6 +33,16 @@ def test_4bit_workspace_is_the_dequantized_chunk_only_for_large_m(method):
     assert big <= cuda_ops.DEQUANT_CHUNK_BYTES and big >= cuda_ops.DEQUANT_CHUNK_BYTES - 8192 * 2
 
 
+def test_4bit_workspace_covers_the_wgmma_k_split(monkeypatch):
+    """32 < M <= 128 on Hopper may split K (csrc/gemm_4bit_wgmma.cu): fp32 partials of up to WGMMA_MAX_SPLITS runs,
+    reserved even when the dequantized chunk is smaller."""
+    monkeypatch.setattr(cuda_ops, "DEQUANT_CHUNK_BYTES", 4096)
+    cfg = QuantConfig("nf4")
+    m, n, k = 100, 1000, 4096
+    assert sizing.matmul_workspace_bytes([(n, k)], cfg, m, 2) == 4 * cuda_ops.WGMMA_MAX_SPLITS * m * n
+    assert sizing.matmul_workspace_bytes([(n, k)], cfg, cuda_ops.WGMMA_MAX_M + 1, 2) == k * 2  # one row
+
+
 def test_4bit_fp32_workspace_follows_the_fp32_kernel(monkeypatch):
     """fp32 activations (a default BitsAndBytesConfig): the fp32 kernel (M <= F32_MAX_M, K % 32 == 0, one token's x
     in the smallest shared memory) needs no scratch; elsewhere W is dequantized to fp32 in chunks."""

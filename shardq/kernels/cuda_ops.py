@@ -57,13 +57,19 @@ INT8_OUTLIER_CAP = 64
 INT8_PREP_STATS = 64 + 64 * 32
 # SMALL_M < M <= WGMMA_MAX_M 4-bit on Hopper: csrc/gemm_4bit_wgmma.cu (weights dequantized in registers into the
 # warpgroup MMA, no dequantized copy of W) where it takes the shape (compute capability 9.0, K % 64 == 0, blocksize
-# >= 64) and its grid of 128-feature tiles covers at least WGMMA_MIN_FILL of the SMs (it does not split K yet);
-# elsewhere dequantize + cuBLAS, which measured faster there (H200, bench/RESULTS.md: at M >= 256 the kernel is
-# bound by the dequantization's shared-memory traffic and latency at 2 warps per scheduler, ~440 TFLOP/s).
+# >= 64); where its grid of 128-feature tiles covers less than WGMMA_MIN_FILL of the SMs and K >= WGMMA_SPLIT_MIN_K,
+# K is split in up to WGMMA_MAX_SPLITS runs of at least WGMMA_MIN_SPLIT_TILES 64-column k-tiles (fp32 partials,
+# summed in order by a second launch; H200: 11008x4096 M = 33..128 1.05-1.27x faster than dequantize + cuBLAS, but
+# 4096x4096 0.80-0.95x, hence the K floor). Elsewhere dequantize + cuBLAS, which measured faster (H200,
+# bench/RESULTS.md: the kernel reaches ~440 TFLOP/s, its wgmma skeleton and its dequantization each costing about a
+# cuBLAS GEMM).
 # SHARDQ_GEMM4_WGMMA=0 keeps dequantize + cuBLAS for every M (for comparisons).
 GEMM4_WGMMA = os.environ.get("SHARDQ_GEMM4_WGMMA", "1") == "1"
 WGMMA_MAX_M = 128
 WGMMA_MIN_FILL = 0.5
+WGMMA_MAX_SPLITS = 8
+WGMMA_MIN_SPLIT_TILES = 8
+WGMMA_SPLIT_MIN_K = 8192
 # Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
 # copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
 # largest shape (bench/RESULTS.md).
@@ -171,13 +177,11 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     with _on_device(x.device):
-        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_fused(lib.shardq_gemm_4bit_mid, x2, packed, am, code,
-                                                                   blocksize, n, k, b, out):
+        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_mid(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
         elif m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
-        elif _wgmma_suits(m, n, x2.device) and _gemm_4bit_fused(lib.shardq_gemm_4bit_wgmma, x2, packed, am, code,
-                                                                 blocksize, n, k, b, out):
+        elif m > SMALL_M and _gemm_4bit_wgmma(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
         else:  # large M, and layouts the small-M kernels refuse (odd K, unaligned; fp32 beyond the fp32 kernel)
             _gemm_4bit_large(lib, x2, packed, am, code, blocksize, n, k, b, out)
@@ -189,21 +193,41 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _wgmma_suits(m: int, n: int, device: torch.device) -> bool:
-    """Whether M and the grid of csrc/gemm_4bit_wgmma.cu's 128-feature tiles are where it beat dequantize + cuBLAS."""
+def wgmma_splits(m: int, n: int, k: int, device: torch.device) -> int:
+    """How csrc/gemm_4bit_wgmma.cu runs x[m, k] @ W[n, k].T: 0 = not at all (M outside its range, a narrow grid
+    with K too short to split, or switched off), else the number of K runs (1 = no split) that lets its grid of
+    128-feature tiles cover WGMMA_MIN_FILL of the SMs."""
     if not GEMM4_WGMMA or not SMALL_M < m <= WGMMA_MAX_M:
-        return False
+        return 0
     ctas = -(-n // 128) * -(-m // (64 if m <= 64 else 128))
-    return ctas >= WGMMA_MIN_FILL * _sm_count(device.index)
+    sms = _sm_count(device.index)
+    if ctas >= WGMMA_MIN_FILL * sms:
+        return 1
+    if k < WGMMA_SPLIT_MIN_K:
+        return 0
+    return max(1, min(-(-sms // ctas), WGMMA_MAX_SPLITS, (k // 64) // WGMMA_MIN_SPLIT_TILES))
 
 
-def _gemm_4bit_fused(fn, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+def _gemm_4bit_wgmma(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> bool:
-    """A fused-dequant tensor-core GEMM launcher (csrc/gemm_4bit_wgmma.cu, gemm_4bit_mid.cu); False if it refuses
-    the shape or the device."""
+    """csrc/gemm_4bit_wgmma.cu where the routing sends it (wgmma_splits); False if not, or if it refuses the shape
+    or the device."""
+    m = x2.shape[0]
+    splits = wgmma_splits(m, n, k, x2.device)
+    if splits == 0:
+        return False
+    ws = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=x2.device)
+    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
+            ws.data_ptr() if splits > 1 else None, m, n, k, blocksize, splits, DTYPE_CODES[x2.dtype])
+    return _launch(lib.shardq_gemm_4bit_wgmma, args, _stream(x2), "gemm_4bit_wgmma")
+
+
+def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
+                   b: Optional[Tensor], out: Tensor) -> bool:
+    """The opt-in fused-dequant tensor-core GEMM (csrc/gemm_4bit_mid.cu); False if it refuses the shape."""
     args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), x2.shape[0], n, k,
             blocksize, DTYPE_CODES[x2.dtype])
-    return _launch(fn, args, _stream(x2), fn.__name__)
+    return _launch(lib.shardq_gemm_4bit_mid, args, _stream(x2), "gemm_4bit_mid")
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
