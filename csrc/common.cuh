@@ -215,6 +215,17 @@ struct Gemm4Args {
   }
 };
 
+// Output tile (m0, n0) of CTA blockIdx.x over mtiles x ntiles tiles of BM tokens x BN features, in bands of 8
+// token tiles; inside a band the token tile varies fastest, so the CTAs that run together read each weight tile
+// from DRAM once and share a band of x in L2.
+__device__ __forceinline__ void band_tile(int mtiles, int ntiles, int BM, int BN, int& m0, int& n0) {
+  constexpr int kBand = 8;
+  const int l = blockIdx.x, per_band = kBand * ntiles, band = l / per_band, rem = l - band * per_band;
+  const int rows = min(kBand, mtiles - band * kBand);
+  m0 = (band * kBand + rem % rows) * BM;
+  n0 = (rem / rows) * BN;
+}
+
 inline unsigned grid_1d(int64_t n, int threads, int64_t cap = 1 << 20) {
   int64_t g = (n + threads - 1) / threads;
   if (g < 1) g = 1;

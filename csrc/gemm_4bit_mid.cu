@@ -34,7 +34,6 @@ constexpr int kThreads = 256;
 constexpr int kBN = 128;                // output features per CTA
 constexpr int kBK = 64;                 // k per ring stage
 constexpr int kWStage = kBN * kBK / 2;  // packed weight bytes per stage
-constexpr int kBand = 8;                // M tiles per raster band (CTAs sharing a weight tile run together)
 
 struct MidArgs : Gemm4Args {
   int mtiles, ntiles;
@@ -51,16 +50,6 @@ struct MidCfg {
 };
 
 __device__ __forceinline__ int x_unit(int m, int v) { return v ^ (m & 1); }
-
-// Tile of this CTA: bands of kBand M tiles; inside a band the M tile varies fastest, so the CTAs that run
-// together read each weight tile from DRAM once and share a band of x in L2.
-template <int BM>
-__device__ __forceinline__ void tile_of(const MidArgs& p, int& m0, int& n0) {
-  const int l = blockIdx.x, per_band = kBand * p.ntiles, band = l / per_band, rem = l - band * per_band;
-  const int rows = min(kBand, p.mtiles - band * kBand);
-  m0 = (band * kBand + rem % rows) * BM;
-  n0 = (rem / rows) * kBN;
-}
 
 // Copy k-tile kt (packed weights: one 16-byte unit per thread; x: kXCopies units per thread) into a ring stage.
 template <typename T, class C>
@@ -173,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1) gemm4_mid(MidArgs p
   float* ncode = reinterpret_cast<float*>(smem) + kPairTableWords;
   uint8_t* ring = reinterpret_cast<uint8_t*>(ncode + 256);
   int m0, n0;
-  tile_of<C::BM>(p, m0, n0);
+  band_tile(p.mtiles, p.ntiles, C::BM, kBN, m0, n0);
   const int nk = p.K / kBK;
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {

@@ -24,7 +24,7 @@
 // indexed register array would go to local memory), so the loop is unrolled by two. cp.async writes through the
 // generic proxy, so each thread fences them to the async proxy (which wgmma reads through) before the barrier.
 // Rows past M or N are not copied: their stale shared memory only reaches accumulator rows and columns that are
-// never stored. Tiles are rastered in bands of kBand token tiles, so CTAs sharing a weight tile run together.
+// never stored. Tiles are rastered in bands of token tiles (band_tile), so CTAs sharing a weight tile run together.
 // Grids too small for the GPU split K (grid.y runs of k-tiles, fp32 partials, wg_sum adds them in order).
 //
 // Measured (H200, bench/RESULTS.md): ~440 TFLOP/s at large M, limited by the dequantization (shared-memory traffic
@@ -39,7 +39,6 @@ namespace shardq {
 namespace {
 
 constexpr int kBK = 64;    // k per ring stage: one 128-byte swizzle row of x
-constexpr int kBand = 8;   // token tiles per raster band
 
 // Pair table, lane-private, laid out so that one PRMT forms a lookup's byte offset: the entry of (byte b, lane l) at
 // b * 256 + l * 4 (half of each 256-byte row unused), i.e. byte 0 of the offset is l * 4 and byte 1 is b.
@@ -115,15 +114,6 @@ __device__ __forceinline__ void fence_to_async() { asm volatile("fence.proxy.asy
 __device__ __forceinline__ uint64_t x_desc(const void* smem) {
   const uint64_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
-// Tile of this CTA: bands of kBand token tiles; inside a band the token tile varies fastest.
-template <int BT, int BN>
-__device__ __forceinline__ void tile_of(const WgArgs& p, int& m0, int& n0) {
-  const int l = blockIdx.x, per_band = kBand * p.ntiles, band = l / per_band, rem = l - band * per_band;
-  const int rows = min(kBand, p.mtiles - band * kBand);
-  m0 = (band * kBand + rem % rows) * BT;
-  n0 = (rem / rows) * BN;
 }
 
 // This thread's cp.async copies: x rows tid / 8 + R j with R = threads / 8 (16-byte unit tid % 8, the same swizzled
@@ -314,7 +304,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) gemm4_wgmma(WgArgs p) {
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(after));
   uint8_t* ring = after + (((sbase + 1023) & ~1023u) - sbase);  // the swizzle atom is 1024-byte aligned
   int m0, n0;
-  tile_of<BT, C::BN>(p, m0, n0);
+  band_tile(p.mtiles, p.ntiles, BT, C::BN, m0, n0);
   const int nkt = p.K / kBK, k0 = (int)((int64_t)nkt * blockIdx.y / p.splits);
   const int nk = (int)((int64_t)nkt * (blockIdx.y + 1) / p.splits) - k0;  // this CTA's k-tiles: k0 .. k0 + nk - 1
   Loader<T, C> ld;

@@ -64,6 +64,19 @@ def _direct(args, k: int, n: int, m: int, bs: int, x: Optional[torch.Tensor] = N
     return rc, out
 
 
+def _misaligned(x: torch.Tensor, packed: torch.Tensor, shift: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of x ("x") or the packed weights ("w") one element past a 16-byte boundary (None: both as given)."""
+    if shift == "x":
+        xs = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEV)
+        xs[1:].copy_(x.reshape(-1))
+        x = xs[1:].view(x.shape)
+    if shift == "w":
+        ps = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
+        ps[1:].copy_(packed.reshape(-1))
+        packed = ps[1:]
+    return x, packed
+
+
 def _op(args, k: int, n: int, bs: int) -> torch.Tensor:
     x, packed, absmax, code, nested, bias = args
     _poison(x.shape[0] * n * x.element_size())
@@ -112,15 +125,7 @@ def test_gemm4_mid_refuses(monkeypatch, k, bs, shift, what):
     """Refused shapes launch nothing (the output keeps its NaN) and the op falls back to dequantize + cuBLAS."""
     n, m = 1000, 64
     args, ref, tol = _inputs(k, n, m, torch.float16, "nf4", False, bs, True, "midref")
-    x, packed = args[0], args[1]
-    if shift == "x":
-        xs = torch.empty(m * k + 1, dtype=x.dtype, device=DEV)
-        xs[1:].copy_(x.reshape(-1))
-        x = xs[1:].view(m, k)
-    if shift == "w":
-        ps = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
-        ps[1:].copy_(packed.reshape(-1))
-        packed = ps[1:]
+    x, packed = _misaligned(args[0], args[1], shift)
     rc, out = _direct(args, k, n, m, bs, x=x, packed=packed)
     assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{what}: rc {rc}"
     assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"

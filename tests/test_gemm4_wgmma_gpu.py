@@ -19,7 +19,7 @@ import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_gemm4_mid_gpu import _inputs, _op
+from test_gemm4_mid_gpu import _inputs, _misaligned, _op
 from test_kernels_gpu import SEED, _gen, _rel, graph_replay
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -101,15 +101,7 @@ def test_gemm4_wgmma_refuses(k, bs, shift, what):
     """Refused shapes launch nothing (the output keeps its NaN) and the op falls back to dequantize + cuBLAS."""
     n, m = 1000, 64
     args, ref, tol = _inputs(k, n, m, torch.float16, "nf4", False, bs, True, "wgref")
-    x, packed = args[0], args[1]
-    if shift == "x":
-        xs = torch.empty(m * k + 1, dtype=x.dtype, device=DEV)
-        xs[1:].copy_(x.reshape(-1))
-        x = xs[1:].view(m, k)
-    if shift == "w":
-        ps = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
-        ps[1:].copy_(packed.reshape(-1))
-        packed = ps[1:]
+    x, packed = _misaligned(args[0], args[1], shift)
     rc, out = _direct(args, k, n, m, bs, x=x, packed=packed)
     assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{what}: rc {rc}"
     assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"
