@@ -7,8 +7,9 @@
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
 # Steps (default all): check tests new kernels offload dispatch load; "new" runs the GPU tests of the opt-in kernels
 # that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
-# and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" (not in the default) read the small-M / fused-dequant 4-bit kernels' counters with ncu. Each is bounded by its own timeout; one call may run 600 s at most, so
-# split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
+# and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" / "profilewg" (not in the default) read the
+# small-M / fused-dequant / Hopper fused-dequant 4-bit kernels' counters with ncu (PROFILE_M, PROFILE_MID_M,
+# PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
 # 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments, split on spaces),
 # TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT (seconds) the tests step.
 set -u
@@ -55,10 +56,14 @@ for s in $steps; do
                   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                   --section WarpStateStats --section SchedulerStats --section InstructionStats \
                   python3 bench/profile_kernel.py --mid --m "${PROFILE_MID_M:-64}" --calls 2 ;;
+    profilewg) step ncu_wgmma 150 ncu --clock-control none -k regex:gemm4_wgmma --launch-skip 1 --launch-count 1 \
+                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+                 --section WarpStateStats --section SchedulerStats --section InstructionStats \
+                 python3 bench/profile_kernel.py --wgmma --m "${PROFILE_WG_M:-4096}" --calls 2 ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
-    *) echo "unknown step $s (check tests new kernels profile profilemid offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests new kernels profile profilemid profilewg offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
