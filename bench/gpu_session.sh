@@ -9,8 +9,9 @@
 # that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
 # and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" / "profilewg" (not in the default) read the
 # small-M / fused-dequant / Hopper fused-dequant 4-bit kernels' counters with ncu (PROFILE_M, PROFILE_MID_M,
-# PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so split them, e.g. "check tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes
-# 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments, split on spaces),
+# PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so split them, e.g. "check
+# tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes 8192x28672 --ms 1,16 --kinds
+# fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments, split on spaces),
 # TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT (seconds) the tests step.
 set -u
 OUT=${OUT:-/tmp/shardq-gpu}
