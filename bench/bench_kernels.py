@@ -284,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid", "sq_nf4_c32", "sq_nf4_c32_deq",
-             "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0", "sq_int8_t0_fused"]
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid",
+             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0", "sq_int8_t0_fused"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
+           "torch": torch.__version__,
+           "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}
     if not args.no_bnb:
         try:
             import bitsandbytes as bnb
