@@ -216,9 +216,9 @@ def _gemm_4bit_wgmma(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     splits = wgmma_splits(m, n, k, x2.device)
     if splits == 0:
         return False
-    ws = torch.empty(splits * m * n if splits > 1 else 0, dtype=torch.float32, device=x2.device)
-    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(),
-            ws.data_ptr() if splits > 1 else None, m, n, k, blocksize, splits, DTYPE_CODES[x2.dtype])
+    ws = torch.empty(splits * m * n, dtype=torch.float32, device=x2.device) if splits > 1 else None
+    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), _ptr(ws), m, n, k,
+            blocksize, splits, DTYPE_CODES[x2.dtype])
     return _launch(lib.shardq_gemm_4bit_wgmma, args, _stream(x2), "gemm_4bit_wgmma")
 
 
