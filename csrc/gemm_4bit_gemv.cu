@@ -54,6 +54,7 @@ template <int P>
 struct Slice {
   uint4 w[P][2];
   AbsRaw a[P][2];
+  float4 a4[2];  // kAbsPlain4: the slice's four block scales per row, picked from only when used
 };
 
 // Pair of byte Q of wd: the table offset (wd.byte[Q] << 8) | lane * 4 is one PRMT.
@@ -109,9 +110,7 @@ struct Loader {
     if (kAbs == kAbsPlain4) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float4 a4 = __ldg(reinterpret_cast<const float4*>(ap[h] + s * 4));  // blocks 4s .. 4s + 3
-        d.a[0][h].v = t >> 1 ? a4.y : a4.x;
-        d.a[P - 1][h].v = t >> 1 ? a4.w : a4.z;
+        d.a4[h] = __ldg(reinterpret_cast<const float4*>(ap[h] + s * 4));  // blocks 4s .. 4s + 3
       }
     }
 #pragma unroll
@@ -299,7 +298,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm4_gemv(GemvArgs p) {
           uint32_t sc[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float v = kPlain ? buf[d].a[q][h].v : decode_abs(p.am, ncode, buf[d].a[q][h]);
+            const float4& a4 = buf[d].a4[h];  // piece q of lane t: block 4s + 2q + t / 2
+            const float v = kAbs == kAbsPlain4 ? (q == 0 ? (t >> 1 ? a4.y : a4.x) : (t >> 1 ? a4.w : a4.z))
+                            : kPlain           ? buf[d].a[q][h].v
+                                               : decode_abs(p.am, ncode, buf[d].a[q][h]);
             sc[h] = pack_pair<T>(v, v);
           }
           const uint8_t* xe[NT];
