@@ -8,7 +8,8 @@ the default is the register-streaming GEMV; sq_nf4_deq: M > 32 through dequantiz
 Hopper is the fused-dequant wgmma kernel (csrc/gemm_4bit_wgmma.cu) for 32 < M <= 128 on wide grids; sq_nf4_wg: that
 kernel forced for every M > 32; sq_nf4_mid: the opt-in fused-dequant kernel csrc/gemm_4bit_mid.cu forced
 for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with
-the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_fused /
+the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_mm / sq_int8_t0_mm:
+M > 32 through torch._int_mm + the epilogue kernel, where the default on Hopper is the fused csrc/int8_gemm_wgmma.cu; sq_int8_t6_fused /
 sq_int8_t0_fused: the one-launch kernel forced for M <= 4, where the default is the prepare step + the tensor-core
 kernel from M = 2), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Opt-in,
 fp32 compute dtype (bitsandbytes' default): sq_nf4_c32 / bnb_nf4_c32 are nf4 layers with compute_dtype=float32 fed
@@ -63,6 +64,9 @@ MID_MIN_M = {"sq_nf4_mid": 7}
 WGMMA_OFF_MIN_M = {"sq_nf4_deq": cuda_ops.SMALL_M + 1}
 # kinds timed with the Hopper fused-dequant kernel forced for every M > 32 and grid (the op routes only part to it)
 WGMMA_FORCED = {"sq_nf4_wg"}
+# kinds timed with the Hopper fused int8 kernel switched off (cuda_ops.INT8_WGMMA): torch._int_mm + the epilogue
+# kernel, the path it replaced for M > 32
+INT8_WGMMA_OFF = {"sq_int8_t6_mm", "sq_int8_t0_mm"}
 # kinds timed with the fp32-activation kernel switched off (cuda_ops.GEMM4_F32)
 F32_OFF = {"sq_nf4_c32_deq"}
 # timed only when --kinds names them
@@ -178,7 +182,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     default_fused = cuda_ops.INT8_FUSED_MAX_M
     default_gemv, default_f32, default_wgmma = cuda_ops.GEMM4_GEMV, cuda_ops.GEMM4_F32, cuda_ops.GEMM4_WGMMA
     default_wgmma_max, default_wgmma_fill = cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL
-    default_mid_min = cuda_ops.GEMM4_MID_MIN_M
+    default_mid_min, default_i8wg = cuda_ops.GEMM4_MID_MIN_M, cuda_ops.INT8_WGMMA
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -202,8 +206,9 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 continue
             if kind in WGMMA_OFF_MIN_M and row["M"] < WGMMA_OFF_MIN_M[kind]:
                 continue
-            if kind in WGMMA_FORCED and row["M"] <= cuda_ops.SMALL_M:
+            if kind in WGMMA_FORCED | INT8_WGMMA_OFF and row["M"] <= cuda_ops.SMALL_M:
                 continue
+            cuda_ops.INT8_WGMMA = kind not in INT8_WGMMA_OFF and default_i8wg
             cuda_ops.GEMM4_WGMMA = kind not in WGMMA_OFF_MIN_M and default_wgmma
             cuda_ops.WGMMA_MAX_M = 1 << 30 if kind in WGMMA_FORCED else default_wgmma_max
             cuda_ops.WGMMA_MIN_FILL = 0.0 if kind in WGMMA_FORCED else default_wgmma_fill
@@ -234,7 +239,7 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
         cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
         cuda_ops.GEMM4_MID_MIN_M, cuda_ops.GEMM4_GEMV = default_mid_min, default_gemv
         cuda_ops.GEMM4_F32, cuda_ops.INT8_FUSED_MAX_M = default_f32, default_fused
-        cuda_ops.GEMM4_WGMMA = default_wgmma
+        cuda_ops.GEMM4_WGMMA, cuda_ops.INT8_WGMMA = default_wgmma, default_i8wg
         cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL = default_wgmma_max, default_wgmma_fill
         del mods, first, ref_mod
         torch.cuda.empty_cache()
@@ -248,8 +253,9 @@ def table(rows: list[dict], hbm: float) -> str:
             ("sq_nf4_tc", "sq nf4 ring"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
-            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
-            ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"), ("sq_int8_t0_fused", "sq i8t0 fused"),
+            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_mm", "sq i8t6 int_mm"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
+            ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"), ("sq_int8_t0_mm", "sq i8t0 int_mm"),
+            ("sq_int8_t0_fused", "sq i8t0 fused"),
             ("bnb_int8_t0", "bnb i8t0")]
     cols = [c for c in cols if any(c[0] + "_us" in r for r in rows)]  # contenders of this run only
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
@@ -285,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
     kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid",
-             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0", "sq_int8_t0_fused"]
+             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_mm", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0",
+             "sq_int8_t0_mm", "sq_int8_t0_fused"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__,
            "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

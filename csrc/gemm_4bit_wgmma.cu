@@ -29,9 +29,9 @@
 //
 // Measured (H200, bench/RESULTS.md): ~440 TFLOP/s at large M, limited by the dequantization (shared-memory traffic
 // and latency at 2 warps per scheduler), so the op routes only 32 < M <= 128 here.
-#include "common.cuh"
-
 #include <type_traits>
+
+#include "wgmma.cuh"
 
 #pragma nv_diag_suppress 177  // the kernel body is compiled only for sm_90a: other passes leave constants unused
 
@@ -100,21 +100,6 @@ SHARDQ_WGMMA_RS(__half, "f16", 64, SHARDQ_REGS32, SHARDQ_ACC32, "%32", "{%33, %3
 SHARDQ_WGMMA_RS(__nv_bfloat16, "bf16", 64, SHARDQ_REGS32, SHARDQ_ACC32, "%32", "{%33, %34, %35, %36}", "%37")
 SHARDQ_WGMMA_RS(__half, "f16", 128, SHARDQ_REGS64, SHARDQ_ACC64, "%64", "{%65, %66, %67, %68}", "%69")
 SHARDQ_WGMMA_RS(__nv_bfloat16, "bf16", 128, SHARDQ_REGS64, SHARDQ_ACC64, "%64", "{%65, %66, %67, %68}", "%69")
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Makes this thread's completed generic-proxy shared-memory writes (cp.async) visible to the async proxy.
-__device__ __forceinline__ void fence_to_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Descriptor of a K-major B tile in the 128-byte swizzle: start address, leading offset 16 bytes (unused by this
-// layout), stride 1024 bytes between 8-row groups, swizzle mode 1 (128 B).
-__device__ __forceinline__ uint64_t x_desc(const void* smem) {
-  const uint64_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
 
 // This thread's cp.async copies: x rows tid / 8 + R j with R = threads / 8 (16-byte unit tid % 8, the same swizzled
 // position in every row of the copy) and packed weight rows tid / 2 + 4 R j (half tid % 2), each source a pointer
@@ -329,7 +314,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) gemm4_wgmma(WgArgs p) {
   // k-tile's fragments built into the other buffer.
   auto tile = [&](int kt, auto buf) {
     constexpr int B = decltype(buf)::value;
-    w.mma(x_desc(ring + (kt % S) * C::kStage), B);
+    w.mma(sw128_desc(ring + (kt % S) * C::kStage), B);
     wg_wait<1>();  // this warpgroup's wgmmas of k-tile kt - 1 are done: its A buffer and ring stage are free
     cp_async_wait<S - 3>();  // k-tile kt + 1 has landed
     fence_to_async();
@@ -349,25 +334,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) gemm4_wgmma(WgArgs p) {
   wg_wait<0>();
   w.store(p, m0, n0);
 #endif
-}
-
-// Whether gemm4_wgmma runs here: a compute capability 9.0 device and the function built from sm_90a code (not
-// JIT-compiled from an older PTX). Cached per device and instantiation.
-template <typename Kernel>
-bool runs_here(Kernel kernel, signed char (&state)[64]) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (!state[dev]) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-                    attr.binaryVersion == 90 && attr.ptxVersion >= 90;
-    if (!ok) cudaGetLastError();
-    state[dev] = ok ? 1 : -1;
-  }
-  return state[dev] > 0;
 }
 
 template <typename T, class C>

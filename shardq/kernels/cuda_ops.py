@@ -49,6 +49,10 @@ INT8_TC_MIN_M, INT8_TC_MAX_M = 2, 32
 # it computes M <= 4, but from M = 2 its per-CTA scan of x cost more than the two prepare launches + the tensor-core
 # kernel on an H200, bench/RESULTS.md)
 INT8_FUSED_MAX_M = 1
+# int8_linear, M > SMALL_M on Hopper: csrc/int8_gemm_wgmma.cu (the int8 GEMM on the warpgroup MMA with the epilogue
+# fused: no int32 product in global memory) where it takes the shape (compute capability 9.0, fp16/bf16, K % 128 ==
+# 0); elsewhere torch._int_mm (cuBLASLt) + the epilogue kernel. Opt-in (SHARDQ_INT8_WGMMA=1) until it is faster.
+INT8_WGMMA = os.environ.get("SHARDQ_INT8_WGMMA", "0") == "1"
 # int8_linear, M > SMALL_M: the activation prepare step copies up to this many outlier columns of x into a compact
 # [M, cap] buffer for the epilogue (which also stages that many of W's in shared memory; more are read directly).
 INT8_OUTLIER_CAP = 64
@@ -422,12 +426,21 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         if not large:
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
-        else:
+        elif not (INT8_WGMMA and _int8_wgmma(lib, p, xo, xo_cap, tail)):
             q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
             acc = _int_mm_padded(q, w)
             rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], xo, xo_cap, *tail)
             _lib.check(rc, "int8_epilogue")
     return out.reshape(*x.shape[:-1], n)
+
+
+def _int8_wgmma(lib, p: dict, xo: Optional[int], xo_cap: int, tail: tuple) -> bool:
+    """csrc/int8_gemm_wgmma.cu on the prepared activations; False if it refuses the device or shape."""
+    rc = lib.shardq_int8_gemm_wgmma(p["q"], p["row_absmax"], xo, xo_cap, *tail)
+    if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
+        return False
+    _lib.check(rc, "int8_gemm_wgmma")
+    return True
 
 
 KERNELS: dict[str, Callable] = {

@@ -36,6 +36,7 @@ SIGNATURES: dict[str, list] = {
     "shardq_int8_gemv_fused": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _INT, _P],
     "shardq_int8_gemv": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_gemm_tc": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
+    "shardq_int8_gemm_wgmma": [_P, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_epilogue": [_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
 }
 
