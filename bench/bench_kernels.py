@@ -9,7 +9,8 @@ Hopper is the fused-dequant wgmma kernel (csrc/gemm_4bit_wgmma.cu) for 32 < M <=
 kernel forced for every M > 32; sq_nf4_mid: the opt-in fused-dequant kernel csrc/gemm_4bit_mid.cu forced
 for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with
 the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_mm / sq_int8_t0_mm:
-M > 32 through torch._int_mm + the epilogue kernel, where the default on Hopper is the fused csrc/int8_gemm_wgmma.cu; sq_int8_t6_fused /
+M > 32 with the opt-in fused csrc/int8_gemm_wgmma.cu switched off (torch._int_mm + the epilogue kernel; compare
+under SHARDQ_INT8_WGMMA=1, where sq_int8_t6 / sq_int8_t0 run the fused kernel); sq_int8_t6_fused /
 sq_int8_t0_fused: the one-launch kernel forced for M <= 4, where the default is the prepare step + the tensor-core
 kernel from M = 2), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Opt-in,
 fp32 compute dtype (bitsandbytes' default): sq_nf4_c32 / bnb_nf4_c32 are nf4 layers with compute_dtype=float32 fed
@@ -253,7 +254,8 @@ def table(rows: list[dict], hbm: float) -> str:
             ("sq_nf4_tc", "sq nf4 ring"),
             ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
-            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_mm", "sq i8t6 int_mm"), ("sq_int8_t6_gemv", "sq i8t6 gemv"), ("bnb_int8_t6", "bnb i8t6"),
+            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_mm", "sq i8t6 int_mm"), ("sq_int8_t6_gemv", "sq i8t6 gemv"),
+            ("bnb_int8_t6", "bnb i8t6"),
             ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"), ("sq_int8_t0_mm", "sq i8t0 int_mm"),
             ("sq_int8_t0_fused", "sq i8t0 fused"),
             ("bnb_int8_t0", "bnb i8t0")]
@@ -291,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
     kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid",
-             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_mm", "sq_int8_t6_gemv", "sq_int8_t6_fused", "sq_int8_t0",
-             "sq_int8_t0_mm", "sq_int8_t0_fused"]
+             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_mm", "sq_int8_t6_gemv", "sq_int8_t6_fused",
+             "sq_int8_t0", "sq_int8_t0_mm", "sq_int8_t0_fused"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__,
            "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

@@ -15,11 +15,21 @@
 // mma.m16n8k16 (x's outlier values and W's outlier columns as fp16/bf16, both exact: |W| <= 127) into the same
 // positions, and each lane stores two adjacent features.
 //
-// Schedule (as gemm_4bit_wgmma.cu): an S-stage cp.async ring, S - 1 k-tiles in flight; per k-tile: the wgmmas of kt
-// (one commit group), wait for kt - 1's wgmmas (its stage is free), wait for kt + 1's copies, fence them to the
-// async proxy, barrier, refill kt - 1's stage with kt + S - 1. Rows past M or N are not copied: their stale bytes
-// reach only accumulators that are never stored. Scales, bias and the first kStagedOut outlier columns (x's and
-// W's) are staged in shared memory at the start, while the first k-tiles land.
+// Schedule: warp-specialized. Three warpgroups: one thread of the first issues TMA tile copies (q's 128 x 128-byte
+// box and W's 256 x 128-byte box per k-tile, 128-byte swizzle, rows past M or N zero-filled) into an S-stage ring,
+// each stage's "full" mbarrier counting the bytes in; the other two are the consumers, each running its m64 x n256
+// wgmmas of a k-tile as soon as the stage is full and releasing the stage (its "empty" mbarrier) once the wgmmas
+// of that k-tile have completed. The copy engine works alone, so the consumers' instruction stream is only
+// barrier waits and wgmmas (setmaxnreg moves the producer's registers to them). Scales, bias and the first
+// kStagedOut outlier columns (x's and W's) are staged in shared memory by all threads while the first k-tiles land.
+//
+// Measured (H200, bench/RESULTS.md): ~0.85 POPS at M = 4096, on par with cuBLASLt's int8 GEMM + the separate
+// epilogue, so the op keeps that path by default. The tensor cores run these wgmmas at ~1.94 POPS with the operands
+// already in shared memory (bench/wgmma_probe.cu); the feed is the limit: per k-tile the TMA writes 48 KB into
+// shared memory and the two consumers' wgmmas read 80 KB from it. Two-CTA clusters sharing the W tile by TMA
+// multicast (a third fewer L2 reads) measured slower (3.26 vs 2.52 ms at 8192x28672, M = 4096).
+#include <cudaTypedefs.h>
+
 #include "int8_common.cuh"
 #include "wgmma.cuh"
 
@@ -28,13 +38,14 @@
 namespace shardq {
 namespace {
 
-constexpr int kBM = 128, kBN = 256, kBK = 128, kS = 4, kThreads = 256;
+constexpr int kBM = 128, kBN = 256, kBK = 128, kS = 4, kThreads = 384;  // a producer and two consumer warpgroups
 constexpr int kStage = (kBM + kBN) * kBK;  // 48 KB: q rows, then W rows
 constexpr int kStagedOut = 32;             // outlier columns staged; more are read from global memory (rare)
 constexpr int kOutPitch = kStagedOut + 8;  // elements per staged row: 80 bytes, conflict-free fragment loads
 
 template <typename T>
 struct I8Smem {  // after the ring
+  uint64_t full[kS], empty[kS];  // mbarriers: stage landed (48 KB), stage free (both consumers done with it)
   T xo[kBM][kOutPitch];
   T wo[kBN][kOutPitch];
   float ra[kBM];  // row_absmax / 127^2
@@ -81,43 +92,42 @@ __device__ __forceinline__ void wgmma_s8(int* d, uint64_t a, uint64_t b) {
       : "l"(a), "l"(b), "r"(1));
 }
 
-// This thread's cp.async copies of a k-tile: 16-byte unit c = tid & 7 of q rows r + 32 j (j < 4) and of W rows
-// r + 32 j (j < 8), r = tid >> 3, all at the same swizzled position (c ^ (r & 7)). The sources move one k-tile per
-// issue; rows past M or N are masked out (bits 0..3: q rows, 4..11: W rows).
-struct I8Loader {
-  const int8_t* q[4];
-  const int8_t* w[8];
-  uint32_t dst, mask;
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ void bar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+}
+// TMA: the box at (column x, row y) of `map` into shared memory at dst, its bytes counted on `bar`.
+__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
+}
 
-  __device__ __forceinline__ void init(const I8WgArgs& p, int m0, int n0) {
-    const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
-    mask = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      q[j] = p.q + (int64_t)(m0 + r + 32 * j) * p.K + c * 16;
-      mask |= (m0 + r + 32 * j < p.M ? 1u : 0u) << j;
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      w[j] = p.w + (int64_t)(n0 + r + 32 * j) * p.K + c * 16;
-      mask |= (n0 + r + 32 * j < p.N ? 1u : 0u) << (4 + j);
-    }
-    dst = r * 128 + ((c ^ (r & 7)) << 4);
-  }
-
-  __device__ __forceinline__ void issue(uint8_t* stage) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (mask >> j & 1) cp_async16(stage + dst + j * 32 * 128, q[j]);
-      q[j] += kBK;
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (mask >> (4 + j) & 1) cp_async16(stage + kBM * 128 + dst + j * 32 * 128, w[j]);
-      w[j] += kBK;
-    }
-  }
-};
+// k-tile kt into ring stage kt % kS: q rows m0.. (128) and W rows n0.. (256), 128 k each.
+__device__ __forceinline__ void load_stage(uint8_t* ring, uint64_t* full, const CUtensorMap* tq, const CUtensorMap* tw,
+                                           int kt, int m0, int n0) {
+  const int st = kt % kS;
+  uint8_t* dst = ring + st * kStage;
+  bar_expect(&full[st], kStage);
+  tma_2d(dst, tq, kt * kBK, m0, &full[st]);
+  tma_2d(dst + kBM * 128, tw, kt * kBK, n0, &full[st]);
+}
 
 // x's value in outlier column c (list order) of row m: from the compacted copy where it holds it.
 template <typename T>
@@ -153,8 +163,8 @@ __device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_
 template <typename T>
 __device__ __forceinline__ void store_tile(const I8WgArgs& p, const I8Smem<T>& s, const int* acc, int m0, int n0,
                                            int cnt) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int r0 = (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + g;  // tokens r0, r0 + 8 of the tile
+  const int ct = threadIdx.x - 128, lane = ct & 31, g = lane >> 2, t = lane & 3;  // ct: consumer thread
+  const int r0 = (ct >> 7) * 64 + ((ct >> 5) & 3) * 16 + g;  // tokens r0, r0 + 8 of the tile
   const int steps = (min(cnt, kStagedOut) + 15) / 16;
   uint32_t xa[2][4];
 #pragma unroll
@@ -197,50 +207,98 @@ __device__ __forceinline__ void store_tile(const I8WgArgs& p, const I8Smem<T>& s
   }
 }
 
+// A consumer warpgroup: k-tile by k-tile, its four wgmmas once the stage is full, the stage released once they
+// completed; then the epilogue.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) int8_wgmma(I8WgArgs p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  uint8_t* ring = smem_raw + (((sbase + 1023) & ~1023u) - sbase);  // the swizzle atom is 1024-byte aligned
-  I8Smem<T>& side = *reinterpret_cast<I8Smem<T>*>(ring + kS * kStage);
-  int m0, n0;
-  band_tile(p.mtiles, p.ntiles, kBM, kBN, m0, n0);
-  const int nk = p.K / kBK, cnt = *p.count;
-  I8Loader ld;
-  ld.init(p, m0, n0);
-#pragma unroll
-  for (int st = 0; st < kS - 1; ++st) {
-    if (st < nk) ld.issue(ring + st * kStage);
-    cp_async_commit();
-  }
-  stage_side<T>(p, side, m0, n0, min(cnt, kStagedOut));
+__device__ __forceinline__ void consume(const I8WgArgs& p, I8Smem<T>& side, uint8_t* ring, int m0, int n0, int nk,
+                                        int cnt) {
   // Zeroed one register at a time: with plain `= 0` nvcc copies one zero register into all of them and into the loop
   // counter, and ptxas then serializes the wgmmas (C7514: the counter reads an accumulator mid-pipeline).
   int acc[kBN / 2];
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) asm volatile("mov.b32 %0, 0;" : "=r"(acc[i]));
-  const int a_off = (threadIdx.x >> 7) * 64 * 128;  // this warpgroup's 64 q rows
-  cp_async_wait<kS - 2>();
-  fence_to_async();
-  __syncthreads();
+  const int a_off = ((threadIdx.x >> 7) - 1) * 64 * 128;  // this consumer's 64 q rows
   for (int kt = 0; kt < nk; ++kt) {
-    uint8_t* st = ring + (kt % kS) * kStage;
-    const uint64_t a = sw128_desc(st + a_off), b = sw128_desc(st + kBM * 128);
+    const int st = kt % kS;
+    bar_wait(&side.full[st], (kt / kS) & 1);
+    uint8_t* stage = ring + st * kStage;
+    const uint64_t a = sw128_desc(stage + a_off), b = sw128_desc(stage + kBM * 128);
     wg_fence();
 #pragma unroll
     for (int s = 0; s < kBK / 32; ++s) wgmma_s8(acc, a + 2 * s, b + 2 * s);
     wg_commit();
-    wg_wait<1>();              // this warpgroup's wgmmas of k-tile kt - 1 are done
-    cp_async_wait<kS - 3>();   // k-tile kt + 1 has landed
-    fence_to_async();
-    __syncthreads();           // ... for both warpgroups: kt - 1's stage is free, kt + 1's visible
-    if (kt + kS - 1 < nk) ld.issue(ring + ((kt + kS - 1) % kS) * kStage);
-    cp_async_commit();
+    wg_wait<1>();  // this warpgroup's wgmmas of k-tile kt - 1 are done: release its stage
+    if (kt > 0 && threadIdx.x % 128 == 0) bar_arrive(&side.empty[(kt - 1) % kS]);
   }
   wg_wait<0>();
   store_tile<T>(p, side, acc, m0, n0, cnt);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    int8_wgmma(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tw, const I8WgArgs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const uint32_t sbase = smem_u32(smem_raw);
+  uint8_t* ring = smem_raw + (((sbase + 1023) & ~1023u) - sbase);  // the swizzle atom is 1024-byte aligned
+  I8Smem<T>& side = *reinterpret_cast<I8Smem<T>*>(ring + kS * kStage);
+  int m0, n0;
+  band_tile(p.mtiles, p.ntiles, kBM, kBN, m0, n0);
+  const int nk = p.K / kBK, cnt = *p.count;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < kS; ++st) {
+      bar_init(&side.full[st], 1);
+      bar_init(&side.empty[st], 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int kt = 0; kt < kS && kt < nk; ++kt) load_stage(ring, side.full, &tq, &tw, kt, m0, n0);
+  }
+  stage_side<T>(p, side, m0, n0, min(cnt, kStagedOut));
+  __syncthreads();
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread refills each stage once both consumers released it
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0)
+      for (int kt = kS; kt < nk; ++kt) {
+        bar_wait(&side.empty[kt % kS], (kt / kS - 1) & 1);
+        load_stage(ring, side.full, &tq, &tw, kt, m0, n0);
+      }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    consume<T>(p, side, ring, m0, n0, nk, cnt);
+  }
 #endif
+}
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+// The driver's cuTensorMapEncodeTiled through the runtime (the library does not link libcuda), or null.
+inline EncodeTiled encoder() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of an int8 [rows, K] row-major matrix in boxes of 128 k x box_rows rows, 128-byte swizzle (the wgmma
+// layout), rows past the end zero-filled.
+inline bool tile_map(CUtensorMap* map, const int8_t* base, int rows, int K, int box_rows) {
+  const EncodeTiled encode = encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)K};
+  const cuuint32_t box[2] = {(cuuint32_t)kBK, (cuuint32_t)box_rows};
+  const cuuint32_t unit[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <typename T>
@@ -248,11 +306,13 @@ cudaError_t launch_int8_wgmma(I8WgArgs p, cudaStream_t stream) {
   static signed char here[64] = {};
   static bool ready[64] = {};
   if (!runs_here(int8_wgmma<T>, here)) return cudaErrorNotSupported;
+  CUtensorMap tq, tw;
+  if (!tile_map(&tq, p.q, p.M, p.K, kBM) || !tile_map(&tw, p.w, p.N, p.K, kBN)) return cudaErrorNotSupported;
   const cudaError_t err = allow_smem(int8_wgmma<T>, i8_smem<T>(), ready);
   if (err != cudaSuccess) return err;
   p.mtiles = (p.M + kBM - 1) / kBM;
   p.ntiles = (p.N + kBN - 1) / kBN;
-  int8_wgmma<T><<<(unsigned)p.mtiles * (unsigned)p.ntiles, kThreads, i8_smem<T>(), stream>>>(p);
+  int8_wgmma<T><<<(unsigned)p.mtiles * (unsigned)p.ntiles, kThreads, i8_smem<T>(), stream>>>(tq, tw, p);
   return cudaGetLastError();
 }
 
@@ -271,8 +331,8 @@ SHARDQ_API int shardq_int8_gemm_wgmma(const void* q, const float* row_absmax, co
                                       int dtype, void* stream_ptr) {
   const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX &&
                   K >= kBK && K <= INT32_MAX && K % kBK == 0 && xo_cap >= 0 && xo_cap <= INT32_MAX &&
-                  ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN) <= INT32_MAX && (uintptr_t)q % 16 == 0 &&
-                  (uintptr_t)w % 16 == 0;
+                  ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN) <= INT32_MAX &&
+                  (uintptr_t)q % 16 == 0 && (uintptr_t)w % 16 == 0;
   if (!ok) return cudaErrorNotSupported;
   I8WgArgs p{};
   static_cast<Int8Args&>(p) = Int8Args{static_cast<const int8_t*>(q), row_absmax, x, static_cast<const int8_t*>(w),
