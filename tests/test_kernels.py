@@ -29,6 +29,7 @@ def test_csrc_compiles_and_exports_every_launcher(tmp_path):
     _check_fused_refusals(loaded, "shardq_gemm_4bit_wgmma")
     _check_int8_fused_refusals(loaded)
     _check_int8_wgmma_refusals(loaded)
+    _check_flat_refusals(loaded)
 
 
 def _check_tc_refusals(loaded: ctypes.CDLL) -> None:
@@ -84,6 +85,21 @@ def test_wgmma_routing_and_k_split(monkeypatch):
     assert cuda_ops.wgmma_splits(32, 28672, 8192, dev) == 0 and cuda_ops.wgmma_splits(129, 28672, 8192, dev) == 0
     monkeypatch.setattr(cuda_ops, "GEMM4_WGMMA", False)
     assert cuda_ops.wgmma_splits(64, 28672, 8192, dev) == 0
+
+
+def _check_flat_refusals(loaded: ctypes.CDLL) -> None:
+    """shardq_gemm_4bit_flat (M <= 8, any K) refuses, before any CUDA call, what it cannot run: gemm_4bit then
+    dequantizes and uses cuBLAS."""
+    fn = loaded.shardq_gemm_4bit_flat
+    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_gemm_4bit_flat"], ctypes.c_int
+    ok = dict(w=8192, M=1, N=1000, K=4097, bs=64, dtype=0, absmax=64)
+    bad = [dict(M=0), dict(M=9), dict(N=0), dict(K=0), dict(dtype=5), dict(bs=16), dict(bs=48), dict(w=8200),
+           dict(absmax=None), dict(K=2**21)]
+    for change in bad:
+        a = dict(ok, **change)
+        rc = fn(4096, a["w"], a["absmax"], None, None, None, 0.0, 128, None, 256, a["M"], a["N"], a["K"], a["bs"],
+                a["dtype"], None)
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
 
 
 def _check_int8_wgmma_refusals(loaded: ctypes.CDLL) -> None:

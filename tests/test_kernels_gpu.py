@@ -276,7 +276,8 @@ def test_gemm_4bit_f32(k, n, m, qt, dq, bs):
     the error of the same fp32 computation through torch; the fp32 kernel called directly gives the op's output bit
     for bit where it takes the shape (so the op used it; tokens whose x does not fit in shared memory together go
     in several launches: M = 8 at K = 8192 and 11008), and refuses the rest (M > 8, K % 32, one token's x too
-    large for shared memory at K = 65536), which the op then computes by dequantize + cuBLAS."""
+    large for shared memory at K = 65536), which the op then computes with the flat-array kernel (M <= 2, x fitting)
+    or dequantize + cuBLAS."""
     g = _gen("g4f32", k, n, m, bs)
     packed, absmax, code, nested, real = _quantized_weight(n, k, qt, dq, g, bs)
     x = torch.randn(m, k, device=DEV, generator=g)
