@@ -38,9 +38,10 @@ for s in $steps; do
   case $s in
     check) step check 120 python3 -m shardq.kernels --check ;;
     tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
-             ${TEST_ARGS:-tests/test_kernels_gpu.py tests/test_gemm4_wgmma_gpu.py tests/test_int8_tc_gpu.py \
-             tests/test_ops.py tests/test_quant_linear.py tests/test_offload.py tests/test_dispatch_gpu.py \
-             tests/test_loader_gpu.py tests/test_quant_experts.py tests/test_quant_targets.py} ;;
+             ${TEST_ARGS:-tests/test_kernels_gpu.py tests/test_gemm4_wgmma_gpu.py tests/test_gemm4_flat_gpu.py \
+             tests/test_int8_tc_gpu.py tests/test_int8_wgmma_gpu.py tests/test_ops.py tests/test_quant_linear.py \
+             tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py tests/test_quant_experts.py \
+             tests/test_quant_targets.py} ;;
     new) step newtests 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py
          mkdir -p "$OUT/new"
          step newbench 420 python3 bench/bench_kernels.py --out "$OUT/new" --no-bnb \
