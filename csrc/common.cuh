@@ -171,6 +171,17 @@ inline int sm_count() {
   return cache[dev] > 0 ? cache[dev] : 132;
 }
 
+// The current device and the shared memory a block may opt in to there (queried once per device).
+inline cudaError_t smem_optin(int& dev, int& optin) {
+  static int cache[64] = {0};
+  const cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!cache[dev]) cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  optin = cache[dev];
+  return cudaSuccess;
+}
+
 // Lets `kernel` use `bytes` of dynamic shared memory on the current device. The attribute belongs to a function
 // on a device, so it is set once per device: `done` is the caller's flag array for that kernel.
 template <typename Kernel>

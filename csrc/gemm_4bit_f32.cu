@@ -163,15 +163,12 @@ SHARDQ_API int shardq_gemm_4bit_f32(const void* x, const void* w, const float* a
                                     const float* nested_absmax, const float* nested_code, float offset,
                                     const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                     int64_t blocksize, int dtype, void* stream_ptr) {
-  static int optin[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  int dev = 0, optin = 0;
+  cudaError_t err = smem_optin(dev, optin);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
                                     K, blocksize);
-  const int64_t fit = (optin[dev] - 64) / (K * 4);  // tokens whose x fits in shared memory
+  const int64_t fit = (optin - 64) / (K * 4);  // tokens whose x fits in shared memory
   const bool ok = dtype == kF32 && M >= 1 && M <= 8 && N >= 1 && N <= INT32_MAX - kRows && K >= 32 && K % 32 == 0 &&
                   K <= (1 << 24) && a.bs_shift >= 5 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 &&
                   a.am.given() && fit >= 1;
@@ -182,10 +179,10 @@ SHARDQ_API int shardq_gemm_4bit_f32(const void* x, const void* w, const float* a
     p.M = (int)(M - m0 < fit ? M - m0 : fit);
     p.x = static_cast<const float*>(x) + m0 * K;
     p.out = static_cast<float*>(out) + m0 * N;
-    err = p.M == 1 ? launch_f32<1>(p, optin[dev], stream)
-          : p.M == 2 ? launch_f32<2>(p, optin[dev], stream)
-          : p.M <= 4 ? launch_f32<4>(p, optin[dev], stream)
-                     : launch_f32<8>(p, optin[dev], stream);
+    err = p.M == 1 ? launch_f32<1>(p, optin, stream)
+          : p.M == 2 ? launch_f32<2>(p, optin, stream)
+          : p.M <= 4 ? launch_f32<4>(p, optin, stream)
+                     : launch_f32<8>(p, optin, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

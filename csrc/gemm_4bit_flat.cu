@@ -147,16 +147,13 @@ SHARDQ_API int shardq_gemm_4bit_flat(const void* x, const void* w, const float* 
                         N <= INT32_MAX && K >= 1 && K <= (1 << 20) && a.bs_shift >= 5 && (uintptr_t)w % 16 == 0 &&
                         a.am.given();
   if (!shape_ok) return cudaErrorNotSupported;
-  static int optin[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  int dev = 0, optin = 0;
+  const cudaError_t err = smem_optin(dev, optin);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const size_t smem = 64 + (size_t)M * xpitch((int)K) * 4;
-  if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
+  if (smem > (size_t)optin) return cudaErrorNotSupported;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (dtype == kF32) return dispatch_flat<float>(a, smem, optin[dev], stream);
-  SHARDQ_DISPATCH_16(dtype, T, return dispatch_flat<T>(a, smem, optin[dev], stream));
+  if (dtype == kF32) return dispatch_flat<float>(a, smem, optin, stream);
+  SHARDQ_DISPATCH_16(dtype, T, return dispatch_flat<T>(a, smem, optin, stream));
   return cudaErrorNotSupported;
 }

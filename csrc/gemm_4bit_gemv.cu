@@ -367,23 +367,20 @@ inline int pieces_for(int K) { return K % 256 == 0 && K / 256 >= kWarpsK ? 2 : 1
 
 template <typename T, int NT>
 cudaError_t launch_pieces(const GemvArgs& p, bool plain4_ok, cudaStream_t stream) {
-  static int optin[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  int dev = 0, optin = 0;
+  const cudaError_t err = smem_optin(dev, optin);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!optin[dev]) cudaDeviceGetAttribute(&optin[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const int kh = p.K / p.halves;
   const size_t smem = gemv_smem(p.M, kh, (int)sizeof(T));
-  if (smem > (size_t)optin[dev]) return cudaErrorNotSupported;
+  if (smem > (size_t)optin) return cudaErrorNotSupported;
   const bool nested = p.am.plain == nullptr, two = pieces_for(kh) == 2;
   if (nested) {
-    return two ? launch_gemv<T, kAbsNested, 2, NT>(p, dev, smem, optin[dev], stream)
-               : launch_gemv<T, kAbsNested, 1, NT>(p, dev, smem, optin[dev], stream);
+    return two ? launch_gemv<T, kAbsNested, 2, NT>(p, dev, smem, optin, stream)
+               : launch_gemv<T, kAbsNested, 1, NT>(p, dev, smem, optin, stream);
   }
-  if (two && plain4_ok) return launch_gemv<T, kAbsPlain4, 2, NT>(p, dev, smem, optin[dev], stream);
-  return two ? launch_gemv<T, kAbsPlain, 2, NT>(p, dev, smem, optin[dev], stream)
-             : launch_gemv<T, kAbsPlain, 1, NT>(p, dev, smem, optin[dev], stream);
+  if (two && plain4_ok) return launch_gemv<T, kAbsPlain4, 2, NT>(p, dev, smem, optin, stream);
+  return two ? launch_gemv<T, kAbsPlain, 2, NT>(p, dev, smem, optin, stream)
+             : launch_gemv<T, kAbsPlain, 1, NT>(p, dev, smem, optin, stream);
 }
 
 // Checks the preconditions shared by both entry points and runs the launch; halves == 2 needs ws (fp32 [M, N]).
