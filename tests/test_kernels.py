@@ -69,6 +69,41 @@ def _check_fused_refusals(loaded: ctypes.CDLL, name: str) -> None:
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{name} {change}: rc {rc}"
 
 
+class _RefusingLib:
+    """Stands in for the loaded library: records each launcher called; every one refuses except `takes`."""
+
+    def __init__(self, takes: str | None):
+        self.takes, self.calls = takes, []
+
+    def __getattr__(self, name: str):
+        def launcher(*args):
+            self.calls.append(name.removeprefix("shardq_"))
+            return 0 if name == self.takes else lib.CUDA_ERROR_NOT_SUPPORTED
+
+        return launcher
+
+
+@pytest.mark.parametrize("dtype,m,flat_on,takes,expect,done", [
+    (torch.float32, 2, True, "shardq_gemm_4bit_flat", ["gemm_4bit_f32", "gemm_4bit_flat"], True),
+    (torch.float32, 3, True, "shardq_gemm_4bit_flat", ["gemm_4bit_f32"], False),  # M > FLAT_MAX_M
+    (torch.float32, 1, False, "shardq_gemm_4bit_flat", ["gemm_4bit_f32"], False),  # switched off
+    (torch.float16, 1, True, "shardq_gemm_4bit_flat", ["gemm_4bit_gemv", "gemm_4bit_tc", "gemm_4bit_small"], False),
+])
+def test_small_m_routing_of_unaligned_rows(monkeypatch, dtype, m, flat_on, takes, expect, done):
+    """Where every small-M kernel refuses the layout (here K = 33: rows start mid-byte), fp32 x with M <= FLAT_MAX_M
+    goes to the flat-array kernel; 16-bit x never does (it measured slower than dequantize + cuBLAS), and False
+    sends the op to that path."""
+    monkeypatch.setattr(cuda_ops, "_stream", lambda t: 0)
+    monkeypatch.setattr(cuda_ops, "GEMM4_FLAT", flat_on)
+    fake = _RefusingLib(takes)
+    x = torch.zeros(m, 33, dtype=dtype)
+    out = torch.empty(m, 5, dtype=dtype)
+    packed, code = torch.zeros(83, dtype=torch.uint8), torch.zeros(16)
+    am = (packed.data_ptr(), None, None, None, 0.0)
+    assert cuda_ops._gemm_4bit_small(fake, x, packed, am, code, 64, 5, 33, None, out) is done
+    assert fake.calls == expect
+
+
 def test_wgmma_routing_and_k_split(monkeypatch):
     """Which M and shapes the op sends to csrc/gemm_4bit_wgmma.cu, and how many K runs it asks for (a pure function
     of the shape and the SM count)."""
