@@ -23,7 +23,7 @@
 // barrier waits and wgmmas (setmaxnreg moves the producer's registers to them). Scales, bias and the first
 // kStagedOut outlier columns (x's and W's) are staged in shared memory by all threads while the first k-tiles land.
 //
-// Measured (H200, bench/RESULTS.md): ~0.85 POPS at M = 4096, on par with cuBLASLt's int8 GEMM + the separate
+// Measured (H200, bench/RESULTS.md): ~0.87 POPS at M = 4096, on par with cuBLASLt's int8 GEMM + the separate
 // epilogue, so the op keeps that path by default. The tensor cores run these wgmmas at ~1.94 POPS with the operands
 // already in shared memory (bench/wgmma_probe.cu); the feed is the limit: per k-tile the TMA writes 48 KB into
 // shared memory and the two consumers' wgmmas read 80 KB from it. Two-CTA clusters sharing the W tile by TMA
