@@ -20,12 +20,21 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _cases():
     shapes = [(4097, 1000), (4097, 1003), (1000, 1003), (33, 77), (7, 5), (11011, 130), (4100, 64), (16385, 9),
-              (4096, 1000), (1, 3)]
+              (4096, 1000), (1, 3), (129, 40000)]
     combos = itertools.cycle(itertools.product([torch.float16, torch.bfloat16, torch.float32], ["nf4", "fp4"],
                                                [False, True], [64, 32, 128, 4096]))
     for i, ((k, n), m) in enumerate(itertools.product(shapes, [1, 2, 3, 5, 8])):
         dtype, qt, dq, bs = next(combos)
         yield pytest.param(k, n, m, dtype, qt, dq, bs, id=f"K{k}-N{n}-M{m}-{i}")
+
+
+def _smem_needed(m: int, k: int, dtype: torch.dtype) -> int:
+    """Shared memory the kernel stages x in: per run of 32 columns, MT (M padded to 1, 2, 4 or 8) tokens per column
+    (fp32, or 16-bit for 16-bit x from MT = 4) and a pad of min(16, MT x value size) bytes, beside 1088 bytes of
+    static arrays."""
+    mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+    size = 2 if mt >= 4 and dtype != torch.float32 else 4
+    return -(-k // 32) * (32 * mt * size + min(16, mt * size)) + 1088
 
 
 def _direct(x, packed, absmax, code, nested, bias, bs, n, k) -> tuple[int, torch.Tensor]:
@@ -41,7 +50,7 @@ def _direct(x, packed, absmax, code, nested, bias, bs, n, k) -> tuple[int, torch
 @pytest.mark.parametrize("k,n,m,dtype,qt,dq,bs", list(_cases()))
 def test_flat_against_reference(k, n, m, dtype, qt, dq, bs):
     """Direct launch within a few times the error of the same computation through torch (refused where x does not
-    fit in shared memory); where the op routes the shape here (fp32 x, K % 32 != 0, M <= FLAT_MAX_M) its output
+    fit in shared memory); where the op routes the shape here (K % 32 != 0, M <= FLAT_MAX_M) its output
     is the direct launch's bit for bit."""
     g = _gen("g4flat", k, n, m, bs, dq)
     packed, absmax, code, nested, real = _quantized_weight(n, k, qt, dq, g, bs)
@@ -49,7 +58,7 @@ def test_flat_against_reference(k, n, m, dtype, qt, dq, bs):
     x[:, ::max(1, k // 8)] *= 20.0
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if m % 2 else None
     rc, out = _direct(x, packed, absmax, code, nested, bias, bs, n, k)
-    if m * (k + k // 32 + 1) * 4 + 64 > torch.cuda.get_device_properties(0).shared_memory_per_block_optin:
+    if _smem_needed(m, k, dtype) > torch.cuda.get_device_properties(0).shared_memory_per_block_optin:
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, "accepted an x too large for shared memory"
         return
     assert rc == 0, f"flat kernel refused K={k} N={n} M={m} bs={bs}: rc {rc}"
@@ -60,14 +69,14 @@ def test_flat_against_reference(k, n, m, dtype, qt, dq, bs):
     same = F.linear(x, wdq.to(dtype), bias)
     err, tol = _rel(out, ref), 4 * _rel(same, ref) + 1e-7
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
-    if k % 32 and dtype == torch.float32 and m <= cuda_ops.FLAT_MAX_M:  # the op routes these here
+    if k % 32 and m <= cuda_ops.FLAT_MAX_M:  # the op routes these here
         op = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)
         assert torch.equal(op, out), "the op did not use the flat kernel"
 
 
 def test_flat_refusals_and_graph():
     """Refused before launch: M > 8, weights not 16-byte aligned, x too large for shared memory;
-    captured in a CUDA graph through the op (fp32 x) it replays like eager."""
+    captured in a CUDA graph through the op it replays like eager."""
     g = _gen("g4flat-ref")
     n, k = 1000, 4097
     packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", False, g)
@@ -80,6 +89,6 @@ def test_flat_refusals_and_graph():
     xbig = torch.randn(8, big_k, device=DEV, dtype=torch.float16, generator=g)
     assert _direct(xbig, wbig, abig, cbig, nbig, None, 64, 8, big_k)[0] == lib.CUDA_ERROR_NOT_SUPPORTED
     fn = lambda xx: torch.ops.shardq.gemm_4bit(xx, packed, absmax, code, 64, n, k, *nested, None)  # noqa: E731
-    for m in (1, 2):
-        replayed, fresh = graph_replay(fn, torch.randn(m, k, device=DEV, dtype=torch.float32, generator=g), g)
+    for m, dtype in ((1, torch.float32), (2, torch.float16), (5, torch.bfloat16), (8, torch.float32)):
+        replayed, fresh = graph_replay(fn, torch.randn(m, k, device=DEV, dtype=dtype, generator=g), g)
         assert torch.equal(replayed, fn(fresh)), f"M={m}: graph replay differs from eager"

@@ -83,16 +83,21 @@ class _RefusingLib:
         return launcher
 
 
+_SMALL16 = ["gemm_4bit_gemv", "gemm_4bit_tc", "gemm_4bit_small"]
+
+
 @pytest.mark.parametrize("dtype,m,flat_on,takes,expect,done", [
     (torch.float32, 2, True, "shardq_gemm_4bit_flat", ["gemm_4bit_f32", "gemm_4bit_flat"], True),
-    (torch.float32, 3, True, "shardq_gemm_4bit_flat", ["gemm_4bit_f32"], False),  # M > FLAT_MAX_M
+    (torch.float32, 8, True, "shardq_gemm_4bit_flat", ["gemm_4bit_f32", "gemm_4bit_flat"], True),
     (torch.float32, 1, False, "shardq_gemm_4bit_flat", ["gemm_4bit_f32"], False),  # switched off
-    (torch.float16, 1, True, "shardq_gemm_4bit_flat", ["gemm_4bit_gemv", "gemm_4bit_tc", "gemm_4bit_small"], False),
+    (torch.float16, 1, True, "shardq_gemm_4bit_flat", _SMALL16 + ["gemm_4bit_flat"], True),
+    (torch.bfloat16, 8, True, "shardq_gemm_4bit_flat", _SMALL16 + ["gemm_4bit_flat"], True),
+    (torch.float16, 9, True, "shardq_gemm_4bit_flat", _SMALL16, False),  # M > FLAT_MAX_M
+    (torch.float16, 1, False, "shardq_gemm_4bit_flat", _SMALL16, False),
 ])
 def test_small_m_routing_of_unaligned_rows(monkeypatch, dtype, m, flat_on, takes, expect, done):
-    """Where every small-M kernel refuses the layout (here K = 33: rows start mid-byte), fp32 x with M <= FLAT_MAX_M
-    goes to the flat-array kernel; 16-bit x never does (it measured slower than dequantize + cuBLAS), and False
-    sends the op to that path."""
+    """Where every other small-M kernel refuses the layout (here K = 33: rows start mid-byte), M <= FLAT_MAX_M goes
+    to the flat-array kernel, and False sends the op to dequantize + cuBLAS."""
     monkeypatch.setattr(cuda_ops, "_stream", lambda t: 0)
     monkeypatch.setattr(cuda_ops, "GEMM4_FLAT", flat_on)
     fake = _RefusingLib(takes)

@@ -372,7 +372,8 @@ def test_int8_linear_many_outliers(k, n, m, every, dtype):
 
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 2), (11008, 4096, 3), (8192, 28672, 4),
                                    (1024, 1000, 1), (4112, 1003, 4), (4097, 1000, 1), (1000, 1003, 1), (4104, 96, 1),
-                                   (16383, 130, 1), (33, 77, 1), (7, 5, 1), (4097, 1000, 2)])
+                                   (16383, 130, 1), (33, 77, 1), (7, 5, 1), (4097, 1000, 2),
+                                   (2049, 5000, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_fused_small_m(k, n, m, dtype, threshold):

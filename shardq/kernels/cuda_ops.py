@@ -37,12 +37,11 @@ GEMV_MAX_M = 16
 # latter (for comparisons).
 GEMM4_F32 = os.environ.get("SHARDQ_GEMM4_F32", "1") == "1"
 F32_MAX_M = 8
-# fp32 x, M <= FLAT_MAX_M, where the fp32 kernel refuses the layout (K % 32 != 0: rows starting mid-byte):
-# csrc/gemm_4bit_flat.cu, reading the flat packed array, instead of dequantize-to-fp32 + cuBLAS (H200, 4097x1000:
-# 1.12-1.33x faster at M = 1, 2; 0.95-1.07x at M = 5, 8; with 16-bit x it was slower than dequantize + cuBLAS,
-# 13.4 vs 9.1 us at M = 1, so 16-bit x does not take it; bench/RESULTS.md). SHARDQ_GEMM4_FLAT=0 switches it off.
+# M <= FLAT_MAX_M where every other small-M kernel refuses the layout (K % 32 != 0: rows starting mid-byte):
+# csrc/gemm_4bit_flat.cu, reading the flat packed array, instead of dequantize + cuBLAS (H200, 4097x1000: 1.04-1.9x
+# faster at every M <= 8 with 16-bit x, 1.8-3.1x with fp32 x; bench/RESULTS.md). SHARDQ_GEMM4_FLAT=0 switches it off.
 GEMM4_FLAT = os.environ.get("SHARDQ_GEMM4_FLAT", "1") == "1"
-FLAT_MAX_M = 2
+FLAT_MAX_M = 8
 # The kernel stages one token's x (K fp32 values) in shared memory at least; the planner counts on that only below
 # the smallest per-block opt-in of the GPUs the library is built for (99 KB on sm_86 / sm_89).
 F32_MIN_SMEM = 99 * 1024
@@ -243,17 +242,17 @@ def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blo
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> bool:
     """M <= SMALL_M: fp32 x through the fp32 kernel (M <= F32_MAX_M); for variant 4 the register-streaming GEMV
-    (M <= GEMV_MAX_M), then the tensor-core ring kernel, where they take the shape, else the K-split kernel; fp32
-    layouts the fp32 kernel refuses through the flat-array kernel (M <= FLAT_MAX_M); False if all refuse it."""
+    (M <= GEMV_MAX_M), then the tensor-core ring kernel, where they take the shape, else the K-split kernel; layouts
+    all of those refuse through the flat-array kernel (M <= FLAT_MAX_M); False if every kernel refuses it."""
     m = x2.shape[0]
     pre = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr())
     post = (m, n, k, blocksize, DTYPE_CODES[x2.dtype])
     args = pre + post
     stream = _stream(x2)
+    flat = GEMM4_FLAT and m <= FLAT_MAX_M
     if x2.dtype == torch.float32:  # only the CUDA-core kernels keep fp32 products
         return (GEMM4_F32 and m <= F32_MAX_M and _launch(lib.shardq_gemm_4bit_f32, args, stream, "gemm_4bit_f32")
-                or GEMM4_FLAT and m <= FLAT_MAX_M
-                and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
+                or flat and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
     if GEMM4_VARIANT == 4 and GEMM4_GEMV and m <= GEMV_MAX_M:
         rc = lib.shardq_gemm_4bit_gemv(*args, stream)
         if rc == _lib.CUDA_ERROR_NOT_SUPPORTED and k % 256 == 0 and k >= 2048:  # x too large to stage: halve K
@@ -264,7 +263,8 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
             return True
     if GEMM4_VARIANT == 4 and _launch(lib.shardq_gemm_4bit_tc, args, stream, "gemm_4bit_tc"):
         return True
-    return _launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
+    return (_launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
+            or flat and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
 
 
 def _launch(fn, args: tuple, stream, name: str) -> bool:
