@@ -1,8 +1,8 @@
 // 4-bit (nf4/fp4, optional double quant) matmul for M <= 8 on any K: out = x @ W.T + bias. It reads W as the flat
 // packed array it is stored as, so rows may start mid-byte (K odd) and quantization blocks may straddle rows, the
 // layouts the other small-M kernels refuse (they need K % 32 == 0), which otherwise take dequantize + cuBLAS.
-// H200, 4097x1000, graph us (bench/RESULTS.md): 16-bit x 7.3 / 7.9 / 10.0 / 13.8 / 14.3 at M = 1 / 2 / 3 / 5 / 8,
-// against 9.0-14.9 for dequantize + cuBLAS and 6.1-12.2 for fp16 cuBLAS; fp32 x 11.2-18.7 against 19.7-41.8.
+// H200, 4097x1000, graph us (bench/RESULTS.md): 16-bit x 5.8 / 6.4 / 9.5 / 12.2 / 12.5 at M = 1 / 2 / 3 / 5 / 8,
+// against 9.0-14.9 for dequantize + cuBLAS and 6.0-12.2 for fp16 cuBLAS; fp32 x 9.5-16.8 against 19.7-41.8.
 //
 // A row n is the elements n K .. n K + K - 1 of the flat array; they lie in the 32-element units (16 aligned bytes,
 // inside one quantization block since the blocksize is a power of two >= 32) n K / 32 .. (n K + K - 1) / 32. S warps
@@ -13,13 +13,11 @@
 // row's lanes meet by warp shuffles, then in shared memory.
 //
 // x is staged once per CTA, the MT (M padded to 1, 2, 4 or 8) tokens of a column side by side, so one 16- to 128-bit
-// load brings a column for every token. The lanes of a warp read columns 32 apart, so each run of 32 columns is
+// load brings a column for every token, with 32 zero columns on each side, so that the units crossing a row's ends
+// need no masking (with a masked path for them, warps holding one ran both paths: a quarter of all instructions). The lanes of a warp read columns 32 apart, so each run of 32 columns is
 // followed by a pad that puts those reads in distinct banks (without it a first version took 21 us at 4097x1000,
 // M = 1). Products and sums are fp32 for every activation dtype (the reference rounds W to it first: within the
-// tests' tolerance). What bounds it (ncu, M = 1: 0.5 instructions issued per scheduler and cycle, half the cycles
-// with no warp eligible; M = 8: 0.39 at 4 warps per scheduler): the latency of the few dependent steps per CTA
-// (weights and x arriving, staging, two barriers) at M = 1, and ~20 instructions per element and lane at M = 8
-// (8 FFMAs, conversions, lookups); staging x in 128-bit pieces instead of elements measured no faster.
+// tests' tolerance). Staging x in 128-bit pieces instead of elements measured no faster.
 #include "common.cuh"
 #include <type_traits>
 
@@ -44,9 +42,14 @@ template <int MT, int kSize> __host__ __device__ constexpr int x_chunk_bytes() {
 }
 __host__ __device__ constexpr int tokens_padded(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
 
+// Columns -32 .. K + 31 are staged (zeros outside 0 .. K - 1), so a unit crossing the row's ends needs no masking.
+constexpr int kZeroCols = 32;
+__host__ __device__ constexpr int staged_chunks(int K) { return (K + 2 * kZeroCols + 31) / 32; }
+
 template <typename S, int MT>
 __device__ __forceinline__ int x_offset(int k) {
-  return k * MT * (int)sizeof(S) + (k >> 5) * x_pad<MT, sizeof(S)>();
+  const int c = k + kZeroCols;
+  return c * MT * (int)sizeof(S) + (c >> 5) * x_pad<MT, sizeof(S)>();
 }
 
 // Column k of every token, from the staged x, as fp32.
@@ -73,16 +76,17 @@ __device__ __forceinline__ void load_col(const uint8_t* xs, int k, float (&v)[MT
   }
 }
 
-// x [M, K] into the staged layout, tokens M .. MT - 1 zero.
+// x [M, K] into the staged layout, tokens M .. MT - 1 and the columns around 0 .. K - 1 zero.
 template <typename T, int MT>
 __device__ __forceinline__ void stage_x(const Gemm4Args& p, uint8_t* xs) {
   using S = Staged<T, MT>;
 #pragma unroll 4
-  for (int k = threadIdx.x; k < p.K; k += kThreads) {
+  for (int k = (int)threadIdx.x - kZeroCols; k < p.K + kZeroCols; k += kThreads) {
     S v[MT];
+    const bool in = k >= 0 && k < p.K;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      const T e = m < p.M ? static_cast<const T*>(p.x)[(int64_t)m * p.K + k] : T(0.f);
+      const T e = in && m < p.M ? static_cast<const T*>(p.x)[(int64_t)m * p.K + k] : T(0.f);
       if constexpr (sizeof(S) == sizeof(T)) {
         v[m] = e;
       } else {
@@ -95,21 +99,19 @@ __device__ __forceinline__ void stage_x(const Gemm4Args& p, uint8_t* xs) {
   }
 }
 
-// Sum over the unit's elements of code[nibble] * x[column] per token; columns k0 .. k0 + 31, those outside [0, K)
-// left out where the unit crosses the row's ends (element 2 b is the high nibble of byte b).
-template <typename S, int MT, bool kMasked>
-__device__ __forceinline__ void unit_dot(const uint4& v, int k0, int K, const float* code, const uint8_t* xs,
+// Sum over the unit's elements of code[nibble] * x[column] per token, columns k0 .. k0 + 31 (those outside the
+// row meet staged zeros; element 2 b is the high nibble of byte b).
+template <typename S, int MT>
+__device__ __forceinline__ void unit_dot(const uint4& v, int k0, const float* code, const uint8_t* xs,
                                          float (&part)[MT]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int k = k0 + 8 * i + j;
-      const bool in = !kMasked || (k >= 0 && k < K);  // outside: column 0 times a zero code (no branch)
-      const float cw = code[(w >> (8 * (j >> 1) + 4 * (1 - (j & 1)))) & 15], c = in ? cw : 0.f;
+      const float c = code[(w >> (8 * (j >> 1) + 4 * (1 - (j & 1)))) & 15];
       float xv[MT];
-      load_col<S, MT>(xs, in ? k : 0, xv);
+      load_col<S, MT>(xs, k0 + 8 * i + j, xv);
 #pragma unroll
       for (int m = 0; m < MT; ++m) part[m] = fmaf(c, xv[m], part[m]);
     }
@@ -126,7 +128,7 @@ __device__ __forceinline__ uint4 load_unit(const uint8_t* w, int64_t u, int64_t 
   return make_uint4(word[0], word[1], word[2], word[3]);
 }
 
-// One round of a lane's units: units ub + 32 j (j < U) up to u1, loaded with their block scales.
+// One round of a lane's units: units ub + stride j (j < U) up to u1, loaded with their block scales.
 template <int U>
 struct Round {
   uint4 v[U];
@@ -182,13 +184,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm4_flat(Gemm4Args p, int S) {
         for (int r = 0; r < U; ++r) {
           const int64_t u = ub + stride * r;
           if (u > u1) break;
-          const int k0 = (int)((u << 5) - e0);
           float part[MT] = {};
-          if (k0 >= 0 && k0 + 32 <= p.K) {
-            unit_dot<Staged<T, MT>, MT, false>(rd.v[r], k0, p.K, code, xs, part);
-          } else {
-            unit_dot<Staged<T, MT>, MT, true>(rd.v[r], k0, p.K, code, xs, part);
-          }
+          unit_dot<Staged<T, MT>, MT>(rd.v[r], (int)((u << 5) - e0), code, xs, part);
 #pragma unroll
           for (int m = 0; m < MT; ++m) acc[m] = fmaf(part[m], rd.s[r], acc[m]);
         }
@@ -217,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm4_flat(Gemm4Args p, int S) {
 constexpr int kStaticSmem = 16 * 4 + 2 * kWarps * kMaxTokens * 4;
 
 inline size_t flat_smem(int M, int K, bool x16) {
-  const int mt = tokens_padded(M), chunks = (K + 31) / 32;
+  const int mt = tokens_padded(M), chunks = staged_chunks(K);
   const int chunk = mt == 1   ? x_chunk_bytes<1, 4>()
                     : mt == 2 ? x_chunk_bytes<2, 4>()
                     : mt == 4 ? (x16 ? x_chunk_bytes<4, 2>() : x_chunk_bytes<4, 4>())
@@ -266,7 +263,8 @@ using namespace shardq;
 
 // Same arguments as shardq_gemm_4bit_gemv. Returns cudaErrorNotSupported, launching nothing, unless: dtype fp16, bf16
 // or fp32, 1 <= M <= 8, K >= 1, blocksize a power of two >= 32, w 16-byte aligned, an absmax given, and the staged x
-// (ceil(K / 32) runs of 32 columns x MT tokens, fp32 or 16-bit from 4 tokens, + pad) fitting in shared memory.
+// (ceil((K + 64) / 32) runs of 32 columns x MT tokens, fp32 or 16-bit from 4 tokens, + pad) fitting in shared
+// memory.
 SHARDQ_API int shardq_gemm_4bit_flat(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                      const float* nested_absmax, const float* nested_code, float offset,
                                      const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,

@@ -29,12 +29,12 @@ def _cases():
 
 
 def _smem_needed(m: int, k: int, dtype: torch.dtype) -> int:
-    """Shared memory the kernel stages x in: per run of 32 columns, MT (M padded to 1, 2, 4 or 8) tokens per column
-    (fp32, or 16-bit for 16-bit x from MT = 4) and a pad of min(16, MT x value size) bytes, beside 1088 bytes of
-    static arrays."""
+    """Shared memory the kernel stages x in: K + 64 columns (32 zero columns on each side) in runs of 32, MT (M padded
+    to 1, 2, 4 or 8) tokens per column (fp32, or 16-bit for 16-bit x from MT = 4) and a pad of min(16, MT x value
+    size) bytes per run, beside 1088 bytes of static arrays."""
     mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
     size = 2 if mt >= 4 and dtype != torch.float32 else 4
-    return -(-k // 32) * (32 * mt * size + min(16, mt * size)) + 1088
+    return -(-(k + 64) // 32) * (32 * mt * size + min(16, mt * size)) + 1088
 
 
 def _direct(x, packed, absmax, code, nested, bias, bs, n, k) -> tuple[int, torch.Tensor]:

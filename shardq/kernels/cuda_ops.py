@@ -38,8 +38,8 @@ GEMV_MAX_M = 16
 GEMM4_F32 = os.environ.get("SHARDQ_GEMM4_F32", "1") == "1"
 F32_MAX_M = 8
 # M <= FLAT_MAX_M where every other small-M kernel refuses the layout (K % 32 != 0: rows starting mid-byte):
-# csrc/gemm_4bit_flat.cu, reading the flat packed array, instead of dequantize + cuBLAS (H200, 4097x1000: 1.04-1.9x
-# faster at every M <= 8 with 16-bit x, 1.8-3.1x with fp32 x; bench/RESULTS.md). SHARDQ_GEMM4_FLAT=0 switches it off.
+# csrc/gemm_4bit_flat.cu, reading the flat packed array, instead of dequantize + cuBLAS (H200, 4097x1000: 1.2-2.3x
+# faster at every M <= 8 with 16-bit x, 2.0-3.4x with fp32 x; bench/RESULTS.md). SHARDQ_GEMM4_FLAT=0 switches it off.
 GEMM4_FLAT = os.environ.get("SHARDQ_GEMM4_FLAT", "1") == "1"
 FLAT_MAX_M = 8
 # The kernel stages one token's x (K fp32 values) in shared memory at least; the planner counts on that only below
