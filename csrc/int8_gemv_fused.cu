@@ -242,6 +242,7 @@ __device__ __forceinline__ float scan_row(const FusedArgs& p, const uint4 (&xu)[
 #pragma unroll
   for (int u = 0; u < kAnyUnits; ++u) {
     const int e0 = 8 * (threadIdx.x + u * kThreads);
+    if (e0 >= p.K) break;  // units past K: none of them counts (a row of 4097 fills 2 of the 8)
     uint32_t bits = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -270,6 +271,7 @@ __device__ __forceinline__ void quantize_row(const FusedArgs& p, const uint4 (&x
 #pragma unroll
   for (int u = 0; u < kAnyUnits; ++u) {
     const int e0 = 8 * (threadIdx.x + u * kThreads);
+    if (e0 >= p.K) break;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int k = e0 + j;
@@ -322,7 +324,8 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_any(FusedArgs p) {
   load_chunks(p, first, chunks, 0, wv);  // in flight while x is scanned
   uint4 xu[kAnyUnits];
 #pragma unroll
-  for (int u = 0; u < kAnyUnits; ++u) xu[u] = load_x_unit<T>(p, threadIdx.x + u * kThreads);
+  for (int u = 0; u < kAnyUnits; ++u)
+    xu[u] = 8 * (threadIdx.x + u * kThreads) < p.K ? load_x_unit<T>(p, threadIdx.x + u * kThreads) : uint4{};
   for (int i = threadIdx.x; i < (p.K + 31) / 32; i += kThreads) mask[i] = 0u;
   __syncthreads();
   const float a = scan_row<T>(p, xu, mask);
