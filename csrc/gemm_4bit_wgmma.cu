@@ -222,48 +222,38 @@ struct WgWarp {
     wg_commit();
   }
 
-  // acc[mt][4j + c] is (feature row(mt, c >> 1), token 8j + 2t + (c & 1)); bias added in fp32, one rounding. With
-  // splits, the partial sums go to ws[z] as they are.
-  __device__ __forceinline__ void store(const WgArgs& p, int m0, int n0) const {
-    if (p.splits > 1) {
-      store_partial(p, m0, n0);
-      return;
-    }
-    T* out = static_cast<T*>(p.out);
-    const T* bias = static_cast<const T*>(p.bias);
+  // acc[mt][4j + c] is (feature row(mt, c >> 1), token 8j + 2t + (c & 1)): f(m, n, value + add(n)) for each in
+  // range, add(n) read once per feature.
+  template <typename A, typename F>
+  __device__ __forceinline__ void each_out(const WgArgs& p, int m0, int n0, A&& add, F&& f) const {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = n0 + row(mt, h);
         if (n >= p.N) continue;
-        const float b = bias ? to_f32(bias[n]) : 0.f;
+        const float b = add(n);
 #pragma unroll
         for (int j = 0; j < BT / 8; ++j)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int m = m0 + 8 * j + 2 * t + c;
-            if (m < p.M) out[(int64_t)m * p.N + n] = from_f32<T>(acc[mt][4 * j + 2 * h + c] + b);
+            if (m < p.M) f(m, n, acc[mt][4 * j + 2 * h + c] + b);
           }
       }
   }
 
-  __device__ __forceinline__ void store_partial(const WgArgs& p, int m0, int n0) const {
-    float* ws = p.ws + (int64_t)blockIdx.y * p.M * p.N;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + row(mt, h);
-        if (n >= p.N) continue;
-#pragma unroll
-        for (int j = 0; j < BT / 8; ++j)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int m = m0 + 8 * j + 2 * t + c;
-            if (m < p.M) ws[(int64_t)m * p.N + n] = acc[mt][4 * j + 2 * h + c];
-          }
-      }
+  // Bias added in fp32, one rounding. With splits, the partial sums go to ws[z] as they are.
+  __device__ __forceinline__ void store(const WgArgs& p, int m0, int n0) const {
+    if (p.splits > 1) {
+      float* ws = p.ws + (int64_t)blockIdx.y * p.M * p.N;
+      each_out(p, m0, n0, [](int) { return 0.f; }, [&](int m, int n, float v) { ws[(int64_t)m * p.N + n] = v; });
+      return;
+    }
+    T* out = static_cast<T*>(p.out);
+    const T* bias = static_cast<const T*>(p.bias);
+    each_out(p, m0, n0, [&](int n) { return bias ? to_f32(bias[n]) : 0.f; },
+             [&](int m, int n, float v) { out[(int64_t)m * p.N + n] = from_f32<T>(v); });
   }
 };
 
