@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from shardq.quant import blockwise
-from test_kernels_gpu import DEV, SEED, _gen, _poison, _quantized_weight, _rel, graph_replay
+from test_kernels_gpu import DEV, SEED, _gen, _poison, _quantized_weight, graph_replay
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -67,7 +68,7 @@ def test_flat_against_reference(k, n, m, dtype, qt, dq, bs):
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
     same = F.linear(x, wdq.to(dtype), bias)
-    err, tol = _rel(out, ref), 4 * _rel(same, ref) + 1e-7
+    err, tol = rel_err(out, ref), 4 * rel_err(same, ref) + 1e-7
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     if k % 32 and m <= cuda_ops.FLAT_MAX_M:  # the op routes these here
         op = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from shardq.quant import blockwise
-from test_kernels_gpu import SEED, _gen, _poison, _quantized_weight, _rel, graph_replay
+from test_kernels_gpu import SEED, _gen, _poison, _quantized_weight, graph_replay
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -45,7 +46,7 @@ def _inputs(k: int, n: int, m: int, dtype: torch.dtype, qt: str, dq: bool, bs: i
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if with_bias else None
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
-    tol = 4 * _rel(F.linear(x, wdq.to(dtype), bias), ref) + 1e-5
+    tol = 4 * rel_err(F.linear(x, wdq.to(dtype), bias), ref) + 1e-5
     return (x, packed, absmax, code, nested, bias), ref, tol
 
 
@@ -98,7 +99,7 @@ def test_gemm4_mid(monkeypatch, k, n, m, dtype, qt, dq, bs, bias):
     rc, direct = _direct(args, k, n, m, bs)
     assert rc == 0, f"gemm_4bit_mid refused K={k} N={n} M={m} bs={bs} (rc {rc})"
     assert torch.isfinite(direct).all(), "output not fully written"
-    err = _rel(direct, ref)
+    err = rel_err(direct, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     monkeypatch.setattr(cuda_ops, "GEMM4_MID", True)
     monkeypatch.setattr(cuda_ops, "GEMM4_MID_MIN_M", 1)
@@ -115,7 +116,7 @@ def test_gemm4_mid_blocksizes(bs, dq):
     args, ref, tol = _inputs(k, n, m, torch.bfloat16 if dq else torch.float16, "nf4", dq, bs, True, "midbs")
     rc, out = _direct(args, k, n, m, bs)
     assert rc == 0 and torch.isfinite(out).all()
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err <= tol, f"seed {SEED}: bs {bs}: rel err {err:.3e} > {tol:.3e}"
 
 
@@ -131,7 +132,7 @@ def test_gemm4_mid_refuses(monkeypatch, k, bs, shift, what):
     assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"
     monkeypatch.setattr(cuda_ops, "GEMM4_MID", True)
     fallback = _op((x, packed, *args[2:]), k, n, bs)
-    err = _rel(fallback, ref)
+    err = rel_err(fallback, ref)
     assert torch.isfinite(fallback).all() and err <= tol, f"{what}: fallback rel err {err:.3e} > {tol:.3e}"
 
 
@@ -143,7 +144,7 @@ def test_gemm4_mid_fp32_input_falls_back(monkeypatch):
     x = torch.randn(m, k, device=DEV, generator=g)
     out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None)
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, 64, [n, k], torch.float64)
-    assert out.dtype == torch.float32 and _rel(out, x.double() @ wdq.T) < 1e-5
+    assert out.dtype == torch.float32 and rel_err(out, x.double() @ wdq.T) < 1e-5
 
 
 @pytest.mark.parametrize("m", [33, 256])

@@ -20,7 +20,8 @@ import torch
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from test_gemm4_mid_gpu import _inputs, _misaligned, _op
-from test_kernels_gpu import SEED, _gen, _rel, graph_replay
+from test_kernels_gpu import SEED, _gen, graph_replay
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -75,7 +76,7 @@ def test_gemm4_wgmma(k, n, m, dtype, qt, dq, bs, bias):
     rc, direct = _direct(args, k, n, m, bs)
     assert rc == 0, f"gemm_4bit_wgmma refused K={k} N={n} M={m} bs={bs} (rc {rc})"
     assert torch.isfinite(direct).all(), "output not fully written"
-    err = _rel(direct, ref)
+    err = rel_err(direct, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     if cuda_ops.wgmma_splits(m, n, k, args[0].device):
         out = _op(args, k, n, bs)
@@ -91,7 +92,7 @@ def test_gemm4_wgmma_blocksizes(bs, dq):
     args, ref, tol = _inputs(k, n, m, torch.bfloat16 if dq else torch.float16, "nf4", dq, bs, True, "wgbs")
     rc, out = _direct(args, k, n, m, bs)
     assert rc == 0 and torch.isfinite(out).all()
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err <= tol, f"seed {SEED}: bs {bs}: rel err {err:.3e} > {tol:.3e}"
 
 
@@ -106,7 +107,7 @@ def test_gemm4_wgmma_refuses(k, bs, shift, what):
     assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{what}: rc {rc}"
     assert torch.isnan(out).all(), f"{what}: the refused call wrote to the output"
     fallback = _op((x, packed, *args[2:]), k, n, bs)
-    err = _rel(fallback, ref)
+    err = rel_err(fallback, ref)
     assert torch.isfinite(fallback).all() and err <= tol, f"{what}: fallback rel err {err:.3e} > {tol:.3e}"
 
 
@@ -125,7 +126,7 @@ def test_gemm4_wgmma_k_split(k, n, m, splits):
     args, ref, tol = _inputs(k, n, m, dtype, "nf4" if splits < 5 else "fp4", splits > 2, 64, splits != 3, "wgsplit")
     rc, out = _direct(args, k, n, m, 64, splits=splits)
     assert rc == 0 and torch.isfinite(out).all(), f"rc {rc}"
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err <= tol, f"seed {SEED}: splits {splits}: rel err {err:.3e} > {tol:.3e}"
     assert torch.equal(out, _direct(args, k, n, m, 64, splits=splits)[1])
 
@@ -141,7 +142,7 @@ def test_gemm4_wgmma_off_uses_dequantize(monkeypatch):
     off = _op(args, k, n, 64)
     rc, direct = _direct(args, k, n, m, 64, splits=1)
     assert rc == 0 and torch.equal(on, direct) and not torch.equal(off, direct)
-    assert _rel(off, ref) <= tol and _rel(on, ref) <= tol
+    assert rel_err(off, ref) <= tol and rel_err(on, ref) <= tol
 
 
 @pytest.mark.parametrize("m", [33, 256])

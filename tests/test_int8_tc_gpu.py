@@ -19,7 +19,8 @@ import torch
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from shardq.quant import int8
-from test_kernels_gpu import SEED, _gen, _rel, graph_replay
+from test_kernels_gpu import SEED, _gen, graph_replay
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -81,7 +82,7 @@ def _launch(fn: str, x: torch.Tensor, w8: torch.Tensor, scb: torch.Tensor, bias:
 def _check_reference(out, x, w8, scb, bias, threshold):
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
     eps = torch.finfo(x.dtype).eps
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference (eps {eps:.1e})"
 
 

@@ -14,7 +14,8 @@ import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_kernels_gpu import DEV, SEED, _gen, _poison, _rel, graph_replay
+from test_kernels_gpu import DEV, SEED, _gen, _poison, graph_replay
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -65,7 +66,7 @@ def test_no_outliers_bit_equal_to_unfused(monkeypatch, calls, k, n, m, dtype):
     fused = _run(monkeypatch, True, x, w8, scb, b, 0.0)
     assert calls == [0], f"fused kernel not taken: {calls}"
     unfused = _run(monkeypatch, False, x, w8, scb, b, 0.0)
-    assert torch.equal(fused, unfused), f"seed {SEED}: rel diff {_rel(fused, unfused):.3e}"
+    assert torch.equal(fused, unfused), f"seed {SEED}: rel diff {rel_err(fused, unfused):.3e}"
 
 
 @pytest.mark.parametrize("k,n,m,every", [(1024, 1000, 64, 128), (4096, 4104, 300, 512), (2048, 1032, 33, 100),
@@ -79,8 +80,8 @@ def test_outliers_against_reference(monkeypatch, calls, k, n, m, every, dtype):
     unfused = _run(monkeypatch, False, x, w8, scb, b, 6.0)
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
     eps = torch.finfo(dtype).eps
-    assert _rel(fused, ref) <= 2 * eps, f"seed {SEED}: rel err {_rel(fused, ref):.3e} vs reference"
-    assert _rel(fused, unfused) <= eps, f"seed {SEED}: rel diff {_rel(fused, unfused):.3e} vs unfused"
+    assert rel_err(fused, ref) <= 2 * eps, f"seed {SEED}: rel err {rel_err(fused, ref):.3e} vs reference"
+    assert rel_err(fused, unfused) <= eps, f"seed {SEED}: rel diff {rel_err(fused, unfused):.3e} vs unfused"
 
 
 @pytest.mark.parametrize("k,n,m,dtype", [(4097, 1000, 64, torch.float16), (1088, 1000, 64, torch.float16),
@@ -91,7 +92,7 @@ def test_refused_shapes_take_the_unfused_path(monkeypatch, calls, k, n, m, dtype
     out = _run(monkeypatch, True, x, w8, scb, b, 6.0)
     assert calls == [lib.CUDA_ERROR_NOT_SUPPORTED]
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
-    assert _rel(out, ref) <= 2 * max(torch.finfo(dtype).eps, 1e-6)
+    assert rel_err(out, ref) <= 2 * max(torch.finfo(dtype).eps, 1e-6)
 
 
 def test_graph_capture(monkeypatch, calls):

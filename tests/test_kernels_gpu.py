@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from shardq.quant import blockwise, codebooks
+from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,9 +32,6 @@ DEV = "cuda"
 def _gen(*key) -> torch.Generator:
     return torch.Generator(device=DEV).manual_seed((SEED + hash(key)) % 2**31)
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _poison(nbytes: int) -> None:
@@ -79,8 +77,8 @@ def _check_gemm_4bit(k, n, m, dtype, qt, dq, key, bs=64):
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
     same = F.linear(x, wdq.to(dtype), bias)
-    tol = 4 * _rel(same, ref) + 1e-5
-    err = _rel(out, ref)
+    tol = 4 * rel_err(same, ref) + 1e-5
+    err = rel_err(out, ref)
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     return (x, packed, absmax, code, nested, bias), out
 
@@ -195,7 +193,7 @@ def test_gemm_4bit_gemv_split(monkeypatch, k, n, m, dtype, qt, dq):
     assert rc == 0, f"split refused K={k} N={n} M={m} (rc {rc})"
     assert torch.isfinite(direct).all()
     if _accepts("gemv", k, n, m, 64):
-        assert _rel(direct, out) <= 2 * torch.finfo(dtype).eps
+        assert rel_err(direct, out) <= 2 * torch.finfo(dtype).eps
     else:
         assert torch.equal(direct, out), "the op did not use the split GEMV"
         g = _gen("g4split-graph", k, n, m)
@@ -249,7 +247,7 @@ def test_gemm_4bit_any_layout(k, n, m, dtype, bs, dq, shifted):
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
     same = F.linear(x, wdq.to(dtype), bias)
-    err, tol = _rel(out, ref), 4 * _rel(same, ref) + 1e-5
+    err, tol = rel_err(out, ref), 4 * rel_err(same, ref) + 1e-5
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
 
 
@@ -288,7 +286,7 @@ def test_gemm_4bit_f32(k, n, m, qt, dq, bs):
     assert out.dtype == torch.float32 and torch.isfinite(out).all(), "output not fully written"
     wdq = blockwise.dequantize_4bit_ref(packed, real, code, bs, [n, k], torch.float32)
     ref = x.double() @ wdq.double().T + (0 if bias is None else bias.double())
-    err, tol = _rel(out, ref), 4 * _rel(F.linear(x, wdq, bias), ref) + 1e-7
+    err, tol = rel_err(out, ref), 4 * rel_err(F.linear(x, wdq, bias), ref) + 1e-7
     assert err <= tol, f"seed {SEED}: rel err {err:.3e} > {tol:.3e}"
     am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
     _poison(m * n * 4)
@@ -342,7 +340,7 @@ def test_int8_linear(k, n, m, dtype, threshold):
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold)
     exact = ref.float()  # the reference in fp32 before its final rounding to x.dtype would differ by ~eps
     eps = torch.finfo(dtype).eps
-    err = _rel(out, exact)
+    err = rel_err(out, exact)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference (eps {eps:.1e})"
     return (x, w8, scb, bias), out
 
@@ -366,7 +364,7 @@ def test_int8_linear_many_outliers(k, n, m, every, dtype):
     assert torch.isfinite(out).all(), "output not fully written"
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, 6.0).float()
     eps = max(torch.finfo(dtype).eps, 1e-6)
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference ({-(-k // every)} outlier columns)"
 
 
@@ -392,7 +390,7 @@ def test_int8_fused_small_m(k, n, m, dtype, threshold):
         return
     assert rc == 0
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
-    err = _rel(direct, ref)
+    err = rel_err(direct, ref)
     assert err <= 2 * torch.finfo(dtype).eps, f"seed {SEED}: fused kernel rel err {err:.3e}"
     if m <= cuda_ops.INT8_FUSED_MAX_M:
         assert torch.equal(direct, out), "the op did not use the fused kernel"
@@ -513,7 +511,7 @@ def test_non_contiguous_inputs():
         xm = x if m == 5 else torch.randn(k, m, device=DEV, dtype=torch.float16, generator=g).t()
         out = torch.ops.shardq.gemm_4bit(xm, packed, strided_absmax, code, 64, n, k, None, None, 0.0, None)
         ref = cuda_ops.reference("gemm_4bit")(xm.contiguous(), packed, absmax, code, 64, n, k, None, None, 0.0, None)
-        assert torch.isfinite(out).all() and _rel(out, ref) < 5e-3
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 5e-3
 
 
 def test_bad_input_is_rejected_before_launch():

@@ -8,6 +8,7 @@ import torch
 import shardq.kernels
 import shardq.ops
 from shardq.quant import blockwise, codebooks, int8
+from _f_numerics import rel_err
 
 OPS = {
     "quantize_4bit": "shardq::quantize_4bit(Tensor A, Tensor code, int blocksize) -> (Tensor packed, Tensor absmax)",
@@ -21,9 +22,6 @@ OPS = {
                    "float threshold) -> Tensor",
 }
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -55,8 +53,8 @@ def test_gemm_4bit_matches_dequantized_reference(qt, dtype, shape, bs):
     wdq = blockwise.dequantize_4bit_ref(packed, absmax, code, bs, shape, torch.float64)
     ref = x.double() @ wdq.T + bias.double()
     same_precision = (x.double() @ wdq.to(dtype).double().T + bias.double()).to(dtype)
-    tol = 4 * max(_rel(same_precision, ref), 1e-6)
-    assert _rel(out, ref) <= tol
+    tol = 4 * max(rel_err(same_precision, ref), 1e-6)
+    assert rel_err(out, ref) <= tol
 
 
 def test_gemm_4bit_with_double_quant_equals_dequantized_absmax():
@@ -70,7 +68,7 @@ def test_gemm_4bit_with_double_quant_equals_dequantized_absmax():
                                      dq.offset.item(), None)
     real = blockwise.dequantize_absmax(dq.q, dq.nested_absmax, dq.code, dq.offset.item())
     wdq = torch.ops.shardq.dequantize_4bit(packed, real, code, 64, [300, 130], torch.float64)
-    assert _rel(out, x.double() @ wdq.T) < 1e-6
+    assert rel_err(out, x.double() @ wdq.T) < 1e-6
 
 
 def _samples():
@@ -126,7 +124,7 @@ def test_cuda_matches_cpu_reference(name):
             assert c.dtype == d.dtype and c.shape == d.shape
             if c.is_floating_point():
                 tol = 1e-5 if c.dtype == torch.float32 else 2e-2
-                assert _rel(d.cpu(), c) <= tol, name
+                assert rel_err(d.cpu(), c) <= tol, name
             else:
                 assert (d.cpu().int() != c.int()).float().mean() < 1e-3, name
 

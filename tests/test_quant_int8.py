@@ -10,12 +10,10 @@ from safetensors.torch import load_file
 
 import shardq.ops  # noqa: F401
 from shardq.quant import int8
+from _f_numerics import rel_err
 
 FIX = Path(__file__).parent / "fixtures" / "bnb"
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _spec_int8_linear(x, w, scb, bias, threshold):
@@ -98,7 +96,7 @@ def test_int8_linear_follows_the_spec(dtype, threshold, lead, with_bias):
     assert out.dtype == dtype and out.shape == (*lead, 24)
     spec = _spec_int8_linear(x, q, scb, bias, threshold)
     eps = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    assert _rel(out, spec) <= eps
+    assert rel_err(out, spec) <= eps
 
 
 def test_outlier_decomposition_helps_and_is_a_no_op_without_outliers():
@@ -111,8 +109,8 @@ def test_outlier_decomposition_helps_and_is_a_no_op_without_outliers():
     assert torch.equal(calm, torch.ops.shardq.int8_linear(x.clamp(-5.9, 5.9), q, scb, None, 0.0))
     x[:, [10, 100, 200]] *= 25
     exact = x.double() @ wdq.T
-    with_dec = _rel(torch.ops.shardq.int8_linear(x, q, scb, None, 6.0), exact)
-    without = _rel(torch.ops.shardq.int8_linear(x, q, scb, None, 0.0), exact)
+    with_dec = rel_err(torch.ops.shardq.int8_linear(x, q, scb, None, 6.0), exact)
+    without = rel_err(torch.ops.shardq.int8_linear(x, q, scb, None, 0.0), exact)
     assert with_dec < without / 3, (with_dec, without)
     assert int8.outlier_columns(x, 6.0).tolist() == [10, 100, 200]
 
@@ -127,8 +125,8 @@ def test_matches_bitsandbytes_layer_outputs(suffix):
         theirs = f[f"out_thr{thr:g}"]
         assert ours.dtype == theirs.dtype == torch.float16
         # bitsandbytes' CPU backend rounds slightly differently; both must stay int8-accurate
-        assert _rel(ours, exact) < 0.03 and _rel(theirs, exact) < 0.03
-    assert _rel(torch.ops.shardq.int8_linear(x, f["CB"], f["SCB"], bias, 6.0), f["out_thr6"]) < 5e-3
+        assert rel_err(ours, exact) < 0.03 and rel_err(theirs, exact) < 0.03
+    assert rel_err(torch.ops.shardq.int8_linear(x, f["CB"], f["SCB"], bias, 6.0), f["out_thr6"]) < 5e-3
 
 
 def test_int8_linear_rejects_bad_inputs():

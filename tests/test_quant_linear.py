@@ -12,6 +12,7 @@ from torch import nn
 from shardq.config import QuantConfig
 from shardq.quant import linear as ql
 from shardq.quant.linear import Linear4bit, Linear8bit, dequantize_model, memory_footprint, quantize_model
+from _f_numerics import rel_err
 
 CFGS = {
     "int8": QuantConfig(method="int8"),
@@ -21,9 +22,6 @@ CFGS = {
     "fp4-dq-bf16": QuantConfig(method="fp4", double_quant=True, compute_dtype=torch.bfloat16),
 }
 
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _cls(cfg):
@@ -51,8 +49,8 @@ def test_forward_matches_dequantized_weight(key, dtype, bias):
     # int8 also quantizes activations (~1/254 of the row absmax); 4-bit runs in the compute dtype
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
     limit = tol[cfg.compute_dtype or dtype] if cfg.method != "int8" else 2e-2
-    assert _rel(out, ref) < limit
-    assert _rel(out, lin.double()(x.double())) < (0.15 if cfg.is_4bit else 2e-2)
+    assert rel_err(out, ref) < limit
+    assert rel_err(out, lin.double()(x.double())) < (0.15 if cfg.is_4bit else 2e-2)
 
 
 @pytest.mark.parametrize("key", sorted(CFGS))
@@ -140,7 +138,7 @@ def test_dequantize_model_restores_float_linears():
     y = model(x)
     dequantize_model(model)
     assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in model.modules())
-    assert _rel(model(x), y) < 5e-3
+    assert rel_err(model(x), y) < 5e-3
 
 
 def test_compute_dtype_is_used_and_output_keeps_input_dtype():
@@ -181,7 +179,7 @@ def test_cuda_layer_matches_cpu(key):
     cpu = q(x)
     qg = _cls(cfg).from_linear(lin.cuda(), cfg)
     assert qg.weight.device.type == "cuda"
-    assert _rel(qg(x.cuda()).cpu(), cpu) < 2e-2
+    assert rel_err(qg(x.cuda()).cpu(), cpu) < 2e-2
 
 
 @pytest.mark.parametrize("key", sorted(CFGS))
@@ -216,7 +214,7 @@ def test_linear4bit_matches_bitsandbytes_layer(suffix, qt, cd):
     ref = f[f"out_{qt}_{str(cd).removeprefix('torch.')}"]
     assert out.dtype == ref.dtype == torch.float32
     # same stored weights; bitsandbytes' CUDA kernels accumulate in another order
-    assert _rel(out, ref) < (1e-6 if cd == torch.float32 and not suffix else 8e-3)
+    assert rel_err(out, ref) < (1e-6 if cd == torch.float32 and not suffix else 8e-3)
 
 
 def test_quantize_model_refuses_meta_weights_before_changing_anything():

@@ -19,6 +19,7 @@ from shardq.checkpoint import CheckpointError
 from shardq.config import QuantConfig
 from shardq.quant.linear import Linear4bit, Linear8bit, quantize_model
 from shardq.quant.serialize import bnb_state_dict, checkpoint_config, load_quantized, save_quantized
+from _f_numerics import rel_err
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -27,9 +28,6 @@ BNB_CKPTS = ["tiny_llama_nf4_dq", "tiny_opt_fp4", "tiny_opt_int8"]
 # checkpoints made by bitsandbytes' CPU backend, and by its CUDA kernels where those fixtures were made
 MADE_BY = [(n, s) for s in ("", "_cuda") for n in BNB_CKPTS if (FIX / f"{n}{s}").is_dir()]
 
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _float_model(ckpt: Path) -> nn.Module:
@@ -56,7 +54,7 @@ def test_bitsandbytes_checkpoints_load_and_match_bitsandbytes_logits(name, suffi
     ref = io[f"logits_{name}"]
     # 4-bit: the same dequantized weights and fp32 matmuls (on CUDA in another summation order);
     # int8: bitsandbytes rounds activations in fp16 and its own way
-    assert _rel(logits, ref) < (1e-2 if "int8" in name else 1e-4 if suffix else 1e-5)
+    assert rel_err(logits, ref) < (1e-2 if "int8" in name else 1e-4 if suffix else 1e-5)
 
 
 @pytest.mark.parametrize("name,suffix", MADE_BY)
@@ -139,7 +137,7 @@ def test_shardq_checkpoints_load_in_bitsandbytes(method, tmp_path):
     ids = torch.randint(0, 128, (2, 6))
     with torch.no_grad():
         a, b = model(ids).logits.float(), theirs(ids).logits.float()
-    assert _rel(a, b) < (1e-2 if method == "int8" else 1e-5)
+    assert rel_err(a, b) < (1e-2 if method == "int8" else 1e-5)
 
 
 # ---------------- malformed checkpoints ----------------
