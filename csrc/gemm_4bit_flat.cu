@@ -14,10 +14,11 @@
 //
 // x is staged once per CTA, the MT (M padded to 1, 2, 4 or 8) tokens of a column side by side, so one 16- to 128-bit
 // load brings a column for every token, with 32 zero columns on each side, so that the units crossing a row's ends
-// need no masking (with a masked path for them, warps holding one ran both paths: a quarter of all instructions). The lanes of a warp read columns 32 apart, so each run of 32 columns is
-// followed by a pad that puts those reads in distinct banks (without it a first version took 21 us at 4097x1000,
-// M = 1). Products and sums are fp32 for every activation dtype (the reference rounds W to it first: within the
-// tests' tolerance). Staging x in 128-bit pieces instead of elements measured no faster.
+// need no masking (with a masked path for them, warps holding one ran both paths: a quarter of all instructions).
+// The lanes of a warp read columns 32 apart, so each run of 32 columns is followed by a pad that puts those reads
+// in distinct banks (without it a first version took 21 us at 4097x1000, M = 1). Products and sums are fp32 for
+// every activation dtype (the reference rounds W to it first: within the tests' tolerance). Staging x in 128-bit
+// pieces instead of elements measured no faster.
 #include "common.cuh"
 #include <type_traits>
 

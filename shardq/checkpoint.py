@@ -107,7 +107,8 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
+        raise CheckpointError(
+            f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -118,7 +119,8 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 
 def _tensor_info(path: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise CheckpointError(f"{path}: header entry for tensor {name!r} lacks dtype/shape/data_offsets; the file is corrupt")
+        raise CheckpointError(
+            f"{path}: header entry for tensor {name!r} lacks dtype/shape/data_offsets; the file is corrupt")
     dtype = DTYPES.get(str(entry["dtype"]))
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which shardq cannot read "

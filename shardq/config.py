@@ -54,13 +54,15 @@ class QuantConfig:
             raise QuantConfigError(f"quantization method {self.method!r} is unknown: use one of {METHODS}")
         thr = self.threshold
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr != thr or thr < 0:
-            raise QuantConfigError(f"threshold={thr!r} is invalid: give a number >= 0 (0 turns outlier decomposition off)")
+            raise QuantConfigError(
+                f"threshold={thr!r} is invalid: give a number >= 0 (0 turns outlier decomposition off)")
         if self.blocksize not in BLOCKSIZES_4BIT:
             raise QuantConfigError(f"blocksize={self.blocksize!r} is unsupported: use one of {BLOCKSIZES_4BIT}")
         if self.double_quant and self.method not in ("nf4", "fp4"):
             raise QuantConfigError(f"double_quant=True needs a 4-bit method (nf4 or fp4), not {self.method!r}")
         if self.compute_dtype is not None and self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise QuantConfigError(f"compute_dtype={self.compute_dtype!r} is unsupported: use float16, bfloat16 or float32")
+            raise QuantConfigError(
+                f"compute_dtype={self.compute_dtype!r} is unsupported: use float16, bfloat16 or float32")
         if self.skip_modules is not None:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 

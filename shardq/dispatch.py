@@ -543,8 +543,9 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
     blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
-    all or a dict per block or parent name (the longest covering name wins); blocks it does not cover follow `shardq.runmode` (without a GPU "cpu"; with one,
-    lookup blocks such as embeddings "cpu", computing blocks "stream"). `execution_device`: the GPU that
+    all or a dict per block or parent name (the longest covering name wins); blocks it does not cover follow
+    `shardq.runmode` (without a GPU "cpu"; with one, lookup blocks such as embeddings "cpu", computing blocks
+    "stream"). `execution_device`: the GPU that
     streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
     disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).
     `prefetch`: copy the next offloaded block while the current one computes. `dtype`: the model's working

@@ -24,7 +24,8 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ModelConfigError("building a model from config.json needs transformers: pip install 'shardq[hf]'") from None
+        raise ModelConfigError(
+            "building a model from config.json needs transformers: pip install 'shardq[hf]'") from None
     return transformers
 
 

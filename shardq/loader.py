@@ -538,7 +538,8 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
         if block is not None:
             pending[block] = pending.get(block, 0) + 1
     disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None} | set(pending)
-    total = sum(source[k].nbytes for k in match.mapping) + sum(source[k].nbytes for q in layers.values() for k in q.keys)
+    total = (sum(source[k].nbytes for k in match.mapping)
+             + sum(source[k].nbytes for q in layers.values() for k in q.keys))
     pinned = make_pinned_reader(source, match.mapping, lambda k: routes[match.mapping[k]])
     stats.pinned_bytes = 2 * pinned.buffers[0].numel() if pinned is not None else 0
     start = time.perf_counter()
@@ -704,8 +705,9 @@ def _reset_peaks() -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
-def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, *, max_memory: Mapping[Any, Any] | None = None,
-                 quant: Any = None, device_map: str | Mapping[str, Any] = "auto",
+def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, *,
+                 max_memory: Mapping[Any, Any] | None = None, quant: Any = None,
+                 device_map: str | Mapping[str, Any] = "auto",
                  offload_dir: str | os.PathLike | None = None,
                  offload_mode: str | Mapping[str, str] | None = None,
                  workload: tuple[int, int] = (1, 512), dtype: torch.dtype | None = None,
@@ -731,7 +733,8 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     if hasattr(model, "shardq_runtime"):
         raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise LoadError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
+        raise LoadError(
+            f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
     check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
     src = open_source(model, checkpoint, quant)
     cfg = src.cfg

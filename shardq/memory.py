@@ -133,8 +133,8 @@ def _gpu_index(key: Any) -> int | None:
         m = re.fullmatch(r"(?:cuda:)?([0-9]+)", k)
         if m:
             return int(m.group(1))
-    raise ValueError(f"device key {key!r} is not understood: use a GPU index (0, '1', 'cuda:1', torch.device('cuda:0')), "
-                     "'cpu' or 'disk'")
+    raise ValueError(f"device key {key!r} is not understood: use a GPU index (0, '1', 'cuda:1', "
+                     "torch.device('cuda:0')), 'cpu' or 'disk'")
 
 
 def parse_gpus(spec: Any) -> list[int]:
