@@ -265,3 +265,13 @@ def test_check_cli_runs_without_gpu(fresh_lib, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU run")
     assert check.run([]) == 1  # library disabled: reported, non-zero
+
+
+def test_check_cases_on_the_cpu_ops():
+    """The --check cases (aligned and odd K, 4-bit and int8) are well-formed calls: on the CPU, where the ops are
+    the reference, every row is exact."""
+    from shardq.kernels import check
+
+    rows = check._cases(torch.device("cpu"))
+    assert {r.case for r in rows} >= {"nf4 K=1001 M=5", "K=1001 M=1 thr=6"}
+    assert all(r.ok and r.rel_err == 0.0 for r in rows), [r for r in rows if r.rel_err]

@@ -55,6 +55,13 @@ def _cases(dev: torch.device) -> list[CheckRow]:
             out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, 384, 1024, None, None, 0.0, None)
             ref = reference("gemm_4bit")(x, packed, absmax, code, 64, 384, 1024, None, None, 0.0, None)
             rows.append(CheckRow("gemm_4bit", f"{qt} M={m}", _rel(out, ref), 5e-3))
+        w = torch.randn(96, 1001, device=dev, generator=g)  # odd K: rows start mid-byte (the flat-array kernel)
+        packed, absmax = torch.ops.shardq.quantize_4bit(w, code, 64)
+        for m in (1, 5):
+            x = torch.randn(m, 1001, device=dev, dtype=torch.float16, generator=g)
+            out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, 96, 1001, None, None, 0.0, None)
+            ref = reference("gemm_4bit")(x, packed, absmax, code, 64, 96, 1001, None, None, 0.0, None)
+            rows.append(CheckRow("gemm_4bit", f"{qt} K=1001 M={m}", _rel(out, ref), 5e-3))
     a = torch.randn(300, 1000, device=dev, dtype=torch.float16, generator=g)
     q, s = torch.ops.shardq.quantize_int8_rowwise(a)
     rq, rs = reference("quantize_int8_rowwise")(a)
@@ -66,6 +73,12 @@ def _cases(dev: torch.device) -> list[CheckRow]:
         out = torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0)
         ref = reference("int8_linear")(x, w8, scb, None, 6.0)
         rows.append(CheckRow("int8_linear", f"M={m} thr=6", _rel(out, ref), 5e-3))
+    w8, scb = reference("quantize_int8_rowwise")(torch.randn(96, 1001, device=dev, generator=g))
+    x = torch.randn(1, 1001, device=dev, dtype=torch.float16, generator=g)  # odd K: rows of W not 16-byte aligned
+    x[:, ::128] *= 20.0
+    out = torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0)
+    ref = reference("int8_linear")(x, w8, scb, None, 6.0)
+    rows.append(CheckRow("int8_linear", "K=1001 M=1 thr=6", _rel(out, ref), 5e-3))
     return rows
 
 
