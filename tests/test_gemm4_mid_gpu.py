@@ -84,8 +84,9 @@ def _op(args, k: int, n: int, bs: int) -> torch.Tensor:
     return torch.ops.shardq.gemm_4bit(x, packed, absmax, code, bs, n, k, *nested, bias)
 
 
-def _grid():
-    cases = list(itertools.product(SHAPES, MS)) + [((k, n), m) for k, n, m in BIG]
+def _grid(shapes=SHAPES, ms=MS, big=BIG):
+    """Every (K, N) with every M, then the big cases, cycling dtype, format, double quant, blocksize and bias."""
+    cases = list(itertools.product(shapes, ms)) + [((k, n), m) for k, n, m in big]
     for i, ((k, n), m) in enumerate(cases):
         dtype = [torch.float16, torch.bfloat16][i % 2]
         qt, dq, bs, bias = ["nf4", "fp4"][(i // 2) % 2], (i // 4) % 2 == 1, BLOCKSIZES[i % 3], (i // 3) % 2 == 0

@@ -11,7 +11,6 @@ every blocksize the kernel takes, nf4/fp4, double quant, bias, fp16/bf16.
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 import shardq.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_gemm4_mid_gpu import _inputs, _misaligned, _op
+from test_gemm4_mid_gpu import _grid, _inputs, _misaligned, _op
 from test_kernels_gpu import SEED, _gen, graph_replay
 from _f_numerics import rel_err
 
@@ -32,7 +31,6 @@ DEV = "cuda"
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 1000), (2048, 1032), (4160, 520), (64, 264)]
 MS = [1, 7, 33, 48, 64, 65, 100, 129, 256, 512, 1000, 4096]
 BIG = [(8192, 28672, 33), (8192, 28672, 256), (8192, 28680, 512), (8192, 28672, 4096)]
-BLOCKSIZES = [64, 128, 256]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,16 +59,7 @@ def _direct(args, k: int, n: int, m: int, bs: int, x: Optional[torch.Tensor] = N
     return rc, out
 
 
-def _grid():
-    cases = list(itertools.product(SHAPES, MS)) + [((k, n), m) for k, n, m in BIG]
-    for i, ((k, n), m) in enumerate(cases):
-        dtype = [torch.float16, torch.bfloat16][i % 2]
-        qt, dq, bs, bias = ["nf4", "fp4"][(i // 2) % 2], (i // 4) % 2 == 1, BLOCKSIZES[i % 3], (i // 3) % 2 == 0
-        yield pytest.param(k, n, m, dtype, qt, dq, bs, bias,
-                           id=f"K{k}-N{n}-M{m}-{str(dtype)[6:]}-{qt}-dq{int(dq)}-bs{bs}-b{int(bias)}")
-
-
-@pytest.mark.parametrize("k,n,m,dtype,qt,dq,bs,bias", list(_grid()))
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq,bs,bias", list(_grid(SHAPES, MS, BIG)))
 def test_gemm4_wgmma(k, n, m, dtype, qt, dq, bs, bias):
     args, ref, tol = _inputs(k, n, m, dtype, qt, dq, bs, bias, "wgmma")
     rc, direct = _direct(args, k, n, m, bs)
