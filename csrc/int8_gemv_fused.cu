@@ -346,6 +346,115 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_any(FusedArgs p) {
   store_rows<T, 1, 1>(p, amax, n, acc, o);
 }
 
+// ---- 2 <= M <= 4 and any K: the same with MB staged q rows (rows of x are not 16-byte aligned either: scalar
+// reads, twice, the second from L1) ----
+template <typename T, int MB>
+__device__ __forceinline__ void scan_rows(const FusedArgs& p, uint32_t* mask, float* amax) {
+  __shared__ float smax[kThreads / 32][MB];
+  const T* x = static_cast<const T*>(p.x);
+  float rmax[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) rmax[m] = 0.f;
+#pragma unroll 4
+  for (int k = threadIdx.x; k < p.K; k += kThreads) {
+    float v[MB], cm = 0.f;
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      v[m] = m < p.M ? fabsf(to_f32(__ldg(x + (int64_t)m * p.K + k))) : 0.f;
+      cm = fmaxf(cm, v[m]);
+    }
+    if (p.threshold > 0.f && cm > p.threshold) {
+      atomicOr(&mask[k >> 5], 1u << (k & 31));
+    } else {
+#pragma unroll
+      for (int m = 0; m < MB; ++m) rmax[m] = fmaxf(rmax[m], v[m]);
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    float v = rmax[m];
+    for (int s = 16; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, s));
+    if (lane == 0) smax[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < MB) {
+    float v = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) v = fmaxf(v, smax[w][threadIdx.x]);
+    amax[threadIdx.x] = v;
+  }
+  __syncthreads();
+}
+
+// q row m at q + m * qs: kQPad zeros, quant127(x[m, k]) (0 in outlier columns), zeros after.
+template <typename T, int MB>
+__device__ __forceinline__ void quantize_rows(const FusedArgs& p, const uint32_t* mask, const float* amax, int8_t* q,
+                                              int qs) {
+  const T* x = static_cast<const T*>(p.x);
+  for (int m = 0; m < p.M; ++m) {
+    const float f = quant127_factor(amax[m]);
+    int8_t* qm = q + m * qs;
+#pragma unroll 4
+    for (int k = threadIdx.x; k < p.K; k += kThreads) {
+      const float v = to_f32(__ldg(x + (int64_t)m * p.K + k));
+      qm[kQPad + k] = (mask[k >> 5] >> (k & 31)) & 1u ? (int8_t)0 : quant127_by(v, f);
+    }
+    for (int i = threadIdx.x; i < kQPad; i += kThreads) qm[i] = 0;
+    for (int i = kQPad + p.K + threadIdx.x; i < qs; i += kThreads) qm[i] = 0;
+  }
+}
+
+template <typename T, int MB>
+__global__ void __launch_bounds__(kThreads) int8_gemv_any_mb(FusedArgs p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float amax[MB];
+  const int qs = any_q_bytes(p.K);
+  int8_t* q = reinterpret_cast<int8_t*>(smem);
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + (size_t)MB * qs);
+  const int n = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  const int64_t start = (int64_t)min(n, p.N - 1) * p.K;
+  const int lead = (int)(start & 15), chunks = (lead + p.K + 15) / 16;
+  const int8_t* first = p.w + (start - lead);
+  int4 wv[kAnyGroup];
+  load_chunks(p, first, chunks, 0, wv);  // in flight while x is scanned
+  for (int i = threadIdx.x; i < (p.K + 31) / 32; i += kThreads) mask[i] = 0u;
+  __syncthreads();
+  scan_rows<T, MB>(p, mask, amax);
+  quantize_rows<T, MB>(p, mask, amax, q, qs);
+  __syncthreads();
+  int acc[MB][1] = {};
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kAnyGroup) {
+    if (c0 > 0) load_chunks(p, first, chunks, c0, wv);
+#pragma unroll
+    for (int j = 0; j < kAnyGroup; ++j) {
+      const int c = c0 + (threadIdx.x & 31) + 32 * j;
+      if (c >= chunks) continue;
+#pragma unroll
+      for (int m = 0; m < MB; ++m)
+        if (m < p.M) acc[m][0] = dot16(wv[j], q_unaligned(q + m * qs, kQPad + 16 * c - lead), acc[m][0]);
+    }
+  }
+  float o[MB][1] = {};
+  outliers<T, MB, 1>(p, mask, n, o);
+  store_rows<T, MB, 1>(p, amax, n, acc, o);
+}
+
+template <typename T>
+cudaError_t launch_any_mb(const FusedArgs& p, size_t smem, cudaStream_t stream) {
+  static bool configured[2][64] = {};
+  const unsigned grid = (unsigned)((p.N + kThreads / 32 - 1) / (kThreads / 32));
+  if (p.M == 2) {
+    const cudaError_t err = allow_smem(int8_gemv_any_mb<T, 2>, kMaxSmem, configured[0]);
+    if (err != cudaSuccess) return err;
+    int8_gemv_any_mb<T, 2><<<grid, kThreads, smem, stream>>>(p);
+  } else {
+    const cudaError_t err = allow_smem(int8_gemv_any_mb<T, 4>, kMaxSmem, configured[1]);
+    if (err != cudaSuccess) return err;
+    int8_gemv_any_mb<T, 4><<<grid, kThreads, smem, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_any(const FusedArgs& p, size_t smem, cudaStream_t stream) {
   static bool configured[64] = {};
@@ -378,7 +487,8 @@ using namespace shardq;
 
 // out[M, N] = int8_linear(x, w, scb, bias, threshold) for 1 <= M <= 4 in one launch. Returns cudaErrorNotSupported,
 // launching nothing, unless: dtype fp16/bf16, x and w 16-byte aligned, and either K % 32 == 0 with
-// M * K + K / 8 <= 96 KB, or M = 1 with K <= 16384 (any K: the unaligned-row kernel).
+// M * K + K / 8 <= 96 KB, or (any K: the unaligned-row kernels) M = 1 with K <= 16384, or 2 <= M <= 4 with 2 or 4
+// staged rows of about K + 48 bytes fitting in 96 KB.
 SHARDQ_API int shardq_int8_gemv_fused(const void* x, const void* w, const float* scb, const void* bias, void* out,
                                       int64_t M, int64_t N, int64_t K, float threshold, int dtype,
                                       void* stream_ptr) {
@@ -394,6 +504,10 @@ SHARDQ_API int shardq_int8_gemv_fused(const void* x, const void* w, const float*
   if (M == 1 && K <= kAnyMaxK) {
     const size_t any_smem = (size_t)any_q_bytes((int)K) + (size_t)((K + 31) / 32) * 4;
     SHARDQ_DISPATCH_16(dtype, T, return launch_any<T>(p, any_smem, stream));
+  }
+  const size_t mb_smem = (size_t)(M <= 2 ? 2 : 4) * any_q_bytes((int)K) + (size_t)((K + 31) / 32) * 4;
+  if (M >= 2 && mb_smem <= (size_t)kMaxSmem) {
+    SHARDQ_DISPATCH_16(dtype, T, return launch_any_mb<T>(p, mb_smem, stream));
   }
   return cudaErrorNotSupported;
 }

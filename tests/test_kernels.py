@@ -159,11 +159,11 @@ def _check_int8_wgmma_refusals(loaded: ctypes.CDLL) -> None:
 
 def _check_int8_fused_refusals(loaded: ctypes.CDLL) -> None:
     """shardq_int8_gemv_fused (M <= 4) refuses, before any CUDA call, what it cannot run (the two-launch path runs):
-    K % 32 != 0 is taken for M = 1 only, up to K = 16384."""
+    K % 32 != 0 is taken for M = 1 up to K = 16384 and for 2 <= M <= 4 where the staged q rows fit in 96 KB."""
     fn = loaded.shardq_int8_gemv_fused
     fn.argtypes, fn.restype = lib.SIGNATURES["shardq_int8_gemv_fused"], ctypes.c_int
     ok = dict(x=4096, w=8192, M=1, K=1024, dtype=0)
-    bad = [dict(M=5), dict(M=0), dict(M=2, K=1000), dict(M=4, K=4112), dict(K=16400), dict(K=0), dict(dtype=2),
+    bad = [dict(M=5), dict(M=0), dict(M=2, K=49001), dict(M=4, K=24001), dict(K=16400), dict(K=0), dict(dtype=2),
            dict(x=4104), dict(w=8200), dict(x=4104, K=1000), dict(M=4, K=32768)]  # the last: q [M, K] does not fit
     for change in bad:
         a = dict(ok, **change)

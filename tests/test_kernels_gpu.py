@@ -371,28 +371,31 @@ def test_int8_linear_many_outliers(k, n, m, every, dtype):
 @pytest.mark.parametrize("k,n,m", [(4096, 4096, 1), (4096, 11008, 2), (11008, 4096, 3), (8192, 28672, 4),
                                    (1024, 1000, 1), (4112, 1003, 4), (4097, 1000, 1), (1000, 1003, 1), (4104, 96, 1),
                                    (16383, 130, 1), (33, 77, 1), (7, 5, 1), (4097, 1000, 2),
-                                   (2049, 5000, 1)])
+                                   (2049, 5000, 1), (4097, 1000, 4), (1000, 1003, 3), (16383, 130, 2),
+                                   (33, 77, 4), (40001, 64, 2), (40001, 64, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_fused_small_m(k, n, m, dtype, threshold):
     """The one-launch kernel (activation prep inside every CTA) computes M <= 4 within the reference's tolerance;
-    the op takes it for M <= INT8_FUSED_MAX_M (its output is then the direct call's). K % 32 != 0 (rows of W not
-    16-byte aligned) is taken for M = 1 up to K = 16384 (the unaligned-row kernel) and refused otherwise (the
-    two-launch path runs)."""
+    the op takes it for M <= INT8_FUSED_MAX_M, and for K % 32 != 0 up to INT8_ANY_MAX_M (its output is then the
+    direct call's). K % 32 != 0 (rows of W not 16-byte aligned) is taken for M = 1 up to K = 16384 and for
+    2 <= M <= 4 where the staged q rows fit (the unaligned-row kernels), refused otherwise (the prepare path runs)."""
     (x, w8, scb, bias), out = test_int8_linear(k, n, m, dtype, threshold)
     _poison(m * n * 2)
     direct = torch.empty_like(out)
     rc = lib.load().shardq_int8_gemv_fused(x.data_ptr(), w8.data_ptr(), scb.data_ptr(), bias.data_ptr(),
                                            direct.data_ptr(), m, n, k, threshold, cuda_ops.DTYPE_CODES[dtype],
                                            cuda_ops._stream(x))
-    if k % 32 and not (m == 1 and k <= 16384):
+    rows = 2 if m <= 2 else 4
+    staged = rows * ((16 + k + 32 + 15) // 16 * 16) + (k + 31) // 32 * 4
+    if k % 32 and not (m == 1 and k <= 16384 or m >= 2 and staged <= 96 * 1024):
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED
         return
     assert rc == 0
     ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
     err = rel_err(direct, ref)
     assert err <= 2 * torch.finfo(dtype).eps, f"seed {SEED}: fused kernel rel err {err:.3e}"
-    if m <= cuda_ops.INT8_FUSED_MAX_M:
+    if m <= cuda_ops.INT8_FUSED_MAX_M or k % 32 and m <= cuda_ops.INT8_ANY_MAX_M:
         assert torch.equal(direct, out), "the op did not use the fused kernel"
 
 

@@ -54,6 +54,9 @@ INT8_TC_MIN_M, INT8_TC_MAX_M = 2, 32
 # it computes M <= 4, but from M = 2 its per-CTA scan of x cost more than the two prepare launches + the tensor-core
 # kernel on an H200, bench/RESULTS.md)
 INT8_FUSED_MAX_M = 1
+# Rows of W not 16-byte aligned (K % 32 != 0), 2 <= M <= INT8_ANY_MAX_M: the one-launch kernel's unaligned-row
+# variant (staged q rows funnel-shifted onto aligned weight chunks) instead of prepare + the byte-loading dp4a GEMV.
+INT8_ANY_MAX_M = 4
 # int8_linear, M > SMALL_M on Hopper: csrc/int8_gemm_wgmma.cu (the int8 GEMM on the warpgroup MMA with the epilogue
 # fused: no int32 product in global memory) where it takes the shape (compute capability 9.0, fp16/bf16, K % 128 ==
 # 0); elsewhere torch._int_mm (cuBLASLt) + the epilogue kernel. Opt-in (SHARDQ_INT8_WGMMA=1) until it is faster.
@@ -407,7 +410,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
     w, scb = weight.contiguous(), scale.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     dt, stream = DTYPE_CODES[x.dtype], _stream(x)
-    if m <= INT8_FUSED_MAX_M:  # one launch: the activation side is done inside every CTA
+    if m <= INT8_FUSED_MAX_M or k % 32 and m <= INT8_ANY_MAX_M:  # one launch: the activation side in every CTA
         with _on_device(x.device):
             rc = lib.shardq_int8_gemv_fused(x2.data_ptr(), w.data_ptr(), scb.data_ptr(), _ptr(b), out.data_ptr(),
                                             m, n, k, float(threshold), dt, stream)
