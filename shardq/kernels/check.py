@@ -101,9 +101,9 @@ def run(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda", torch.cuda.current_device())
     print(f"{'device':<24}{torch.cuda.get_device_name(dev)}")
     rows = _cases(dev)
-    print(f"\n{'op':<24}{'case':<14}{'rel err':>10}{'tol':>10}  status")
+    print(f"\n{'op':<24}{'case':<18}{'rel err':>10}{'tol':>10}  status")
     for r in rows:
-        print(f"{r.op:<24}{r.case:<14}{r.rel_err:>10.2e}{r.tol:>10.0e}  {'ok' if r.ok else 'FAIL'}")
+        print(f"{r.op:<24}{r.case:<18}{r.rel_err:>10.2e}{r.tol:>10.0e}  {'ok' if r.ok else 'FAIL'}")
     return 0 if loaded and all(r.ok for r in rows) else 1
 
 
