@@ -243,6 +243,30 @@ inline unsigned grid_1d(int64_t n, int threads, int64_t cap = 1 << 20) {
   return (unsigned)(g < cap ? g : cap);
 }
 
+namespace {  // one copy per translation unit: a kernel template's host stub is not shared across the library
+
+// K split over CTAs: out = the parts' fp32 sums ws[part, M, N] added in part order (deterministic), + bias.
+template <typename T>
+__global__ void sum_parts(const float* __restrict__ ws, int parts, const T* __restrict__ bias, T* __restrict__ out,
+                          int M, int N) {
+  const int64_t total = (int64_t)M * N;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = bias ? to_f32(bias[i % N]) : 0.f;
+    for (int q = 0; q < parts; ++q) v += ws[q * total + i];
+    out[i] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+cudaError_t launch_sum_parts(const float* ws, int parts, const void* bias, void* out, int M, int N,
+                             cudaStream_t stream) {
+  sum_parts<T><<<grid_1d((int64_t)M * N, 256, 4 * sm_count()), 256, 0, stream>>>(
+      ws, parts, static_cast<const T*>(bias), static_cast<T*>(out), M, N);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 }  // namespace shardq
 
 #define SHARDQ_DISPATCH_16(dtype, T, ...)              \

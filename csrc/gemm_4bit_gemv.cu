@@ -201,7 +201,7 @@ __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group,
       float v = 0.f;
 #pragma unroll
       for (int k = 0; k < kWarpsK; ++k) v += red[(k * 16 + r) * kTok + tok];
-      if (p.ws != nullptr) {  // a K half: the other half adds into the same sum, gemv_finalize adds the bias
+      if (p.ws != nullptr) {  // a K half: the other half adds into the same sum, sum_parts adds the bias
         atomicAdd(p.ws + (int64_t)tok * p.N + n, v);
       } else {
         if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
@@ -209,15 +209,6 @@ __device__ __forceinline__ void finish(const GemvArgs& p, float* red, int group,
       }
     }
   }
-}
-
-// Split-K launches: out = ws + bias.
-template <typename T>
-__global__ void gemv_finalize(const float* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out, int M,
-                              int N) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)M * N;
-       i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = from_f32<T>(ws[i] + (bias ? to_f32(bias[i % N]) : 0.f));
 }
 
 // The pair table (entry e of lane l at byte e * 256 + l * 4), the double-quant code, and x's columns of this CTA's
@@ -355,9 +346,7 @@ cudaError_t launch_gemv(GemvArgs p, int dev, size_t smem, int optin, cudaStream_
   gemm4_gemv<T, kAbs, P, NT><<<want < res ? want : res, kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.halves == 1) return err;
-  gemv_finalize<T><<<grid_1d((int64_t)p.M * p.N, 256, 4 * sm_count()), 256, 0, stream>>>(
-      p.ws, static_cast<const T*>(p.bias), static_cast<T*>(p.out), p.M, p.N);
-  return cudaGetLastError();
+  return launch_sum_parts<T>(p.ws, 1, p.bias, p.out, p.M, p.N, stream);
 }
 
 // Columns per slice = 128 * pieces: 2 (128 contiguous bytes per row and slice) where that divides K and still gives

@@ -28,7 +28,8 @@ namespace {
 constexpr int kThreads = 256;
 
 struct TcArgs : Gemm4Args {
-  int tiles, nchunks;
+  float* ws;  // parts > 1: fp32 [parts, M, N], each part's sums (sum_parts adds them in order), else null
+  int tiles, nchunks, parts;  // a unit of work is (tile, part): the part's share of the tile's K chunks
 };
 
 // WK warps along K, TM row tiles of 16 per warp, KS 128-column slices per warp and chunk, MT token tiles of 8,
@@ -55,36 +56,65 @@ __device__ __forceinline__ int w_unit(int r, int u) { return u ^ ((r & 3) << 1);
 // Physical 16-byte unit of x unit v in row m: rows of opposite parity read by one quarter-warp do not collide.
 __device__ __forceinline__ int x_unit(int m, int v) { return v ^ (m & 1); }
 
-// Walks a CTA's (tile, chunk) items in order without divisions.
+// Walks a CTA's items in order: units (tile, part) strided over the grid, each unit its chunks [c0, c1).
+template <bool kParts>
 struct Cursor {
-  int tile, chunk;
-  __device__ __forceinline__ void next(int nchunks) {
-    if (++chunk == nchunks) {
-      chunk = 0;
-      tile += gridDim.x;
-    }
+  int unit, tile, chunk, c1;
+  __device__ __forceinline__ void begin(const TcArgs& p, int u) {
+    unit = u;
+    tile = u / p.parts;
+    const int part = u - tile * p.parts;
+    chunk = part * p.nchunks / p.parts;
+    c1 = (part + 1) * p.nchunks / p.parts;
   }
+  __device__ __forceinline__ void next(const TcArgs& p) {
+    if (++chunk == c1) begin(p, unit + gridDim.x);
+  }
+  __device__ __forceinline__ int id() const { return unit; }
+  __device__ __forceinline__ bool last(const TcArgs&) const { return chunk == c1 - 1; }
+  __device__ __forceinline__ int part(const TcArgs& p) const { return unit - tile * p.parts; }
+};
+
+// One K part: a unit is a whole tile (two registers, no divisions: the instantiations that never split keep the
+// registers and schedule they had before parts existed).
+template <>
+struct Cursor<false> {
+  int tile, chunk;
+  __device__ __forceinline__ void begin(const TcArgs&, int u) {
+    tile = u;
+    chunk = 0;
+  }
+  __device__ __forceinline__ void next(const TcArgs& p) {
+    if (++chunk == p.nchunks) begin(p, tile + gridDim.x);
+  }
+  __device__ __forceinline__ int id() const { return tile; }
+  __device__ __forceinline__ bool last(const TcArgs& p) const { return chunk == p.nchunks - 1; }
+  __device__ __forceinline__ int part(const TcArgs&) const { return 0; }
 };
 
 // Per-thread copy plan: the 16-byte weight units this thread moves for every item (fixed rows and columns of
 // the tile), their global addresses advanced chunk by chunk and re-based when the tile changes.
-template <typename T, class C>
+template <typename T, class C, bool kParts>
 struct Feeder {
   const uint8_t* src[C::kCopies];
   bool row_ok[C::kCopies];
+  int unit = -1;  // kParts: the unit src is walking (a unit may start at any chunk)
 
-  __device__ __forceinline__ void start_tile(const TcArgs& p, int tile) {
+  __device__ __forceinline__ void start_unit(const TcArgs& p, int tile, int chunk) {
 #pragma unroll
     for (int j = 0; j < C::kCopies; ++j) {
       const int i = threadIdx.x + j * kThreads, r = i / C::U, u = i % C::U, n = tile * C::R + r;
       row_ok[j] = n < p.N;
-      src[j] = p.w + (int64_t)(row_ok[j] ? n : 0) * (p.K / 2) + u * 16;
+      src[j] = p.w + (int64_t)(row_ok[j] ? n : 0) * (p.K / 2) + (int64_t)chunk * (C::KC / 2) + u * 16;
     }
   }
 
   // Copy item `it` (weights and the x slice) into a ring stage; advances the weight addresses to the next chunk.
-  __device__ __forceinline__ void issue(const TcArgs& p, Cursor it, uint8_t* dst) {
-    if (it.chunk == 0) start_tile(p, it.tile);
+  __device__ __forceinline__ void issue(const TcArgs& p, Cursor<kParts> it, uint8_t* dst) {
+    if (kParts ? it.id() != unit : it.chunk == 0) {
+      start_unit(p, it.tile, it.chunk);
+      if (kParts) unit = it.id();
+    }
     const int k0 = it.chunk * C::KC, kc = min(C::KC, p.K - k0);
 #pragma unroll
     for (int j = 0; j < C::kCopies; ++j) {
@@ -116,7 +146,8 @@ struct Warp {
 
   __device__ __forceinline__ int row(int i, int half) const { return wr * 16 * TM + 16 * i + g + 8 * half; }
 
-  __device__ __forceinline__ void prefetch_abs(const TcArgs& p, Cursor it) {
+  template <bool kParts>
+  __device__ __forceinline__ void prefetch_abs(const TcArgs& p, Cursor<kParts> it) {
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -191,8 +222,10 @@ struct Warp {
     }
   }
 
-  // End of a tile: the WK warps of each row group add their partial sums in shared memory; bias; store.
-  __device__ __forceinline__ void finish(const TcArgs& p, float* red, int n0) {
+  // End of a unit: the WK warps of each row group add their partial sums in shared memory; bias; store (or, with
+  // K split in parts, store the part's sums to ws).
+  template <bool kParts>
+  __device__ __forceinline__ void finish(const TcArgs& p, float* red, int n0, int part) {
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -209,17 +242,33 @@ struct Warp {
         float v = 0.f;
 #pragma unroll
         for (int k = 0; k < WK; ++k) v += red[(k * C::R + r) * 8 * MT + m];
-        if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
-        static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
+        if (kParts && p.parts > 1) {
+          p.ws[((int64_t)part * p.M + m) * p.N + n] = v;
+        } else {
+          if (p.bias) v += to_f32(static_cast<const T*>(p.bias)[n]);
+          static_cast<T*>(p.out)[(int64_t)m * p.N + n] = from_f32<T>(v);
+        }
       }
     }
   }
 };
 
+// This CTA's items (chunks over all its units).
+template <bool kParts>
+__device__ __forceinline__ int cta_items(const TcArgs& p) {
+  if (!kParts) return (p.tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x * p.nchunks;
+  int items = 0;
+  for (int u = blockIdx.x; u < p.tiles * p.parts; u += gridDim.x) {
+    const int part = u % p.parts;
+    items += (part + 1) * p.nchunks / p.parts - part * p.nchunks / p.parts;
+  }
+  return items;
+}
+
 // Ring over the CTA's items: wait for item c (at most S-2 newer groups pending), sync (c is visible, the slot
 // of item c-1 is free), refill that slot with item c+S-1, compute c. One group is committed per iteration
 // (possibly empty) so group counts track item indices.
-template <typename T, int WK, int TM, int KS, int MT, int S>
+template <typename T, int WK, int TM, int KS, int MT, int S, bool kParts>
 __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2 ? 2 : 1) gemm4_tc(TcArgs p) {
   using C = Cfg<WK, TM, KS, MT, S>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -234,14 +283,15 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
   w.wk = warp % WK;
   w.g = lane >> 2;
   w.t = lane & 3;
-  const int my_tiles = (p.tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
-  const int items = my_tiles * p.nchunks;
-  Cursor in{(int)blockIdx.x, 0}, cur{(int)blockIdx.x, 0};
-  Feeder<T, C> feed;
+  const int items = cta_items<kParts>(p);
+  Cursor<kParts> in, cur;
+  in.begin(p, blockIdx.x);
+  cur.begin(p, blockIdx.x);
+  Feeder<T, C, kParts> feed;
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
     if (st < items) feed.issue(p, in, ring + st * stage);
-    in.next(p.nchunks);
+    in.next(p);
     cp_async_commit();
   }
   fill_pair_table<T, kThreads>(table, p.code);
@@ -259,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
     cp_async_wait<S - 2>();
     __syncthreads();
     if (c + S - 1 < items) feed.issue(p, in, ring + ((c + S - 1) % S) * stage);
-    in.next(p.nchunks);
+    in.next(p);
     cp_async_commit();
     float sc[TM][KS][2][2];
 #pragma unroll
@@ -272,22 +322,36 @@ __global__ void __launch_bounds__(kThreads, TM * MT * KS == 1 ? 3 : TM * MT <= 2
 #pragma unroll
           for (int b = 0; b < 2; ++b) sc[i][s][h][b] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (b << 1) | h);
       }
-    const Cursor now = cur;
-    cur.next(p.nchunks);
+    const Cursor<kParts> now = cur;
+    cur.next(p);
     if (c + 1 < items) w.prefetch_abs(p, cur);
 #pragma unroll
     for (int s = 0; s < KS; ++s)
       if (now.chunk * C::KC + (w.wk * KS + s) * 128 < p.K)
         w.compute(p, ring + (c % S) * stage, table, lane4, s, sc);
-    if (now.chunk == p.nchunks - 1) w.finish(p, red, now.tile * C::R);
+    if (now.last(p)) w.template finish<kParts>(p, red, now.tile * C::R, now.part(p));
   }
   cp_async_wait<0>();
 }
 
-// Launch one instantiation as a persistent grid (resident CTAs, capped by the number of tiles).
-template <typename T, int WK, int TM, int KS, int MT, int S>
+constexpr int kMaxParts = 4;  // ws holds kMaxParts * M * N floats
+
+// Parts to split K into where the row tiles alone leave SMs idle: the fewest that minimize the time in units of
+// one tile's whole K, ceil(tiles * parts / resident) / parts (each part at least one chunk).
+inline int split_parts(int tiles, int nchunks, int resident) {
+  const auto waves = [&](int s) { return (int64_t)(((int64_t)tiles * s + resident - 1) / resident); };
+  int best = 1;
+  for (int s = 2; s <= kMaxParts && s <= nchunks; ++s)
+    if (waves(s) * best < waves(best) * s) best = s;
+  return best;
+}
+
+// Launch one instantiation as a persistent grid (resident CTAs, capped by the number of units); with ws, K split
+// in parts (split_parts) and a second launch adding them.
+template <typename T, int WK, int TM, int KS, int MT, int S, bool kParts>
 cudaError_t launch_tc(TcArgs p, cudaStream_t stream) {
   using C = Cfg<WK, TM, KS, MT, S>;
+  const auto kernel = gemm4_tc<T, WK, TM, KS, MT, S, kParts>;
   static int resident[64][33] = {};  // resident CTAs per (device, M); the shared-memory opt-in is per device
   int dev = 0;
   cudaGetDevice(&dev);
@@ -295,32 +359,55 @@ cudaError_t launch_tc(TcArgs p, cudaStream_t stream) {
   const size_t smem = C::smem(p.M, (int)sizeof(T));
   int& res = resident[dev][p.M];
   if (!res) {
-    cudaError_t err = cudaFuncSetAttribute(gemm4_tc<T, WK, TM, KS, MT, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)C::smem(8 * MT, (int)sizeof(T)));
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem(8 * MT, (int)sizeof(T)));
     if (err != cudaSuccess) return err;
     int sms = 0, per_sm = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemm4_tc<T, WK, TM, KS, MT, S>, kThreads, smem);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
     if (err != cudaSuccess) return err;
     res = (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
   }
   p.tiles = (p.N + C::R - 1) / C::R;
   p.nchunks = (p.K + C::KC - 1) / C::KC;
-  const int grid = p.tiles < res ? p.tiles : res;
-  gemm4_tc<T, WK, TM, KS, MT, S><<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  p.parts = kParts ? split_parts(p.tiles, p.nchunks, res) : 1;
+  const int units = p.tiles * p.parts, grid = units < res ? units : res;
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.parts == 1) return err;
+  return launch_sum_parts<T>(p.ws, p.parts, p.bias, p.out, p.M, p.N, stream);
 }
 
 template <typename T>
 cudaError_t dispatch_tc(const TcArgs& p, cudaStream_t stream) {
   // Measured alternatives (bench/RESULTS.md): one slice per chunk at 3 CTAs/SM for M <= 2 (81 vs 65 us at
   // 8192x28672), and 32/64-row tiles for M <= 16/32 (108/145 vs 89/112 us) were slower.
-  if (p.M <= 2) return launch_tc<T, 8, 1, 2, 1, 3>(p, stream);
-  if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 3>(p, stream);
-  // M > 8 takes 64- and 128-row tiles (x staging limits the CTAs per SM): with fewer tiles than SMs the K-split
-  // variant 1 is faster (bench/RESULTS.md), so refuse and let the caller fall back to it.
-  if (p.M <= 16) return (p.N + 63) / 64 < sm_count() ? cudaErrorNotSupported : launch_tc<T, 4, 2, 1, 2, 3>(p, stream);
-  return (p.N + 127) / 128 < sm_count() ? cudaErrorNotSupported : launch_tc<T, 2, 2, 1, 4, 3>(p, stream);
+  if (p.M <= 2) return launch_tc<T, 8, 1, 2, 1, 3, false>(p, stream);
+  if (p.M <= 8) return launch_tc<T, 8, 1, 1, 1, 3, false>(p, stream);
+  // M > 8 takes 64- and 128-row tiles (x staging limits the CTAs per SM): with fewer tiles than SMs and no ws,
+  // refuse (the caller retries with ws, where K is split in parts).
+  const bool narrow = (p.N + (p.M <= 16 ? 63 : 127)) / (p.M <= 16 ? 64 : 128) < sm_count();
+  if (narrow && !p.ws) return cudaErrorNotSupported;
+  if (p.M <= 16) {
+    return p.ws ? launch_tc<T, 4, 2, 1, 2, 3, true>(p, stream) : launch_tc<T, 4, 2, 1, 2, 3, false>(p, stream);
+  }
+  return p.ws ? launch_tc<T, 2, 2, 1, 4, 3, true>(p, stream) : launch_tc<T, 2, 2, 1, 4, 3, false>(p, stream);
+}
+
+// Checks the preconditions shared by both entry points (on the 64-bit sizes, before narrowing) and launches.
+inline int tc_entry(const void* x, const void* w, const float* absmax, const void* absmax_q,
+                    const float* nested_absmax, const float* nested_code, float offset, const float* code,
+                    const void* bias, void* out, float* ws, int64_t M, int64_t N, int64_t K, int64_t blocksize,
+                    int dtype, cudaStream_t stream) {
+  const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
+                                    K, blocksize);
+  const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 32 && N >= 1 && N <= INT32_MAX / 2 / kMaxParts &&
+                  K >= 128 && M * K <= INT32_MAX && K % 128 == 0 && a.bs_shift >= 6 && (uintptr_t)x % 16 == 0 &&
+                  (uintptr_t)w % 16 == 0 && a.am.given();
+  if (!ok) return cudaErrorNotSupported;
+  const TcArgs p{a, ws, 0, 0, 1};
+  SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, stream));
+  return cudaErrorNotSupported;
 }
 
 }  // namespace
@@ -330,19 +417,23 @@ using namespace shardq;
 
 // Same arguments as shardq_gemm_4bit_small. Returns cudaErrorNotSupported, launching nothing, unless: dtype
 // fp16/bf16, 1 <= M <= 32, K % 128 == 0, blocksize a power of two >= 64, x and w 16-byte aligned, and for M > 8
-// at least as many row tiles as SMs.
+// at least as many row tiles as SMs (else shardq_gemm_4bit_tc_split takes the shape).
 SHARDQ_API int shardq_gemm_4bit_tc(const void* x, const void* w, const float* absmax, const void* absmax_q,
                                    const float* nested_absmax, const float* nested_code, float offset,
                                    const float* code, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
                                    int64_t blocksize, int dtype, void* stream_ptr) {
-  const Gemm4Args a = Gemm4Args::of(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, M, N,
-                                    K, blocksize);
-  const bool ok = (dtype == kF16 || dtype == kBF16) && M >= 1 && M <= 32 && N >= 1 && N <= INT32_MAX / 2 &&
-                  K >= 128 && (int64_t)M * K <= INT32_MAX && K % 128 == 0 && a.bs_shift >= 6 &&
-                  (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && a.am.given();
-  if (!ok) return cudaErrorNotSupported;
-  const TcArgs p{a, 0, 0};
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  SHARDQ_DISPATCH_16(dtype, T, return dispatch_tc<T>(p, stream));
-  return cudaErrorNotSupported;
+  return tc_entry(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out, nullptr, M, N, K,
+                  blocksize, dtype, static_cast<cudaStream_t>(stream_ptr));
+}
+
+// The same kernel with K split in up to 4 parts where the row tiles alone leave SMs idle (e.g. N = 4096 or 11008
+// at 17 <= M <= 32): ws is fp32 scratch of 4 * M * N floats the parts' sums go to, and a second launch adds them in
+// order (deterministic) with the bias. Same preconditions as shardq_gemm_4bit_tc, without the one on row tiles.
+SHARDQ_API int shardq_gemm_4bit_tc_split(const void* x, const void* w, const float* absmax, const void* absmax_q,
+                                         const float* nested_absmax, const float* nested_code, float offset,
+                                         const float* code, const void* bias, void* out, void* ws, int64_t M,
+                                         int64_t N, int64_t K, int64_t blocksize, int dtype, void* stream_ptr) {
+  if (ws == nullptr) return cudaErrorNotSupported;
+  return tc_entry(x, w, absmax, absmax_q, nested_absmax, nested_code, offset, code, bias, out,
+                  static_cast<float*>(ws), M, N, K, blocksize, dtype, static_cast<cudaStream_t>(stream_ptr));
 }

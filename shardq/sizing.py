@@ -236,7 +236,8 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     blocksize < 32): the weight rows dequantized per cuBLAS call (whole weight, at most DEQUANT_CHUNK_BYTES), or
     for the Hopper kernel's K split (SMALL_M < M <= WGMMA_MAX_M) its fp32 partial sums, whichever is larger; the
     small-M kernels need none, except the GEMV's K split (M <= GEMV_MAX_M, x too large to stage whole): fp32 sums, 4
-    bytes per token and output feature.
+    bytes per token and output feature, and the ring kernel's K in parts (M > 8, narrow N): 4 bytes per part, token
+    and output feature.
     """
     from .kernels import cuda_ops
     from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, INT8_PREP_STATS, SMALL_M, int8_outlier_cap
@@ -248,8 +249,13 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
 
     def four(n: int, k: int) -> int:
         if tokens <= SMALL_M and k % 32 == 0 and itemsize == 2 and quant.blocksize >= 32:
-            split = tokens <= GEMV_MAX_M and k % 256 == 0 and k >= 2048  # the GEMV's K split may need its fp32 sums
-            return 4 * tokens * n if split else 0
+            gemv_split = tokens <= GEMV_MAX_M and k % 256 == 0 and k >= 2048  # the GEMV's K split: fp32 sums
+            # the ring kernel's K in parts where its row tiles are fewer than the SMs (at most ~160 on any GPU) and
+            # the GEMV does not take the shape (M > GEMV_MAX_M, or K too small or x too large for it)
+            gemv_takes = tokens <= GEMV_MAX_M and 1024 <= k <= 8192
+            tc_split = tokens > 8 and not gemv_takes and k % 128 == 0 and n < 160 * (64 if tokens <= 16 else 128)
+            return max(4 * tokens * n if gemv_split else 0,
+                       4 * cuda_ops.TC_SPLIT_PARTS * tokens * n if tc_split else 0)
         fp32_kernel = cuda_ops.GEMM4_F32 and tokens <= cuda_ops.F32_MAX_M and k * 4 + 64 <= cuda_ops.F32_MIN_SMEM
         if itemsize == 4 and k % 32 == 0 and quant.blocksize >= 32 and fp32_kernel:
             return 0

@@ -92,7 +92,8 @@ _SMALL16 = ["gemm_4bit_gemv", "gemm_4bit_tc", "gemm_4bit_small"]
     (torch.float32, 1, False, "shardq_gemm_4bit_flat", ["gemm_4bit_f32"], False),  # switched off
     (torch.float16, 1, True, "shardq_gemm_4bit_flat", _SMALL16 + ["gemm_4bit_flat"], True),
     (torch.bfloat16, 8, True, "shardq_gemm_4bit_flat", _SMALL16 + ["gemm_4bit_flat"], True),
-    (torch.float16, 9, True, "shardq_gemm_4bit_flat", _SMALL16, False),  # M > FLAT_MAX_M
+    (torch.float16, 9, True, "shardq_gemm_4bit_flat",  # M > FLAT_MAX_M (M > 8: the ring kernel's K in parts too)
+     ["gemm_4bit_gemv", "gemm_4bit_tc", "gemm_4bit_tc_split", "gemm_4bit_small"], False),
     (torch.float16, 1, False, "shardq_gemm_4bit_flat", _SMALL16, False),
 ])
 def test_small_m_routing_of_unaligned_rows(monkeypatch, dtype, m, flat_on, takes, expect, done):

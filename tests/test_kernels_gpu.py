@@ -202,6 +202,59 @@ def test_gemm_4bit_gemv_split(monkeypatch, k, n, m, dtype, qt, dq):
         assert torch.equal(replayed, fn(fresh)), "graph replay differs from eager"
 
 
+def _tc_split(args, k, n, m, bs=64):
+    """Call shardq_gemm_4bit_tc_split itself on NaN-filled scratch: (rc, output)."""
+    x, packed, absmax, code, nested, bias = args
+    am, _keep = cuda_ops._absmax_args(absmax, nested[0], nested[1], nested[2], -(-n * k // bs))
+    ws = torch.full((cuda_ops.TC_SPLIT_PARTS * m * n,), float("nan"), device=DEV)  # every used part is written
+    _poison(m * n * 2)
+    out = torch.empty((m, n), dtype=x.dtype, device=DEV)
+    rc = lib.load().shardq_gemm_4bit_tc_split(x.data_ptr(), packed.data_ptr(), *am, code.data_ptr(),
+                                              None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                              ws.data_ptr(), m, n, k, bs, cuda_ops.DTYPE_CODES[x.dtype],
+                                              cuda_ops._stream(x))
+    return rc, out
+
+
+@pytest.mark.parametrize("k,n,m,dtype,qt,dq", [
+    (4096, 4096, 32, torch.float16, "nf4", False), (4096, 11008, 17, torch.bfloat16, "fp4", True),
+    (11008, 4096, 24, torch.float16, "nf4", True), (4096, 1000, 32, torch.bfloat16, "nf4", False),
+    (1024, 1000, 9, torch.float16, "fp4", False), (128, 8, 20, torch.bfloat16, "nf4", True),
+    (384, 100, 32, torch.float16, "nf4", False), (8192, 28672, 32, torch.bfloat16, "nf4", False),
+    (4224, 96, 12, torch.float16, "fp4", True), (4096, 16384, 30, torch.float16, "nf4", False)])
+def test_gemm_4bit_tc_split(monkeypatch, k, n, m, dtype, qt, dq):
+    """The ring kernel with K in parts (fewer row tiles than SMs at M > 8): called directly it matches the op's
+    output (checked against the reference) to the output's rounding, gives the same bits on a second call (parts
+    added in order, no atomics), and the op uses it, bit for bit, where the plain ring kernel refuses; graph replay
+    equals eager there."""
+    _use(monkeypatch, "tc")
+    args, out = _check_gemm_4bit(k, n, m, dtype, qt, dq, "g4tcsplit")
+    rc, direct = _tc_split(args, k, n, m)
+    assert rc == 0, f"tc_split refused K={k} N={n} M={m} (rc {rc})"
+    assert torch.isfinite(direct).all()
+    assert torch.equal(direct, _tc_split(args, k, n, m)[1]), "two calls differ"
+    if _accepts("tc", k, n, m, 64):
+        assert rel_err(direct, out) <= 2 * torch.finfo(dtype).eps
+        return
+    assert torch.equal(direct, out), "the op did not use tc_split"
+    x, packed, absmax, code, nested, bias = args
+    fn = lambda xx: torch.ops.shardq.gemm_4bit(xx, packed, absmax, code, 64, n, k, *nested, bias)  # noqa: E731
+    replayed, fresh = graph_replay(fn, x.clone(), _gen("g4tcsplit-graph", k, n, m))
+    assert torch.equal(replayed, fn(fresh)), "graph replay differs from eager"
+
+
+def test_gemm_4bit_tc_split_refusals():
+    """Shapes outside the ring kernel's preconditions are refused with nothing launched, and so is a null ws."""
+    for k, n, m in [(4097, 1000, 16), (4096, 1000, 33), (64, 100, 16)]:
+        args, _ = _check_gemm_4bit(k, n, m, torch.float16, "nf4", False, "g4tcsplit-refuse")
+        assert _tc_split(args, k, n, m)[0] == lib.CUDA_ERROR_NOT_SUPPORTED, f"accepted K={k} N={n} M={m}"
+    x, packed, absmax, code, nested, bias = args
+    rc = lib.load().shardq_gemm_4bit_tc_split(x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), None, None, None,
+                                              0.0, code.data_ptr(), None, x.data_ptr(), None, 16, 100, 4096, 64,
+                                              0, cuda_ops._stream(x))
+    assert rc == lib.CUDA_ERROR_NOT_SUPPORTED
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("bs,m", [(32, 3), (128, 5), (1024, 4), (2048, 1), (4096, 2), (256, 24), (512, 8)])
 def test_gemm_4bit_small_kernel_blocksizes(monkeypatch, kernel, bs, m):

@@ -27,6 +27,9 @@ def test_4bit_workspace_is_the_dequantized_chunk_only_for_large_m(method):
     # the GEMV's K split (x too large to stage whole) sums in fp32: 4 bytes per token and output feature
     assert sizing.matmul_workspace_bytes([(28672, 8192)], cfg, 16, 2) == 4 * 16 * 28672
     assert sizing.matmul_workspace_bytes([(1000, 1024)], cfg, 16, 2) == 0  # K < 2048: no split
+    # the ring kernel's K in parts (M > 8, fewer row tiles than SMs): fp32 sums per part
+    assert sizing.matmul_workspace_bytes([(4096, 4096)], cfg, 32, 2) == 4 * cuda_ops.TC_SPLIT_PARTS * 32 * 4096
+    assert sizing.matmul_workspace_bytes([(1000, 1024)], cfg, 8, 2) == 0
     full = sizing.matmul_workspace_bytes([(1024, 1024)], cfg, 512, 2)
     assert full == 1024 * 1024 * 2
     big = sizing.matmul_workspace_bytes([(65536, 8192)], cfg, 512, 2)  # 1 GiB in fp16: chunked

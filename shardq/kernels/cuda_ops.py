@@ -32,6 +32,13 @@ GEMM4_VARIANT = int(os.environ.get("SHARDQ_GEMM4_VARIANT", "4"))
 # SHARDQ_GEMM4_GEMV=0 keeps the ring kernel.
 GEMM4_GEMV = os.environ.get("SHARDQ_GEMM4_GEMV", "1") == "1"
 GEMV_MAX_M = 16
+# Variant 4 with M > 8 where the ring kernel's row tiles alone leave SMs idle (N < 132 * 128 at 17 <= M <= 32 on an
+# H200): the same kernel with K split in up to TC_SPLIT_PARTS parts (fp32 scratch, a second launch adding the parts
+# in order) instead of the K-split variant 1 (H200, 17 <= M <= 32: 1.3-1.7x faster at N = 4096 and 11008; taking
+# it also where the tiles fill the SMs was slower, 8192x28672 M = 32: 135 vs 113 us). SHARDQ_GEMM4_TC_SPLIT=0 keeps
+# variant 1 there (for comparisons).
+GEMM4_TC_SPLIT = os.environ.get("SHARDQ_GEMM4_TC_SPLIT", "1") == "1"
+TC_SPLIT_PARTS = 4
 # fp32 activations (bitsandbytes' default compute dtype), M <= F32_MAX_M: csrc/gemm_4bit_f32.cu (fp32 dequantization
 # and FMA on the CUDA cores, weights read once) instead of dequantize-to-fp32 + cuBLAS. SHARDQ_GEMM4_F32=0 keeps the
 # latter (for comparisons).
@@ -245,8 +252,9 @@ def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blo
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
                      b: Optional[Tensor], out: Tensor) -> bool:
     """M <= SMALL_M: fp32 x through the fp32 kernel (M <= F32_MAX_M); for variant 4 the register-streaming GEMV
-    (M <= GEMV_MAX_M), then the tensor-core ring kernel, where they take the shape, else the K-split kernel; layouts
-    all of those refuse through the flat-array kernel (M <= FLAT_MAX_M); False if every kernel refuses it."""
+    (M <= GEMV_MAX_M), then the tensor-core ring kernel (with K in parts where its row tiles leave SMs idle), where
+    they take the shape, else the K-split kernel; layouts all of those refuse through the flat-array kernel (M <=
+    FLAT_MAX_M); False if every kernel refuses it."""
     m = x2.shape[0]
     pre = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr())
     post = (m, n, k, blocksize, DTYPE_CODES[x2.dtype])
@@ -266,6 +274,10 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
             return True
     if GEMM4_VARIANT == 4 and _launch(lib.shardq_gemm_4bit_tc, args, stream, "gemm_4bit_tc"):
         return True
+    if GEMM4_VARIANT == 4 and GEMM4_TC_SPLIT and m > 8:
+        ws = torch.empty(TC_SPLIT_PARTS * m * n, dtype=torch.float32, device=x2.device)
+        if _launch(lib.shardq_gemm_4bit_tc_split, pre + (ws.data_ptr(),) + post, stream, "gemm_4bit_tc_split"):
+            return True
     return (_launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
             or flat and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
 

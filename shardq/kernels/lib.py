@@ -28,6 +28,7 @@ SIGNATURES: dict[str, list] = {
     "shardq_gemm_4bit_flat": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_f32": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_gemv_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
+    "shardq_gemm_4bit_tc_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_mid": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_wgmma": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
