@@ -46,10 +46,29 @@ __device__ __forceinline__ void load16(const FusedArgs& p, int m, int k, float* 
   }
 }
 
+// amax[m] = the CTA's maximum of every thread's rmax[m] (all threads call it; amax visible to all on return).
+template <int MB>
+__device__ __forceinline__ void block_max(const float (&rmax)[MB], float* amax) {
+  __shared__ float smax[kThreads / 32][MB];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    float v = rmax[m];
+    for (int s = 16; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, s));
+    if (lane == 0) smax[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < MB) {
+    float v = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) v = fmaxf(v, smax[w][threadIdx.x]);
+    amax[threadIdx.x] = v;
+  }
+  __syncthreads();
+}
+
 // Pass 1 over x: outlier bits into mask (zeroed), each row's absmax over the other columns into amax.
 template <typename T, int MB>
 __device__ __forceinline__ void scan_x(const FusedArgs& p, uint32_t* mask, float* amax) {
-  __shared__ float smax[kThreads / 32][MB];
   float rmax[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) rmax[m] = 0.f;
@@ -73,20 +92,7 @@ __device__ __forceinline__ void scan_x(const FusedArgs& p, uint32_t* mask, float
     }
     if (bits) atomicOr(&mask[k >> 5], bits << (k & 31));
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int m = 0; m < MB; ++m) {
-    float v = rmax[m];
-    for (int s = 16; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, s));
-    if (lane == 0) smax[warp][m] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < MB) {
-    float v = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) v = fmaxf(v, smax[w][threadIdx.x]);
-    amax[threadIdx.x] = v;
-  }
-  __syncthreads();
+  block_max<MB>(rmax, amax);
 }
 
 // Pass 2 over x: q[m, k] = quant127(x, amax[m]), 0 in outlier columns.
@@ -350,7 +356,6 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_any(FusedArgs p) {
 // reads, twice, the second from L1) ----
 template <typename T, int MB>
 __device__ __forceinline__ void scan_rows(const FusedArgs& p, uint32_t* mask, float* amax) {
-  __shared__ float smax[kThreads / 32][MB];
   const T* x = static_cast<const T*>(p.x);
   float rmax[MB];
 #pragma unroll
@@ -370,20 +375,7 @@ __device__ __forceinline__ void scan_rows(const FusedArgs& p, uint32_t* mask, fl
       for (int m = 0; m < MB; ++m) rmax[m] = fmaxf(rmax[m], v[m]);
     }
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int m = 0; m < MB; ++m) {
-    float v = rmax[m];
-    for (int s = 16; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, s));
-    if (lane == 0) smax[warp][m] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < MB) {
-    float v = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) v = fmaxf(v, smax[w][threadIdx.x]);
-    amax[threadIdx.x] = v;
-  }
-  __syncthreads();
+  block_max<MB>(rmax, amax);
 }
 
 // q row m at q + m * qs: kQPad zeros, quant127(x[m, k]) (0 in outlier columns), zeros after.
