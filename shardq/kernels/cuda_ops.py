@@ -38,7 +38,7 @@ GEMV_MAX_M = 16
 # it also where the tiles fill the SMs was slower, 8192x28672 M = 32: 135 vs 113 us). SHARDQ_GEMM4_TC_SPLIT=0 keeps
 # variant 1 there (for comparisons).
 GEMM4_TC_SPLIT = os.environ.get("SHARDQ_GEMM4_TC_SPLIT", "1") == "1"
-TC_SPLIT_PARTS = 4
+TC_SPLIT_PARTS = 4  # the launcher's kMaxParts (csrc/gemm_4bit_tc.cu): the scratch holds that many [M, N] sums
 # fp32 activations (bitsandbytes' default compute dtype), M <= F32_MAX_M: csrc/gemm_4bit_f32.cu (fp32 dequantization
 # and FMA on the CUDA cores, weights read once) instead of dequantize-to-fp32 + cuBLAS. SHARDQ_GEMM4_F32=0 keeps the
 # latter (for comparisons).
