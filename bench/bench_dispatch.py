@@ -74,7 +74,7 @@ def split_map(model, ngpu: int) -> dict:
 
 
 def main() -> None:
-    from shardq.dispatch import dispatch_model
+    from shardq.runtime.dispatch import dispatch_model
 
     ngpu = torch.cuda.device_count()
     res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if ngpu else "cpu", "ngpu": ngpu,
@@ -130,7 +130,7 @@ def cpu_micro(blocks: int = 12, calls: int = 20000) -> None:
 
     from transformers import DynamicCache
 
-    from shardq.dispatch import dispatch_model, move_to
+    from shardq.runtime.dispatch import dispatch_model, move_to
 
     torch.set_num_threads(1)
     hidden, pos = torch.randn(1, 1, 64), torch.arange(1)[None]

@@ -43,7 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shardq.config import QuantConfig  # noqa: E402
 from shardq.kernels import cuda_ops  # noqa: E402
-from shardq.quant.linear import Linear4bit, Linear8bit  # noqa: E402
+from shardq.quant.linear import Linear4bit  # noqa: E402
+from shardq.quant.linear import Linear8bit  # noqa: E402
 
 DEV = torch.device("cuda")
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,4097x1000"

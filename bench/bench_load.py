@@ -108,7 +108,7 @@ def load(case: str, ckpt: Path, caps: dict, offload_dir: Path):
 
         return LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float16, device_map="auto", max_memory=caps,
                                                 quantization_config=q).eval()
-    from shardq.loader import load_sharded_from_dir
+    from shardq.loading.loader import load_sharded_from_dir
 
     return load_sharded_from_dir(ckpt, dtype=torch.float16, max_memory=caps, quant=q, offload_dir=offload_dir,
                                  workload=(1, 512), progress=False).eval()
@@ -134,7 +134,7 @@ def run_case(case: str, ckpt: Path, cap: str) -> dict:
     import bitsandbytes  # noqa: F401  (imports outside the timed load, for both stacks)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import shardq.loader  # noqa: F401
+    import shardq.loading.loader  # noqa: F401
     ids = torch.randint(0, 8000, (1, 512), generator=torch.Generator().manual_seed(1))
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # CUDA context outside the measurement

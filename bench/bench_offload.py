@@ -103,7 +103,7 @@ def relerr(a, b) -> float:
 
 
 def run_shardq(model_cpu, ids, ref, prefetch: bool, reps: int) -> dict:
-    from shardq.dispatch import dispatch_model
+    from shardq.runtime.dispatch import dispatch_model
 
     t0 = time.perf_counter()
     model = dispatch_model(model_cpu, block_map(model_cpu, "cpu"), offload_modes="stream",
@@ -138,7 +138,7 @@ def run_accelerate(model_cpu, ids, ref, nbytes: int) -> dict:
 def run_4bit(gpu_model, ids, reps: int) -> dict:
     """NF4 layers (lm_head kept fp16 as bitsandbytes does): resident on the GPU, then streamed packed."""
     from shardq.config import QuantConfig
-    from shardq.quant.linear import quantize_model
+    from shardq.quant.convert import quantize_model
 
     cfg = QuantConfig(method="nf4", compute_dtype=torch.float16)
     qmodel = quantize_model(gpu_model, cfg, skip=["lm_head"])  # quantized on the GPU

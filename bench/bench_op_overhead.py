@@ -1,5 +1,5 @@
 """Host cost of calling a kernel through the torch.library dispatcher, as shardq's ops are, versus calling the
-same Python function directly (what `shardq.ops.call` does for eager CUDA inputs). Runs on any machine: the op is
+same Python function directly (what `shardq.kernels.ops.call` does for eager CUDA inputs). Runs on any machine: the op is
 a no-op with gemm_4bit's argument list, so only Python/dispatcher time is measured.
 
     python bench/bench_op_overhead.py [--calls 20000]

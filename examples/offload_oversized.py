@@ -24,9 +24,10 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import shardq  # noqa: E402
-from shardq.dispatch import format_memory_report, memory_report  # noqa: E402
+from shardq.runtime.dispatch import format_memory_report  # noqa: E402
+from shardq.runtime.dispatch import memory_report  # noqa: E402
 from shardq.memory import format_size  # noqa: E402
-from shardq.report import format_plan  # noqa: E402
+from shardq.planning.report import format_plan  # noqa: E402
 
 
 def save(path: Path, layers: int) -> int:

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import QuantConfig
-from .placement import DISK_GBPS, PCIE_GBPS
-from .planner import STRATEGIES, Plan, plan, resolve_dtype
+from shardq.config import QuantConfig
+from shardq.planning.placement import DISK_GBPS, PCIE_GBPS
+from shardq.planning.planner import STRATEGIES, Plan, plan, resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> Plan:
         offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for), offload_dir=args.offload_dir)
     source = Path(args.source)
     if source.is_file() and source.suffix == ".json":
-        from . import hf
+        from shardq import hf
 
         model = hf.meta_model_from_dir(source, resolve_dtype(args.dtype))
         result = plan(model, _quant(args), **kwargs)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(result.to_json())
     else:
-        from .report import format_plan
+        from shardq.planning.report import format_plan
 
         print(format_plan(result, full=args.full, pcie_gbps=args.pcie_gbps, disk_gbps=args.disk_gbps))
     return 0

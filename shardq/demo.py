@@ -63,10 +63,10 @@ def save_reference(out: Path, layers: int, hidden: int, vocab: int, seed: int) -
 def default_caps(ckpt: Path, quant: str) -> dict[Any, Any]:
     """Tight enough that part of the model is offloaded: about half of what the plan needs on one device."""
     from shardq.hf import meta_model_from_dir
-    from shardq.planner import plan_model
+    from shardq.planning.planner import plan_model
 
     model = meta_model_from_dir(ckpt)
-    from shardq.planner import PlanError
+    from shardq.planning.planner import PlanError
 
     key = 0 if torch.cuda.is_available() else "cpu"
     whole = plan_model(model, quant, max_memory={key: "1TB"}, workload=(1, PROMPT_LEN))
@@ -101,7 +101,7 @@ def compare(model: torch.nn.Module, ref: torch.nn.Module, method: str, seed: int
     isolates what the loader adds: nothing, when it is right)."""
     import copy
 
-    from shardq.quant.linear import quantize_model
+    from shardq.quant.convert import quantize_model
 
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(3, ref.config.vocab_size, (1, PROMPT_LEN), generator=g)
@@ -127,7 +127,7 @@ def _peak_rss() -> int:
 
 
 def report(model: torch.nn.Module, result: dict[str, Any], load_s: float, quant: str) -> str:
-    from shardq.dispatch import format_memory_report, memory_report
+    from shardq.runtime.dispatch import format_memory_report, memory_report
 
     stats = model.shardq_load_stats
     lines = [
@@ -159,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
     from shardq.cli import parse_caps
     from shardq.config import QuantConfig
     from shardq.hf import meta_model_from_dir
-    from shardq.loader import load_sharded
-    from shardq.planner import plan_model
-    from shardq.report import format_plan
+    from shardq.loading.loader import load_sharded
+    from shardq.planning.planner import plan_model
+    from shardq.planning.report import format_plan
 
     method = QuantConfig.from_any(args.quant).method
     with tempfile.TemporaryDirectory(prefix="shardq-demo-") as tmp:

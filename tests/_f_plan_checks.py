@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from shardq.config import QuantConfig
-from shardq.planner import Plan
+from shardq.planning.planner import Plan
 
 
 def _is_conv1d(mod: nn.Module) -> bool:
@@ -27,7 +27,7 @@ def oracle_quantizable(mod: nn.Module) -> bool:
 
 def oracle_weight_bytes(linear: nn.Module, quant: QuantConfig) -> int:
     """Bytes of one quantized Linear (or Conv1D, weight [in, out]) weight, written out from DESIGN.md
-    independently of shardq.sizing."""
+    independently of shardq.quant.sizing."""
     out_f, in_f = linear.weight.shape
     if _is_conv1d(linear):
         out_f, in_f = in_f, out_f
@@ -110,7 +110,7 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
     assert [p.name for p in plan.placements] == list(plan.device_map)
     for p in plan.placements:
         assert p.device == plan.device_map[p.name]
-        if p.device == "cpu":  # the plan's default, or the per-block rule with its reason (shardq.runmode)
+        if p.device == "cpu":  # the plan's default, or the per-block rule with its reason (shardq.planning.runmode)
             assert p.run in ("cpu", "stream") and p.reason
             per_block = plan.offload_mode if isinstance(plan.offload_mode, dict) else {}
             key = max((k for k in per_block if k == "" or p.name == k or p.name.startswith(k + ".")), key=len,

@@ -2,12 +2,12 @@
 
 import pytest
 
-from shardq import checkpoint
+from shardq.checkpoint.index import index as checkpoint
 
 
 @pytest.fixture
 def checkpoint_reads(monkeypatch) -> list[int]:
-    """Byte counts of every read that shardq.checkpoint makes through `open` (to prove only headers are read)."""
+    """Byte counts of every read that shardq.checkpoint.index makes through `open` (to prove only headers are read)."""
     reads: list[int] = []
     real_open = open
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from shardq.config import QuantConfig
-from shardq.quant.linear import Linear4bit, Linear8bit, quantize_model
+from shardq.quant.linear import Linear4bit, Linear8bit
+from shardq.quant.convert import quantize_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,10 +18,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from shardq.hf import meta_model_from_dir  # noqa: E402
-from shardq.loader import load_sharded  # noqa: E402
+from shardq.loading.loader import load_sharded  # noqa: E402
 from shardq.hf import no_split_modules  # noqa: E402
-from shardq.units import decompose  # noqa: E402
-from shardq.quant.linear import QuantLinear, quantize_model  # noqa: E402
+from shardq.planning.units import decompose  # noqa: E402
+from shardq.quant.linear import QuantLinear  # noqa: E402
+from shardq.quant.convert import quantize_model  # noqa: E402
 
 VOCAB = 128
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

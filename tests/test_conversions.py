@@ -16,12 +16,17 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import shardq  # noqa: E402
-from shardq.checkpoint import index_checkpoint  # noqa: E402
-from shardq.conversions import convert_source  # noqa: E402
-from shardq.hf import meta_model_from_dir, no_split_modules  # noqa: E402
-from shardq.loader import LoadError, Route, _pinned_ok, checkpoint_source, load_sharded  # noqa: E402
-from shardq.planner import decompose  # noqa: E402
-from shardq.quant.linear import quantize_model  # noqa: E402
+from shardq.checkpoint.index import index_checkpoint  # noqa: E402
+from shardq.checkpoint.conversions import convert_source  # noqa: E402
+from shardq.hf import meta_model_from_dir  # noqa: E402
+from shardq.hf import no_split_modules  # noqa: E402
+from shardq.loading.loader import LoadError  # noqa: E402
+from shardq.loading.loader import Route  # noqa: E402
+from shardq.loading.loader import _pinned_ok  # noqa: E402
+from shardq.loading.loader import checkpoint_source  # noqa: E402
+from shardq.loading.loader import load_sharded  # noqa: E402
+from shardq.planning.planner import decompose  # noqa: E402
+from shardq.quant.convert import quantize_model  # noqa: E402
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -17,9 +17,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
-from shardq.dispatch import DispatchError, dispatch_model, format_memory_report, memory_report, move_to, \
+from shardq.runtime.dispatch import DispatchError, dispatch_model, format_memory_report, memory_report, move_to, \
     remove_dispatch  # noqa: E402
-from shardq.offload import write_disk_offload  # noqa: E402
+from shardq.runtime.offload import write_disk_offload  # noqa: E402
 
 VOCAB = 211
 
@@ -211,7 +211,8 @@ def test_disk_blocks_written_by_loader_into_meta_model(tmp_path):
 
 def test_quantized_blocks_stream_packed(tmp_path):
     from shardq.config import QuantConfig
-    from shardq.quant.linear import Linear4bit, Linear8bit, quantize_model
+    from shardq.quant.linear import Linear4bit, Linear8bit
+    from shardq.quant.convert import quantize_model
 
     for cfg in (QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.float32),
                 QuantConfig(method="int8", threshold=6.0)):

@@ -10,7 +10,7 @@ import torch
 
 from test_dispatch import blocks, clone, inputs, tiny
 
-from shardq.dispatch import dispatch_model, memory_report
+from shardq.runtime.dispatch import dispatch_model, memory_report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -76,7 +76,7 @@ def test_streaming_holds_at_most_two_blocks():
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_quantized_blocks_streamed_on_gpu(method):
     from shardq.config import QuantConfig
-    from shardq.quant.linear import quantize_model
+    from shardq.quant.convert import quantize_model
 
     cfg = QuantConfig(method=method, compute_dtype=torch.float32) if method == "nf4" else QuantConfig(method="int8")
     model = quantize_model(tiny("llama", tie=False), cfg, skip=["lm_head"])
@@ -151,7 +151,7 @@ def test_loaded_model_with_embedding_on_cpu_runs_fp16_on_gpu(tmp_path):
     """load_sharded with the embedding on "cpu": the rule runs it on the CPU (loaded in fp32), its rows reach
     the fp16 GPU layers in fp16, `model.device`/`model.dtype` say cuda/fp16, and results equal the GPU load."""
     from _f_models import save_checkpoint
-    from shardq.loader import load_sharded_from_dir
+    from shardq.loading.loader import load_sharded_from_dir
 
     ckpt = save_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float16, tie=False, vocab=1031)
     dmap = {"model.embed_tokens": "cpu", "model.layers": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}

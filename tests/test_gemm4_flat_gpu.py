@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import shardq.ops  # noqa: F401
+import shardq.kernels.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from shardq.quant import blockwise
+from shardq.formats import blockwise
 from test_kernels_gpu import DEV, SEED, _gen, _poison, _quantized_weight, graph_replay
 from _f_numerics import rel_err
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from shardq.quant import codebooks
+from shardq.formats import codebooks
 
 THREADS, BN, BK, BAND = 256, 128, 64, 8
 W_STAGE = BN * BK // 2

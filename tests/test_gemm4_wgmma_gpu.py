@@ -16,7 +16,7 @@ from typing import Optional
 import pytest
 import torch
 
-import shardq.ops  # noqa: F401
+import shardq.kernels.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
 from test_gemm4_mid_gpu import _grid, _inputs, _misaligned, _op
 from test_kernels_gpu import SEED, _gen, graph_replay

@@ -16,9 +16,9 @@ from typing import Optional
 import pytest
 import torch
 
-import shardq.ops  # noqa: F401
-from shardq.kernels import cuda_ops, lib
-from shardq.quant import int8
+import shardq.kernels.ops  # noqa: F401
+from shardq.kernels import cuda_ops, lib, ops
+from shardq.formats import int8
 from test_kernels_gpu import SEED, _gen, graph_replay
 from _f_numerics import rel_err
 
@@ -49,7 +49,7 @@ def _grid():
 
 def _inputs(k: int, n: int, m: int, dtype: torch.dtype, with_bias: bool, key: str):
     g = _gen(key, k, n, m, dtype, with_bias)
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::max(1, k // 8)] *= 20.0  # outlier columns: |x| up to ~80, far above the threshold 6
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if with_bias else None
@@ -80,7 +80,7 @@ def _launch(fn: str, x: torch.Tensor, w8: torch.Tensor, scb: torch.Tensor, bias:
 
 
 def _check_reference(out, x, w8, scb, bias, threshold):
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
+    ref = ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
     eps = torch.finfo(x.dtype).eps
     err = rel_err(out, ref)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference (eps {eps:.1e})"
@@ -206,7 +206,7 @@ def test_cuda_graph_capture(monkeypatch):
     counting = _tc_on(monkeypatch)
     g = _gen("graph")
     n, k = 1024, 2048
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     for m in (5, 16, 64):
         x = torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g)
         fn = lambda t: torch.ops.shardq.int8_linear(t, w8, scb, None, 6.0)  # noqa: E731

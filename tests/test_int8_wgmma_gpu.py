@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import shardq.ops  # noqa: F401
-from shardq.kernels import cuda_ops, lib
+import shardq.kernels.ops  # noqa: F401
+from shardq.kernels import cuda_ops, lib, ops
 from test_kernels_gpu import DEV, SEED, _gen, _poison, graph_replay
 from _f_numerics import rel_err
 
@@ -40,7 +40,7 @@ def calls(monkeypatch):
 
 def _inputs(k: int, n: int, m: int, dtype: torch.dtype, every: int, key: str, bias: bool = True):
     g = _gen(key, k, n, m, every)
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::every] *= 20.0
     b = torch.randn(n, device=DEV, generator=g).to(dtype) if bias else None
@@ -78,7 +78,7 @@ def test_outliers_against_reference(monkeypatch, calls, k, n, m, every, dtype):
     fused = _run(monkeypatch, True, x, w8, scb, b, 6.0)
     assert calls == [0], f"fused kernel not taken: {calls}"
     unfused = _run(monkeypatch, False, x, w8, scb, b, 6.0)
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
+    ref = ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
     eps = torch.finfo(dtype).eps
     assert rel_err(fused, ref) <= 2 * eps, f"seed {SEED}: rel err {rel_err(fused, ref):.3e} vs reference"
     assert rel_err(fused, unfused) <= eps, f"seed {SEED}: rel diff {rel_err(fused, unfused):.3e} vs unfused"
@@ -91,7 +91,7 @@ def test_refused_shapes_take_the_unfused_path(monkeypatch, calls, k, n, m, dtype
     x, w8, scb, b = _inputs(k, n, m, dtype, 50, "i8wgr")
     out = _run(monkeypatch, True, x, w8, scb, b, 6.0)
     assert calls == [lib.CUDA_ERROR_NOT_SUPPORTED]
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
+    ref = ops.reference("int8_linear")(x, w8, scb, b, 6.0).float()
     assert rel_err(out, ref) <= 2 * max(torch.finfo(dtype).eps, 1e-6)
 
 

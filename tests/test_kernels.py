@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-import shardq.ops  # noqa: F401
-from shardq.kernels import build, cuda_ops, lib
+import shardq.kernels.ops  # noqa: F401
+from shardq.kernels import build, cuda_ops, lib, ops
 
 HAS_NVCC = build.find_nvcc() is not None
 
@@ -175,11 +175,11 @@ def _check_int8_fused_refusals(loaded: ctypes.CDLL) -> None:
 def test_cuda_kernels_registered_beside_reference():
     for name in cuda_ops.KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shardq::{name}", "CUDA"), name
-        assert cuda_ops.reference(name) is getattr(shardq.ops, name)._init_fn
+        assert ops.reference(name) is getattr(shardq.kernels.ops, name)._init_fn
 
 
 def test_import_does_not_build_or_touch_gpu():
-    code = ("import torch; torch.cuda.init = None; import shardq.ops; from shardq.kernels import lib; "
+    code = ("import torch; torch.cuda.init = None; import shardq.kernels.ops; from shardq.kernels import lib; "
             "assert not lib._state['tried']")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -241,7 +241,7 @@ def test_missing_nvcc_is_reported(fresh_lib, monkeypatch, tmp_path):
 def test_fallback_wrappers_use_reference(fresh_lib, monkeypatch):
     """With the library unavailable, each CUDA wrapper returns exactly what the reference returns."""
     monkeypatch.setenv("SHARDQ_DISABLE_KERNELS", "1")
-    from shardq.quant import codebooks
+    from shardq.formats import codebooks
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g)
@@ -249,14 +249,14 @@ def test_fallback_wrappers_use_reference(fresh_lib, monkeypatch):
     x = torch.randn(3, 64, generator=g)
     with pytest.warns(RuntimeWarning, match="SHARDQ_DISABLE_KERNELS"):
         packed, absmax = cuda_ops.quantize_4bit(w, code, 64)
-    rp, ra = cuda_ops.reference("quantize_4bit")(w, code, 64)
+    rp, ra = ops.reference("quantize_4bit")(w, code, 64)
     assert torch.equal(packed, rp) and torch.equal(absmax, ra)
     out = cuda_ops.gemm_4bit(x, packed, absmax, code, 64, 24, 64, None, None, 0.0, None)
-    assert torch.equal(out, cuda_ops.reference("gemm_4bit")(x, packed, absmax, code, 64, 24, 64, None, None, 0.0,
+    assert torch.equal(out, ops.reference("gemm_4bit")(x, packed, absmax, code, 64, 24, 64, None, None, 0.0,
                                                             None))
     q, s = cuda_ops.quantize_int8_rowwise(w)
     assert torch.equal(cuda_ops.int8_linear(x, q, s, None, 6.0),
-                       cuda_ops.reference("int8_linear")(x, q, s, None, 6.0))
+                       ops.reference("int8_linear")(x, q, s, None, 6.0))
 
 
 def test_check_cli_runs_without_gpu(fresh_lib, monkeypatch):

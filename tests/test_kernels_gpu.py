@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import shardq.ops  # noqa: F401
-from shardq.kernels import cuda_ops, lib
-from shardq.quant import blockwise, codebooks
+import shardq.kernels.ops  # noqa: F401
+from shardq.kernels import cuda_ops, lib, ops
+from shardq.formats import blockwise, codebooks
 from _f_numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -49,7 +49,7 @@ def _quantized_weight(n: int, k: int, qt: str, dq: bool, g: torch.Generator, bs:
     w = torch.randn(n, k, device=DEV, generator=g)
     w[:, ::97] *= 8.0  # outlier weights
     code = codebooks.code_4bit(qt, DEV)
-    packed, absmax = cuda_ops.reference("quantize_4bit")(w, code, bs)
+    packed, absmax = ops.reference("quantize_4bit")(w, code, bs)
     if not dq:
         return packed, absmax, code, (None, None, 0.0), absmax
     nested = blockwise.quantize_absmax(absmax, codebooks.dynamic_map(DEV))
@@ -382,7 +382,7 @@ def test_gemm_4bit_f32_refusals_and_graph():
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_linear(k, n, m, dtype, threshold):
     g = _gen("i8", k, n, m, threshold)
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::max(1, k // 8)] *= 20.0
     bias = torch.randn(n, device=DEV, generator=g).to(dtype)
@@ -390,7 +390,7 @@ def test_int8_linear(k, n, m, dtype, threshold):
     out = torch.ops.shardq.int8_linear(x, w8, scb, bias, threshold)
     assert out.shape == (m, n) and out.dtype == dtype
     assert torch.isfinite(out).all(), "output not fully written"
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold)
+    ref = ops.reference("int8_linear")(x, w8, scb, bias, threshold)
     exact = ref.float()  # the reference in fp32 before its final rounding to x.dtype would differ by ~eps
     eps = torch.finfo(dtype).eps
     err = rel_err(out, exact)
@@ -408,14 +408,14 @@ def test_int8_linear_many_outliers(k, n, m, every, dtype):
     M (the tensor-core kernel) past its 32 staged columns; the rest are read from x and W directly. Ragged N and K
     take the scalar kernels."""
     g = _gen("i8many", k, n, m)
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     x = torch.randn(m, k, device=DEV, generator=g).to(dtype)
     x[:, ::every] *= 20.0
     bias = torch.randn(n, device=DEV, generator=g).to(dtype) if m % 2 else None
     _poison(m * n * 4)
     out = torch.ops.shardq.int8_linear(x, w8, scb, bias, 6.0)
     assert torch.isfinite(out).all(), "output not fully written"
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, 6.0).float()
+    ref = ops.reference("int8_linear")(x, w8, scb, bias, 6.0).float()
     eps = max(torch.finfo(dtype).eps, 1e-6)
     err = rel_err(out, ref)
     assert err <= 2 * eps, f"seed {SEED}: rel err {err:.3e} vs reference ({-(-k // every)} outlier columns)"
@@ -445,7 +445,7 @@ def test_int8_fused_small_m(k, n, m, dtype, threshold):
         assert rc == lib.CUDA_ERROR_NOT_SUPPORTED
         return
     assert rc == 0
-    ref = cuda_ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
+    ref = ops.reference("int8_linear")(x, w8, scb, bias, threshold).float()
     err = rel_err(direct, ref)
     assert err <= 2 * torch.finfo(dtype).eps, f"seed {SEED}: fused kernel rel err {err:.3e}"
     if m <= cuda_ops.INT8_FUSED_MAX_M or k % 32 and m <= cuda_ops.INT8_ANY_MAX_M:
@@ -462,7 +462,7 @@ def test_quantize_dequantize_4bit(qt, dtype, shape, bs):
     a.view(-1)[:: 211] *= 25.0
     code = codebooks.code_4bit(qt, DEV)
     packed, absmax = torch.ops.shardq.quantize_4bit(a, code, bs)
-    rp, ra = cuda_ops.reference("quantize_4bit")(a, code, bs)
+    rp, ra = ops.reference("quantize_4bit")(a, code, bs)
     assert torch.equal(absmax, ra)
     assert torch.equal(packed, rp)  # same scaling, same rounding rule (FP4 thresholds, NF4 midpoints)
     n = a.numel()
@@ -482,7 +482,7 @@ def test_dequantize_4bit_ranges(e0, count, bs, dtype):
     total = e0 + count + 5
     a = torch.randn(total, device=DEV, generator=g) * 3
     code = codebooks.code_4bit("nf4", DEV)
-    packed, absmax = cuda_ops.reference("quantize_4bit")(a, code, bs)
+    packed, absmax = ops.reference("quantize_4bit")(a, code, bs)
     out = torch.full((count,), float("nan"), dtype=dtype, device=DEV)
     am, _keep = cuda_ops._absmax_args(absmax, None, None, 0.0, absmax.numel())
     rc = lib.load().shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), out.data_ptr(), e0, count, bs,
@@ -499,7 +499,7 @@ def test_quantize_int8_rowwise(shape, dtype):
     a = torch.randn(shape, device=DEV, generator=_gen("r8", shape)).to(dtype)
     a.view(-1)[::31] *= 30.0
     q, s = torch.ops.shardq.quantize_int8_rowwise(a)
-    rq, rs = cuda_ops.reference("quantize_int8_rowwise")(a)
+    rq, rs = ops.reference("quantize_int8_rowwise")(a)
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
 
@@ -526,7 +526,7 @@ def test_cuda_graph_capture(monkeypatch, variant, gemv):
     g = _gen("graph", variant, gemv)
     n, k = 1024, 2048
     packed, absmax, code, nested, _ = _quantized_weight(n, k, "nf4", True, g)
-    w8, scb = cuda_ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
+    w8, scb = ops.reference("quantize_int8_rowwise")(torch.randn(n, k, device=DEV, generator=g))
     xs = {m: torch.randn(m, k, device=DEV, dtype=torch.float16, generator=g) for m in (1, 8, 13, 64)}
     fns = {
         "gemm_4bit": lambda x: torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, n, k, *nested, None),
@@ -566,7 +566,7 @@ def test_non_contiguous_inputs():
     for m in (5, 64):
         xm = x if m == 5 else torch.randn(k, m, device=DEV, dtype=torch.float16, generator=g).t()
         out = torch.ops.shardq.gemm_4bit(xm, packed, strided_absmax, code, 64, n, k, None, None, 0.0, None)
-        ref = cuda_ops.reference("gemm_4bit")(xm.contiguous(), packed, absmax, code, 64, n, k, None, None, 0.0, None)
+        ref = ops.reference("gemm_4bit")(xm.contiguous(), packed, absmax, code, 64, n, k, None, None, 0.0, None)
         assert torch.isfinite(out).all() and rel_err(out, ref) < 5e-3
 
 

@@ -13,11 +13,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from shardq.checkpoint import CheckpointError  # noqa: E402
+from shardq.checkpoint.index import CheckpointError  # noqa: E402
 from shardq.hf import meta_model_from_dir  # noqa: E402
-from shardq.loader import LoadError, load_sharded, load_sharded_from_dir  # noqa: E402
-from shardq.planner import PlanError  # noqa: E402
-from shardq.quant.linear import Linear4bit, Linear8bit  # noqa: E402
+from shardq.loading.loader import LoadError  # noqa: E402
+from shardq.loading.loader import load_sharded  # noqa: E402
+from shardq.loading.loader import load_sharded_from_dir  # noqa: E402
+from shardq.planning.planner import PlanError  # noqa: E402
+from shardq.quant.linear import Linear4bit  # noqa: E402
+from shardq.quant.linear import Linear8bit  # noqa: E402
 
 VOCAB = 128
 
@@ -74,7 +77,7 @@ def logits(model, arch):
 
 def offload_map(model: torch.nn.Module) -> dict:
     """Every other decoder block on disk, the rest on the CPU."""
-    from shardq.planner import decompose
+    from shardq.planning.planner import decompose
     from shardq.hf import no_split_modules
 
     units = decompose(model, set(no_split_modules(model)))
@@ -129,7 +132,7 @@ def test_quantized_offload_within_tolerance(saved, arch, method, bound, tmp_path
     out, want = logits(model, arch), logits(ref, arch)
     rel = rel_error(out, want)
     # the same quantization applied to the reference in memory gives the same error: the loader adds none
-    from shardq.quant.linear import quantize_model
+    from shardq.quant.convert import quantize_model
     import copy
     qref = quantize_model(copy.deepcopy(ref), method)
     torch.testing.assert_close(out, logits(qref, arch), rtol=1e-4, atol=1e-4)
@@ -237,7 +240,7 @@ def test_truncated_shard_fails_before_anything(saved, tmp_path):
 
 
 def test_failure_while_streaming_rolls_back(saved, tmp_path, monkeypatch):
-    import shardq.loader as loader
+    import shardq.loading.loader as loader
 
     _, ckpt = saved["llama"]
     model = meta_model_from_dir(ckpt)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from shardq.loader import load_sharded_from_dir  # noqa: E402
+from shardq.loading.loader import load_sharded_from_dir  # noqa: E402
 from shardq.memory import parse_size  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -108,7 +108,7 @@ def test_failed_load_leaves_no_gpu_memory(ckpt, monkeypatch):
     """A load that fails midway (after tensors were already quantized onto GPU 0) leaves nothing of itself on the
     GPU and the model as it was (all on meta, no quantized layer swapped in). Garbage from earlier tests is
     collected before the baseline is taken, and may still be freed during the call, so the check is `<=`."""
-    import shardq.loader as loader
+    import shardq.loading.loader as loader
     from shardq.hf import meta_model_from_dir
 
     model = meta_model_from_dir(ckpt, dtype=torch.float16)

@@ -29,7 +29,7 @@ WORKER = textwrap.dedent("""
             save_file({f"{i}.weight": torch.randn(D, D, generator=g), f"{i}.bias": torch.randn(D, generator=g)},
                       str(path / f"part{i}.safetensors"))
         sys.exit(0)
-    from shardq.loader import load_sharded
+    from shardq.loading.loader import load_sharded
     with torch.device("meta"):
         model = nn.Sequential(*[nn.Linear(D, D) for _ in range(N)])
     proc = psutil.Process()

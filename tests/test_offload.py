@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shardq.offload import ALIGN, OffloadError, Streamer, host_buffer, layout, open_disk_block, pack_host_block, \
+from shardq.runtime.offload import ALIGN, OffloadError, Streamer, host_buffer, layout, open_disk_block, pack_host_block, \
     read_block_into, read_disk_index, views, write_disk_offload
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool,

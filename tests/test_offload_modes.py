@@ -11,16 +11,16 @@ import pytest
 import torch
 import transformers
 
-import shardq.dispatch as dispatch
-import shardq.loader as loader
+import shardq.runtime.dispatch as dispatch
+import shardq.loading.loader as loader
 import shardq.memory as memory
 from _f_models import meta_model, save_checkpoint
 from _f_plan_checks import check_plan
 from shardq.cli import main
 from shardq.hf import meta_model_from_dir
-from shardq.loader import load_sharded
-from shardq.planner import PlanError, plan_model
-from shardq.report import format_plan
+from shardq.loading.loader import load_sharded
+from shardq.planning.planner import PlanError, plan_model
+from shardq.planning.report import format_plan
 
 WL = (1, 16)
 ALL_CPU = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import shardq.kernels
-import shardq.ops
-from shardq.quant import blockwise, codebooks, int8
+import shardq.kernels.ops
+from shardq.formats import blockwise, codebooks, int8
 from _f_numerics import rel_err
 
 OPS = {
@@ -32,7 +32,7 @@ def test_schema_matches_design(name):
 def test_import_is_cheap_and_gpu_free():
     import subprocess
     import sys
-    code = ("import sys, torch; torch.cuda.is_available = None; import shardq.ops; "
+    code = ("import sys, torch; torch.cuda.is_available = None; import shardq.kernels.ops; "
             "assert not any(m.endswith('_C_shardq') or m.startswith('shardq.kernels._') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -144,11 +144,11 @@ def test_quantized_layers_compile_without_graph_breaks():
 
 
 def test_call_takes_the_op_off_the_gpu(monkeypatch):
-    """shardq.ops.call on CPU tensors runs the op (its CPU kernel); the direct CUDA kernel is never asked for."""
-    monkeypatch.setattr(shardq.kernels, "cuda_kernel", lambda name: pytest.fail(f"direct path taken for {name}"))
+    """shardq.kernels.ops.call on CPU tensors runs the op (its CPU kernel); the direct CUDA kernel is never asked for."""
+    monkeypatch.setattr(shardq.kernels.ops, "cuda_kernel", lambda name: pytest.fail(f"direct path taken for {name}"))
     for name, cases in _samples().items():
         for args in cases:
-            got, want = shardq.ops.call(name, *args), getattr(torch.ops.shardq, name)(*args)
+            got, want = shardq.kernels.ops.call(name, *args), getattr(torch.ops.shardq, name)(*args)
             for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                 assert torch.equal(g, w), name
 
@@ -157,15 +157,15 @@ def test_call_sends_direct_inputs_to_the_registered_kernel(monkeypatch):
     """When the input qualifies (a plain eager CUDA tensor needing no gradient) the op's CUDA implementation is
     called with the same arguments, bypassing the dispatcher."""
     seen = []
-    monkeypatch.setattr(shardq.ops, "_direct", lambda x: True)
-    monkeypatch.setattr(shardq.kernels, "cuda_kernel", lambda name: lambda *a: seen.append((name, a)) or "ran")
+    monkeypatch.setattr(shardq.kernels.ops, "_direct", lambda x: True)
+    monkeypatch.setattr(shardq.kernels.ops, "cuda_kernel", lambda name: lambda *a: seen.append((name, a)) or "ran")
     args = _samples()["int8_linear"][0]
-    assert shardq.ops.call("int8_linear", *args) == "ran"
+    assert shardq.kernels.ops.call("int8_linear", *args) == "ran"
     assert seen == [("int8_linear", args)]
     from shardq.kernels.cuda_ops import KERNELS
 
     monkeypatch.undo()
-    assert set(KERNELS) == set(OPS) and all(shardq.kernels.cuda_kernel(n) is KERNELS[n] for n in OPS)
+    assert set(KERNELS) == set(OPS) and all(shardq.kernels.ops.cuda_kernel(n) is KERNELS[n] for n in OPS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -173,9 +173,9 @@ def test_call_on_cuda_equals_the_op_and_leaves_autograd_to_it():
     for name in ("gemm_4bit", "int8_linear", "dequantize_4bit"):
         for args in _samples()[name]:
             cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            assert shardq.ops._direct(cuda[0])
-            assert torch.equal(shardq.ops.call(name, *cuda), getattr(torch.ops.shardq, name)(*cuda)), name
+            assert shardq.kernels.ops._direct(cuda[0])
+            assert torch.equal(shardq.kernels.ops.call(name, *cuda), getattr(torch.ops.shardq, name)(*cuda)), name
     x = torch.randn(3, 40, device="cuda", requires_grad=True)
-    assert not shardq.ops._direct(x)
+    assert not shardq.kernels.ops._direct(x)
     with torch.no_grad():
-        assert shardq.ops._direct(x)
+        assert shardq.kernels.ops._direct(x)

@@ -82,7 +82,7 @@ def test_per_forward_cost_in_json_and_its_estimate(ckpt, capsys):
     disk = sum(p["nbytes"] for p in placed if p["run"] == "disk")
     assert disk > 0 and d["per_forward"] == {"pcie_bytes": stream + disk, "disk_bytes": disk,
                                              "cpu_bytes": sum(p["nbytes"] for p in placed if p["run"] == "cpu")}
-    from shardq.placement import ForwardCost
+    from shardq.planning.placement import ForwardCost
 
     cost = ForwardCost(**d["per_forward"])
     assert cost.seconds(10, 1) == max((stream + disk) / 10e9, disk / 1e9)

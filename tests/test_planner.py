@@ -11,9 +11,9 @@ from torch import nn
 
 from _f_models import ARCHS, meta_model
 from _f_plan_checks import check_plan, meta_linear, oracle_weight_bytes
-from shardq import sizing
+from shardq.quant import sizing
 from shardq.config import QuantConfig
-from shardq.planner import PlanError, plan_model
+from shardq.planning.planner import PlanError, plan_model
 
 QUANTS = [QuantConfig(), QuantConfig(method="int8"), QuantConfig(method="nf4"), QuantConfig(method="fp4"),
           QuantConfig(method="nf4", double_quant=True), QuantConfig(method="fp4", blocksize=128, double_quant=True),
@@ -57,7 +57,8 @@ def test_weight_bytes_match_the_quantized_modules(quant):
 def test_quantized_model_footprint_equals_plan_total():
     """Quantize a real (random-weight) model with shardq.quant and compare to the planner's bytes."""
     from _f_models import model_class, tiny_config
-    from shardq.quant.linear import memory_footprint, quantize_model
+    from shardq.quant.linear import memory_footprint
+    from shardq.quant.convert import quantize_model
 
     torch.manual_seed(0)
     for quant in (QuantConfig(method="int8"), QuantConfig(method="nf4", double_quant=True)):
@@ -136,7 +137,7 @@ def test_random_budgets_every_cap_holds(models, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_random_explicit_maps_are_checked_against_caps(models, arch):
     """Random accelerate-style maps over the top-level blocks: the plan is exact and within caps, or refused."""
-    from shardq.planner import decompose
+    from shardq.planning.planner import decompose
     from shardq import hf
 
     m = models[arch]

@@ -11,9 +11,10 @@ from torch import nn
 
 from _f_models import ARCHS, meta_model, save_checkpoint, tiny_config
 from _f_plan_checks import check_plan
-from shardq import checkpoint, hf
+from shardq.checkpoint.index import index as checkpoint
+from shardq import hf
 from shardq.config import QuantConfig, to_bnb_dict
-from shardq.planner import PlanError, check_checkpoint, plan, plan_model
+from shardq.planning.planner import PlanError, check_checkpoint, plan, plan_model
 
 CAPS = {0: "2MB", "cpu": "4MB", "disk": "1GB"}
 WL = (1, 16)
@@ -173,7 +174,7 @@ def test_prequantized_checkpoint_plans_its_stored_bytes(tmp_path, quant):
     """A checkpoint written by shardq.save_quantized (bitsandbytes layout): the plan takes the config's
     quantization, reports no mismatches, and its bytes equal the quantized tensors actually stored."""
     from _f_models import model_class
-    from shardq.quant.linear import quantize_model
+    from shardq.quant.convert import quantize_model
     from shardq.quant.serialize import save_quantized
 
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import shardq.ops  # noqa: F401
-from shardq.quant import blockwise, codebooks
+import shardq.kernels.ops  # noqa: F401
+from shardq.formats import blockwise, codebooks
 
 FIX = Path(__file__).parent / "fixtures" / "bnb"
 FIXTURE_FILES = [p for p in (FIX / "blockwise.safetensors", FIX / "blockwise_cuda.safetensors") if p.exists()]

@@ -17,11 +17,17 @@ from torch import nn  # noqa: E402
 import shardq  # noqa: E402
 from _f_plan_checks import check_plan  # noqa: E402
 from shardq.config import QuantConfig  # noqa: E402
-from shardq.hf import meta_model_from_dir, no_split_modules  # noqa: E402
-from shardq.loader import load_sharded  # noqa: E402
-from shardq.planner import decompose, plan_model  # noqa: E402
+from shardq.hf import meta_model_from_dir  # noqa: E402
+from shardq.hf import no_split_modules  # noqa: E402
+from shardq.loading.loader import load_sharded  # noqa: E402
+from shardq.planning.planner import decompose  # noqa: E402
+from shardq.planning.planner import plan_model  # noqa: E402
 from shardq.quant.experts import QuantizedExperts  # noqa: E402
-from shardq.quant.linear import Linear4bit, Linear8bit, dequantize_model, memory_footprint, quantize_model  # noqa: E402
+from shardq.quant.linear import Linear4bit  # noqa: E402
+from shardq.quant.linear import Linear8bit  # noqa: E402
+from shardq.quant.convert import dequantize_model  # noqa: E402
+from shardq.quant.linear import memory_footprint  # noqa: E402
+from shardq.quant.convert import quantize_model  # noqa: E402
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +117,7 @@ def test_each_expert_is_stored_exactly_as_its_linear(cfg):
         for name, buf in s.named_buffers():
             torch.testing.assert_close(buf[e].reshape(-1), getattr(ql, name).reshape(-1), rtol=0, atol=0)
         torch.testing.assert_close(s[torch.tensor(e)], ql.dequantized_weight(), rtol=0, atol=0)
-        total += shardq.sizing.quantized_weight_bytes(48, 40, cfg)
+        total += shardq.quant.sizing.quantized_weight_bytes(48, 40, cfg)
     assert memory_footprint(s) == total
     with pytest.raises(TypeError, match="experts_implementation='eager'"):
         s[torch.tensor([0, 1])]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import shardq.ops  # noqa: F401
-from shardq.quant import int8
+import shardq.kernels.ops  # noqa: F401
+from shardq.formats import int8
 from _f_numerics import rel_err
 
 FIX = Path(__file__).parent / "fixtures" / "bnb"

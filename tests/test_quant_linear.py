@@ -11,7 +11,8 @@ from torch import nn
 
 from shardq.config import QuantConfig
 from shardq.quant import linear as ql
-from shardq.quant.linear import Linear4bit, Linear8bit, dequantize_model, memory_footprint, quantize_model
+from shardq.quant.linear import Linear4bit, Linear8bit, memory_footprint
+from shardq.quant.convert import dequantize_model, quantize_model
 from _f_numerics import rel_err
 
 CFGS = {

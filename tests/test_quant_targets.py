@@ -17,13 +17,18 @@ from torch import nn  # noqa: E402
 from _f_models import save_sharded_models  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from shardq import sizing  # noqa: E402
+from shardq.quant import sizing  # noqa: E402
 from shardq.config import QuantConfig  # noqa: E402
 from shardq.hf import meta_model_from_dir  # noqa: E402
-from shardq.loader import load_sharded  # noqa: E402
-from shardq.planner import plan_model  # noqa: E402
-from shardq.quant.linear import Linear4bit, Linear8bit, dequantize_model, memory_footprint, quantize_model  # noqa: E402
-from shardq.quant.serialize import load_quantized, save_quantized  # noqa: E402
+from shardq.loading.loader import load_sharded  # noqa: E402
+from shardq.planning.planner import plan_model  # noqa: E402
+from shardq.quant.linear import Linear4bit  # noqa: E402
+from shardq.quant.linear import Linear8bit  # noqa: E402
+from shardq.quant.convert import dequantize_model  # noqa: E402
+from shardq.quant.linear import memory_footprint  # noqa: E402
+from shardq.quant.convert import quantize_model  # noqa: E402
+from shardq.quant.serialize import load_quantized  # noqa: E402
+from shardq.quant.serialize import save_quantized  # noqa: E402
 
 VOCAB = 128
 BOUNDS = {"int8": 0.08, "nf4": 0.3}  # relative logit error vs fp32, as tests/test_loader.py
@@ -74,7 +79,7 @@ def saved(tmp_path_factory):
 def offload_map(model: nn.Module) -> dict:
     """Every other unit on disk, the rest on the CPU."""
     from shardq.hf import no_split_modules
-    from shardq.planner import decompose
+    from shardq.planning.planner import decompose
 
     units = decompose(model, set(no_split_modules(model)))
     return {u: ("disk" if i % 2 else "cpu") for i, u in enumerate(units)}

@@ -1,4 +1,4 @@
-"""How "cpu" blocks run (issue #5): the per-block rule of shardq.runmode in the planner and the dispatcher, user
+"""How "cpu" blocks run (issue #5): the per-block rule of shardq.planning.runmode in the planner and the dispatcher, user
 overrides winning, the reason shown in the plan table and on the model, and `model.device`/`model.dtype` of a
 dispatched model. CPU only: a GPU is mocked (gpu_count) with the execution device on the CPU."""
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-import shardq.dispatch as dispatch
+import shardq.runtime.dispatch as dispatch
 from _f_models import meta_model
 from _f_plan_checks import check_plan
 from shardq.config import QuantConfig
-from shardq.dispatch import dispatch_model, remove_dispatch
-from shardq.planner import plan_model
-from shardq.report import format_plan
-from shardq.runmode import BlockKind, RunMode, choose_cpu_run, lookup_width
+from shardq.runtime.dispatch import dispatch_model, remove_dispatch
+from shardq.planning.planner import plan_model
+from shardq.planning.report import format_plan
+from shardq.planning.runmode import BlockKind, RunMode, choose_cpu_run, lookup_width
 from test_dispatch import blocks, clone, inputs, tiny
 
 WL = (1, 16)
@@ -164,7 +164,7 @@ def test_model_device_on_cpu_with_first_block_offloaded():
 
 def test_loader_keeps_the_plans_reasons(tmp_path):
     from _f_models import save_checkpoint
-    from shardq.loader import load_sharded_from_dir
+    from shardq.loading.loader import load_sharded_from_dir
 
     ckpt = save_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float16, tie=False)
     model = load_sharded_from_dir(ckpt, max_memory={"cpu": "1GB"}, device_map={"": "cpu"}, offload_mode="cpu",

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shardq.checkpoint import CheckpointError
+from shardq.checkpoint.index import CheckpointError
 from shardq.config import QuantConfig
-from shardq.quant.linear import Linear4bit, Linear8bit, quantize_model
+from shardq.quant.linear import Linear4bit, Linear8bit
+from shardq.quant.convert import quantize_model
 from shardq.quant.serialize import bnb_state_dict, checkpoint_config, load_quantized, save_quantized
 from _f_numerics import rel_err
 

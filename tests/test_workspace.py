@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardq import sizing
+from shardq.quant import sizing
 from shardq.config import QuantConfig
 from shardq.kernels import cuda_ops
 
@@ -62,7 +62,7 @@ def test_4bit_fp32_workspace_follows_the_fp32_kernel(monkeypatch):
 
 def test_plan_reserves_workspace_on_gpus_with_quantized_blocks():
     transformers = pytest.importorskip("transformers")
-    from shardq.planner import plan_model
+    from shardq.planning.planner import plan_model
 
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)

@@ -35,8 +35,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cases(dev: torch.device) -> list[CheckRow]:
-    from shardq.kernels.cuda_ops import reference
-    from shardq.quant import blockwise, codebooks
+    from shardq.kernels.ops import reference
+    from shardq.formats import blockwise, codebooks
 
     rows = []
     g = torch.Generator(device=dev).manual_seed(int(time.time()))
@@ -86,7 +86,7 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shardq.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="build, load and check every op (default)")
     parser.parse_args(argv)
-    import shardq.ops  # noqa: F401  (defines the ops and registers the CUDA kernels)
+    import shardq.kernels.ops  # noqa: F401  (defines the ops and registers the CUDA kernels)
     from shardq.kernels import build, lib
 
     t0 = time.time()

@@ -96,23 +96,6 @@ GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
 GEMM4_MID_MIN_M = SMALL_M + 1  # smallest M sent to it when on (the kernel computes any M; the bench lowers this)
 
 
-def reference(name: str) -> Callable:
-    """The pure-PyTorch reference implementation of op `name` (the default kernel in shardq.ops)."""
-    import shardq.ops as ops
-
-    fn = getattr(getattr(ops, name), "_init_fn", None)
-    if fn is not None:
-        return fn
-
-    def via_cpu(*args):
-        dev = next(a.device for a in args if isinstance(a, Tensor))
-        cpu = [a.cpu() if isinstance(a, Tensor) else a for a in args]
-        out = getattr(torch.ops.shardq, name)(*cpu)
-        return tuple(o.to(dev) for o in out) if isinstance(out, tuple) else out.to(dev)
-
-    return via_cpu
-
-
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 

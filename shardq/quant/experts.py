@@ -21,9 +21,9 @@ import copy
 import torch
 from torch import nn
 
-import shardq.ops  # registers torch.ops.shardq
+import shardq.kernels.ops  # registers torch.ops.shardq
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
-from shardq.quant import blockwise, codebooks
+from shardq.formats import blockwise, codebooks
 from shardq.quant.linear import _Quantized
 
 
@@ -109,7 +109,7 @@ class QuantizedExperts(_Quantized):
         if self.double_quant:
             absmax = blockwise.dequantize_absmax(absmax, self.nested_absmax[e], self.nested_quant_map[e],
                                                  self._offset(e))
-        return shardq.ops.call("dequantize_4bit", self.weight[e].unsqueeze(1), absmax, self.quant_map[e],
+        return shardq.kernels.ops.call("dequantize_4bit", self.weight[e].unsqueeze(1), absmax, self.quant_map[e],
                                self.blocksize, [self.out_features, self.in_features], dtype)
 
     def __getitem__(self, idx: int | torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ def replace_stack(experts: nn.Module, attr: str, new: nn.Module) -> nn.Parameter
 
 
 def quantize_stacks(model: nn.Module, stacks: dict[str, tuple[int, int, int]], cfg: QuantConfig) -> None:
-    """Quantize in place each named fused expert stack (as `shardq.sizing.quantized_experts` names them) on the
+    """Quantize in place each named fused expert stack (as `shardq.quant.sizing.quantized_experts` names them) on the
     device it is on."""
     for full in stacks:
         parent, _, attr = full.rpartition(".")

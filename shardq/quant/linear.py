@@ -3,7 +3,7 @@ model to and from them.
 
 Every tensor lives in a registered buffer (or the bias parameter), so `.to()`, `state_dict()` and the
 offload stores move them generically; metadata (shapes, blocksize, quant type, compute dtype, threshold)
-are plain attributes. Forwards go through the `shardq::*` ops (`shardq.ops.call`: straight to the CUDA kernel in
+are plain attributes. Forwards go through the `shardq::*` ops (`shardq.kernels.ops.call`: straight to the CUDA kernel in
 eager mode on a GPU, the op itself otherwise), so CUDA kernels take over on a GPU.
 The loader builds empty modules on the meta device (`empty`) and fills them with `load_from_float`,
 which quantizes on the device the float weight is on.
@@ -15,12 +15,11 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-import shardq.ops  # registers torch.ops.shardq
-from shardq import sizing
+import shardq.kernels.ops  # registers torch.ops.shardq
+from shardq.quant import sizing
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
-from shardq.quant import blockwise, codebooks
+from shardq.formats import blockwise, codebooks
 
 
 PROGRESS_MIN_LAYERS = 32  # show a progress bar when converting or loading at least this many layers
@@ -160,7 +159,7 @@ class Linear4bit(_Quantized):
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
         dq = self.double_quant
-        out = shardq.ops.call("gemm_4bit", xc, self.weight, self.absmax, self.quant_map, self.blocksize,
+        out = shardq.kernels.ops.call("gemm_4bit", xc, self.weight, self.absmax, self.quant_map, self.blocksize,
                               self.out_features, self.in_features, self.nested_absmax if dq else None,
                               self.nested_quant_map if dq else None, self.offset_value() if dq else 0.0, self.bias)
         return out.to(inp_dtype)
@@ -205,7 +204,7 @@ class Linear8bit(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
-        out = shardq.ops.call("int8_linear", xc, self.weight, self.SCB, self.bias, self.threshold)
+        out = shardq.kernels.ops.call("int8_linear", xc, self.weight, self.SCB, self.bias, self.threshold)
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -243,41 +242,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] | list[str] = ()) -> nn.Module:
-    """Replace in place every layer `shardq.sizing.quantized_layers` names (nn.Linear and subclasses, transformers'
-    Conv1D; not MultiheadAttention's out_proj, tied heads or what `cfg.skips()` or `skip` name: exact name, dotted
-    component or prefix) by its quantized form, and every fused MoE expert stack `sizing.quantized_experts` names
-    by a `QuantizedExperts` (shardq.quant.experts). Returns the model. No-op for method "none"."""
-    from shardq.quant.experts import quantize_stacks
-
-    cfg = QuantConfig.from_any(cfg)
-    targets = list(sizing.quantized_layers(model, cfg, skip).items())
-    stacks = sizing.quantized_experts(model, cfg, skip)
-    on_meta = [n for n, m in targets if m.weight.device.type == "meta"]
-    on_meta += [n for n in stacks if model.get_parameter(n).device.type == "meta"]
-    if on_meta:  # checked before any layer is replaced
-        raise ValueError(f"{len(on_meta)} layer(s) have weights on the meta device (e.g. {on_meta[0]!r}): load the "
-                         "weights first, or build empty layers with Linear4bit.empty / Linear8bit.empty")
-    cls = Linear8bit if cfg.method == "int8" else Linear4bit
-    for name, lin in tqdm(targets, desc=f"shardq: quantizing to {cfg.method}", unit="layer",
-                          disable=len(targets) < PROGRESS_MIN_LAYERS, leave=False):
-        _set_submodule(model, name, cls.from_linear(lin, cfg))
-    quantize_stacks(model, stacks, cfg)
-    return model
-
-
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantized linear in place by an `nn.Linear` with its dequantized weight, and every quantized
-    expert stack by a float parameter of its dequantized values."""
-    from shardq.quant.experts import dequantize_stacks
-
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    for name, q in targets:
-        _set_submodule(model, name, q.dequantize())
-    dequantize_stacks(model)
-    return model
-
-
 def memory_footprint(model: nn.Module) -> int:
     """Bytes really stored by the model's parameters and buffers (packed weights, absmax, nested statistics,
     code books, biases), each storage counted once."""
@@ -295,7 +259,7 @@ def memory_footprint(model: nn.Module) -> int:
 
 
 def quantized_bytes(module: nn.Module) -> int:
-    """Bytes stored by one module's own tensors (no dedup), e.g. to compare with `shardq.sizing`."""
+    """Bytes stored by one module's own tensors (no dedup), e.g. to compare with `shardq.quant.sizing`."""
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 

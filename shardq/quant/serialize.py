@@ -7,7 +7,7 @@ with double quant `<m>.weight.nested_absmax` and `<m>.weight.nested_quant_map`, 
 `<m>.weight` int8 [out, in], `<m>.SCB` fp32 [out], `<m>.weight_format` uint8 0 (row-major). A GPT-2 `Conv1D`
 (float weight [in, out]) is stored quantized exactly as a Linear [out, in], as transformers transposes it for
 bitsandbytes; it loads back as a Linear8bit/Linear4bit. The quantization
-settings go into config.json's `quantization_config`. Files are read through `shardq.checkpoint` (headers
+settings go into config.json's `quantization_config`. Files are read through `shardq.checkpoint.index` (headers
 first, every check before any tensor is placed); nothing is ever unpickled.
 """
 
@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from shardq import sizing
-from shardq.checkpoint import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
+from shardq.quant import sizing
+from shardq.checkpoint.index import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
 from shardq.memory import parse_size
-from shardq.quant import blockwise, codebooks
+from shardq.formats import blockwise, codebooks
 from shardq.quant.linear import (PROGRESS_MIN_LAYERS, Linear4bit, Linear8bit, QuantLinear, _set_submodule,
                                  empty_quantized)
 

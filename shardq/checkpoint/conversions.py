@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardq.loader import LoadError, SourceTensor
+from shardq.checkpoint.source import LoadError, SourceTensor
 
 Shape = tuple[int, ...]
 

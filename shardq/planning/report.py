@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .memory import DeviceKey, device_label, format_size
-from .placement import DISK_GBPS, PCIE_GBPS, Placement, Plan
+from shardq.memory import DeviceKey, device_label, format_size
+from shardq.planning.placement import DISK_GBPS, PCIE_GBPS, Placement, Plan
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 

@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy
 import torch
 
-from .checkpoint import DTYPES, CheckpointError, read_header
+from shardq.checkpoint.index import DTYPES, CheckpointError, read_header
 
 ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
 INDEX_NAME = "index.json"

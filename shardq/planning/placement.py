@@ -7,9 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import QuantConfig
-from .memory import DeviceKey
-from .runmode import RunMode
+from shardq.config import QuantConfig
+from shardq.memory import DeviceKey
+from shardq.planning.runmode import RunMode
 
 
 class PlanError(ValueError):
@@ -22,7 +22,7 @@ class PlanError(ValueError):
 @dataclass
 class Placement:
     """One block: its device, bytes as placed there, storage ("int8", "nf4", "fp4", "fp32", dtype), run mode and,
-    for blocks off the GPUs, why it runs that way (`shardq.runmode`)."""
+    for blocks off the GPUs, why it runs that way (`shardq.planning.runmode`)."""
 
     name: str
     device: DeviceKey
@@ -41,7 +41,7 @@ class Plan:
     `cpu_mode` is how computing blocks placed on the CPU run unless the rule says otherwise: "cpu" (fp32,
     computed there) or "stream" (to the execution GPU); disk blocks are stored for it. Each block's own mode
     and its reason are `Placement.run`/`.reason` (`offload_modes`, `offload_reasons`): lookup blocks such as
-    embeddings run "cpu" while layers stream (`shardq.runmode`).
+    embeddings run "cpu" while layers stream (`shardq.planning.runmode`).
     """
 
     placements: list[Placement]

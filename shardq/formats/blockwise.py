@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from shardq.config import NESTED_BLOCKSIZE
-from shardq.quant import codebooks
+from shardq.formats import codebooks
 
 _TINY = 1e-38  # floor for an all-zero block's absmax: its codes are zero either way
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .sizing import TensorEntry
+from shardq.quant.sizing import TensorEntry
 
 
 @dataclass

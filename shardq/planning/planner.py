@@ -30,15 +30,17 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import hf, sizing
-from .config import QuantConfig
-from .hf import check_checkpoint
-from .devicemap import explicit_units, unknown_name
-from .memory import DeviceKey, device_label, format_size, get_max_memory, normalize_device
-from .placement import Placement, Plan, PlanError
-from .runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key, lookup_width
-from .sizing import TensorEntry
-from .units import Unit, decompose, make_units, tied_groups
+from shardq import hf
+from shardq.quant import sizing
+from shardq.config import QuantConfig
+from shardq.hf import check_checkpoint
+from shardq.planning.devicemap import explicit_units, unknown_name
+from shardq.memory import DeviceKey, device_label, format_size, get_max_memory, normalize_device
+from shardq.planning.placement import Placement, Plan, PlanError
+from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
+from shardq.planning.runmode import lookup_width
+from shardq.quant.sizing import TensorEntry
+from shardq.planning.units import Unit, decompose, make_units, tied_groups
 
 STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 OFFLOAD_MODES = ("cpu", "stream")
@@ -94,7 +96,7 @@ def plan_model(
     module names kept whole (default: transformers' `_no_split_modules`, else repeated ModuleList children).
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
     ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU), one
-    string for all or a dict per block (`check_offload_mode`); the others follow `shardq.runmode`.
+    string for all or a dict per block (`check_offload_mode`); the others follow `shardq.planning.runmode`.
     """
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
@@ -234,7 +236,7 @@ def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
-    """How each unit runs if placed on "cpu": the user's forced mode, else the rule of `shardq.runmode`."""
+    """How each unit runs if placed on "cpu": the user's forced mode, else the rule of `shardq.planning.runmode`."""
     if ctx.forced is not None:
         return {u.name: forced(ctx.forced, f"offload_mode={ctx.forced!r}") for u in ctx.units}
     widths = {u.name: lookup_width(model.get_submodule(u.name) if u.name else model, u.own_only) for u in ctx.units}
@@ -698,7 +700,7 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
         return plan_model(source, quant, **kwargs)
     if not isinstance(source, (str, os.PathLike)):
         raise PlanError(f"cannot plan a {type(source).__name__}: give an nn.Module or a checkpoint directory path")
-    from .checkpoint import index_checkpoint
+    from shardq.checkpoint.index import index_checkpoint
 
     path = os.fspath(source)
     config = hf.load_config(path)
@@ -707,8 +709,8 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
         quant = config.quantization_config
     model = hf.meta_model_from_config(config, resolve_dtype(dtype) or _checkpoint_dtype(index))
     result = plan_model(model, quant, **kwargs)
-    from .conversions import apply_conversions
-    from .loader import checkpoint_source
+    from shardq.checkpoint.conversions import apply_conversions
+    from shardq.checkpoint.source import checkpoint_source
 
     converted, problems = apply_conversions(model, checkpoint_source(index))  # transformers 5 renames and fusions
     result.mismatches = problems + check_checkpoint(model, converted)

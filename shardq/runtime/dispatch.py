@@ -7,8 +7,8 @@
 - a "cpu" block runs in one of two modes: "cpu" computes on the CPU in fp32 (the bitsandbytes fp32-offload
   behaviour: floating weights are cast to fp32, floating inputs too, and outputs go back to the input's dtype
   on the main device), or "stream": its weights stay in pinned host memory and are copied to the execution GPU
-  for each forward, the next block's copy overlapping the current compute (`shardq.offload.Streamer`). The
-  user forces modes with `offload_modes`; otherwise each block gets the rule of `shardq.runmode` (with a GPU:
+  for each forward, the next block's copy overlapping the current compute (`shardq.runtime.offload.Streamer`). The
+  user forces modes with `offload_modes`; otherwise each block gets the rule of `shardq.planning.runmode` (with a GPU:
   lookup blocks such as embeddings "cpu", computing blocks "stream");
 - a "disk" block's weights live in `offload_dir` as safetensors and are read ahead by a thread, then streamed.
 
@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
-from shardq.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
+from shardq.runtime.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
     write_disk_offload
-from shardq.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, forcing_key, lookup_width
+from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, forcing_key
+from shardq.planning.runmode import lookup_width
 
 MODES = ("gpu", "cpu", "stream", "disk")
 
@@ -207,7 +208,7 @@ def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, 
 def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], offload_modes: Any,
                    has_gpu: bool) -> dict[str, RunMode]:
     """Every block's mode: the user's `offload_modes` for "cpu" blocks (a string for all, or a dict per block or
-    parent name, the longest covering name winning as in the planner), else the rule of `shardq.runmode`; a
+    parent name, the longest covering name winning as in the planner), else the rule of `shardq.planning.runmode`; a
     `RunMode` given with a reason (the loader's plan) keeps it."""
     cpu = [k for k, v in entries.items() if v == "cpu"]
     keys: dict[str, str] = {}
@@ -240,7 +241,7 @@ def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: lis
 
 def _rule_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], names: list[str],
                 has_gpu: bool) -> dict[str, RunMode]:
-    """The `shardq.runmode` rule for the "cpu" blocks `names` (workload: `DEFAULT_WORKLOAD`)."""
+    """The `shardq.planning.runmode` rule for the "cpu" blocks `names` (workload: `DEFAULT_WORKLOAD`)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     nested = {n for n in entries if any(e != n and (n == "" or e.startswith(n + ".")) for e in entries)}
     widths = {n: lookup_width(modules[n], own_only=n in nested) for n in entries}
@@ -544,7 +545,7 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
     blocks, "cpu" (compute on the CPU, fp32) or "stream" (copy weights to the GPU per forward); one string for
     all or a dict per block or parent name (the longest covering name wins); blocks it does not cover follow
-    `shardq.runmode` (without a GPU "cpu"; with one, lookup blocks such as embeddings "cpu", computing blocks
+    `shardq.planning.runmode` (without a GPU "cpu"; with one, lookup blocks such as embeddings "cpu", computing blocks
     "stream"). `execution_device`: the GPU that
     streamed blocks run on and outputs return to (default: the map's first GPU). `offload_dir`: folder of
     disk blocks (written here from the module's weights unless `write_disk_offload` already wrote them).

@@ -30,71 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardq import sizing
-from shardq.checkpoint import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
+from shardq.quant import sizing
+from shardq.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
 from shardq.config import QuantConfig
-from shardq.dispatch import dispatch_model
-from shardq.offload import host_buffer, pin_buffer, write_disk_offload
-from shardq.planner import Plan, Placement, check_offload_mode, plan_model
+from shardq.runtime.dispatch import dispatch_model
+from shardq.runtime.offload import host_buffer, pin_buffer, write_disk_offload
+from shardq.planning.planner import Plan, Placement, check_offload_mode, plan_model
 from shardq.progress import byte_bar
+from shardq.checkpoint.source import LoadError, SourceTensor, checkpoint_source, module_source
 from shardq.quant.experts import QuantizedExperts, replace_stack
 from shardq.quant.linear import empty_quantized
 
 QUANTIZED = ("int8", "nf4", "fp4")
-
-
-class LoadError(ValueError):
-    """A checkpoint that does not fit the model, or a load that cannot start; raised before anything is placed."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# sources: where each tensor's bytes come from
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """One tensor to load: its name in the source, shape, dtype, bytes, and how to read it (CPU tensor)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    read: Callable[[], torch.Tensor]
-    order: tuple[str, int] = ("", 0)
-    info: TensorInfo | None = None  # where its bytes are in a file (lets GPU-bound reads go through pinned memory)
-
-
-def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
-    """Every tensor of a safetensors checkpoint, read lazily from its byte range."""
-    out = {}
-    for info in index:
-        out[info.name] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
-                                      (info.file, info.start), info)
-    return out
-
-
-def _reader(info: TensorInfo) -> Callable[[], torch.Tensor]:
-    return lambda: read_tensor(info)
-
-
-def module_source(model: nn.Module) -> dict[str, SourceTensor]:
-    """The model's own (real) weights as the source, one entry per distinct tensor of its state_dict."""
-    out: dict[str, SourceTensor] = {}
-    seen: set[int] = set()
-    meta = []
-    for i, (name, t) in enumerate(model.state_dict(keep_vars=True).items()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        if t.device.type == "meta":
-            meta.append(name)
-            continue
-        out[name] = SourceTensor(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(),
-                                 (lambda t=t: t.detach()), ("", i))
-    if meta:
-        raise LoadError(f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}) and no checkpoint "
-                        "was given: pass checkpoint='path/to/dir or file.safetensors' to fill them")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -677,7 +624,7 @@ def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: A
     if checkpoint is None:
         tensors = module_source(model)
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
-    from shardq.conversions import convert_source
+    from shardq.checkpoint.conversions import convert_source
 
     index = index_checkpoint(checkpoint)
     tensors = checkpoint_source(index)
@@ -723,7 +670,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `offload_dir`: folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or
     "stream" (weights copied to the GPU per forward) for every CPU block, or per block with a dict {block or parent
     module name: mode} (the longest matching name wins; each name must cover a block placed on "cpu"); blocks
-    not forced follow the planner's rule (`shardq.runmode`), and `model.shardq_offload_modes[block].reason` says
+    not forced follow the planner's rule (`shardq.planning.runmode`), and `model.shardq_offload_modes[block].reason` says
     why. `workload` = (batch, seq_len) sizes the activation reserve. `dtype`: cast floating weights to it
     (default: the model's own dtypes).
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).

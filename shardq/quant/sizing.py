@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import NESTED_BLOCKSIZE, QuantConfig
+from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 
 QUANT_MAP_BYTES = 16 * 4
 NESTED_MAP_BYTES = 256 * 4
@@ -239,8 +239,8 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
     bytes per token and output feature, and the ring kernel's K in parts (M > 8, narrow N): 4 bytes per part, token
     and output feature.
     """
-    from .kernels import cuda_ops
-    from .kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, INT8_PREP_STATS, SMALL_M, int8_outlier_cap
+    from shardq.kernels import cuda_ops
+    from shardq.kernels.cuda_ops import DEQUANT_CHUNK_BYTES, GEMV_MAX_M, INT8_PREP_STATS, SMALL_M, int8_outlier_cap
 
     def int8(n: int, k: int) -> int:
         pad = (tokens * _up8(k) + _up8(n) * _up8(k)) if (n % 8 or k % 8) else 0

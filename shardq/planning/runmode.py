@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .memory import format_size
-from .sizing import linear_shape
+from shardq.memory import format_size
+from shardq.quant.sizing import linear_shape
 
 DEFAULT_WORKLOAD = (1, 512)
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)

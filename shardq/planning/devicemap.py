@@ -8,10 +8,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .memory import DeviceKey, device_label, normalize_device, parse_gpus
-from .placement import PlanError
-from .sizing import TensorEntry
-from .units import Unit, entry_units, has_own_tensors, unit_entries
+from shardq.memory import DeviceKey, device_label, normalize_device, parse_gpus
+from shardq.planning.placement import PlanError
+from shardq.quant.sizing import TensorEntry
+from shardq.planning.units import Unit, entry_units, has_own_tensors, unit_entries
 
 
 def explicit_units(model: nn.Module, device_map: Mapping[str, Any], entries: dict[str, TensorEntry],

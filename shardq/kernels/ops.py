@@ -1,5 +1,5 @@
 """The `shardq::*` custom ops (torch.library). The default kernel of each op is the pure-PyTorch reference in
-`shardq.quant` (CPU path and test oracle); `shardq.kernels.register()` adds CUDA kernels beside it. Fake
+`shardq.formats` (CPU path and test oracle); the CUDA kernels of `cuda_ops` are registered beside it. Fake
 implementations give output shapes so torch.compile and CUDA graphs can capture the ops. Importing this
 module only registers Python functions: no extension is loaded and no GPU is touched.
 """
@@ -7,12 +7,13 @@ module only registers Python functions: no extension is loaded and no GPU is tou
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from shardq.quant import blockwise, int8
+from shardq.formats import blockwise, int8
+from shardq.kernels.cuda_ops import KERNELS
 
 _LIB = "shardq"
 # The schemas of DESIGN.md, spelled out so they read `int` where inference would write `SymInt`.
@@ -122,9 +123,28 @@ def _(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshol
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-from shardq import kernels  # noqa: E402  (CUDA registrations go over the reference defined above)
+for _name, _fn in KERNELS.items():  # CUDA implementations beside the reference defined above
+    torch.library.register_kernel(f"{_LIB}::{_name}", "cuda", _fn)
 
-kernels.register()
+
+def cuda_kernel(name: str) -> Callable:
+    """The CUDA implementation registered for op `shardq::<name>` (`call` uses it to skip the dispatcher)."""
+    return KERNELS[name]
+
+
+def reference(name: str) -> Callable:
+    """The pure-PyTorch reference implementation of op `name` (the default kernel in shardq.kernels.ops)."""
+    fn = getattr(globals()[name], "_init_fn", None)
+    if fn is not None:
+        return fn
+
+    def via_cpu(*args):
+        dev = next(a.device for a in args if isinstance(a, Tensor))
+        cpu = [a.cpu() if isinstance(a, Tensor) else a for a in args]
+        out = getattr(torch.ops.shardq, name)(*cpu)
+        return tuple(o.to(dev) for o in out) if isinstance(out, tuple) else out.to(dev)
+
+    return via_cpu
 
 
 def call(name: str, *args):
@@ -134,7 +154,7 @@ def call(name: str, *args):
     (CPU, meta and fake tensors, tracing, autograd) goes through the op, so torch.compile sees the op."""
     x = args[0]
     if _direct(x):
-        return kernels.cuda_kernel(name)(*args)
+        return cuda_kernel(name)(*args)
     return getattr(torch.ops.shardq, name)(*args)
 
 

@@ -1,0 +1,1 @@
+"""Stage 2, load: stream a checkpoint's tensors into the planned devices, quantizing on the way (`loader`)."""

@@ -1,0 +1,6 @@
+"""Stage 1, plan: where every block goes and what it costs, before any weight is read.
+
+`units` cuts a model into blocks, `devicemap` reads explicit accelerate-format maps, `runmode` decides how a
+CPU-placed block runs, `planner` places blocks under the caps, `placement` is the resulting `Plan`, and `report`
+prints it.
+"""
