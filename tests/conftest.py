@@ -2,7 +2,7 @@
 
 import pytest
 
-from shardq.checkpoint.index import index as checkpoint
+from shardq.checkpoint import index as checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shardq.checkpoint.index import index as checkpoint, CheckpointError, index_checkpoint, read_header, read_tensor
+from shardq.checkpoint import index as checkpoint
+from shardq.checkpoint.index import CheckpointError, index_checkpoint, read_header, read_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int64, torch.bool,
           torch.float64, torch.int32]

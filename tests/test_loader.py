@@ -240,13 +240,13 @@ def test_truncated_shard_fails_before_anything(saved, tmp_path):
 
 
 def test_failure_while_streaming_rolls_back(saved, tmp_path, monkeypatch):
-    import shardq.loading.loader as loader
+    import shardq.checkpoint.source as source
 
     _, ckpt = saved["llama"]
     model = meta_model_from_dir(ckpt)
     before = [type(m) for m in model.modules()]
     calls = {"n": 0}
-    real = loader.read_tensor
+    real = source.read_tensor
 
     def flaky(info, device=None):
         calls["n"] += 1
@@ -254,12 +254,12 @@ def test_failure_while_streaming_rolls_back(saved, tmp_path, monkeypatch):
             raise OSError("disk went away")
         return real(info, device)
 
-    monkeypatch.setattr(loader, "read_tensor", flaky)
+    monkeypatch.setattr(source, "read_tensor", flaky)
     with pytest.raises(OSError, match="disk went away"):
         load_sharded(model, ckpt, quant="int8", max_memory={"cpu": "1GB", "disk": "1GB"},
                      device_map=offload_map(model), offload_dir=tmp_path, progress=False)
     assert all_meta(model) and [type(m) for m in model.modules()] == before
-    monkeypatch.setattr(loader, "read_tensor", real)
+    monkeypatch.setattr(source, "read_tensor", real)
     load_sharded(model, ckpt, quant="int8", max_memory={"cpu": "1GB"}, progress=False)  # the same model loads after
 
 

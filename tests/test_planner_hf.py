@@ -11,7 +11,7 @@ from torch import nn
 
 from _f_models import ARCHS, meta_model, save_checkpoint, tiny_config
 from _f_plan_checks import check_plan
-from shardq.checkpoint.index import index as checkpoint
+from shardq.checkpoint import index as checkpoint
 from shardq import hf
 from shardq.config import QuantConfig, to_bnb_dict
 from shardq.planning.planner import PlanError, check_checkpoint, plan, plan_model
