@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from shardq.kernels import lib as _lib
+from shardq.kernels import reference as _ref
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SMALL_M = 32  # gemm_4bit / int8_linear use the GEMV-style kernels up to this many rows
@@ -160,7 +161,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
               nested_offset: float, bias: Optional[Tensor]) -> Tensor:
     lib = _lib.load()
     if lib is None or x.dtype not in DTYPE_CODES:
-        return reference("gemm_4bit")(x, packed, absmax, code, blocksize, out_features, in_features,
+        return _ref.gemm_4bit(x, packed, absmax, code, blocksize, out_features, in_features,
                                       nested_absmax, nested_code, nested_offset, bias)
     n, k = out_features, in_features
     if x.shape[-1] != k:
@@ -297,7 +298,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
                     dtype: torch.dtype) -> Tensor:
     lib = _lib.load()
     if lib is None or dtype not in DTYPE_CODES:
-        return reference("dequantize_4bit")(packed, absmax, code, blocksize, shape, dtype)
+        return _ref.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
     numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
         raise ValueError(f"packed must be uint8 with ceil({numel}/2) bytes, got {packed.dtype} {packed.numel()}")
@@ -316,7 +317,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
 def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     lib = _lib.load()
     if lib is None or A.dtype not in DTYPE_CODES:
-        return reference("quantize_4bit")(A, code, blocksize)
+        return _ref.quantize_4bit(A, code, blocksize)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     _check_code(code)
@@ -335,7 +336,7 @@ def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tens
 def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
     lib = _lib.load()
     if lib is None or A.dtype not in DTYPE_CODES or A.dim() == 0:
-        return reference("quantize_int8_rowwise")(A)
+        return _ref.quantize_int8_rowwise(A)
     a = A.contiguous()
     cols = a.shape[-1]
     rows = a.numel() // cols if cols else 0
@@ -394,7 +395,7 @@ def _check_int8_args(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Te
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     lib = _lib.load()
     if lib is None or x.dtype not in DTYPE_CODES:
-        return reference("int8_linear")(x, weight, scale, bias, threshold)
+        return _ref.int8_linear(x, weight, scale, bias, threshold)
     _check_int8_args(x, weight, scale, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()

@@ -6,13 +6,13 @@ module only registers Python functions: no extension is loaded and no GPU is tou
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from shardq.formats import blockwise, int8
+from shardq.formats import blockwise
+from shardq.kernels import reference as reference_impl
 from shardq.kernels.cuda_ops import KERNELS
 
 _LIB = "shardq"
@@ -26,21 +26,13 @@ _SCHEMAS = {
 }
 
 
-def _check_4bit_args(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int) -> None:
-    """Shape/dtype checks shared by the reference and fake kernels (clear errors instead of garbage)."""
-    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.numel() == (numel + 1) // 2,
-                 lambda: f"packed holds {packed.numel()} bytes, expected ceil({numel}/2) = {(numel + 1) // 2}")
-    torch._check(absmax.numel() == blockwise.n_blocks(numel, blocksize),
-                 lambda: f"absmax has {absmax.numel()} entries, expected ceil({numel}/{blocksize})")
-    torch._check(code.numel() == 16 and code.dtype == torch.float32,
-                 lambda: f"code must be fp32 [16], got {code.dtype} {tuple(code.shape)}")
+def _op(name: str):
+    """The custom op `shardq::<name>` with the reference as its default kernel (its `_init_fn`)."""
+    return torch.library.custom_op(f"{_LIB}::{name}", getattr(reference_impl, name), mutates_args=(),
+                                   schema=_SCHEMAS[name])
 
 
-@torch.library.custom_op(f"{_LIB}::quantize_4bit", mutates_args=(), schema=_SCHEMAS["quantize_4bit"])
-def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """Blockwise absmax quantization of A to a 16-entry code: (packed uint8 [ceil(n/2),1], absmax fp32)."""
-    return blockwise.quantize_4bit_ref(A, code, blocksize)
+quantize_4bit = _op("quantize_4bit")
 
 
 @quantize_4bit.register_fake
@@ -50,12 +42,7 @@ def _(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
             A.new_empty((blockwise.n_blocks(n, blocksize),), dtype=torch.float32))
 
 
-@torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=(), schema=_SCHEMAS["dequantize_4bit"])
-def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
-                    dtype: torch.dtype) -> Tensor:
-    """fp32 code[q] * absmax[block], cast to `dtype`, in `shape` (absmax is the real fp32 absmax)."""
-    _check_4bit_args(packed, absmax, code, blocksize, math.prod(shape))
-    return blockwise.dequantize_4bit_ref(packed, absmax, code, blocksize, list(shape), dtype)
+dequantize_4bit = _op("dequantize_4bit")
 
 
 @dequantize_4bit.register_fake
@@ -64,25 +51,7 @@ def _(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Seque
     return packed.new_empty(list(shape), dtype=dtype)
 
 
-def _real_absmax(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                 nested_offset: float) -> Tensor:
-    if nested_absmax is None:
-        return absmax
-    torch._check(nested_code is not None, lambda: "nested_absmax given without nested_code")
-    return blockwise.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
-
-
-@torch.library.custom_op(f"{_LIB}::gemm_4bit", mutates_args=(), schema=_SCHEMAS["gemm_4bit"])
-def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-              in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-              nested_offset: float, bias: Optional[Tensor]) -> Tensor:
-    """x @ W.T + bias in x.dtype, W the dequantized [out_features, in_features] 4-bit weight."""
-    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, layer takes {in_features}")
-    real = _real_absmax(absmax, nested_absmax, nested_code, nested_offset)
-    _check_4bit_args(packed, real, code, blocksize, out_features * in_features)
-    w = blockwise.dequantize_4bit_ref(packed, real, code, blocksize, [out_features, in_features], x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    return torch.nn.functional.linear(x, w, b)
+gemm_4bit = _op("gemm_4bit")
 
 
 @gemm_4bit.register_fake
@@ -93,10 +62,7 @@ def _(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, o
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op(f"{_LIB}::quantize_int8_rowwise", mutates_args=(), schema=_SCHEMAS["quantize_int8_rowwise"])
-def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 round(A * 127 / absmax_row) and the fp32 absmax of each row (last dim)."""
-    return int8.quantize_rowwise_ref(A)
+quantize_int8_rowwise = _op("quantize_int8_rowwise")
 
 
 @quantize_int8_rowwise.register_fake
@@ -104,22 +70,12 @@ def _(A: Tensor) -> tuple[Tensor, Tensor]:
     return A.new_empty(A.shape, dtype=torch.int8), A.new_empty(A.shape[:-1], dtype=torch.float32)
 
 
-def _check_features(x: Tensor, weight: Tensor) -> None:
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
-
-
-@torch.library.custom_op(f"{_LIB}::int8_linear", mutates_args=(), schema=_SCHEMAS["int8_linear"])
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
-    """LLM.int8() x @ W.T + bias in x.dtype (outlier columns above `threshold` in x.dtype, the rest int8)."""
-    torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
-    _check_features(x, weight)
-    return int8.int8_linear_ref(x, weight, scale, bias, threshold)
+int8_linear = _op("int8_linear")
 
 
 @int8_linear.register_fake
 def _(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
-    _check_features(x, weight)
+    reference_impl.check_features(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -133,18 +89,8 @@ def cuda_kernel(name: str) -> Callable:
 
 
 def reference(name: str) -> Callable:
-    """The pure-PyTorch reference implementation of op `name` (the default kernel in shardq.kernels.ops)."""
-    fn = getattr(globals()[name], "_init_fn", None)
-    if fn is not None:
-        return fn
-
-    def via_cpu(*args):
-        dev = next(a.device for a in args if isinstance(a, Tensor))
-        cpu = [a.cpu() if isinstance(a, Tensor) else a for a in args]
-        out = getattr(torch.ops.shardq, name)(*cpu)
-        return tuple(o.to(dev) for o in out) if isinstance(out, tuple) else out.to(dev)
-
-    return via_cpu
+    """The pure-PyTorch reference implementation of op `name` (the op's default kernel)."""
+    return getattr(reference_impl, name)
 
 
 def call(name: str, *args):

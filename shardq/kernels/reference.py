@@ -1,0 +1,73 @@
+"""The pure-PyTorch reference of every `shardq::*` op: the ops' default kernel (CPU path), the CUDA wrappers'
+fallback when the kernels library is unavailable, and the oracle of the kernel tests. Argument checks are shared
+with the ops' fake kernels, so a bad call fails with the same message on every device."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from shardq.formats import blockwise, int8
+
+
+def check_4bit_args(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int) -> None:
+    """Shape/dtype checks shared by the reference and fake kernels (clear errors instead of garbage)."""
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.numel() == (numel + 1) // 2,
+                 lambda: f"packed holds {packed.numel()} bytes, expected ceil({numel}/2) = {(numel + 1) // 2}")
+    torch._check(absmax.numel() == blockwise.n_blocks(numel, blocksize),
+                 lambda: f"absmax has {absmax.numel()} entries, expected ceil({numel}/{blocksize})")
+    torch._check(code.numel() == 16 and code.dtype == torch.float32,
+                 lambda: f"code must be fp32 [16], got {code.dtype} {tuple(code.shape)}")
+
+
+def check_features(x: Tensor, weight: Tensor) -> None:
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+
+
+def _real_absmax(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                 nested_offset: float) -> Tensor:
+    if nested_absmax is None:
+        return absmax
+    torch._check(nested_code is not None, lambda: "nested_absmax given without nested_code")
+    return blockwise.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
+
+
+def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """Blockwise absmax quantization of A to a 16-entry code: (packed uint8 [ceil(n/2),1], absmax fp32)."""
+    return blockwise.quantize_4bit_ref(A, code, blocksize)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
+                    dtype: torch.dtype) -> Tensor:
+    """fp32 code[q] * absmax[block], cast to `dtype`, in `shape` (absmax is the real fp32 absmax)."""
+    check_4bit_args(packed, absmax, code, blocksize, math.prod(shape))
+    return blockwise.dequantize_4bit_ref(packed, absmax, code, blocksize, list(shape), dtype)
+
+
+def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+              in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+              nested_offset: float, bias: Optional[Tensor]) -> Tensor:
+    """x @ W.T + bias in x.dtype, W the dequantized [out_features, in_features] 4-bit weight."""
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, layer takes {in_features}")
+    real = _real_absmax(absmax, nested_absmax, nested_code, nested_offset)
+    check_4bit_args(packed, real, code, blocksize, out_features * in_features)
+    w = blockwise.dequantize_4bit_ref(packed, real, code, blocksize, [out_features, in_features], x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return torch.nn.functional.linear(x, w, b)
+
+
+def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 round(A * 127 / absmax_row) and the fp32 absmax of each row (last dim)."""
+    return int8.quantize_rowwise_ref(A)
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+    """LLM.int8() x @ W.T + bias in x.dtype (outlier columns above `threshold` in x.dtype, the rest int8)."""
+    torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
+    check_features(x, weight)
+    return int8.int8_linear_ref(x, weight, scale, bias, threshold)
