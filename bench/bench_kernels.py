@@ -6,17 +6,14 @@ For every K×N and M: fp16 `nn.Linear` (cuBLAS), shardq Linear4bit nf4 (± doubl
 K-split small-M kernel forced for M <= 32; sq_nf4_tc: the tensor-core ring kernel for M <= 16 (GEMV_MAX_M), where
 the default is the register-streaming GEMV; sq_nf4_deq: M > 32 through dequantize + cuBLAS, where the default on
 Hopper is the fused-dequant wgmma kernel (csrc/gemm_4bit_wgmma.cu) for 32 < M <= 128 on wide grids; sq_nf4_wg: that
-kernel forced for every M > 32; sq_nf4_mid: the opt-in fused-dequant kernel csrc/gemm_4bit_mid.cu forced
-for M >= 7, next to the default kernels) and Linear8bit (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with
-the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_mm / sq_int8_t0_mm:
-M > 32 with the opt-in fused csrc/int8_gemm_wgmma.cu switched off (torch._int_mm + the epilogue kernel; compare
-under SHARDQ_INT8_WGMMA=1, where sq_int8_t6 / sq_int8_t0 run the fused kernel); sq_int8_t6_fused /
+kernel forced for every M > 32) and Linear8bit (threshold 6 and 0; plus sq_int8_t6_gemv: threshold 6 with
+the int8 tensor-core kernel switched off, the dp4a GEMV it replaced for 2 <= M <= 32; sq_int8_t6_fused /
 sq_int8_t0_fused: the one-launch kernel forced for M <= 4, where the default is the prepare step + the tensor-core
 kernel from M = 2), bitsandbytes 0.50.2 Linear4bit / Linear8bitLt with the same settings (if importable). Opt-in,
 fp32 compute dtype (bitsandbytes' default): sq_nf4_c32 / bnb_nf4_c32 are nf4 layers with compute_dtype=float32 fed
 fp16 x, as a model loaded with a default BitsAndBytesConfig runs them; sq_nf4_c32_deq is sq_nf4_c32 with the fp32
 kernel switched off (dequantize-to-fp32 + cuBLAS, the path before it). Inputs carry 8
-outlier feature columns scaled ×20 (as /work/shared/anchors/peer_bench.py). Each contender is timed
+outlier feature columns scaled ×20 (as the peer benchmark shared/anchors/peer_bench.py). Each contender is timed
   - as a module call: CUDA events around one call, Python launch cost included, median of 30;
   - graph-captured: a CUDA graph of back-to-back calls, replay time / calls, median of 5 replays;
 rotating over enough weight copies (≥ 2× L2) that weights stream from HBM, not L2. Effective weight GB/s =
@@ -58,21 +55,15 @@ GEMV_OFF_MAX_M = {"sq_nf4_tc": cuda_ops.GEMV_MAX_M}
 INT8_TC_OFF = {"sq_int8_t6_gemv": (cuda_ops.INT8_TC_MIN_M, cuda_ops.INT8_TC_MAX_M)}
 # kinds timed with the one-launch int8 kernel forced (cuda_ops.INT8_FUSED_MAX_M) over the M it computes
 INT8_FUSED_ON = {"sq_int8_t6_fused": 4, "sq_int8_t0_fused": 4}
-# kinds timed with the fused-dequant kernel forced on (cuda_ops.GEMM4_MID), and the smallest M each applies to (it
-# computes any M; below 33 it is timed against the default small-M kernel)
-MID_MIN_M = {"sq_nf4_mid": 7}
 # kinds timed with the Hopper fused-dequant kernel switched off (cuda_ops.GEMM4_WGMMA): dequantize + cuBLAS, the
 # large-M path it replaced, over the M it serves
 WGMMA_OFF_MIN_M = {"sq_nf4_deq": cuda_ops.SMALL_M + 1}
 # kinds timed with the Hopper fused-dequant kernel forced for every M > 32 and grid (the op routes only part to it)
 WGMMA_FORCED = {"sq_nf4_wg"}
-# kinds timed with the Hopper fused int8 kernel switched off (cuda_ops.INT8_WGMMA): torch._int_mm + the epilogue
-# kernel, the path it replaced for M > 32
-INT8_WGMMA_OFF = {"sq_int8_t6_mm", "sq_int8_t0_mm"}
 # kinds timed with the fp32-activation kernel switched off (cuda_ops.GEMM4_F32)
 F32_OFF = {"sq_nf4_c32_deq"}
 # timed only when --kinds names them
-OPT_IN = {"sq_nf4_mid", "sq_nf4_wg", "sq_int8_t6_gemv", "sq_nf4_tc", "sq_nf4_c32", "sq_nf4_c32_deq", "bnb_nf4_c32",
+OPT_IN = {"sq_nf4_wg", "sq_int8_t6_gemv", "sq_nf4_tc", "sq_nf4_c32", "sq_nf4_c32_deq", "bnb_nf4_c32",
           *INT8_FUSED_ON}
 
 
@@ -180,11 +171,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     rows = [{"K": k, "N": n, "M": m} for m in ms]
-    default_variant, default_tc, default_mid = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID
+    default_variant, default_tc = cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC
     default_fused = cuda_ops.INT8_FUSED_MAX_M
     default_gemv, default_f32, default_wgmma = cuda_ops.GEMM4_GEMV, cuda_ops.GEMM4_F32, cuda_ops.GEMM4_WGMMA
     default_wgmma_max, default_wgmma_fill = cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL
-    default_mid_min, default_i8wg = cuda_ops.GEMM4_MID_MIN_M, cuda_ops.INT8_WGMMA
     g = torch.Generator(device=DEV).manual_seed(k * 31 + n)
 
     def weight():
@@ -202,15 +192,12 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
                 continue
             if kind in INT8_FUSED_ON and row["M"] > INT8_FUSED_ON[kind]:
                 continue
-            if kind in MID_MIN_M and row["M"] < MID_MIN_M[kind]:
-                continue
             if kind in GEMV_OFF_MAX_M and row["M"] > GEMV_OFF_MAX_M[kind]:
                 continue
             if kind in WGMMA_OFF_MIN_M and row["M"] < WGMMA_OFF_MIN_M[kind]:
                 continue
-            if kind in WGMMA_FORCED | INT8_WGMMA_OFF and row["M"] <= cuda_ops.SMALL_M:
+            if kind in WGMMA_FORCED and row["M"] <= cuda_ops.SMALL_M:
                 continue
-            cuda_ops.INT8_WGMMA = kind not in INT8_WGMMA_OFF and default_i8wg
             cuda_ops.GEMM4_WGMMA = kind not in WGMMA_OFF_MIN_M and default_wgmma
             cuda_ops.WGMMA_MAX_M = 1 << 30 if kind in WGMMA_FORCED else default_wgmma_max
             cuda_ops.WGMMA_MIN_FILL = 0.0 if kind in WGMMA_FORCED else default_wgmma_fill
@@ -219,8 +206,6 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             cuda_ops.GEMM4_VARIANT = int(kind[-1]) if kind in VARIANT_MAX_M else default_variant
             cuda_ops.INT8_TC = kind not in INT8_TC_OFF and default_tc
             cuda_ops.INT8_FUSED_MAX_M = INT8_FUSED_ON.get(kind, default_fused)
-            cuda_ops.GEMM4_MID = kind in MID_MIN_M or default_mid
-            cuda_ops.GEMM4_MID_MIN_M = MID_MIN_M.get(kind, default_mid_min)
             x = torch.randn(row["M"], k, device=DEV, generator=g).half()  # private generator: not graph-registered
             x[:, :: max(1, k // 8)] *= 20.0
             try:
@@ -238,10 +223,9 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
             if ref_mod is not None:
                 with torch.inference_mode():
                     row[kind + "_relerr_vs_deq"] = round(rel_err(r["out"], ref_mod(x)), 5)
-        cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_MID = default_variant, default_tc, default_mid
-        cuda_ops.GEMM4_MID_MIN_M, cuda_ops.GEMM4_GEMV = default_mid_min, default_gemv
+        cuda_ops.GEMM4_VARIANT, cuda_ops.INT8_TC, cuda_ops.GEMM4_GEMV = default_variant, default_tc, default_gemv
         cuda_ops.GEMM4_F32, cuda_ops.INT8_FUSED_MAX_M = default_f32, default_fused
-        cuda_ops.GEMM4_WGMMA, cuda_ops.INT8_WGMMA = default_wgmma, default_i8wg
+        cuda_ops.GEMM4_WGMMA = default_wgmma
         cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL = default_wgmma_max, default_wgmma_fill
         del mods, first, ref_mod
         torch.cuda.empty_cache()
@@ -253,11 +237,11 @@ def table(rows: list[dict], hbm: float) -> str:
             ("sq_nf4_wg", "sq nf4 wgmma"),
             ("sq_nf4_v1", "sq nf4 v1"),
             ("sq_nf4_tc", "sq nf4 ring"),
-            ("sq_nf4_mid", "sq nf4 mid"), ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
+            ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
             ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
-            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_mm", "sq i8t6 int_mm"), ("sq_int8_t6_gemv", "sq i8t6 gemv"),
+            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"),
             ("bnb_int8_t6", "bnb i8t6"),
-            ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"), ("sq_int8_t0_mm", "sq i8t0 int_mm"),
+            ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"),
             ("sq_int8_t0_fused", "sq i8t0 fused"),
             ("bnb_int8_t0", "bnb i8t0")]
     cols = [c for c in cols if any(c[0] + "_us" in r for r in rows)]  # contenders of this run only
@@ -293,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if not shardq.kernels.available():
         print("shardq kernels unavailable: the numbers would be the reference path", file=sys.stderr)
         return 1
-    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc", "sq_nf4_mid",
-             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_mm", "sq_int8_t6_gemv", "sq_int8_t6_fused",
-             "sq_int8_t0", "sq_int8_t0_mm", "sq_int8_t0_fused"]
+    kinds = ["fp16", "sq_nf4", "sq_nf4_dq", "sq_nf4_deq", "sq_nf4_wg", "sq_nf4_v1", "sq_nf4_tc",
+             "sq_nf4_c32", "sq_nf4_c32_deq", "sq_int8_t6", "sq_int8_t6_gemv", "sq_int8_t6_fused",
+             "sq_int8_t0", "sq_int8_t0_fused"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__,
            "command": " ".join(["python", "bench/bench_kernels.py", *(argv or sys.argv[1:])])}

@@ -3,7 +3,7 @@
     ncu --clock-control none -k regex:gemm4 python bench/profile_kernel.py --kind sq_nf4 --shape 8192x28672 --m 1
 
 The weights are built as in bench_kernels.py (same contenders); `--variant` picks the small-M 4-bit kernel,
-`--mid` forces the fused-dequant large-M one, `--wgmma` the Hopper one.
+`--wgmma` forces the Hopper fused-dequant one for any M > 32.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--variant", type=int, default=cuda_ops.GEMM4_VARIANT)
     ap.add_argument("--calls", type=int, default=3)
-    ap.add_argument("--mid", action="store_true", help="force the fused-dequant GEMM (csrc/gemm_4bit_mid.cu) for any M")
     ap.add_argument("--wgmma", action="store_true",
                     help="force the Hopper fused-dequant GEMM (csrc/gemm_4bit_wgmma.cu) for any M > 32 and grid")
     args = ap.parse_args(argv)
     k, n = (int(v) for v in args.shape.split("x"))
     cuda_ops.GEMM4_VARIANT = args.variant
-    if args.mid:
-        cuda_ops.GEMM4_MID, cuda_ops.GEMM4_MID_MIN_M = True, 1
     if args.wgmma:
         cuda_ops.WGMMA_MAX_M, cuda_ops.WGMMA_MIN_FILL = 1 << 30, 0.0
     mod = build(args.kind, (torch.randn(n, k) * 0.02).half())

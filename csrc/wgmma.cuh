@@ -1,4 +1,4 @@
-// Hopper (sm_90a) warpgroup-MMA plumbing shared by the wgmma kernels (gemm_4bit_wgmma.cu, int8_gemm_wgmma.cu):
+// Hopper (sm_90a) warpgroup-MMA plumbing of the wgmma kernel (gemm_4bit_wgmma.cu):
 // fences, commit/wait, the shared-memory matrix descriptor of the 128-byte swizzle, and the check that a kernel
 // really runs from sm_90a code on this device.
 #pragma once

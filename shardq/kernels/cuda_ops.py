@@ -65,10 +65,6 @@ INT8_FUSED_MAX_M = 1
 # Rows of W not 16-byte aligned (K % 32 != 0), 2 <= M <= INT8_ANY_MAX_M: the one-launch kernel's unaligned-row
 # variant (staged q rows funnel-shifted onto aligned weight chunks) instead of prepare + the byte-loading dp4a GEMV.
 INT8_ANY_MAX_M = 4
-# int8_linear, M > SMALL_M on Hopper: csrc/int8_gemm_wgmma.cu (the int8 GEMM on the warpgroup MMA with the epilogue
-# fused: no int32 product in global memory) where it takes the shape (compute capability 9.0, fp16/bf16, K % 128 ==
-# 0); elsewhere torch._int_mm (cuBLASLt) + the epilogue kernel. Opt-in (SHARDQ_INT8_WGMMA=1) until it is faster.
-INT8_WGMMA = os.environ.get("SHARDQ_INT8_WGMMA", "0") == "1"
 # int8_linear, M > SMALL_M: the activation prepare step copies up to this many outlier columns of x into a compact
 # [M, cap] buffer for the epilogue (which also stages that many of W's in shared memory; more are read directly).
 INT8_OUTLIER_CAP = 64
@@ -90,11 +86,6 @@ WGMMA_MIN_FILL = 0.5
 WGMMA_MAX_SPLITS = 8
 WGMMA_MIN_SPLIT_TILES = 8
 WGMMA_SPLIT_MIN_K = 8192
-# Large-M 4-bit kernel: "1" = try csrc/gemm_4bit_mid.cu (dequantization fused into a tensor-core GEMM, no dequantized
-# copy of W) before dequantize + cuBLAS. Off by default: correct on an H200 but slower except M = 33..64 on the
-# largest shape (bench/RESULTS.md).
-GEMM4_MID = os.environ.get("SHARDQ_GEMM4_MID", "0") == "1"
-GEMM4_MID_MIN_M = SMALL_M + 1  # smallest M sent to it when on (the kernel computes any M; the bench lowers this)
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -180,9 +171,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     with _on_device(x.device):
-        if GEMM4_MID and m >= GEMM4_MID_MIN_M and _gemm_4bit_mid(lib, x2, packed, am, code, blocksize, n, k, b, out):
-            pass
-        elif m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
+        if m <= SMALL_M and _gemm_4bit_small(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
         elif m > SMALL_M and _gemm_4bit_wgmma(lib, x2, packed, am, code, blocksize, n, k, b, out):
             pass
@@ -223,14 +212,6 @@ def _gemm_4bit_wgmma(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), _ptr(ws), m, n, k,
             blocksize, splits, DTYPE_CODES[x2.dtype])
     return _launch(lib.shardq_gemm_4bit_wgmma, args, _stream(x2), "gemm_4bit_wgmma")
-
-
-def _gemm_4bit_mid(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                   b: Optional[Tensor], out: Tensor) -> bool:
-    """The opt-in fused-dequant tensor-core GEMM (csrc/gemm_4bit_mid.cu); False if it refuses the shape."""
-    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), x2.shape[0], n, k,
-            blocksize, DTYPE_CODES[x2.dtype])
-    return _launch(lib.shardq_gemm_4bit_mid, args, _stream(x2), "gemm_4bit_mid")
 
 
 def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
@@ -433,21 +414,12 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
         if not large:
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
-        elif not (INT8_WGMMA and _int8_wgmma(lib, p, xo, xo_cap, tail)):
+        else:
             q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
             acc = _int_mm_padded(q, w)
             rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], xo, xo_cap, *tail)
             _lib.check(rc, "int8_epilogue")
     return out.reshape(*x.shape[:-1], n)
-
-
-def _int8_wgmma(lib, p: dict, xo: Optional[int], xo_cap: int, tail: tuple) -> bool:
-    """csrc/int8_gemm_wgmma.cu on the prepared activations; False if it refuses the device or shape."""
-    rc = lib.shardq_int8_gemm_wgmma(p["q"], p["row_absmax"], xo, xo_cap, *tail)
-    if rc == _lib.CUDA_ERROR_NOT_SUPPORTED:
-        return False
-    _lib.check(rc, "int8_gemm_wgmma")
-    return True
 
 
 KERNELS: dict[str, Callable] = {

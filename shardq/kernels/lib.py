@@ -29,7 +29,6 @@ SIGNATURES: dict[str, list] = {
     "shardq_gemm_4bit_f32": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_gemv_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_tc_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
-    "shardq_gemm_4bit_mid": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_wgmma": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_quantize_4bit": [_P, _P, _P, _P, _I64, _I64, _INT, _P],
@@ -38,7 +37,6 @@ SIGNATURES: dict[str, list] = {
     "shardq_int8_gemv_fused": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _INT, _P],
     "shardq_int8_gemv": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_gemm_tc": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
-    "shardq_int8_gemm_wgmma": [_P, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_int8_epilogue": [_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P],
 }
 
