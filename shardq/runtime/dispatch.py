@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
+from shardq.runtime.decode import decoder_of, reset_graphs
 from shardq.runtime.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
     write_disk_offload
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, forcing_key
@@ -110,6 +111,8 @@ class Runtime:
     wrapped: list = field(default_factory=list)  # (module, instance forward it had before, or None)
     model_class: type | None = None  # the model's class before `_expose_main_device` swapped it
     model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
+    graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
+    decoder: Any = None  # its GraphDecoder, made on first use
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -579,13 +582,23 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_m
         streamer.allocate()
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in blocks.values():
-        _wrap_block(modules[b.name], rt, b)
+        if needs_wrapper(b, blocks, main):
+            _wrap_block(modules[b.name], rt, b)
     _wrap_root(model, rt)
     model.shardq_runtime = rt
     model.shardq_device_map = dict(entries)
     model.shardq_offload_modes = dict(modes)
     _expose_main_device(model, rt)
     return model
+
+
+def needs_wrapper(b: Block, blocks: dict[str, Block], main: torch.device) -> bool:
+    """Whether a block's forward must be wrapped. Not for a block resident on the main device with nothing
+    borrowed, when every block hands its outputs to that device too (so its inputs are always there already):
+    "no cost when nothing moves" (the model's own forward, not a wrapper, then calls it)."""
+    if b.mode != "gpu" or b.borrowed or b.exec_device != main or b.out_device not in (None, main):
+        return True
+    return any((o.out_device or o.exec_device) != main for o in blocks.values())
 
 
 def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
@@ -631,11 +644,22 @@ def _dispatched_class(cls: type) -> type:
             return rt.model_dtype
         return base_dtype.fget(self)
 
+    def get_compiled_call(self: nn.Module, compile_config: Any = None) -> Any:
+        """The decode step transformers' static-cache generate() runs: replayed from graphs (see
+        `shardq.runtime.decode`), or transformers' torch.compile after `set_graph_decode(model, False)`."""
+        rt = self.__dict__.get("shardq_runtime")
+        if rt is not None and rt.graph_decode:
+            return decoder_of(self)
+        return super(new, self).get_compiled_call(compile_config)
+
     ns: dict[str, Any] = {"device": property(device, doc="The device where the dispatched model's outputs come back."),
                           "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    if hasattr(cls, "get_compiled_call"):
+        ns["get_compiled_call"] = get_compiled_call
     if isinstance(base_dtype, property):
         ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
-    return type(cls.__name__, (cls,), ns)
+    new = type(cls.__name__, (cls,), ns)
+    return new
 
 
 def _main_device(entries: dict[str, DeviceKey], modes: dict[str, str], execution_device: Any,
@@ -741,6 +765,7 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     rt: Runtime | None = getattr(model, "shardq_runtime", None)
     if rt is None:
         return model
+    reset_graphs(model)
     for module, previous in reversed(rt.wrapped):
         if previous is None:
             del module.forward
