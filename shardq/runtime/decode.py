@@ -46,7 +46,14 @@ def is_decode_step(args: tuple, kwargs: dict) -> bool:
         ids = kwargs["inputs_embeds"][..., 0]
     cache = _cache_of(kwargs)
     return (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and not torch.is_grad_enabled()
-            and getattr(cache, "is_compileable", False))
+            and getattr(cache, "is_compileable", False) and window_never_fills(cache))
+
+
+def window_never_fills(cache: Any) -> bool:
+    """A sliding-window layer shorter than the cache switches its update rule on a host counter once full, which a
+    captured step cannot follow: such caches decode eagerly. Windows as long as the cache never fill."""
+    return all(getattr(layer, "_is_croppable", True) for layer in getattr(cache, "layers", ())
+               if hasattr(layer, "cumulative_length_int"))
 
 
 def adopt_cache(captured: Any, new: Any) -> bool:
@@ -69,6 +76,9 @@ def adopt_cache(captured: Any, new: Any) -> bool:
         if a.data_ptr() != b.data_ptr():
             a.copy_(b)
             setattr(fresh, attr, a)
+    for old, fresh in zip(old_layers, new_layers):  # host-side length of sliding layers (read by the CPU stand-in)
+        if hasattr(fresh, "cumulative_length_int"):
+            old.cumulative_length_int = fresh.cumulative_length_int
     return True
 
 
@@ -78,6 +88,20 @@ def capture_device(block: Any) -> torch.device | None:
     if block.mode == "gpu" or (CAPTURE_CPU and block.mode == "cpu"):
         return block.exec_device
     return None
+
+
+def host_counters(cache: Any) -> list[int]:
+    """Host-side token counts of sliding-window layers (transformers reads them for masks and positions)."""
+    return [layer.cumulative_length_int for layer in getattr(cache, "layers", ())
+            if hasattr(layer, "cumulative_length_int")]
+
+
+def set_host_counters(caches: tuple, values: list[int]) -> None:
+    """A replayed step runs no Python, so the counters its eager update would advance are set here."""
+    for cache in caches:
+        layers = [layer for layer in getattr(cache, "layers", ()) if hasattr(layer, "cumulative_length_int")]
+        for layer, v in zip(layers, values):
+            layer.cumulative_length_int = v
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
@@ -189,20 +213,23 @@ class GraphDecoder:
             if not adopt_cache(step.cache, cache):
                 raise RuntimeError("a new cache of different shapes reached a captured decode step; call "
                                    "shardq.runtime.decode.reset_graphs(model) before generating with it")
-            step.cache = cache
-            self.stats["adopted"] += 1
+            self.stats["adopted"] += 1  # step.cache stays the capture-time object the static inputs name
         graphs.copy_leaves(tensors_of(step.static), tensors_of((args, kwargs)))
         self.stats["replays"] += 1
+        counters = host_counters(cache)
         if step.whole is not None:
             step.whole.replay()
             _point_output_at(step.out, cache)
-            return step.out
-        step.pos = 0
-        self.active = step
-        try:
-            return self.model(*step.static[0], **step.static[1])
-        finally:
-            self.active = None
+            out = step.out
+        else:
+            step.pos = 0
+            self.active = step
+            try:
+                out = self.model(*step.static[0], **step.static[1])
+            finally:
+                self.active = None
+        set_host_counters((cache, step.cache), [c + 1 for c in counters])
+        return out
 
     # ---- piecewise: block wrappers
     def _wrap_blocks(self) -> None:
