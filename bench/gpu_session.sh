@@ -5,7 +5,8 @@
 # and carry it, with the bitsandbytes wheel for the peer columns:
 #   SHARDQ_CACHE=$PWD/.kcache python -c "from shardq.kernels.build import built_library; built_library()"
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
-# Steps (default all): check tests new kernels offload dispatch load; "new" runs the GPU tests of the opt-in kernels
+# Steps (default all): check tests new kernels offload dispatch load; "decode" (not in the default: carry .bnb too)
+# runs the graph-decode GPU tests and bench/bench_decode.py (DECODE_ARGS, DECODE_LIMIT); "new" runs the GPU tests of the opt-in kernels
 # that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
 # and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" / "profilewg" (not in the default) read the
 # small-M / fused-dequant / Hopper fused-dequant 4-bit kernels' counters with ncu (PROFILE_M, PROFILE_MID_M,
@@ -17,6 +18,7 @@ set -u
 OUT=${OUT:-/tmp/shardq-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SHARDQ_CACHE=${SHARDQ_CACHE:-$PWD/.kcache}
+if [ -d .bnb/site ]; then export PYTHONPATH=$PWD/.bnb/site; fi  # slim bitsandbytes (../shared/anchors/README.md)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -62,6 +64,8 @@ for s in $steps; do
                  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
                  python3 bench/profile_kernel.py --wgmma --m "${PROFILE_WG_M:-4096}" --calls 2 ;;
+    decode) step decodetests 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_gpu.py tests/test_dispatch_gpu.py
+            step decode ${DECODE_LIMIT:-420} python3 bench/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;

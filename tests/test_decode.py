@@ -11,14 +11,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers  # noqa: E402
-from transformers import CompileConfig  # noqa: E402
+import transformers
+from test_dispatch import blocks
+from transformers import CompileConfig
 
-from test_dispatch import blocks  # noqa: E402
-
-from shardq.runtime import decode, graphs  # noqa: E402
-from shardq.runtime.dispatch import dispatch_model, needs_wrapper  # noqa: E402
-from shardq.runtime.graphs import Call, split_runs  # noqa: E402
+from shardq.runtime import decode, graphs
+from shardq.runtime.dispatch import dispatch_model, needs_wrapper
+from shardq.runtime.graphs import Call, split_runs
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt_neox", "opt")
 GEN = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)

@@ -108,7 +108,7 @@ def _same_tensors(a: Any, b: Any) -> bool:
     """Whether two caches already share their layer tensors (an adopted cache handed back by the step's output)."""
     la, lb = getattr(a, "layers", None) or [], getattr(b, "layers", None) or []
     return bool(la) and len(la) == len(lb) and all(
-        isinstance(getattr(x, "keys", None), torch.Tensor) and getattr(x, "keys") is getattr(y, "keys", None)
+        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys is getattr(y, "keys", None)
         for x, y in zip(la, lb))
 
 

@@ -34,11 +34,25 @@ import torch
 from torch import nn
 
 from shardq.memory import DeviceKey, format_size, gpu_count, normalize_device
+from shardq.planning.runmode import (
+    DEFAULT_WORKLOAD,
+    BlockKind,
+    RunMode,
+    choose_cpu_run,
+    forced,
+    forcing_key,
+    lookup_width,
+)
 from shardq.runtime.decode import decoder_of, reset_graphs
-from shardq.runtime.offload import DiskBlock, Streamer, open_disk_block, pack_host_block, read_disk_index, views, \
-    write_disk_offload
-from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, forced, forcing_key
-from shardq.planning.runmode import lookup_width
+from shardq.runtime.offload import (
+    DiskBlock,
+    Streamer,
+    open_disk_block,
+    pack_host_block,
+    read_disk_index,
+    views,
+    write_disk_offload,
+)
 
 MODES = ("gpu", "cpu", "stream", "disk")
 
