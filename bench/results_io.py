@@ -37,8 +37,10 @@ def check_result(res: dict[str, Any], where: str = "result") -> None:
         raise ValueError(f"{where}: 'rows' must be a list of lists")
     for i, row in enumerate(res["rows"]):
         if not isinstance(row, list) or len(row) != len(cols):
-            raise ValueError(f"{where}: row {i} has {len(row) if isinstance(row, list) else 'no'} cells for "
-                             f"{len(cols)} columns; give one cell per column (use null for none)")
+            raise ValueError(
+                f"{where}: row {i} has {len(row) if isinstance(row, list) else 'no'} cells for "
+                f"{len(cols)} columns; give one cell per column (use null for none)"
+            )
     if not isinstance(res["notes"], list) or not all(isinstance(n, str) for n in res["notes"]):
         raise ValueError(f"{where}: 'notes' must be a list of strings (the first one is README's headline)")
 
@@ -53,16 +55,30 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) + (f" x{n}" if n > 1 else "")
 
 
-def write_result(benchmark: str, title: str, columns: list[str], rows: list[list[Any]], notes: list[str],
-                 gpu: str | None = None, out_dir: Path | None = None) -> Path:
+def write_result(
+    benchmark: str,
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    notes: list[str],
+    gpu: str | None = None,
+    out_dir: Path | None = None,
+) -> Path:
     """Write bench/results/<benchmark>.json (today's date, the command line that ran) and return its path.
 
     On a lent GPU only $OUT comes back, so with $OUT set a copy goes to $OUT/results/ too: copy it into
     bench/results/ of the checkout and run `python bench/render_results.py`.
     """
-    res = {"benchmark": benchmark, "title": title, "date": datetime.date.today().isoformat(),
-           "gpu": gpu or gpu_name(), "command": "python " + " ".join(sys.argv), "columns": columns,
-           "rows": rows, "notes": notes}
+    res = {
+        "benchmark": benchmark,
+        "title": title,
+        "date": datetime.date.today().isoformat(),
+        "gpu": gpu or gpu_name(),
+        "command": "python " + " ".join(sys.argv),
+        "columns": columns,
+        "rows": rows,
+        "notes": notes,
+    }
     check_result(res, benchmark)
     path = (out_dir or RESULTS_DIR) / f"{benchmark}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

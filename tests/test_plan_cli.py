@@ -241,3 +241,15 @@ def test_wrong_kind_of_source_says_which_usage(ckpt, capsys, tmp_path):
     empty.mkdir()
     rc, _, err = _run(capsys, empty)
     assert rc == 2 and "has no config.json" in err
+
+
+def test_python_api_names_the_usage_for_a_safetensors_file(ckpt):
+    """shardq.plan / load_sharded_from_dir given one .safetensors file: the error says to pass its directory."""
+    import shardq
+    from shardq.hf import ModelConfigError
+
+    shard = next(Path(ckpt["llama"]).glob("*.safetensors"))
+    with pytest.raises(ModelConfigError, match="is a safetensors file: give the directory holding it"):
+        shardq.plan(os.fspath(shard), gpus="1x1GB")
+    with pytest.raises(ModelConfigError, match="is a safetensors file"):
+        shardq.load_sharded_from_dir(shard, max_memory={"cpu": "1GB"})

@@ -14,8 +14,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 results_io = importlib.import_module("results_io")
 render = importlib.import_module("render_results")
 
-GOOD = {"benchmark": "x", "title": "t", "date": "2026-12-07", "gpu": "cpu", "command": "python bench/x.py",
-        "columns": ["a", "b"], "rows": [[1, None], ["s", 2.5]], "notes": ["headline"]}
+GOOD = {
+    "benchmark": "x",
+    "title": "t",
+    "date": "2026-12-07",
+    "gpu": "cpu",
+    "command": "python bench/x.py",
+    "columns": ["a", "b"],
+    "rows": [[1, None], ["s", 2.5]],
+    "notes": ["headline"],
+}
 
 
 def test_generated_parts_are_in_sync():
@@ -35,10 +43,16 @@ def test_every_result_file_is_valid_and_shown():
         assert r["notes"], f"{r['benchmark']}: the first note is README's headline"
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"rows": [[1]]}, "row 0 has 1 cells for 2 columns"), ({"date": "Dec 7"}, "ISO date"),
-    ({"columns": []}, "non-empty list"), ({"notes": "one"}, "list of strings"), ({"gpu": ""}, "'gpu'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"rows": [[1]]}, "row 0 has 1 cells for 2 columns"),
+        ({"date": "Dec 7"}, "ISO date"),
+        ({"columns": []}, "non-empty list"),
+        ({"notes": "one"}, "list of strings"),
+        ({"gpu": ""}, "'gpu'"),
+    ],
+)
 def test_schema_errors_name_the_field(change, match):
     with pytest.raises(ValueError, match=match):
         results_io.check_result(dict(GOOD, **change), "x.json")
@@ -51,11 +65,12 @@ def test_schema_errors_name_the_field(change, match):
 def test_write_then_render(tmp_path, monkeypatch):
     """write_result writes a file the renderer reads back unchanged, one line per row; the README row links to it."""
     monkeypatch.delenv("OUT", raising=False)
-    path = results_io.write_result("x", "t", ["a", "b"], [[1, None], ["s|t", 2.5]], ["head"], gpu="cpu",
-                                   out_dir=tmp_path)
+    path = results_io.write_result(
+        "x", "t", ["a", "b"], [[1, None], ["s|t", 2.5]], ["head"], gpu="cpu", out_dir=tmp_path
+    )
     data = json.loads(path.read_text())
     assert data["rows"] == [[1, None], ["s|t", 2.5]] and data["command"].startswith("python ")
-    assert '  [1, null],' in path.read_text()
+    assert "  [1, null]," in path.read_text()
     [res] = render.load_results(tmp_path)
     latest = render.render_latest([res])
     assert "| 1 | – |" in latest and "| s\\|t | 2.5 |" in latest and "- head" in latest
