@@ -153,9 +153,8 @@ def test_entry_points(ckpt, entry):
                           "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["quant"]["method"] == "nf4"
-    if entry[0] != "-m":
-        return  # both entry points run the same main(); the exit status of an error is checked once (a subprocess
-        # imports torch and transformers: seconds each)
+    if entry[0] != "-m":  # both entry points run the same main(); each subprocess costs seconds of imports
+        return
     bad = subprocess.run([sys.executable, *entry, str(ckpt["llama"]), "--max-memory", "0=1GB"], capture_output=True,
                          text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
