@@ -44,9 +44,11 @@ def load_config(path: str | os.PathLike) -> Any:
                                "save_pretrained writes next to the safetensors files")
     try:
         raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelConfigError(f"{cfg_file} is not a JSON text ({exc}): give a config.json or the checkpoint "
-                               "directory holding it") from None
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{cfg_file} is not a text file: give a config.json or the checkpoint directory "
+                               "holding it") from None
     if "model_type" not in raw:
         raise ModelConfigError(f"{cfg_file} has no 'model_type': it is not a transformers config.json")
     tf = _transformers()

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _f_models import save_checkpoint
+
 from shardq.cli import main, parse_caps
 
 ROOT = Path(__file__).resolve().parents[1]
