@@ -36,6 +36,11 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
 
+# Apply the formatter and the safe lint fixes (what `make lint` checks) to the paths it checks.
+format: $(STAMP)
+	$(PY) -m ruff check --fix $(LINT_PATHS)
+	$(PY) -m ruff format $(LINT_PATHS)
+
 # Compile all of csrc/ into the kernel cache (minutes; nvcc, no GPU) and run the tests that load that library.
 kernels: $(STAMP)
 	$(PY) -m shardq.kernels --build
@@ -45,4 +50,4 @@ kernels: $(STAMP)
 results:
 	$(PY) bench/render_results.py
 
-.PHONY: install demo test lint kernels results
+.PHONY: install demo test lint format kernels results
