@@ -88,3 +88,80 @@ def test_out_copy_comes_back_from_a_gpu_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(results_io, "RESULTS_DIR", tmp_path / "results")
     results_io.write_result("y", "t", ["a"], [[1]], ["n"], gpu="cpu")
     assert (tmp_path / "out" / "results" / "y.json").read_text() == (tmp_path / "results" / "y.json").read_text()
+
+
+def _bench(name: str):
+    return importlib.import_module(name)
+
+
+def test_bench_scripts_write_valid_results(tmp_path, monkeypatch):
+    """Each benchmark's JSON writer, fed the raw results its script builds, writes a file the renderer accepts:
+    a GPU run is unattended, so a schema slip must show here, not after the device time is spent."""
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(results_io, "RESULTS_DIR", tmp_path)
+    kernels_rows = [
+        {
+            "K": 64,
+            "N": 32,
+            "M": 1,
+            "fp16_us": 9.0,
+            "fp16_graph_us": 5.0,
+            "sq_nf4_us": 8.0,
+            "sq_nf4_graph_us": 4.0,
+            "sq_nf4_GBps": 100.0,
+            "bnb_int8_t6_us": 300.0,
+        },
+        {"K": 64, "N": 32, "M": 8, "fp16_us": 9.5, "sq_int8_t6_us": 7.0, "sq_int8_t6_graph_us": 6.0},
+    ]
+    _bench("bench_kernels").write_json({"hbm_copy_GBps": 1000.0, "torch": "t"}, kernels_rows)
+    run = {"token_ms": 10.0, "eff_GBps": 50.0, "relerr": 0.0}
+    _bench("bench_offload").write_json(
+        {
+            "h2d_pinned_GBps": 55.0,
+            "param_GB": 3.7,
+            "torch": "t",
+            "gpu_resident_token_ms": 5,
+            "shardq_stream": run,
+            "shardq_stream_noprefetch": run,
+            "accelerate_cpu_offload": {"token_ms": 80.0, "eff_GBps": 6.0, "relerr": 0.0},
+            "shardq_stream_nf4": {"error": "boom"},
+        }
+    )
+    metric = {"plain_ms": 1.0, "shardq_ms": 1.1, "overhead": 0.1}
+    _bench("bench_dispatch").write_json(
+        {
+            "what": "1 GPU",
+            "entries": 12,
+            "generate_equal": True,
+            "relerr": 0.0,
+            "torch": "t",
+            "generate_ms_per_token": metric,
+        },
+        ["generate_ms_per_token"],
+    )
+    load_rows = [
+        {
+            "case": "shardq_nf4",
+            "load_s": 1.0,
+            "host_peak_over_base_MB": 5.0,
+            "gpu_load_peak_MB": 400.0,
+            "gpu_prefill512_peak_MB": 500.0,
+            "token_ms": 3.0,
+        },
+        {"case": "hf_nf4", "error": "Traceback ... boom"},
+    ]
+    import argparse
+
+    _bench("bench_load").write_json(load_rows, argparse.Namespace(size="anchor", cap="600MB"), 1.9, 600.0)
+    _bench("bench_pieces").write_json(
+        [
+            {"K": 64, "N": 32, "M": 512, "what": "nf4", "fp16": 1.0, "dequantize": 2.0},
+            {"K": 64, "M": 512, "what": "int8 prepare t6", "prep": 3.0},
+        ],
+        1000.0,
+    )
+    names = {r["benchmark"] for r in render.load_results(tmp_path)}
+    assert names == {"kernels", "offload", "dispatch", "load", "pieces"}
+    kernels = json.loads((tmp_path / "kernels.json").read_text())
+    assert kernels["columns"][2:5] == ["fp16 graph µs", "sq_nf4 graph µs", "bnb_int8_t6 call µs"]
+    assert kernels["rows"][0][-3:] == [10.0, 1.25, None]  # % of HBM, fp16/nf4, no int8 at M=1
