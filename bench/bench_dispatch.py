@@ -73,6 +73,18 @@ def split_map(model, ngpu: int) -> dict:
     return dmap
 
 
+def write_json(res: dict, metrics: list[str]) -> str:
+    """bench/results/dispatch.json: plain vs dispatched time per metric, interleaved in this run."""
+    from results_io import write_result
+
+    rows = [[k, res[k]["plain_ms"], res[k]["shardq_ms"], round(100 * res[k]["overhead"], 1)] for k in metrics]
+    head = ", ".join(f"{k} +{100 * res[k]['overhead']:.1f} %" for k in metrics)
+    notes = [f"Dispatch overhead ({res['what']}): {head}",
+             f"Outputs equal: generate {res['generate_equal']}, 1-token relerr {res['relerr']}; torch {res['torch']}."]
+    title = f"Per-block dispatch overhead, {res['entries']} map entries ({res['what']})"
+    return str(write_result("dispatch", title, ["metric", "plain ms", "shardq ms", "overhead %"], rows, notes))
+
+
 def main() -> None:
     from shardq.runtime.dispatch import dispatch_model
 
@@ -101,6 +113,8 @@ def main() -> None:
         res[k] = {"plain_ms": round(a, 3), "shardq_ms": round(b, 3), "overhead": round(ratio, 4)}
     with open(os.path.join(OUT, "bench_dispatch.json"), "w") as f:
         json.dump(res, f, indent=1)
+    if ngpu:
+        print("results:", write_json(res, list(times)))
     print(f"\n{res['gpu']} x{ngpu}, torch {res['torch']}: {res['what']}; {len(dmap)} map entries")
     print(f"{'metric':<26}{'plain ms':>10}{'shardq ms':>11}{'overhead':>10}")
     for k in times:

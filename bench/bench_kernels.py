@@ -232,18 +232,23 @@ def bench_shape(k: int, n: int, ms: list[int], kinds: list[str]) -> list[dict]:
     return rows
 
 
+# contender -> column label, in table order
+LABELS = dict([("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_deq", "sq nf4 deq"),
+          ("sq_nf4_wg", "sq nf4 wgmma"),
+          ("sq_nf4_v1", "sq nf4 v1"),
+          ("sq_nf4_tc", "sq nf4 ring"),
+          ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
+          ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
+          ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"),
+          ("bnb_int8_t6", "bnb i8t6"),
+          ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"),
+          ("sq_int8_t0_fused", "sq i8t0 fused"),
+          ("bnb_int8_t0", "bnb i8t0")])
+KIND_ORDER = list(LABELS)
+
+
 def table(rows: list[dict], hbm: float) -> str:
-    cols = [("fp16", "fp16"), ("sq_nf4", "sq nf4"), ("sq_nf4_dq", "sq nf4dq"), ("sq_nf4_deq", "sq nf4 deq"),
-            ("sq_nf4_wg", "sq nf4 wgmma"),
-            ("sq_nf4_v1", "sq nf4 v1"),
-            ("sq_nf4_tc", "sq nf4 ring"),
-            ("bnb_nf4", "bnb nf4"), ("bnb_nf4_dq", "bnb nf4dq"),
-            ("sq_nf4_c32", "sq nf4 c32"), ("sq_nf4_c32_deq", "sq nf4 c32 deq"), ("bnb_nf4_c32", "bnb nf4 c32"),
-            ("sq_int8_t6", "sq i8t6"), ("sq_int8_t6_gemv", "sq i8t6 gemv"),
-            ("bnb_int8_t6", "bnb i8t6"),
-            ("sq_int8_t6_fused", "sq i8t6 fused"), ("sq_int8_t0", "sq i8t0"),
-            ("sq_int8_t0_fused", "sq i8t0 fused"),
-            ("bnb_int8_t0", "bnb i8t0")]
+    cols = [(k, LABELS[k]) for k in KIND_ORDER]
     cols = [c for c in cols if any(c[0] + "_us" in r for r in rows)]  # contenders of this run only
     head = "| K×N | M | " + " | ".join(c[1] + " µs call/graph" for c in cols)
     head += " | nf4 GB/s (% HBM) | fp16/nf4 | fp16/i8t6 |"
@@ -261,6 +266,48 @@ def table(rows: list[dict], hbm: float) -> str:
                  f"{t16 / tq:.2f}" if t16 and tq else "–", f"{t16 / t8:.2f}" if t16 and t8 else "–"]
         lines.append(f"| {r['K']}×{r['N']} | {r['M']} | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines)
+
+
+def write_json(res: dict, rows: list[dict]) -> Path:
+    """bench/results/kernels.json: graph µs per contender (module-call µs where a graph cannot capture it)."""
+    from results_io import write_result
+
+    kinds = [k for k in KIND_ORDER if any(k + "_us" in r for r in rows)]
+    cols = ["K×N", "M"] + [k + (" graph µs" if any(k + "_graph_us" in r for r in rows) else " call µs") for k in kinds]
+    cols += ["sq_nf4 % of HBM copy", "fp16 / sq_nf4", "fp16 / sq_int8_t6"]
+    out = []
+    for r in rows:
+        cells = [r.get(k + "_graph_us", r.get(k + "_us")) for k in kinds]
+        t16, tq, t8 = (r.get(k + "_graph_us") or r.get(k + "_us") for k in ("fp16", "sq_nf4", "sq_int8_t6"))
+        gbps = r.get("sq_nf4_GBps")
+        out.append([f"{r['K']}×{r['N']}", r["M"], *cells, round(100 * gbps / res["hbm_copy_GBps"], 1) if gbps else None,
+                    round(t16 / tq, 2) if t16 and tq else None, round(t16 / t8, 2) if t16 and t8 else None])
+    notes = [f"HBM copy bandwidth in the same run: {res['hbm_copy_GBps']} GB/s; torch {res['torch']}"
+             + (f", bitsandbytes {res['bnb']}" if "bnb" in res else " (bitsandbytes absent)") + ".",
+             "µs per matmul, CUDA-graph replay where it captures (bitsandbytes' int8 threshold-6 layer cannot).",
+             "History and analysis: bench/history/kernels.md."]
+    return write_result("kernels", "Quantized matmuls against fp16 cuBLAS and bitsandbytes", cols, out, notes)
+
+
+def write_json(res: dict, rows: list[dict]) -> Path:
+    """bench/results/kernels.json: graph µs per contender (module-call µs where a graph cannot capture it)."""
+    from results_io import write_result
+
+    kinds = list(dict.fromkeys(k[:-3] for r in rows for k in r if k.endswith("_us") and not k.endswith("_graph_us")))
+    cols = ["K×N", "M"] + [k + (" graph µs" if any(k + "_graph_us" in r for r in rows) else " call µs") for k in kinds]
+    cols += ["sq_nf4 % of HBM copy", "fp16 / sq_nf4", "fp16 / sq_int8_t6"]
+    out = []
+    for r in rows:
+        cells = [r.get(k + "_graph_us", r.get(k + "_us")) for k in kinds]
+        t16, tq, t8 = (r.get(k + "_graph_us") or r.get(k + "_us") for k in ("fp16", "sq_nf4", "sq_int8_t6"))
+        gbps = r.get("sq_nf4_GBps")
+        out.append([f"{r['K']}×{r['N']}", r["M"], *cells, round(100 * gbps / res["hbm_copy_GBps"], 1) if gbps else None,
+                    round(t16 / tq, 2) if t16 and tq else None, round(t16 / t8, 2) if t16 and t8 else None])
+    notes = [f"HBM copy bandwidth in the same run: {res['hbm_copy_GBps']} GB/s; torch {res['torch']}"
+             + (f", bitsandbytes {res['bnb']}" if "bnb" in res else " (bitsandbytes absent)") + ".",
+             "µs per matmul, CUDA-graph replay where it captures (bitsandbytes' int8 threshold-6 layer cannot).",
+             "History and analysis: bench/history/kernels.md."]
+    return write_result("kernels", "Quantized matmuls against fp16 cuBLAS and bitsandbytes", cols, out, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_bench.json").write_text(json.dumps(res, indent=1))
     (out / "kernels_bench.md").write_text(md + "\n")
+    print(f"results: {write_json(res, rows)}")
     print(md)
     return 0
 

@@ -208,8 +208,33 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     out = Path(os.environ.get("OUT", "/tmp")) / "bench_load.json"
     out.write_text(json.dumps({"checkpoint_GB_fp16": gb, "cap": args.cap, "rows": rows}, indent=1))
+    if args.size != "small":
+        print("results:", write_json(rows, args, gb, parse_size(args.cap) / 1e6))
     print(table(rows, parse_size(args.cap) / 1e6))
     return 0
+
+
+def write_json(rows: list[dict], args: argparse.Namespace, gb: float, cap_mb: float) -> str:
+    """bench/results/load.json (load_<size>.json for other sizes): one row per case, GPU peaks against the cap."""
+    from results_io import write_result
+
+    def peak(r: dict, key: str) -> str | None:
+        return f"{r[key]:g} ({r[key] / cap_mb:.2f})" if key in r else None
+
+    out = [[r["case"], r.get("load_s"), r.get("host_peak_over_base_MB"), peak(r, "gpu_load_peak_MB"),
+            peak(r, "gpu_prefill512_peak_MB"), r.get("token_ms", r.get("error", "")[-120:] or None)] for r in rows]
+    cols = ["case", "load s", "host peak over base MB", "GPU peak loading MB (× cap)",
+            "GPU peak 512-token prefill MB (× cap)", "ms/token"]
+    best = min((r for r in rows if "gpu_prefill512_peak_MB" in r), key=lambda r: r["gpu_prefill512_peak_MB"],
+               default=None)
+    worst = max((r for r in rows if "gpu_prefill512_peak_MB" in r), key=lambda r: r["gpu_prefill512_peak_MB"],
+                default=None)
+    head = (f"{gb:.2f} GB checkpoint under {{0: \"{args.cap}\"}}: prefill peak {worst['case']} "
+            f"{peak(worst, 'gpu_prefill512_peak_MB')}, {best['case']} {peak(best, 'gpu_prefill512_peak_MB')}"
+            if best and worst else f"{gb:.2f} GB checkpoint under {{0: \"{args.cap}\"}}: no case completed")
+    name = "load" if args.size == "anchor" else f"load_{args.size}"
+    title = f"Loading a {gb:.2f} GB fp16 Llama checkpoint under max_memory={{0: \"{args.cap}\"}}, workload 1×512"
+    return str(write_result(name, title, cols, out, [head, "Each case runs in a fresh process; imports before the clock."]))
 
 
 if __name__ == "__main__":

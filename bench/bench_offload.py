@@ -1,6 +1,6 @@
 """CPU-offload streaming: shardq vs accelerate `cpu_offload`, against pinned host-to-device bandwidth, one run.
 
-An 8-layer Llama-style fp16 model (hidden 4096, 3.76 GB, as /work/shared/anchors/peer_bench.py) lives in host
+An 8-layer Llama-style fp16 model (hidden 4096, 3.76 GB, as shared/anchors/peer_bench.py) lives in host
 memory; each 1-token forward (no KV cache) streams every weight to the GPU. Reported: per-token latency,
 effective rate (bytes streamed / latency) and its ratio to the pinned H2D bandwidth measured here; the same
 with 4-bit (NF4) blocks streamed packed; shardq without prefetch, to show what the overlap buys.
@@ -192,7 +192,36 @@ def main() -> None:
     print("nf4", res["shardq_stream_nf4"], flush=True)
     with open(os.path.join(OUT, "bench_offload.json"), "w") as f:
         json.dump(res, f, indent=1)
+    if DEV.type == "cuda" and not SMALL:
+        print("results:", write_json(res))
     print_table(res)
+
+
+RUNS = (("shardq_stream", "shardq stream (pinned blocks, side-stream prefetch)"),
+        ("shardq_stream_noprefetch", "shardq stream, prefetch=False"),
+        ("accelerate_cpu_offload", "accelerate cpu_offload"),
+        ("shardq_stream_nf4", "shardq stream, nf4 layers streamed packed (lm_head fp16)"))
+
+
+def write_json(res: dict) -> str:
+    """bench/results/offload.json: one row per run, its rate against the pinned H2D bandwidth of this run."""
+    from results_io import write_result
+
+    h2d, rows = res["h2d_pinned_GBps"], []
+    for key, label in RUNS:
+        r = res.get(key, {})
+        gbps = r.get("eff_GBps")
+        rows.append([label, r.get("token_ms"), r.get("streamed_GB", res["param_GB"]), gbps,
+                     round(100 * gbps / h2d, 1) if gbps else None, r.get("relerr", r.get("error"))])
+    sq, ac = res.get("shardq_stream", {}), res.get("accelerate_cpu_offload", {})
+    ratio = f"{ac['token_ms'] / sq['token_ms']:.1f}× faster" if "token_ms" in sq and "token_ms" in ac else "n/a"
+    notes = [f"CPU-offloaded fp16 Llama ({res['param_GB']} GB): shardq {sq.get('token_ms')} ms/token, accelerate "
+             f"cpu_offload {ac.get('token_ms')} ms ({ratio})",
+             f"Pinned H2D bandwidth in the same run: {h2d} GB/s; GPU-resident: {res['gpu_resident_token_ms']} ms/token; "
+             f"torch {res['torch']}."]
+    title = f"CPU-offloaded fp16 Llama ({res['param_GB']} GB) in host memory, 1-token forward on GPU 0"
+    cols = ["run", "ms/token", "GB moved/token", "effective GB/s", "% of pinned H2D", "rel. err vs GPU-resident"]
+    return str(write_result("offload", title, cols, rows, notes))
 
 
 def print_table(res: dict) -> None:

@@ -143,7 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.out:
         Path(args.out, "pieces.json").write_text(json.dumps({"hbm_gbps": hbm, "rows": rows}, indent=1))
+    print("results:", write_json(rows, hbm))
     return 0
+
+
+def write_json(rows: list[dict], hbm: float) -> Path:
+    """bench/results/pieces.json: one row per (shape, M, path), the µs of each launch of that path."""
+    from results_io import write_result
+
+    pieces = list(dict.fromkeys(k for r in rows for k in r if k not in ("K", "N", "M", "what")))
+    out = [[r["what"], f"{r['K']}×{r.get('N', '-')}", r["M"], *(round(r[p], 1) if isinstance(r.get(p), float)
+                                                                 else r.get(p) for p in pieces)] for r in rows]
+    notes = [f"The large-M paths launch by launch (graph µs); HBM copy bandwidth in the same run: {hbm:.0f} GB/s.",
+             "History and analysis: bench/history/kernels.md."]
+    return write_result("pieces", "Large-M quantized matmuls split into their launches", ["path", "K×N", "M", *pieces],
+                        out, notes)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ with the same model on one GPU.
     python examples/two_gpu_seed_limits.py [--quant int8,nf4] [--small]
 
 Needs two CUDA GPUs (the transformers + accelerate + bitsandbytes stack overshot these same caps by up to 47 %
-while loading: /work/shared/anchors/hf_multi_gpu_2xh200_2026-11-23.json).
+while loading: shared/anchors/hf_multi_gpu_2xh200_2026-11-23.json).
 """
 
 from __future__ import annotations

@@ -13,11 +13,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shardq.config import QuantConfig
-from shardq.planning.placement import DISK_GBPS, PCIE_GBPS
-from shardq.planning.planner import STRATEGIES, Plan, plan, resolve_dtype
+if TYPE_CHECKING:
+    from shardq.config import QuantConfig
+    from shardq.planning.placement import Plan
+
+# Mirrors of shardq.planning (tests/test_plan_cli.py pins them), so that --help needs no torch import.
+STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
+PCIE_GBPS = 25.0
+DISK_GBPS = 2.0
+DTYPES = {"float16": ("fp16", "f16", "half", "float16"), "bfloat16": ("bf16", "bfloat16"),
+          "float32": ("fp32", "f32", "float", "float32")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as model.layers (repeatable; the longest name wins over --offload-mode)")
     p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
-    p.add_argument("--dtype", help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", help="weights dtype: float16/fp16, bfloat16/bf16 or float32/fp32 "
+                   "(default: the checkpoint's)")
     p.add_argument("--offload-dir", help="offload folder; its free space is the default disk budget")
     p.add_argument("--pcie-gbps", type=_rate, default=PCIE_GBPS, metavar="GB/S",
                    help=f"host-to-GPU rate for the per-forward transfer estimate (default {PCIE_GBPS:g})")
@@ -69,6 +77,18 @@ def _rate(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate in GB/s, e.g. 25 or 12.5")
     return value
+
+
+def parse_dtype(text: str | None) -> str | None:
+    """A floating dtype by its torch name or a common alias (fp16, bf16, fp32, half) -> the torch name."""
+    if text is None:
+        return None
+    name = text.strip().lower().removeprefix("torch.")
+    for canonical, aliases in DTYPES.items():
+        if name in aliases:
+            return canonical
+    raise ValueError(f"--dtype {text!r} is not a floating dtype: use float16 (fp16), bfloat16 (bf16) "
+                                     "or float32 (fp32)")
 
 
 def parse_caps(text: str | None) -> dict[str, Any] | None:
@@ -112,6 +132,8 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _quant(args: argparse.Namespace) -> QuantConfig | None:
+    from shardq.config import QuantConfig
+
     extra = {"double_quant": args.double_quant, "blocksize": args.blocksize, "fp32_cpu_offload": args.fp32_cpu_offload}
     if args.skip_modules is not None:
         extra["skip_modules"] = tuple(_names(args.skip_modules) or ())
@@ -134,22 +156,46 @@ def parse_offload_modes(single: str | None, per_name: list[str] | None) -> str |
     return modes
 
 
+def check_source(source: Path) -> None:
+    """Refuse, with the usage that fits, a source that is neither a checkpoint directory nor a config.json."""
+    if not source.exists():
+        raise ValueError(f"{source} does not exist: give a checkpoint directory (config.json + *.safetensors) "
+                         "or a config.json file")
+    if source.is_file() and source.suffix == ".safetensors":
+        raise ValueError(f"{source} is one safetensors file: give the directory holding it and its config.json "
+                         f"(python -m shardq plan {source.parent}), or its config.json to plan from the architecture")
+    if source.is_file() and source.suffix != ".json":
+        raise ValueError(f"{source} is neither a checkpoint directory nor a config.json file")
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise ValueError(f"{source} has no config.json: shardq builds the model from the transformers config "
+                             "saved beside the weights (save_pretrained writes both)")
+        if not any(source.glob("*.safetensors")):
+            raise ValueError(f"{source} has config.json but no *.safetensors weights: plan from the architecture "
+                             f"alone with `python -m shardq plan {source / 'config.json'}`, or add the checkpoint's "
+                             "safetensors files (and model.safetensors.index.json if sharded)")
+
+
 def run(args: argparse.Namespace) -> Plan:
     """Build the plan the arguments describe."""
+    from shardq.planning.planner import plan, resolve_dtype
+
+    source = Path(args.source)
+    check_source(source)
+    dtype = parse_dtype(args.dtype)
     kwargs: dict[str, Any] = dict(
         max_memory=parse_caps(args.max_memory), gpus=args.gpus, device_map=parse_device_map(args.device_map)
         or args.strategy, no_split=_names(args.no_split), workload=(args.batch, args.seq_len),
         offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for), offload_dir=args.offload_dir)
-    source = Path(args.source)
     if source.is_file() and source.suffix == ".json":
         from shardq import hf
 
-        model = hf.meta_model_from_dir(source, resolve_dtype(args.dtype))
+        model = hf.meta_model_from_dir(source, resolve_dtype(dtype))
         result = plan(model, _quant(args), **kwargs)
         result.source = os.fspath(source)
         result.warnings.append("planned from config.json alone: the checkpoint's tensors were not checked")
         return result
-    return plan(os.fspath(source), _quant(args), dtype=args.dtype, **kwargs)
+    return plan(os.fspath(source), _quant(args), dtype=dtype, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         result = run(args)
-    except ValueError as exc:  # PlanError, CheckpointError, ModelConfigError, QuantConfigError, bad sizes
+    except ValueError as exc:  # PlanError, CheckpointError, ModelConfigError, QuantConfigError, bad sizes, sources
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -35,6 +35,9 @@ def load_config(path: str | os.PathLike) -> Any:
     if not p.exists():
         raise ModelConfigError(f"{p} does not exist: give a checkpoint directory holding config.json and the "
                                "safetensors files, or a config.json")
+    if p.is_file() and p.suffix == ".safetensors":
+        raise ModelConfigError(f"{p} is a safetensors file: give the directory holding it and its config.json "
+                               f"({p.parent}), or the config.json alone to plan from the architecture")
     cfg_file = p / "config.json" if p.is_dir() else p
     if not cfg_file.is_file():
         raise ModelConfigError(f"{cfg_file} does not exist: a checkpoint directory needs the config.json that "
@@ -43,6 +46,9 @@ def load_config(path: str | os.PathLike) -> Any:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{cfg_file} is not a text file: give a config.json or the checkpoint directory "
+                               "holding it") from None
     if "model_type" not in raw:
         raise ModelConfigError(f"{cfg_file} has no 'model_type': it is not a transformers config.json")
     tf = _transformers()

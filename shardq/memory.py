@@ -16,11 +16,13 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Mapping, Sequence, Union
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-DeviceKey = Union[int, str]
+DeviceKey = int | str
 
 # Kept free on every GPU when budgets are detected: the CUDA context (~300-500 MB on recent GPUs), cuBLAS
 # and kernel workspaces, and allocator fragmentation. A user's explicit max_memory is taken as is.
@@ -67,7 +69,20 @@ def parse_size(value: Any) -> int:
     nbytes = int(amount * _UNITS[key])
     if unit.endswith("b") and key in ("kb", "mb", "gb", "tb"):
         nbytes //= 8  # accelerate: a lowercase "b" after a decimal prefix means bits
+        _warn(f"size {value!r} ends in a lowercase 'b', which means bits (as in accelerate): read as "
+              f"{nbytes} bytes ({format_size(nbytes)}); write '{number}{unit[:-1].upper()}B' if you meant bytes")
+    elif not unit:
+        _warn(f"size {value!r} has no unit, so it is {nbytes} bytes (as in accelerate); write e.g. "
+              f"'{number}GB' or '{number}GiB' for gigabytes")
     return nbytes
+
+
+class SizeWarning(UserWarning):
+    """A size string that parses, but probably not as meant (no unit, or a lowercase 'b' meaning bits)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, SizeWarning, stacklevel=3)
 
 
 def format_size(nbytes: float) -> str:
@@ -225,7 +240,8 @@ def get_max_memory(
     num_gpus = len(hypothetical) if hypothetical is not None else None
     if max_memory is not None:
         if not isinstance(max_memory, Mapping):
-            raise ValueError(f"max_memory must be a dict such as {{0: '10GiB', 'cpu': '30GiB'}}, not {type(max_memory).__name__}")
+            raise ValueError("max_memory must be a dict such as {0: '10GiB', 'cpu': '30GiB'}, "
+                             f"not {type(max_memory).__name__}")
         budgets: dict[DeviceKey, int] = {}
         for key, value in max_memory.items():
             dev = normalize_device(key, num_gpus)

@@ -17,9 +17,12 @@ from shardq.kernels import build, cuda_ops, lib, ops
 HAS_NVCC = build.find_nvcc() is not None
 
 
+@pytest.mark.kernel_build
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
-def test_csrc_compiles_and_exports_every_launcher(tmp_path):
-    so = build.compile_library(tmp_path / build.LIB_NAME, archs=("80", "90"))
+def test_csrc_compiles_and_exports_every_launcher():
+    """The whole of csrc/ for sm_80 and sm_90a (minutes on 2 cores): `make kernels` runs it after
+    `python -m shardq.kernels --build` filled the cache, so the library is the cached one, built once per source."""
+    so = build.built_library()
     loaded = ctypes.CDLL(str(so))  # no CUDA call: loading needs no GPU
     assert loaded.shardq_abi_version() == lib.ABI_VERSION
     for name in lib.SIGNATURES:
@@ -242,13 +245,34 @@ def test_fallback_wrappers_use_reference(fresh_lib, monkeypatch):
                        ops.reference("int8_linear")(x, q, s, None, 6.0))
 
 
-def test_check_cli_runs_without_gpu(fresh_lib, monkeypatch):
-    monkeypatch.setenv("SHARDQ_DISABLE_KERNELS", "1")
+def test_check_cli_without_gpu_says_so_before_building(fresh_lib, monkeypatch, capsys):
+    """No GPU: --check reports it at once and exits 1, without building (a build takes minutes)."""
     from shardq.kernels import check
 
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU run")
-    assert check.run([]) == 1  # library disabled: reported, non-zero
+
+    def no_build():
+        raise AssertionError("--check built the library without a GPU")
+
+    monkeypatch.setattr(build, "built_library", no_build)
+    assert check.run(["--check"]) == 1
+    assert "no CUDA GPU visible" in capsys.readouterr().out
+
+
+def test_build_only_reports_the_compiler_message(monkeypatch, capsys):
+    """--build without nvcc (or with a failing compile) exits 1 with the reason; with a library, 0 and its path."""
+    from shardq.kernels import check
+
+    def fail():
+        raise build.BuildError("nvcc was not found: install the CUDA toolkit")
+
+    monkeypatch.setattr(build, "built_library", fail)
+    assert check.run(["--build"]) == 1
+    assert "nvcc was not found" in capsys.readouterr().err
+    monkeypatch.setattr(build, "built_library", lambda: build.cache_root() / "k" / build.LIB_NAME)
+    assert check.run(["--build"]) == 0
+    assert build.LIB_NAME in capsys.readouterr().out
 
 
 def test_check_cases_on_the_cpu_ops():

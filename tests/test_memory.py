@@ -215,3 +215,26 @@ def test_import_does_not_initialise_cuda():
             "print(torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_size_warnings_keep_accelerate_parsing():
+    """A size without a unit, or with a lowercase 'b' (bits), parses as accelerate does but warns with the fix."""
+    import warnings as w
+
+    from shardq.memory import SizeWarning
+
+    with pytest.warns(SizeWarning, match="no unit, so it is 24 bytes"):
+        assert parse_size("24") == 24
+    with pytest.warns(SizeWarning, match=r"lowercase 'b', which means bits.*'24GB' if you meant bytes"):
+        assert parse_size("24gb") == 3 * 10**9
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert parse_size("24GB") == 24 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(24) == 24
+        assert parse_size("24b") == 24  # an explicit byte unit: no warning
+
+
+def test_gpus_spec_without_unit_warns():
+    from shardq.memory import SizeWarning, parse_gpus
+
+    with pytest.warns(SizeWarning, match="no unit"):
+        assert parse_gpus("2x24") == [24, 24]

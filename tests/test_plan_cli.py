@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _f_models import save_checkpoint
+
 from shardq.cli import main, parse_caps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +153,8 @@ def test_entry_points(ckpt, entry):
                           "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["quant"]["method"] == "nf4"
+    if entry[0] != "-m":  # both entry points run the same main(); each subprocess costs seconds of imports
+        return
     bad = subprocess.run([sys.executable, *entry, str(ckpt["llama"]), "--max-memory", "0=1GB"], capture_output=True,
                          text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
@@ -177,3 +179,79 @@ def test_bad_transfer_rate_is_refused(ckpt, capsys, value):
         main([str(ckpt["llama"]), "--gpus", "1x1GB", "--pcie-gbps", value])
     assert exc.value.code == 2
     assert "is not a positive rate in GB/s" in capsys.readouterr().err
+
+
+def test_help_is_fast_and_needs_no_torch():
+    """`python -m shardq --help` and `plan --help` answer without importing torch (it takes seconds)."""
+    code = ("import sys, contextlib, io; from shardq.__main__ import main\n"
+            "for argv in (['--help'], ['plan', '--help']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try: rc = main(argv)\n"
+            "        except SystemExit as e: rc = e.code\n"
+            "    assert rc == 0 and ('plan' in out.getvalue()), (argv, rc, out.getvalue())\n"
+            "assert 'torch' not in sys.modules, 'torch imported for --help'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+
+
+def test_top_level_usage(capsys):
+    from shardq.__main__ import main as top
+
+    assert top(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "plan" in out and "demo" in out and "python -m shardq.kernels --check" in out
+    assert top([]) == 2 and "no command given" in capsys.readouterr().err
+    assert top(["plna"]) == 2 and "unknown command 'plna'" in capsys.readouterr().err
+
+
+def test_cli_mirrors_the_planner_constants():
+    """The parser keeps copies of the planner's defaults so that --help needs no torch: they must agree."""
+    from shardq import cli
+    from shardq.planning import placement, planner
+
+    assert cli.STRATEGIES == planner.STRATEGIES
+    assert (cli.PCIE_GBPS, cli.DISK_GBPS) == (placement.PCIE_GBPS, placement.DISK_GBPS)
+
+
+@pytest.mark.parametrize("alias,name", [("fp16", "float16"), ("half", "float16"), ("bf16", "bfloat16"),
+                                        ("torch.float32", "float32"), ("FP32", "float32")])
+def test_dtype_aliases(ckpt, capsys, alias, name):
+    rc, out, err = _run(capsys, ckpt["llama"], "--gpus", "1x1GB", "--dtype", alias, "--json")
+    assert rc == 0, err
+    import torch
+
+    from shardq.planning.planner import plan as plan_fn
+
+    expected = plan_fn(os.fspath(ckpt["llama"]), gpus="1x1GB", dtype=getattr(torch, name))
+    assert json.loads(out)["totals"] == json.loads(expected.to_json())["totals"]
+
+
+def test_wrong_kind_of_source_says_which_usage(ckpt, capsys, tmp_path):
+    """A .safetensors file, a folder with only config.json, a folder without config.json: exit 2, the fix named."""
+    shard = next(Path(ckpt["llama"]).glob("*.safetensors"))
+    rc, _, err = _run(capsys, shard)
+    assert rc == 2 and "is one safetensors file: give the directory holding it" in err
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text((Path(ckpt["llama"]) / "config.json").read_text())
+    rc, _, err = _run(capsys, only_config)
+    assert rc == 2 and "no *.safetensors weights" in err and "config.json" in err
+    rc, out, err = _run(capsys, only_config / "config.json", "--gpus", "1x1GB", "--json")  # the usage it suggests
+    assert rc == 0 and json.loads(out)["placements"], err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = _run(capsys, empty)
+    assert rc == 2 and "has no config.json" in err
+
+
+def test_python_api_names_the_usage_for_a_safetensors_file(ckpt):
+    """shardq.plan / load_sharded_from_dir given one .safetensors file: the error says to pass its directory."""
+    import shardq
+    from shardq.hf import ModelConfigError
+
+    shard = next(Path(ckpt["llama"]).glob("*.safetensors"))
+    with pytest.raises(ModelConfigError, match="is a safetensors file: give the directory holding it"):
+        shardq.plan(os.fspath(shard), gpus="1x1GB")
+    with pytest.raises(ModelConfigError, match="is a safetensors file"):
+        shardq.load_sharded_from_dir(shard, max_memory={"cpu": "1GB"})

@@ -2,7 +2,8 @@
 
 Prints a status table: the build (path, time or the compiler's message) and, per op, which path ran and the
 relative error against the pure-PyTorch reference on fresh random inputs with outliers. Exit status 0 only if
-the library loaded and every op matched.
+the library loaded and every op matched. Without a GPU it says so at once and exits 1 (nothing was checked):
+`--build` compiles the library into the cache without one (CI's kernel step, or to carry it to a GPU machine).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cases(dev: torch.device) -> list[CheckRow]:
-    from shardq.kernels.ops import reference
     from shardq.formats import blockwise, codebooks
+    from shardq.kernels.ops import reference
 
     rows = []
     g = torch.Generator(device=dev).manual_seed(int(time.time()))
@@ -82,10 +83,34 @@ def _cases(dev: torch.device) -> list[CheckRow]:
     return rows
 
 
+NO_GPU = ("no CUDA GPU visible: nothing to check (on this machine the ops run the PyTorch reference). "
+          "`python -m shardq.kernels --build` compiles the kernels without a GPU.")
+
+
+def build_only() -> int:
+    """Compile csrc/ into the cache (no GPU needed); 0 with the library's path, 1 with the compiler's message."""
+    from shardq.kernels import build
+
+    t0 = time.time()
+    try:
+        path = build.built_library()
+    except build.BuildError as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'library':<24}{path}  ({time.time() - t0:.1f}s; cache {build.cache_root()})")
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shardq.kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="build, load and check every op (default)")
-    parser.parse_args(argv)
+    parser.add_argument("--check", action="store_true", help="build, load and check every op on the GPU (default)")
+    parser.add_argument("--build", action="store_true", help="only compile the library into the cache (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.build:
+        return build_only()
+    if not torch.cuda.is_available():  # before the build: without a GPU there is nothing to check
+        print(NO_GPU)
+        return 1
     import shardq.kernels.ops  # noqa: F401  (defines the ops and registers the CUDA kernels)
     from shardq.kernels import build, lib
 
@@ -95,9 +120,6 @@ def run(argv: list[str] | None = None) -> int:
     if not loaded:
         print(f"{'reason':<24}{lib.error()}")
     print(f"{'sources':<24}{build.csrc_dir()}")
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible: the ops run the PyTorch reference")
-        return 0 if loaded else 1
     dev = torch.device("cuda", torch.cuda.current_device())
     print(f"{'device':<24}{torch.cuda.get_device_name(dev)}")
     rows = _cases(dev)
