@@ -5,7 +5,6 @@
 # actually importable), so a new or rebuilt venv on an old clone installs again instead of failing.
 PY ?= python3
 TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 LINT_PATHS ?= shardq tools bench/render_results.py bench/results_io.py
 ENV_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
 STAMP := .stamps/install-$(ENV_ID)
@@ -17,7 +16,7 @@ endif
 $(STAMP): pyproject.toml
 	@echo "installing shardq and its test dependencies into $$($(PY) -c 'import sys; print(sys.prefix)')"
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" \
-		|| $(PY) -m pip install --progress-bar on torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
+		|| $(PY) -m pip install --progress-bar on torch==$(TORCH_VERSION)
 	$(PY) -m pip install --progress-bar on -e ".[test]"
 	@mkdir -p .stamps && touch $(STAMP)
 
