@@ -5,15 +5,13 @@
 # and carry it, with the bitsandbytes wheel for the peer columns:
 #   SHARDQ_CACHE=$PWD/.kcache python -c "from shardq.kernels.build import built_library; built_library()"
 #   run(command="bash bench/gpu_session.sh [steps]", carry=[".kcache", ".whl"])
-# Steps (default all): check tests new kernels offload dispatch load; "decode" (not in the default: carry .bnb too)
-# runs the graph-decode GPU tests and bench/bench_decode.py (DECODE_ARGS, DECODE_LIMIT); "new" runs the GPU tests of the opt-in kernels
-# that have not run on a GPU yet (gemm_4bit_mid, int8_gemm_tc) in their own process, then times them against fp16
-# and the default paths (NEW_MS, NEW_SHAPES); "profile" / "profilemid" / "profilewg" (not in the default) read the
-# small-M / fused-dequant / Hopper fused-dequant 4-bit kernels' counters with ncu (PROFILE_M, PROFILE_MID_M,
-# PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so split them, e.g. "check
-# tests offload", then "kernels", then "dispatch load". KERNEL_ARGS (e.g. "--shapes 8192x28672 --ms 1,16 --kinds
-# fp16,sq_nf4") narrows the kernels step; TEST_ARGS (pytest arguments, split on spaces),
-# TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT (seconds) the tests step.
+# Steps (default all): check tests kernels offload dispatch load; not in the default: "decode" (carry .bnb too:
+# the graph-decode GPU tests and bench/bench_decode.py; DECODE_ARGS, DECODE_LIMIT), "train" (the training GPU tests
+# and bench/bench_train.py; TRAIN_ARGS), "profile" / "profilewg" (ncu counters of the small-M / Hopper fused-dequant
+# 4-bit kernels; PROFILE_M, PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so
+# split them. KERNEL_ARGS (e.g. "--shapes 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step;
+# TEST_ARGS (pytest arguments, split on spaces), TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT
+# (seconds) the tests step.
 set -u
 OUT=${OUT:-/tmp/shardq-gpu}
 mkdir -p "$OUT"
@@ -24,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-check tests new kernels offload dispatch load}
+steps=${*:-check tests kernels offload dispatch load}
 summary=()
 
 step() {  # name, timeout seconds, command...
@@ -41,14 +39,9 @@ for s in $steps; do
     check) step check 120 python3 -m shardq.kernels --check ;;
     tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
              ${TEST_ARGS:-tests/test_kernels_gpu.py tests/test_gemm4_wgmma_gpu.py tests/test_gemm4_flat_gpu.py \
-             tests/test_int8_tc_gpu.py tests/test_int8_wgmma_gpu.py tests/test_ops.py tests/test_quant_linear.py \
+             tests/test_int8_tc_gpu.py tests/test_ops.py tests/test_quant_linear.py \
              tests/test_offload.py tests/test_dispatch_gpu.py tests/test_loader_gpu.py tests/test_quant_experts.py \
              tests/test_quant_targets.py} ;;
-    new) step newtests 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_tc_gpu.py tests/test_gemm4_mid_gpu.py
-         mkdir -p "$OUT/new"
-         step newbench 420 python3 bench/bench_kernels.py --out "$OUT/new" --no-bnb \
-           --kinds fp16,sq_nf4,sq_nf4_mid,sq_int8_t6,sq_int8_t6_gemv --ms ${NEW_MS:-1,7,16,32,33,64,256,512,4096} \
-           ${NEW_SHAPES:+--shapes $NEW_SHAPES} ;;
     kernels) step kernels 420 python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} ;;
     profile) for v in ${PROFILE_VARIANTS:-4 1}; do
                step "ncu_v$v" 120 ncu --clock-control none -k regex:'gemm4|gemv4' --launch-skip 1 --launch-count 1 \
@@ -56,10 +49,6 @@ for s in $steps; do
                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
                  python3 bench/profile_kernel.py --variant "$v" --m "${PROFILE_M:-1}" --calls 2
              done ;;
-    profilemid) step ncu_mid 150 ncu --clock-control none -k regex:gemm4_mid --launch-skip 1 --launch-count 1 \
-                  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
-                  python3 bench/profile_kernel.py --mid --m "${PROFILE_MID_M:-64}" --calls 2 ;;
     profilewg) step ncu_wgmma 150 ncu --clock-control none -k regex:gemm4_wgmma --launch-skip 1 --launch-count 1 \
                  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                  --section WarpStateStats --section SchedulerStats --section InstructionStats \
@@ -69,7 +58,7 @@ for s in $steps; do
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
-    *) echo "unknown step $s (check tests new kernels profile profilemid profilewg offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests kernels profile profilewg decode train offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -18,7 +18,7 @@ import torch
 
 import shardq.kernels.ops  # noqa: F401
 from shardq.kernels import cuda_ops, lib
-from test_gemm4_mid_gpu import _grid, _inputs, _misaligned, _op
+from _f_gemm4 import _grid, _inputs, _misaligned, _op
 from test_kernels_gpu import SEED, _gen, graph_replay
 from _f_numerics import rel_err
 
