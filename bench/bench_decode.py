@@ -110,7 +110,7 @@ def gen_kwargs(kind: str) -> dict:
 
 def ms_per_token(model, kind: str, batch: int, new: int) -> float:
     ids = torch.randint(1, 32000, (batch, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=1, **gen_kwargs(kind))
+    kw = dict(do_sample=False, pad_token_id=0, **gen_kwargs(kind))
 
     def run(n: int) -> float:
         torch.cuda.synchronize()
