@@ -156,7 +156,7 @@ def main() -> None:
                 wb = weight_bytes(model)
                 for batch in map(int, args.batches.split(",")):
                     ms = ms_per_token(model, kind, batch, args.new)
-                    floor = wb / (hbm * 1e9 / 2) * 1e3  # a copy moves each byte twice: reading is half of it
+                    floor = wb / (hbm * 1e9) * 1e3  # HBM traffic of a copy (read + write) ~ the rate of a pure read
                     rows.append([shape, kind, batch, round(ms, 3), round(floor, 3), round(ms / floor, 2),
                                  round(wb / 2**20)])
                     print(rows[-1], flush=True)
@@ -197,7 +197,7 @@ def _has_bnb() -> bool:
 def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = False) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    notes = [f"HBM copy bandwidth {hbm:.0f} GB/s (read + write); floor = weight bytes / (copy bandwidth / 2)",
+    notes = [f"HBM copy bandwidth {hbm:.0f} GB/s (read + write); floor = weight bytes / copy bandwidth",
              f"pinned H2D {h2d:.1f} GB/s; the streamed row's floor is its streamed bytes per token / that bandwidth",
              "ms/token = (generate(N+1) - generate(1)) / N, greedy, prompt 16 tokens, best of 2 after a warm-up",
              f"torch {torch.__version__}, transformers {transformers.__version__}"] + notes
