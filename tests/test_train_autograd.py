@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import shardq.kernels.ops  # noqa: F401  (registers the ops, then their autograd)
-from shardq.kernels import autograd
 from shardq.config import QuantConfig
 from shardq.formats import blockwise, codebooks, int8
+from shardq.kernels import autograd
 from shardq.quant.linear import Linear4bit, Linear8bit
 
 
@@ -45,7 +45,7 @@ def test_int8_gradcheck_is_the_straight_through_product():
     q, scb = torch.ops.shardq.quantize_int8_rowwise(w)
     x = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, b: torch.ops.shardq.int8_linear(x, q, scb, b, 1e-12)  # noqa: E731
+    fn = lambda x, b: torch.ops.shardq.int8_linear(x, q, scb, b, 1e-12)
     assert torch.autograd.gradcheck(fn, (x, bias), eps=1e-2, atol=1e-4, rtol=1e-4)
 
 

@@ -15,7 +15,7 @@ the ops do not exist yet, and importing `ops` from here would be a cycle).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ def _grad_input(grad: Tensor, out_features: int, in_features: int, rows: int,
     return acc.to(grad.dtype).reshape(*grad.shape[:-1], in_features)
 
 
-def _grad_bias(grad: Tensor, bias: Optional[Tensor], needed: bool) -> Optional[Tensor]:
+def _grad_bias(grad: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
     if not needed or bias is None:
         return None
     acc = torch.promote_types(grad.dtype, torch.float32)  # 16-bit grads summed in fp32
@@ -73,7 +73,7 @@ def _4bit_rows(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, in_
 
 
 def _setup_gemm_4bit(ctx, inputs, output) -> None:
-    x, packed, absmax, code, blocksize, out_f, in_f, nested_absmax, nested_code, nested_offset, bias = inputs
+    _x, packed, absmax, code, blocksize, out_f, in_f, nested_absmax, nested_code, nested_offset, bias = inputs
     ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, bias)
     ctx.meta = (blocksize, out_f, in_f, nested_offset)
     ctx.x_needs_grad = ctx.needs_input_grad[0]
@@ -94,7 +94,7 @@ def _backward_gemm_4bit(ctx, grad: Tensor):
 
 
 def _setup_int8_linear(ctx, inputs, output) -> None:
-    x, weight, scale, bias, threshold = inputs
+    _x, weight, scale, bias, _threshold = inputs
     ctx.save_for_backward(weight, scale, bias)
     ctx.x_needs_grad = ctx.needs_input_grad[0]
     ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
