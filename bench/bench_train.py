@@ -27,25 +27,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers
 from peft import LoraConfig, get_peft_model
 
-SHAPES = {"1.1b": (2048, 16, 8192, 32, 4), "7b": (4096, 32, 11008, 32, 32), "13b": (5120, 40, 13824, 40, 40)}
+SHAPES = {"tiny": (64, 3, 96, 4, 2), "1.1b": (2048, 16, 8192, 32, 4), "7b": (4096, 32, 11008, 32, 32), "13b": (5120, 40, 13824, 40, 40)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MB = 2**20
 
 
-def build(shape: str) -> torch.nn.Module:
-    """A random bf16 Llama of `shape` on the GPU (weights N(0, 0.02), norms 1), built without slow init."""
+def build(shape: str, dev: str) -> torch.nn.Module:
+    """A random bf16 Llama of `shape` on `dev` (weights N(0, 0.02), norms 1), built without slow init."""
     hidden, layers, inter, heads, kv = SHAPES[shape]
     cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                                   num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
+                                   num_attention_heads=heads, num_key_value_heads=kv,
+                                   vocab_size=512 if shape == "tiny" else 32000,
                                    max_position_embeddings=4096, tie_word_embeddings=False)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    model.to_empty(device="cuda")
-    gen = torch.Generator("cuda").manual_seed(0)
+    model.to_empty(device=dev)
+    gen = torch.Generator(dev).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02, generator=gen)
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg, device="cuda")  # its buffers are computed, not loaded
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(dev)  # its buffers are computed, not loaded
     return model
 
 
@@ -72,19 +73,31 @@ def shardq_quantize(model: torch.nn.Module) -> torch.nn.Module:
                           skip=["lm_head"])
 
 
-def stream_layers(model: torch.nn.Module, resident: int) -> None:
-    """Dispatch: embeddings, norm, head and the first `resident` layers on GPU 0, the other layers streamed."""
+def stream_layers(model: torch.nn.Module, resident: int, dev: str) -> None:
+    """Dispatch: embeddings, norm, head and the first `resident` layers on `dev` (GPU 0; "cpu" for --smoke), the
+    other layers streamed from the CPU."""
     from shardq.runtime.dispatch import dispatch_model
 
     n = len(model.model.layers)
     model.to("cpu")
-    dmap = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0}
-    dmap.update({f"model.layers.{i}": (0 if i < resident else "cpu") for i in range(n)})
-    torch.cuda.empty_cache()
-    dispatch_model(model, dmap, offload_modes="stream" if resident < n else None)
+    home = 0 if dev == "cuda" else "cpu"
+    dmap = {"model.embed_tokens": home, "model.rotary_emb": home, "model.norm": home, "lm_head": home}
+    dmap.update({f"model.layers.{i}": (home if i < resident else "cpu") for i in range(n)})
+    _empty_cache()
+    dispatch_model(model, dmap, offload_modes={f"model.layers.{i}": "stream" for i in range(resident, n)} or None)
 
 
-def step_time(model, batch: int, seq: int, steps: int) -> tuple[float, int]:
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_time(model, batch: int, seq: int, steps: int, dev: str) -> tuple[float, int]:
     """Mean seconds per step over `steps` timed steps after one warm-up, and the allocator's peak (bytes)."""
     from shardq.training import prepare_model_for_kbit_training
 
@@ -93,7 +106,7 @@ def step_time(model, batch: int, seq: int, steps: int) -> tuple[float, int]:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
 
     def one() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -102,13 +115,14 @@ def step_time(model, batch: int, seq: int, steps: int) -> tuple[float, int]:
         opt.zero_grad(set_to_none=True)
 
     one()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated()
+    _sync()
+    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() if dev == "cuda" else 0
 
 
 def nf4_bytes(model: torch.nn.Module) -> int:
@@ -118,7 +132,8 @@ def nf4_bytes(model: torch.nn.Module) -> int:
 
 
 def run_one(shape: str, contender: str, args) -> list:
-    model = build(shape)
+    dev = args.device
+    model = build(shape, dev)
     params = sum(p.numel() for p in model.parameters())
     resident, cap = "", ""
     if contender == "bnb":
@@ -130,18 +145,21 @@ def run_one(shape: str, contender: str, args) -> list:
         cap_bytes = int(args.cap_frac * weights)
         n = len(model.model.layers)
         layer = nf4_bytes(model.model.layers[0])
-        stream_layers(model, 0)
-        base = step_time(model, args.batch, args.seq, 1)[1]  # the fixed part: head, slots, adapters, activations
-        k = max(0, min(n, (cap_bytes - base) // layer))
+        if args.resident is None:
+            stream_layers(model, 0, dev)
+            base = step_time(model, args.batch, args.seq, 1, dev)[1]  # fixed: head, slots, adapters, activations
+            k = max(0, min(n, (cap_bytes - base) // layer))
+        else:
+            k = args.resident
         del model
-        torch.cuda.empty_cache()
-        model = shardq_quantize(build(shape))
-        stream_layers(model, int(k))
+        _empty_cache()
+        model = shardq_quantize(build(shape, dev))
+        stream_layers(model, int(k), dev)
         resident, cap = int(k), round(cap_bytes / MB)
-    torch.cuda.empty_cache()
-    sec, peak = step_time(model, args.batch, args.seq, args.steps)
+    _empty_cache()
+    sec, peak = step_time(model, args.batch, args.seq, args.steps, dev)
     del model
-    torch.cuda.empty_cache()
+    _empty_cache()
     return [shape, contender, round(sec * 1e3, 1), round(args.batch * args.seq / sec), round(peak / MB),
             round(weights / MB), cap, resident, round(6 * params * args.batch * args.seq / args.gemm_flops * 1e3, 1)]
 
@@ -178,19 +196,29 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--cap-frac", type=float, default=0.5, help="GPU cap of the capped run, x the nf4 weight bytes")
+    p.add_argument("--resident", type=int, default=None, help="layers kept on the GPU in the capped run (default: "
+                   "as many as fit under the cap next to the peak measured with every layer streamed)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--smoke", action="store_true", help="check the script on the CPU: tiny shape, shardq only, "
+                   "1 step, no limits measured (what tests/test_train_bench.py runs)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_train.py needs a CUDA GPU")
-    args.gemm_flops, h2d = gemm_flops(), h2d_gbps()
+    if args.smoke:
+        args.shapes, args.contenders, args.batch, args.seq, args.steps = "tiny", "shardq,shardq_capped", 2, 16, 1
+        args.resident = 1
+    elif not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU (--smoke checks the script on the CPU)")
+    args.device = "cpu" if args.smoke else "cuda"
+    args.gemm_flops, h2d = (1e12, 0.0) if args.smoke else (gemm_flops(), h2d_gbps())
     rows = []
     for shape in args.shapes.split(","):
         for contender in args.contenders.split(","):
             try:
                 rows.append(run_one(shape, contender, args))
             except Exception as e:  # noqa: BLE001  (a peer failing, e.g. OOM, is a result too)
+                if args.smoke:
+                    raise
                 rows.append([shape, contender, f"failed: {type(e).__name__}: {str(e)[:120]}"] + [""] * 6)
-                torch.cuda.empty_cache()
+                _empty_cache()
             print(rows[-1], flush=True)
     base = {r[0]: r[2] for r in rows if r[1] == "bnb" and isinstance(r[2], float)}
     for r in rows:
@@ -198,7 +226,7 @@ def main() -> None:
     cols = ["shape", "contender", "step_ms", "tokens_per_s", "peak_MB", "weights_MB", "cap_MB", "resident_layers",
             "gemm_bound_ms", "speedup_vs_bnb"]
     res = {"benchmark": "train", "title": f"QLoRA step (nf4+dq, r=16 all linears, batch {args.batch}x{args.seq})",
-           "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+           "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name() if not args.smoke else "none (smoke)",
            "command": "python " + " ".join(sys.argv), "columns": cols, "rows": rows,
            "notes": [(f"bf16 GEMM 8192^3: {args.gemm_flops / 1e12:.0f} TFLOP/s; gemm_bound_ms = 6*params*tokens at "
                       "that rate (forward, recompute, input gradients)"),

@@ -129,3 +129,23 @@ def test_opcheck_autograd_registration():
     for op, sample in cases:
         torch.library.opcheck(op, sample, test_utils=("test_schema", "test_autograd_registration",
                                                       "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("cls,cfg", [(Linear4bit, QuantConfig(method="nf4")), (Linear8bit, QuantConfig(method="int8"))])
+def test_trained_bias_goes_through_the_op(monkeypatch, cls, cfg):
+    """`ops.call` sends inputs needing no gradient straight to the CUDA kernel (no autograd): a trained bias must
+    not take that path, a frozen one still does."""
+    layer = cls.from_linear(torch.nn.Linear(32, 16), cfg)
+    calls: list[str] = []
+
+    def call(name, *args):
+        calls.append(name)
+        return getattr(torch.ops.shardq, name)(*args)
+
+    monkeypatch.setattr(shardq.kernels.ops, "call", call)
+    layer(torch.randn(2, 32))
+    assert len(calls) == 1
+    layer.bias.requires_grad_(True)
+    layer(torch.randn(2, 32)).sum().backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(layer.bias.grad, torch.full((16,), 2.0))

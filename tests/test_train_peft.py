@@ -88,6 +88,23 @@ def test_adapter_grads_equal_the_dequantized_float_model(arch, cfg):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("cfg", [NF4, INT8_EXACT], ids=["nf4", "int8-all-outliers"])
+def test_trained_biases_get_the_float_model_gradients(cfg):
+    """LoraConfig(bias="all") trains the quantized layers' biases (Qwen2's q/k/v have some) through the op's
+    autograd; the layers then bypass `ops.call`'s direct CUDA path, which has no autograd."""
+    quant = quantize_model(tiny("qwen2"), cfg, skip=["lm_head"])
+    ref = dequantize_model(copy.deepcopy(quant))
+    grads = []
+    for model in (lora(quant, bias="all"), lora(ref, bias="all")):
+        lora_grads(model)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    got, want = grads
+    biases = [n for n in want if n.endswith("q_proj.base_layer.bias")]
+    assert biases and set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_int8_adapter_grads_close_to_the_float_model():
     """LLM.int8() with outliers quantizes activations: the gradients differ by that rounding only."""
     quant, ref = quantized_and_reference("llama", INT8)
