@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import shardq.kernels.ops  # noqa: F401  (registers the ops, then their autograd)
+import shardq.kernels.ops  # registers the ops, then their autograd
 from shardq.config import QuantConfig
 from shardq.formats import blockwise, codebooks, int8
 from shardq.kernels import autograd

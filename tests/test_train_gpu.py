@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from test_train_peft import NF4, _stream_map, batch, lora, tiny
 
 import shardq.training
 from shardq.config import QuantConfig
 from shardq.quant.convert import dequantize_model, quantize_model
 from shardq.runtime.dispatch import dispatch_model
-from test_train_peft import NF4, _stream_map, batch, lora, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
