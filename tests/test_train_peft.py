@@ -169,15 +169,19 @@ def _stream_map(model: nn.Module) -> tuple[dict, dict]:
                                        "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
 
 
-def test_step_with_streamed_blocks_equals_the_resident_model():
-    """Decoder layers streamed (two slots for three layers): the gradient-checkpointing recomputation streams
-    each layer in again for its backward, so the adapter gradients equal those of the undispatched model."""
+@pytest.mark.parametrize("disk", [False, True], ids=["stream", "stream+disk"])
+def test_step_with_streamed_blocks_equals_the_resident_model(tmp_path, disk):
+    """Decoder layers streamed (two slots for three layers; the middle one read from disk, meta at rest): the
+    checkpoint around each block's streaming forward streams it in again for its backward, so the adapter
+    gradients equal those of the undispatched model."""
     ref = lora(shardq.training.prepare_model_for_kbit_training(
         quantize_model(tiny("llama", layers=3), NF4, skip=["lm_head"]), upcast_norms=False))
     model = quantize_model(tiny("llama", layers=3), NF4, skip=["lm_head"])
     dmap, modes = _stream_map(model)
-    dispatch_model(model, dmap, offload_modes=modes)
-    assert model.shardq_offload_modes["model.layers.1"] == "stream"
+    if disk:
+        dmap["model.layers.1"] = "disk"
+    dispatch_model(model, dmap, offload_modes=modes, offload_dir=tmp_path)
+    assert model.shardq_offload_modes["model.layers.1"] == ("disk" if disk else "stream")
     model = lora(shardq.training.prepare_model_for_kbit_training(model, upcast_norms=False))
     ref.train()
     model.train()
@@ -227,3 +231,14 @@ def test_unsupported_lora_options_are_refused(kw, match):
     model = quantize_model(tiny("llama"), NF4, skip=["lm_head"])
     with pytest.raises(ValueError, match=match):
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **kw))
+
+
+def test_disk_layers_without_the_helper_are_refused(tmp_path):
+    """A disk block's weights are meta at rest: without the recorded execution device the adapters would have no
+    device to go to, so get_peft_model says which call is missing."""
+    model = quantize_model(tiny("llama"), NF4, skip=["lm_head"])
+    dmap, modes = _stream_map(model)
+    dmap["model.layers.1"] = "disk"
+    dispatch_model(model, dmap, offload_modes=modes, offload_dir=tmp_path)
+    with pytest.raises(ValueError, match="prepare_model_for_kbit_training"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))

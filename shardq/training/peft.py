@@ -3,7 +3,8 @@
 PEFT picks a LoRA layer class per target by type (its bitsandbytes dispatchers, then `nn.Linear`); shardq's
 `Linear4bit`/`Linear8bit` are neither, so PEFT would refuse them. PEFT's own extension point is the custom-module
 mapping of a `LoraConfig` (`_register_custom_module`); `register_with_peft` (run on import) makes PEFT apply
-shardq's mapping itself whenever a target's base layer is a shardq layer, so `get_peft_model(model,
+shardq's mapping itself whenever a target's base layer is a shardq layer (and place the new adapters where the
+layer computes, not where its weights rest), so `get_peft_model(model,
 LoraConfig(target_modules=[...]))` and `PeftModel.from_pretrained` work unchanged. The mapping is not saved in
 `adapter_config.json`, so saved adapters stay plain PEFT adapters.
 
@@ -59,6 +60,12 @@ class QuantLoraLinear(LoraLinear):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device or adapter_device(self.get_base_layer()))
+
+    def place_adapters(self) -> None:
+        """Every adapter onto the device the layer computes on (not the weight's device, which for a streamed or
+        disk layer is where it rests: host memory or meta)."""
+        for name in list(self.lora_A):
+            self._move_adapter_to_device_of_base_layer(name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapters into the quantized weight (dequantize, add, quantize again)."""
@@ -126,14 +133,30 @@ def _create_new_module(original):
     return create
 
 
+def _replace_module(original):
+    def replace(self: LoraModel, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if not isinstance(new_module, QuantLoraLinear):
+            return original(self, parent, child_name, new_module, child)
+        # PEFT's version also moves the adapters to the base weight's device: meta (values lost) for a disk
+        # layer, host memory for a streamed one
+        setattr(parent, child_name, new_module)
+        new_module.place_adapters()
+        return None
+
+    replace.shardq_original = original
+    return replace
+
+
 def register_with_peft() -> None:
-    """Make PEFT's LoRA dispatch map shardq's quantized layers to `QuantLoraLinear` (idempotent)."""
+    """Make PEFT's LoRA dispatch map shardq's quantized layers to `QuantLoraLinear`, with their adapters on the
+    device the layer computes on (idempotent)."""
     original = LoraModel._create_new_module
     if getattr(original, "shardq_original", None) is not None:
         return
-    if not callable(original) or not hasattr(LoraConfig, "_register_custom_module"):
+    if not hasattr(LoraConfig, "_register_custom_module") or not hasattr(LoraModel, "_replace_module"):
         raise ImportError("this peft version has no LoRA custom-module mapping: install peft>=0.14")
     LoraModel._create_new_module = staticmethod(_create_new_module(original))
+    LoraModel._replace_module = _replace_module(LoraModel._replace_module)
 
 
 def linear_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
