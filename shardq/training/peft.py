@@ -51,7 +51,7 @@ class QuantLoraLinear(LoraLinear):
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
+        return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
     @property
     def lora_variants(self) -> dict:
@@ -85,7 +85,7 @@ class QuantLoraLinear(LoraLinear):
                 self._fold(name, -1.0, False)
 
     def _fold(self, adapter: str, sign: float, safe: bool) -> None:
-        base = self.get_base_layer()
+        base: Any = self.get_base_layer()
         if getattr(base, "shardq_offload", None) in _OFFLOADED or base.weight.device.type == "meta":
             raise ValueError("cannot merge an adapter into a layer of a streamed or disk block (its weights are "
                              "packed for streaming): merge on a model loaded without offload, or keep it unmerged")
@@ -93,14 +93,15 @@ class QuantLoraLinear(LoraLinear):
         with torch.no_grad():
             self._fold_weights(base, adapter, sign, safe)
 
-    def _fold_weights(self, base: nn.Module, adapter: str, sign: float, safe: bool) -> None:
+    def _fold_weights(self, base: Any, adapter: str, sign: float, safe: bool) -> None:
         weight = base.dequantized_weight(torch.float32)
         new = weight + sign * self.get_delta_weight(adapter).to(weight.device, torch.float32)
         bias = None if base.bias is None else base.bias.detach()
         if self.lora_bias[adapter]:
             if bias is None:
                 raise ValueError("lora_bias=True needs a base layer with a bias to merge into")
-            bias = bias + sign * self.lora_B[adapter].bias.detach().to(bias) * self.scaling[adapter]
+            lora_b: Any = self.lora_B[adapter]
+            bias = bias + sign * lora_b.bias.detach().to(bias) * self.scaling[adapter]
         if safe and not (torch.isfinite(new).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(f"NaNs or infs in the merged weight: adapter {adapter!r} seems broken")
         base.load_from_float(new.to(base.dtype), bias)
@@ -118,7 +119,7 @@ def adapter_device(layer: nn.Module) -> torch.device | None:
     return None
 
 
-CUSTOM_MODULES = {cls: QuantLoraLinear for cls in QuantLinear}
+CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {cls: QuantLoraLinear for cls in QuantLinear}
 
 
 def _create_new_module(original):
@@ -155,8 +156,8 @@ def register_with_peft() -> None:
         return
     if not hasattr(LoraConfig, "_register_custom_module") or not hasattr(LoraModel, "_replace_module"):
         raise ImportError("this peft version has no LoRA custom-module mapping: install peft>=0.14")
-    LoraModel._create_new_module = staticmethod(_create_new_module(original))
-    LoraModel._replace_module = _replace_module(LoraModel._replace_module)
+    LoraModel._create_new_module = staticmethod(_create_new_module(original))  # type: ignore[method-assign]
+    LoraModel._replace_module = _replace_module(LoraModel._replace_module)  # type: ignore[method-assign]
 
 
 def linear_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
@@ -223,7 +224,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     return model
 
 
-def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
+def _enable_checkpointing(model: Any, kwargs: dict) -> None:
     """transformers' activation checkpointing (its name since 5.x; `gradient_checkpointing_enable` before)."""
     if kwargs["use_reentrant"] and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()

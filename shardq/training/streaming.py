@@ -36,7 +36,7 @@ def _after_compute(streamer: Any) -> None:
         stream.wait_stream(torch.cuda.current_stream(streamer.device))
 
 
-def _checkpointed(module: nn.Module, streamed: Callable, streamer: Any) -> Callable:
+def _checkpointed(module: Any, streamed: Callable, streamer: Any) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         _after_compute(streamer)
         return streamed(*args, **kwargs)
@@ -54,14 +54,14 @@ def _checkpointed(module: nn.Module, streamed: Callable, streamer: Any) -> Calla
     return forward
 
 
-def checkpoint_offloaded_blocks(model: nn.Module) -> list[str]:
+def checkpoint_offloaded_blocks(model: Any) -> list[str]:
     """Wrap every streamed/disk block of a dispatched model in a non-reentrant checkpoint around its streaming
     forward (in training mode with grad enabled; otherwise the forward is unchanged). Idempotent; returns the
     block names. `remove_dispatch` removes the wrappers with the streaming."""
     names = offloaded_blocks(model)
     streamer = model.shardq_runtime.streamer if names else None
     for name in names:
-        module = model.get_submodule(name) if name else model
+        module: Any = model.get_submodule(name) if name else model
         if getattr(module, "shardq_checkpointed", False):
             continue
         if "forward" not in module.__dict__:
