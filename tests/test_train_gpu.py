@@ -49,3 +49,40 @@ def test_gpu_streamed_step_equals_resident_and_adapters_live_on_the_gpu():
     want = _grads(ref)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _peak_step(model) -> int:
+    """Allocator peak (bytes) of one forward + backward, measured from the state after set-up."""
+    ids = torch.randint(0, 97, (1, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def test_gpu_streamed_step_holds_less_than_the_resident_weights():
+    """Six layers of ~6.7 MB (nf4): streamed, the GPU holds two slots of one layer during the step, the backward
+    included (it re-streams into the same slots), instead of all six."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=8, vocab_size=97)
+    peaks = {}
+    for streamed in (False, True):
+        torch.manual_seed(0)
+        model = quantize_model(transformers.LlamaForCausalLM(cfg), NF4, skip=["lm_head"])
+        if streamed:
+            names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
+            dmap = {n: 0 for n in names} | {f"model.layers.{i}": "cpu" for i in range(6)}
+            dispatch_model(model, dmap, offload_modes={"model.layers": "stream"})
+        else:
+            model.cuda()
+        model = lora(shardq.training.prepare_model_for_kbit_training(model), target_modules=["q_proj", "v_proj"])
+        model.train()
+        weights = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "layers." in n)
+        peaks[streamed] = _peak_step(model)
+        del model
+        torch.cuda.empty_cache()
+    layer = weights / 6
+    assert peaks[True] < peaks[False] - 3 * layer, (peaks, layer)
