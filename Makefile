@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 LINT_PATHS ?= shardq tools bench/render_results.py bench/results_io.py
 ENV_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
 STAMP := .stamps/install-$(ENV_ID)
-HAVE := $(shell $(PY) -c "import importlib.util as u; print(all(u.find_spec(m) for m in ('torch', 'accelerate', 'transformers', 'pytest', 'ruff', 'mypy')))" 2>/dev/null)
+HAVE := $(shell $(PY) -c "import importlib.util as u; print(all(u.find_spec(m) for m in ('torch', 'accelerate', 'transformers', 'peft', 'pytest', 'ruff', 'mypy')))" 2>/dev/null)
 ifneq ($(HAVE),True)
 $(shell rm -f $(STAMP))
 endif

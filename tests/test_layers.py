@@ -17,7 +17,7 @@ LAYERS = {
     "shardq.quant": 3,
     "shardq.planning": 4,
     "shardq.runtime": 5,
-    "shardq.loading": 6,
+    "shardq.loading": 6, "shardq.training": 6,
     "shardq.cli": 7, "shardq.demo": 7, "shardq.__main__": 7, "shardq": 7,
 }
 PUBLIC = ["Linear4bit", "Linear8bit", "Plan", "QuantConfig", "__version__", "dequantize_model", "dispatch_model",

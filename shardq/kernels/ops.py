@@ -107,3 +107,6 @@ def call(name: str, *args):
 def _direct(x: Tensor) -> bool:
     return (type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling()
             and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+import shardq.kernels.autograd  # noqa: E402,F401  (backward formulas of the ops above)

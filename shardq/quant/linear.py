@@ -51,6 +51,14 @@ def _check_weight(module: nn.Module, weight: torch.Tensor) -> None:
         raise ValueError("weight is on the meta device: load real values before quantizing")
 
 
+def _matmul(name: str, bias: torch.Tensor | None, *args) -> torch.Tensor:
+    """Run op `name` through `ops.call`, or through the op itself when the bias is trained (PEFT's `bias="all"`):
+    `ops.call` skips the dispatcher, hence autograd, whenever x needs no gradient, which would drop the bias's."""
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        return getattr(torch.ops.shardq, name)(*args)
+    return shardq.kernels.ops.call(name, *args)
+
+
 class _Quantized(nn.Module):
     """What both layers share: the constructors, and `.half()`/`.to(dtype)` casting the bias but never the
     stored formats."""
@@ -159,9 +167,9 @@ class Linear4bit(_Quantized):
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
         dq = self.double_quant
-        out = shardq.kernels.ops.call("gemm_4bit", xc, self.weight, self.absmax, self.quant_map, self.blocksize,
-                              self.out_features, self.in_features, self.nested_absmax if dq else None,
-                              self.nested_quant_map if dq else None, self.offset_value() if dq else 0.0, self.bias)
+        out = _matmul("gemm_4bit", self.bias, xc, self.weight, self.absmax, self.quant_map, self.blocksize,
+                      self.out_features, self.in_features, self.nested_absmax if dq else None,
+                      self.nested_quant_map if dq else None, self.offset_value() if dq else 0.0, self.bias)
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -204,7 +212,7 @@ class Linear8bit(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
-        out = shardq.kernels.ops.call("int8_linear", xc, self.weight, self.SCB, self.bias, self.threshold)
+        out = _matmul("int8_linear", self.bias, xc, self.weight, self.SCB, self.bias, self.threshold)
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
