@@ -110,7 +110,9 @@ def apply_conversions(
             out[name] = src
         elif name not in done:
             done.add(name)
-            composite = _composite(groups[name], source, state[resolve(name)], problems)
+            resolved = resolve(name)
+            assert resolved is not None  # a group exists only for a target that resolves
+            composite = _composite(groups[name], source, state[resolved], problems)
             if composite is not None:
                 out[name] = composite
     return out, problems
@@ -208,12 +210,11 @@ def _layout(group: _Group, source: Mapping[str, SourceTensor]) -> Item:
                 (conv.target_patterns[0] if single else p): _stack(v, op.dim, group.target) for p, v in state.items()
             }
         elif kind == "Concatenate":
-            items = [
-                x
-                for p in conv.source_patterns
-                if p in state
-                for x in (state.pop(p) if isinstance(state[p], list) else [state.pop(p)])
-            ]
+            items: list[Item] = []
+            for p in conv.source_patterns:
+                if p in state:
+                    v = state.pop(p)
+                    items.extend(v if isinstance(v, list) else [v])
             state = {conv.target_patterns[0]: _cat(items, op.dim, group.target)}
         else:
             raise LoadError(
@@ -272,7 +273,7 @@ def _common(items: list[tuple[str, Shape]], free_dim: int | None, target: str) -
     counts: dict[Shape, int] = {}
     for _, s in items:
         counts[norm(s)] = counts.get(norm(s), 0) + 1
-    usual = max(counts, key=counts.get)
+    usual = max(counts, key=counts.__getitem__)
     odd = [f"{k} {list(s)}" for k, s in items if norm(s) != usual]
     if odd:
         want = next(s for _, s in items if norm(s) == usual)

@@ -196,7 +196,9 @@ def quantize_stacks(model: nn.Module, stacks: dict[str, tuple[int, int, int]], c
         parent, _, attr = full.rpartition(".")
         experts = model.get_submodule(parent)
         w = experts._parameters[attr].detach()
-        new = QuantizedExperts(*w.shape, cfg, device="meta", dtype=w.dtype).load_from_float(w)
+        num_experts, out_features, in_features = w.shape
+        new = QuantizedExperts(num_experts, out_features, in_features, cfg, device="meta", dtype=w.dtype)
+        new = new.load_from_float(w)
         replace_stack(experts, attr, new)
 
 

@@ -134,7 +134,7 @@ def _main_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     for k, t in tensors.items():
         if t.is_floating_point() and ".weight." not in k and not k.endswith(".SCB"):
             by[t.dtype] = by.get(t.dtype, 0) + t.numel() * t.element_size()
-    return max(by, key=by.get) if by else torch.float16
+    return max(by, key=by.__getitem__) if by else torch.float16
 
 
 def save_quantized(
@@ -156,7 +156,7 @@ def save_quantized(
     tensors = bnb_state_dict(model)
     _write_shards(tensors, root, limit, {"format": "pt", "quantization_config": json.dumps(qdict)})
     hf_cfg = getattr(model, "config", None)
-    config = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else {}
+    config = hf_cfg.to_dict() if hf_cfg is not None and hasattr(hf_cfg, "to_dict") else {}
     config["quantization_config"] = qdict
     if config:  # transformers loads the unquantized tensors in the dtype config.json names
         config["dtype"] = _dtype_name(_main_float_dtype(tensors))
@@ -270,7 +270,10 @@ def expected_layout(name: str, spec: LayerSpec, out_f: int, in_f: int) -> Layout
         raise CheckpointError(f"tensor {key!r}: blocksize {bs!r} is unsupported (allowed: {BLOCKSIZES_4BIT})")
     numel = out_f * in_f
     nb = blockwise.n_blocks(numel, bs)
-    out = {f"{name}.weight": ((torch.uint8,), (numel + 1) // 2), f"{name}.weight.quant_map": ((torch.float32,), 16)}
+    out: Layout = {
+        f"{name}.weight": ((torch.uint8,), (numel + 1) // 2),
+        f"{name}.weight.quant_map": ((torch.float32,), 16),
+    }
     if "nested_offset" in meta:
         if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
             raise CheckpointError(

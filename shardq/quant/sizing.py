@@ -173,7 +173,7 @@ def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntr
                 q = shape is not None and kind == "p" and tname == "weight"
                 own = t.numel() * t.dtype.itemsize
                 fp32 = t.numel() * 4 if t.is_floating_point() else own
-                stored = quantized_weight_bytes(shape[0], shape[1], quant) if q else own
+                stored = quantized_weight_bytes(shape[0], shape[1], quant) if q and shape is not None else own
                 if kind == "p" and full in stacks:
                     experts, out_f, in_f = stacks[full]
                     q, stored = True, experts * quantized_weight_bytes(out_f, in_f, quant)
