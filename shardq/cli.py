@@ -23,46 +23,83 @@ if TYPE_CHECKING:
 STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 PCIE_GBPS = 25.0
 DISK_GBPS = 2.0
-DTYPES = {"float16": ("fp16", "f16", "half", "float16"), "bfloat16": ("bf16", "bfloat16"),
-          "float32": ("fp32", "f32", "float", "float32")}
+DTYPES = {
+    "float16": ("fp16", "f16", "half", "float16"),
+    "bfloat16": ("bf16", "bfloat16"),
+    "float32": ("fp32", "f32", "float", "float32"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m shardq plan",
         description="Preview a device map: which device holds each block, its bytes as stored, and the budget left. "
-                    "Reads config.json and safetensors headers only; no weight bytes, no GPU needed.")
-    p.add_argument("source", help="checkpoint directory (config.json + safetensors, single or sharded), "
-                                  "or a config.json file to plan from the architecture alone")
-    p.add_argument("--max-memory", metavar="CAPS",
-                   help="per-device caps, e.g. '0=600MB,1=1GB,cpu=8GB,disk=100GB' or a JSON dict "
-                        "(default: free GPU memory, available host memory, free disk)")
+        "Reads config.json and safetensors headers only; no weight bytes, no GPU needed.",
+    )
+    p.add_argument(
+        "source",
+        help="checkpoint directory (config.json + safetensors, single or sharded), "
+        "or a config.json file to plan from the architecture alone",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="CAPS",
+        help="per-device caps, e.g. '0=600MB,1=1GB,cpu=8GB,disk=100GB' or a JSON dict "
+        "(default: free GPU memory, available host memory, free disk)",
+    )
     p.add_argument("--gpus", metavar="SPEC", help="plan for hypothetical GPUs, e.g. '2x24GB' or '24GB,16GB'")
     p.add_argument("--quant", help="none, int8, nf4 or fp4 (default: the checkpoint's quantization_config, else none)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics again")
     p.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64)")
-    p.add_argument("--fp32-cpu-offload", action="store_true",
-                   help="keep CPU blocks unquantized in fp32 and compute them on the CPU")
+    p.add_argument(
+        "--fp32-cpu-offload",
+        action="store_true",
+        help="keep CPU blocks unquantized in fp32 and compute them on the CPU",
+    )
     p.add_argument("--skip-modules", metavar="NAMES", help="comma-separated modules kept unquantized (default lm_head)")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="auto/balanced spread over the GPUs when "
-                   "the model fits on them (as transformers), else fill in order; balanced_low_0 spreads over GPUs 1.. "
-                   "and leaves GPU 0 what they cannot hold; sequential fills GPUs in order")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=STRATEGIES,
+        help="auto/balanced spread over the GPUs when "
+        "the model fits on them (as transformers), else fill in order; balanced_low_0 spreads over GPUs 1.. "
+        "and leaves GPU 0 what they cannot hold; sequential fills GPUs in order",
+    )
     p.add_argument("--device-map", metavar="MAP", help="explicit map: JSON dict or a .json file, module -> device")
     p.add_argument("--no-split", metavar="NAMES", help="comma-separated block classes or module names kept whole")
-    p.add_argument("--offload-mode", choices=("cpu", "stream"), help="force how CPU blocks run (default: per block, "
-                   "see the table's 'why': cpu with --fp32-cpu-offload or no GPU, else embeddings cpu, layers stream)")
-    p.add_argument("--offload-mode-for", metavar="NAME=MODE", action="append",
-                   help="force the mode (cpu or stream) of the CPU blocks under module NAME, a block or a parent "
-                        "such as model.layers (repeatable; the longest name wins over --offload-mode)")
+    p.add_argument(
+        "--offload-mode",
+        choices=("cpu", "stream"),
+        help="force how CPU blocks run (default: per block, "
+        "see the table's 'why': cpu with --fp32-cpu-offload or no GPU, else embeddings cpu, layers stream)",
+    )
+    p.add_argument(
+        "--offload-mode-for",
+        metavar="NAME=MODE",
+        action="append",
+        help="force the mode (cpu or stream) of the CPU blocks under module NAME, a block or a parent "
+        "such as model.layers (repeatable; the longest name wins over --offload-mode)",
+    )
     p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
-    p.add_argument("--dtype", help="weights dtype: float16/fp16, bfloat16/bf16 or float32/fp32 "
-                   "(default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", help="weights dtype: float16/fp16, bfloat16/bf16 or float32/fp32 (default: the checkpoint's)"
+    )
     p.add_argument("--offload-dir", help="offload folder; its free space is the default disk budget")
-    p.add_argument("--pcie-gbps", type=_rate, default=PCIE_GBPS, metavar="GB/S",
-                   help=f"host-to-GPU rate for the per-forward transfer estimate (default {PCIE_GBPS:g})")
-    p.add_argument("--disk-gbps", type=_rate, default=DISK_GBPS, metavar="GB/S",
-                   help=f"offload-folder read rate for the per-forward transfer estimate (default {DISK_GBPS:g})")
+    p.add_argument(
+        "--pcie-gbps",
+        type=_rate,
+        default=PCIE_GBPS,
+        metavar="GB/S",
+        help=f"host-to-GPU rate for the per-forward transfer estimate (default {PCIE_GBPS:g})",
+    )
+    p.add_argument(
+        "--disk-gbps",
+        type=_rate,
+        default=DISK_GBPS,
+        metavar="GB/S",
+        help=f"offload-folder read rate for the per-forward transfer estimate (default {DISK_GBPS:g})",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--full", action="store_true", help="one row per block (no folding of identical layers)")
     return p
@@ -87,8 +124,7 @@ def parse_dtype(text: str | None) -> str | None:
     for canonical, aliases in DTYPES.items():
         if name in aliases:
             return canonical
-    raise ValueError(f"--dtype {text!r} is not a floating dtype: use float16 (fp16), bfloat16 (bf16) "
-                                     "or float32 (fp32)")
+    raise ValueError(f"--dtype {text!r} is not a floating dtype: use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
 
 
 def parse_caps(text: str | None) -> dict[str, Any] | None:
@@ -159,21 +195,28 @@ def parse_offload_modes(single: str | None, per_name: list[str] | None) -> str |
 def check_source(source: Path) -> None:
     """Refuse, with the usage that fits, a source that is neither a checkpoint directory nor a config.json."""
     if not source.exists():
-        raise ValueError(f"{source} does not exist: give a checkpoint directory (config.json + *.safetensors) "
-                         "or a config.json file")
+        raise ValueError(
+            f"{source} does not exist: give a checkpoint directory (config.json + *.safetensors) or a config.json file"
+        )
     if source.is_file() and source.suffix == ".safetensors":
-        raise ValueError(f"{source} is one safetensors file: give the directory holding it and its config.json "
-                         f"(python -m shardq plan {source.parent}), or its config.json to plan from the architecture")
+        raise ValueError(
+            f"{source} is one safetensors file: give the directory holding it and its config.json "
+            f"(python -m shardq plan {source.parent}), or its config.json to plan from the architecture"
+        )
     if source.is_file() and source.suffix != ".json":
         raise ValueError(f"{source} is neither a checkpoint directory nor a config.json file")
     if source.is_dir():
         if not (source / "config.json").is_file():
-            raise ValueError(f"{source} has no config.json: shardq builds the model from the transformers config "
-                             "saved beside the weights (save_pretrained writes both)")
+            raise ValueError(
+                f"{source} has no config.json: shardq builds the model from the transformers config "
+                "saved beside the weights (save_pretrained writes both)"
+            )
         if not any(source.glob("*.safetensors")):
-            raise ValueError(f"{source} has config.json but no *.safetensors weights: plan from the architecture "
-                             f"alone with `python -m shardq plan {source / 'config.json'}`, or add the checkpoint's "
-                             "safetensors files (and model.safetensors.index.json if sharded)")
+            raise ValueError(
+                f"{source} has config.json but no *.safetensors weights: plan from the architecture "
+                f"alone with `python -m shardq plan {source / 'config.json'}`, or add the checkpoint's "
+                "safetensors files (and model.safetensors.index.json if sharded)"
+            )
 
 
 def run(args: argparse.Namespace) -> Plan:
@@ -184,9 +227,14 @@ def run(args: argparse.Namespace) -> Plan:
     check_source(source)
     dtype = parse_dtype(args.dtype)
     kwargs: dict[str, Any] = dict(
-        max_memory=parse_caps(args.max_memory), gpus=args.gpus, device_map=parse_device_map(args.device_map)
-        or args.strategy, no_split=_names(args.no_split), workload=(args.batch, args.seq_len),
-        offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for), offload_dir=args.offload_dir)
+        max_memory=parse_caps(args.max_memory),
+        gpus=args.gpus,
+        device_map=parse_device_map(args.device_map) or args.strategy,
+        no_split=_names(args.no_split),
+        workload=(args.batch, args.seq_len),
+        offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for),
+        offload_dir=args.offload_dir,
+    )
     if source.is_file() and source.suffix == ".json":
         from shardq import hf
 

@@ -7,17 +7,23 @@ so a contradictory setting is rejected once, here, before anything is planned or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 METHODS = ("none", "int8", "nf4", "fp4")
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 # bitsandbytes quantizes the absmax statistics of double quant in blocks of 256, as 8-bit dynamic codes.
 NESTED_BLOCKSIZE = 256
@@ -55,14 +61,16 @@ class QuantConfig:
         thr = self.threshold
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr != thr or thr < 0:
             raise QuantConfigError(
-                f"threshold={thr!r} is invalid: give a number >= 0 (0 turns outlier decomposition off)")
+                f"threshold={thr!r} is invalid: give a number >= 0 (0 turns outlier decomposition off)"
+            )
         if self.blocksize not in BLOCKSIZES_4BIT:
             raise QuantConfigError(f"blocksize={self.blocksize!r} is unsupported: use one of {BLOCKSIZES_4BIT}")
         if self.double_quant and self.method not in ("nf4", "fp4"):
             raise QuantConfigError(f"double_quant=True needs a 4-bit method (nf4 or fp4), not {self.method!r}")
         if self.compute_dtype is not None and self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QuantConfigError(
-                f"compute_dtype={self.compute_dtype!r} is unsupported: use float16, bfloat16 or float32")
+                f"compute_dtype={self.compute_dtype!r} is unsupported: use float16, bfloat16 or float32"
+            )
         if self.skip_modules is not None:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
@@ -87,11 +95,11 @@ class QuantConfig:
                 return True
         return False
 
-    def replace(self, **changes: Any) -> "QuantConfig":
+    def replace(self, **changes: Any) -> QuantConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_any(cls, obj: Any) -> "QuantConfig":
+    def from_any(cls, obj: Any) -> QuantConfig:
         """Accept None, a method name ("int8", "8bit", "nf4", "fp4", "none"), a QuantConfig, a transformers
         `BitsAndBytesConfig` (as is) or its `to_dict()` form."""
         if obj is None:
@@ -108,24 +116,46 @@ class QuantConfig:
                 return from_bnb_dict(obj)
             unknown = keys - {f.name for f in dataclasses.fields(cls)}
             if unknown:
-                raise QuantConfigError(f"unknown quantization field(s) {sorted(unknown)}: QuantConfig takes "
-                                       f"{[f.name for f in dataclasses.fields(cls)]} or BitsAndBytesConfig fields")
+                raise QuantConfigError(
+                    f"unknown quantization field(s) {sorted(unknown)}: QuantConfig takes "
+                    f"{[f.name for f in dataclasses.fields(cls)]} or BitsAndBytesConfig fields"
+                )
             kw = dict(obj)
             if "compute_dtype" in kw:
                 kw["compute_dtype"] = parse_dtype(kw["compute_dtype"], "compute_dtype")
             return cls(**kw)
-        raise QuantConfigError(f"cannot read a quantization config from {type(obj).__name__}: give a QuantConfig, "
-                               "a BitsAndBytesConfig, its dict, or one of 'none', 'int8', 'nf4', 'fp4'")
+        raise QuantConfigError(
+            f"cannot read a quantization config from {type(obj).__name__}: give a QuantConfig, "
+            "a BitsAndBytesConfig, its dict, or one of 'none', 'int8', 'nf4', 'fp4'"
+        )
 
 
-_BNB_KEYS = {"load_in_8bit", "load_in_4bit", "_load_in_8bit", "_load_in_4bit", "llm_int8_threshold",
-             "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "quant_method"}
+_BNB_KEYS = {
+    "load_in_8bit",
+    "load_in_4bit",
+    "_load_in_8bit",
+    "_load_in_4bit",
+    "llm_int8_threshold",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+    "quant_method",
+}
 
 
 def _method_from_name(name: str) -> str:
     n = name.strip().lower().replace("-", "").replace("_", "")
-    table = {"none": "none", "fp16": "none", "bf16": "none", "int8": "int8", "8bit": "int8", "llmint8": "int8",
-             "nf4": "nf4", "fp4": "fp4", "4bit": "nf4"}
+    table = {
+        "none": "none",
+        "fp16": "none",
+        "bf16": "none",
+        "int8": "int8",
+        "8bit": "int8",
+        "llmint8": "int8",
+        "nf4": "nf4",
+        "fp4": "fp4",
+        "4bit": "nf4",
+    }
     if n not in table:
         raise QuantConfigError(f"quantization {name!r} is unknown: use one of 'none', 'int8', 'nf4', 'fp4'")
     return table[n]
@@ -152,8 +182,10 @@ def from_bnb_dict(d: Mapping[str, Any]) -> QuantConfig:
     if in8 and in4:
         raise QuantConfigError("load_in_8bit and load_in_4bit are both True: choose one")
     if d.get("llm_int8_has_fp16_weight"):
-        raise QuantConfigError("llm_int8_has_fp16_weight=True (fp16 master weights for training) is unsupported: "
-                               "shardq stores int8 weights for inference; set it to False")
+        raise QuantConfigError(
+            "llm_int8_has_fp16_weight=True (fp16 master weights for training) is unsupported: "
+            "shardq stores int8 weights for inference; set it to False"
+        )
     storage = str(d.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
     if storage != "uint8":
         raise QuantConfigError(f"bnb_4bit_quant_storage={storage!r} is unsupported: use uint8")
@@ -167,12 +199,15 @@ def from_bnb_dict(d: Mapping[str, Any]) -> QuantConfig:
         msg = str(exc)
         for ours, theirs in _BNB_FIELD.items():
             if msg.startswith(ours + "="):
-                msg = theirs + msg[len(ours):]
+                msg = theirs + msg[len(ours) :]
         raise QuantConfigError(msg) from None
 
 
-_BNB_FIELD = {"threshold": "llm_int8_threshold", "blocksize": "bnb_4bit_blocksize",
-              "compute_dtype": "bnb_4bit_compute_dtype"}
+_BNB_FIELD = {
+    "threshold": "llm_int8_threshold",
+    "blocksize": "bnb_4bit_blocksize",
+    "compute_dtype": "bnb_4bit_compute_dtype",
+}
 
 
 def _bnb_to_config(d: Mapping[str, Any], in8: bool, in4: bool, qtype: str, skip: Any) -> QuantConfig:

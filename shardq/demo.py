@@ -28,9 +28,12 @@ NEW_TOKENS = 8
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shardq demo", description=__doc__.splitlines()[0])
     p.add_argument("--quant", default="nf4", help="none, int8, nf4 or fp4 (default nf4)")
-    p.add_argument("--max-memory", default=None,
-                   help="caps like '0=600MB,cpu=8GB,disk=20GB' or a JSON object (default: a tight cap on the first "
-                        "GPU, or on the CPU without a GPU, so that part of the model is offloaded)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="caps like '0=600MB,cpu=8GB,disk=20GB' or a JSON object (default: a tight cap on the first "
+        "GPU, or on the CPU without a GPU, so that part of the model is offloaded)",
+    )
     p.add_argument("--out", default=None, help="folder for the checkpoint and the offload files (default: a temp dir)")
     p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12: about 100 MB in fp32)")
     p.add_argument("--hidden", type=int, default=384, help="hidden size (default 384)")
@@ -43,9 +46,16 @@ def make_config(layers: int, hidden: int, vocab: int) -> Any:
     from transformers import LlamaConfig
 
     heads = max(2, hidden // 64)
-    return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=vocab,
-                       max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
 
 
 def save_reference(out: Path, layers: int, hidden: int, vocab: int, seed: int) -> tuple[torch.nn.Module, Path]:
@@ -92,7 +102,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch
         logits = model(ids).logits.float().cpu()
         forward_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tokens = model.generate(ids, **kw)[0, ids.shape[1]:].cpu()
+        tokens = model.generate(ids, **kw)[0, ids.shape[1] :].cpu()
     return logits, tokens, forward_s, (time.perf_counter() - t0) / NEW_TOKENS
 
 
@@ -111,8 +121,11 @@ def compare(model: torch.nn.Module, ref: torch.nn.Module, method: str, seed: int
         "max_abs_diff": (got - want).abs().max().item(),
         "rel_err": ((got - want).norm() / want.norm()).item(),
         "top1_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
-        "tokens_equal": int((tokens == ref_tokens).sum()), "tokens": tokens.tolist(), "ref_tokens": ref_tokens.tolist(),
-        "forward_s": forward_s, "token_s": token_s,
+        "tokens_equal": int((tokens == ref_tokens).sum()),
+        "tokens": tokens.tolist(),
+        "ref_tokens": ref_tokens.tolist(),
+        "forward_s": forward_s,
+        "token_s": token_s,
     }
     if method != "none":
         qref = quantize_model(copy.deepcopy(ref), method)
@@ -146,11 +159,15 @@ def report(model: torch.nn.Module, result: dict[str, Any], load_s: float, quant:
         f"{result['token_s'] * 1e3:.0f} ms per generated token",
     ]
     if "q_max_abs_diff" in result:
-        lines[-2] += ("\n  (that is the quantization's own error: random weights give flat logits, so greedy tokens "
-                      "flip easily)")
-        lines.insert(-2, f"vs the same model quantized to {quant} in memory (what the loader adds): max |logit diff| "
-                         f"{result['q_max_abs_diff']:.3g}, greedy generate(): {result['q_tokens_equal']}/{NEW_TOKENS} "
-                         "tokens equal")
+        lines[-2] += (
+            "\n  (that is the quantization's own error: random weights give flat logits, so greedy tokens flip easily)"
+        )
+        lines.insert(
+            -2,
+            f"vs the same model quantized to {quant} in memory (what the loader adds): max |logit diff| "
+            f"{result['q_max_abs_diff']:.3g}, greedy generate(): {result['q_tokens_equal']}/{NEW_TOKENS} "
+            "tokens equal",
+        )
     return "\n".join(lines)
 
 
@@ -171,15 +188,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"shardq demo on {where}; files in {out}")
         ref, ckpt = save_reference(out, args.layers, args.hidden, args.vocab, args.seed)
         n_files = len(list(ckpt.glob("*.safetensors")))
-        print(f"saved a random {args.layers}-layer Llama ({format_size(sum(p.numel() * 4 for p in ref.parameters()))} "
-              f"fp32) as {n_files} safetensors shards")
+        print(
+            f"saved a random {args.layers}-layer Llama ({format_size(sum(p.numel() * 4 for p in ref.parameters()))} "
+            f"fp32) as {n_files} safetensors shards"
+        )
         caps = parse_caps(args.max_memory) if args.max_memory else default_caps(ckpt, method)
         plan = plan_model(meta_model_from_dir(ckpt), method, max_memory=caps, workload=(1, PROMPT_LEN))
         print(f"\nplan for max_memory={caps}, quant={method}:")
         print(format_plan(plan))
         t0 = time.perf_counter()
-        model = load_sharded(meta_model_from_dir(ckpt), ckpt, max_memory=caps, quant=method,
-                             offload_dir=out / "offload", workload=(1, PROMPT_LEN), progress=True)
+        model = load_sharded(
+            meta_model_from_dir(ckpt),
+            ckpt,
+            max_memory=caps,
+            quant=method,
+            offload_dir=out / "offload",
+            workload=(1, PROMPT_LEN),
+            progress=True,
+        )
         load_s = time.perf_counter() - t0
         result = compare(model, ref, method, args.seed)
         print(report(model, result, load_s, method))

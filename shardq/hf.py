@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,8 @@ def _transformers() -> Any:
         import transformers
     except ImportError:
         raise ModelConfigError(
-            "building a model from config.json needs transformers: pip install 'shardq[hf]'") from None
+            "building a model from config.json needs transformers: pip install 'shardq[hf]'"
+        ) from None
     return transformers
 
 
@@ -33,30 +35,39 @@ def load_config(path: str | os.PathLike) -> Any:
     """The transformers config of a local checkpoint directory, read offline (no hub access, no remote code)."""
     p = Path(path)
     if not p.exists():
-        raise ModelConfigError(f"{p} does not exist: give a checkpoint directory holding config.json and the "
-                               "safetensors files, or a config.json")
+        raise ModelConfigError(
+            f"{p} does not exist: give a checkpoint directory holding config.json and the "
+            "safetensors files, or a config.json"
+        )
     if p.is_file() and p.suffix == ".safetensors":
-        raise ModelConfigError(f"{p} is a safetensors file: give the directory holding it and its config.json "
-                               f"({p.parent}), or the config.json alone to plan from the architecture")
+        raise ModelConfigError(
+            f"{p} is a safetensors file: give the directory holding it and its config.json "
+            f"({p.parent}), or the config.json alone to plan from the architecture"
+        )
     cfg_file = p / "config.json" if p.is_dir() else p
     if not cfg_file.is_file():
-        raise ModelConfigError(f"{cfg_file} does not exist: a checkpoint directory needs the config.json that "
-                               "save_pretrained writes next to the safetensors files")
+        raise ModelConfigError(
+            f"{cfg_file} does not exist: a checkpoint directory needs the config.json that "
+            "save_pretrained writes next to the safetensors files"
+        )
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
-        raise ModelConfigError(f"{cfg_file} is not a text file: give a config.json or the checkpoint directory "
-                               "holding it") from None
+        raise ModelConfigError(
+            f"{cfg_file} is not a text file: give a config.json or the checkpoint directory holding it"
+        ) from None
     if "model_type" not in raw:
         raise ModelConfigError(f"{cfg_file} has no 'model_type': it is not a transformers config.json")
     tf = _transformers()
     try:
         return tf.AutoConfig.from_pretrained(str(cfg_file))
     except (ValueError, KeyError) as exc:
-        raise ModelConfigError(f"{cfg_file}: transformers {tf.__version__} cannot read model_type "
-                               f"{raw['model_type']!r} ({exc}); upgrade transformers or check the config") from None
+        raise ModelConfigError(
+            f"{cfg_file}: transformers {tf.__version__} cannot read model_type "
+            f"{raw['model_type']!r} ({exc}); upgrade transformers or check the config"
+        ) from None
 
 
 def model_class(config: Any) -> Any:
@@ -146,8 +157,17 @@ def base_model_prefix(model: nn.Module) -> str:
     return prefix if prefix and hasattr(model, prefix) else ""
 
 
-QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
-                        ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".offset")
+QUANT_STATE_SUFFIXES = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".SCB",
+    ".weight_format",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+    ".offset",
+)
 
 
 def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
@@ -173,8 +193,11 @@ def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
             if not prequantized:
                 wrong.append(f"{k}: checkpoint {list(info.shape)} vs model {list(state[k])}")
     out = []
-    for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
-                         ("shape differs", wrong)):
+    for label, items in (
+        ("missing from the checkpoint", missing),
+        ("not in the model", extra),
+        ("shape differs", wrong),
+    ):
         if items:
             more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
             out.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:8])}{more}")

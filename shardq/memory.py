@@ -32,14 +32,23 @@ GPU_MARGIN = 768 * 2**20
 HOST_FRACTION = 0.9
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([A-Za-z]*)\s*$")
-_FORMS = ("accepted forms: a non-negative int of bytes, or a number with a unit such as '600MB' (10^6), '1GB' (10^9), "
-          "'1.5GiB' (2^30), '512KiB', '2TB'; units are case-insensitive except a lowercase trailing 'b' "
-          "('10Gb'), which means bits as in accelerate")
+_FORMS = (
+    "accepted forms: a non-negative int of bytes, or a number with a unit such as '600MB' (10^6), '1GB' (10^9), "
+    "'1.5GiB' (2^30), '512KiB', '2TB'; units are case-insensitive except a lowercase trailing 'b' "
+    "('10Gb'), which means bits as in accelerate"
+)
 
 
 def parse_size(value: Any) -> int:
@@ -69,11 +78,15 @@ def parse_size(value: Any) -> int:
     nbytes = int(amount * _UNITS[key])
     if unit.endswith("b") and key in ("kb", "mb", "gb", "tb"):
         nbytes //= 8  # accelerate: a lowercase "b" after a decimal prefix means bits
-        _warn(f"size {value!r} ends in a lowercase 'b', which means bits (as in accelerate): read as "
-              f"{nbytes} bytes ({format_size(nbytes)}); write '{number}{unit[:-1].upper()}B' if you meant bytes")
+        _warn(
+            f"size {value!r} ends in a lowercase 'b', which means bits (as in accelerate): read as "
+            f"{nbytes} bytes ({format_size(nbytes)}); write '{number}{unit[:-1].upper()}B' if you meant bytes"
+        )
     elif not unit:
-        _warn(f"size {value!r} has no unit, so it is {nbytes} bytes (as in accelerate); write e.g. "
-              f"'{number}GB' or '{number}GiB' for gigabytes")
+        _warn(
+            f"size {value!r} has no unit, so it is {nbytes} bytes (as in accelerate); write e.g. "
+            f"'{number}GB' or '{number}GiB' for gigabytes"
+        )
     return nbytes
 
 
@@ -120,8 +133,10 @@ def normalize_device(key: Any, num_gpus: int | None = None) -> DeviceKey:
     count = gpu_count() if num_gpus is None else num_gpus
     if index >= count:
         have = ", ".join(str(i) for i in range(count)) if count else "none"
-        raise ValueError(f"GPU {key!r} does not exist: the GPUs here are [{have}]; use one of those indices, "
-                         "'cpu' or 'disk' (or give hypothetical GPUs to plan for another machine)")
+        raise ValueError(
+            f"GPU {key!r} does not exist: the GPUs here are [{have}]; use one of those indices, "
+            "'cpu' or 'disk' (or give hypothetical GPUs to plan for another machine)"
+        )
     return index
 
 
@@ -148,8 +163,10 @@ def _gpu_index(key: Any) -> int | None:
         m = re.fullmatch(r"(?:cuda:)?([0-9]+)", k)
         if m:
             return int(m.group(1))
-    raise ValueError(f"device key {key!r} is not understood: use a GPU index (0, '1', 'cuda:1', "
-                     "torch.device('cuda:0')), 'cpu' or 'disk'")
+    raise ValueError(
+        f"device key {key!r} is not understood: use a GPU index (0, '1', 'cuda:1', "
+        "torch.device('cuda:0')), 'cpu' or 'disk'"
+    )
 
 
 def parse_gpus(spec: Any) -> list[int]:
@@ -176,8 +193,10 @@ def gpu_free_memory(index: int) -> tuple[int, int]:
         try:
             free, total = torch.cuda.mem_get_info(index)
         except Exception as cuda_error:
-            raise ValueError(f"cannot read the free memory of GPU {index} (NVML: {nvml_error}; CUDA: {cuda_error}): "
-                             "pass max_memory explicitly, e.g. {0: '20GiB', 'cpu': '64GiB'}") from None
+            raise ValueError(
+                f"cannot read the free memory of GPU {index} (NVML: {nvml_error}; CUDA: {cuda_error}): "
+                "pass max_memory explicitly, e.g. {0: '20GiB', 'cpu': '64GiB'}"
+            ) from None
         return int(free), int(total)
 
 
@@ -240,8 +259,9 @@ def get_max_memory(
     num_gpus = len(hypothetical) if hypothetical is not None else None
     if max_memory is not None:
         if not isinstance(max_memory, Mapping):
-            raise ValueError("max_memory must be a dict such as {0: '10GiB', 'cpu': '30GiB'}, "
-                             f"not {type(max_memory).__name__}")
+            raise ValueError(
+                f"max_memory must be a dict such as {{0: '10GiB', 'cpu': '30GiB'}}, not {type(max_memory).__name__}"
+            )
         budgets: dict[DeviceKey, int] = {}
         for key, value in max_memory.items():
             dev = normalize_device(key, num_gpus)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # Below this many bytes a load takes well under a second: no bar, so tests and small scripts stay quiet.
 MIN_BAR_BYTES = 256 * 2**20

@@ -72,15 +72,18 @@ def convert_source(model: nn.Module, source: Mapping[str, SourceTensor]) -> dict
     every problem of the fused groups (missing or mis-shaped parts, unknown operations)."""
     out, problems = apply_conversions(model, source)
     if problems:
-        raise LoadError("the checkpoint's tensors cannot be converted to the model's layout:\n  "
-                        + "\n  ".join(problems)
-                        + "\nNothing was loaded. Give the complete checkpoint saved for this model "
-                          "(every expert tensor, unchanged shapes).")
+        raise LoadError(
+            "the checkpoint's tensors cannot be converted to the model's layout:\n  "
+            + "\n  ".join(problems)
+            + "\nNothing was loaded. Give the complete checkpoint saved for this model "
+            "(every expert tensor, unchanged shapes)."
+        )
     return out
 
 
-def apply_conversions(model: nn.Module,
-                      source: Mapping[str, SourceTensor]) -> tuple[dict[str, SourceTensor], list[str]]:
+def apply_conversions(
+    model: nn.Module, source: Mapping[str, SourceTensor]
+) -> tuple[dict[str, SourceTensor], list[str]]:
     """The converted source and the problems found (names and shapes only, nothing is read)."""
     found = _mapping(model)
     if found is None:
@@ -107,7 +110,9 @@ def apply_conversions(model: nn.Module,
             out[name] = src
         elif name not in done:
             done.add(name)
-            composite = _composite(groups[name], source, state[resolve(name)], problems)
+            resolved = resolve(name)
+            assert resolved is not None  # a group exists only for a target that resolves
+            composite = _composite(groups[name], source, state[resolved], problems)
             if composite is not None:
                 out[name] = composite
     return out, problems
@@ -148,8 +153,9 @@ def _name_for(parts: list[tuple[int | None, str]], index: int) -> str:
     return f"{head}.{index}.{tail}" if sep else f"{key} (index {index})"
 
 
-def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: Shape,
-               problems: list[str]) -> SourceTensor | None:
+def _composite(
+    group: _Group, source: Mapping[str, SourceTensor], model_shape: Shape, problems: list[str]
+) -> SourceTensor | None:
     """One SourceTensor for a fused target, shape known from the headers; None (and problems) when it cannot be."""
     missing = _missing_parts(group, model_shape)
     if missing:
@@ -159,8 +165,10 @@ def _composite(group: _Group, source: Mapping[str, SourceTensor], model_shape: S
     srcs = [source[k] for k in keys]
     dtypes = {s.dtype for s in srcs}
     if len(dtypes) > 1:
-        problems.append(f"{group.target}: its parts have different dtypes {sorted(str(d) for d in dtypes)} "
-                        f"({', '.join(f'{s.name} {s.dtype}' for s in srcs[:4])})")
+        problems.append(
+            f"{group.target}: its parts have different dtypes {sorted(str(d) for d in dtypes)} "
+            f"({', '.join(f'{s.name} {s.dtype}' for s in srcs[:4])})"
+        )
         return None
     try:
         layout = _layout(group, source)
@@ -191,29 +199,38 @@ def _layout(group: _Group, source: Mapping[str, SourceTensor]) -> Item:
     conv = group.converter
     state: dict[str, list[Item] | Item] = {
         p: [(tuple(source[k].shape), [(k, tuple(slice(0, n) for n in source[k].shape))]) for _, k in group.parts[p]]
-        for p in conv.source_patterns if p in group.parts}
+        for p in conv.source_patterns
+        if p in group.parts
+    }
     for op in conv.operations:
         kind = type(op).__name__
         if kind == "MergeModulelist":
             single = len(state) == 1
-            state = {(conv.target_patterns[0] if single else p): _stack(v, op.dim, group.target)
-                     for p, v in state.items()}
+            state = {
+                (conv.target_patterns[0] if single else p): _stack(v, op.dim, group.target) for p, v in state.items()
+            }
         elif kind == "Concatenate":
-            items = [x for p in conv.source_patterns if p in state
-                     for x in (state.pop(p) if isinstance(state[p], list) else [state.pop(p)])]
+            items: list[Item] = []
+            for p in conv.source_patterns:
+                if p in state:
+                    v = state.pop(p)
+                    items.extend(v if isinstance(v, list) else [v])
             state = {conv.target_patterns[0]: _cat(items, op.dim, group.target)}
         else:
-            raise LoadError(f"{group.target}: transformers' conversion {conv.source_patterns} → "
-                            f"{conv.target_patterns} uses the operation {kind}, which shardq cannot size from the "
-                            "headers: load this model with transformers' from_pretrained, or save the checkpoint in "
-                            "the model's own layout")
+            raise LoadError(
+                f"{group.target}: transformers' conversion {conv.source_patterns} → "
+                f"{conv.target_patterns} uses the operation {kind}, which shardq cannot size from the "
+                "headers: load this model with transformers' from_pretrained, or save the checkpoint in "
+                "the model's own layout"
+            )
     if len(state) != 1:
         raise LoadError(f"{group.target}: the conversion {conv.source_patterns} gives {len(state)} tensors, not one")
     value = next(iter(state.values()))
     if isinstance(value, list):
         if len(value) != 1:
-            raise LoadError(f"{group.target}: the conversion {conv.source_patterns} leaves {len(value)} tensors, "
-                            "not one")
+            raise LoadError(
+                f"{group.target}: the conversion {conv.source_patterns} leaves {len(value)} tensors, not one"
+            )
         value = value[0]
     return value
 
@@ -225,8 +242,9 @@ def _stack(items: list[Item] | Item, dim: int, target: str) -> Item:
     shape = list(items[0][0])
     d = dim if dim >= 0 else len(shape) + 1 + dim
     shape.insert(d, len(items))
-    pieces = [(key, region[:d] + (slice(i, i + 1),) + region[d:])
-              for i, (_, ps) in enumerate(items) for key, region in ps]
+    pieces = [
+        (key, region[:d] + (slice(i, i + 1),) + region[d:]) for i, (_, ps) in enumerate(items) for key, region in ps
+    ]
     return tuple(shape), pieces
 
 
@@ -241,28 +259,30 @@ def _cat(items: list[Item], dim: int, target: str) -> Item:
     for s, ps in items:
         for key, region in ps:
             r = region[d]
-            pieces.append((key, region[:d] + (slice(r.start + offset, r.stop + offset),) + region[d + 1:]))
+            pieces.append((key, region[:d] + (slice(r.start + offset, r.stop + offset),) + region[d + 1 :]))
         offset += s[d]
     return tuple(shape), pieces
 
 
 def _common(items: list[tuple[str, Shape]], free_dim: int | None, target: str) -> None:
     """All shapes equal (but along `free_dim`); else a LoadError naming the odd parts by their checkpoint names."""
+
     def norm(s: Shape) -> Shape:
         return tuple(n for i, n in enumerate(s) if i != free_dim) + (len(s),)
 
     counts: dict[Shape, int] = {}
     for _, s in items:
         counts[norm(s)] = counts.get(norm(s), 0) + 1
-    usual = max(counts, key=counts.get)
+    usual = max(counts, key=counts.__getitem__)
     odd = [f"{k} {list(s)}" for k, s in items if norm(s) != usual]
     if odd:
         want = next(s for _, s in items if norm(s) == usual)
         raise LoadError(f"{target}: part(s) with the wrong shape: {', '.join(odd)}; the other parts have {list(want)}")
 
 
-def _composite_reader(group: _Group, source: Mapping[str, SourceTensor], layout: Item,
-                      dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _composite_reader(
+    group: _Group, source: Mapping[str, SourceTensor], layout: Item, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
     """Read the parts (only when called) straight into their regions of one preallocated tensor: host RAM peaks
     at the fused tensor plus one part."""
     shape, pieces = layout

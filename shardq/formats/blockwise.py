@@ -95,10 +95,10 @@ def quantize_4bit_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tu
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
     absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     for start in range(0, n, CHUNK_ELEMS):
-        part = flat[start:start + CHUNK_ELEMS].float()
+        part = flat[start : start + CHUNK_ELEMS].float()
         p, a = _quantize_chunk(part, code, blocksize)
-        packed[start // 2: start // 2 + p.shape[0]] = p
-        absmax[start // blocksize: start // blocksize + a.numel()] = a
+        packed[start // 2 : start // 2 + p.shape[0]] = p
+        absmax[start // blocksize : start // blocksize + a.numel()] = a
     return packed, absmax
 
 
@@ -111,8 +111,14 @@ def _quantize_chunk(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return pack_nibbles(nearest_code(scaled, code)), absmax
 
 
-def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                        shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: list[int] | tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Inverse of `quantize_4bit_ref`: code value times block absmax, computed in fp32, cast to `dtype`."""
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -120,22 +126,23 @@ def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.
     flat_packed, absmax = packed.reshape(-1), absmax.float()
     for start in range(0, numel, CHUNK_ELEMS):
         stop = min(numel, start + CHUNK_ELEMS)
-        values = table[flat_packed[start // 2: (stop + 1) // 2].long()].view(-1)[: stop - start]
-        scale = absmax[start // blocksize: n_blocks(stop, blocksize)]
+        values = table[flat_packed[start // 2 : (stop + 1) // 2].long()].view(-1)[: stop - start]
+        scale = absmax[start // blocksize : n_blocks(stop, blocksize)]
         out[start:stop] = (_blocks(values, blocksize) * scale[:, None]).view(-1)[: stop - start]
     return out.reshape(shape)
 
 
 # ---- double quant: the absmax statistics as 8-bit dynamic codes in blocks of 256 ----
 
+
 @dataclass
 class NestedAbsmax:
     """Double-quantized absmax: real absmax[i] = code[q[i]] * nested_absmax[i // 256] + offset."""
 
-    q: torch.Tensor              # uint8 [nblocks]
+    q: torch.Tensor  # uint8 [nblocks]
     nested_absmax: torch.Tensor  # fp32 [ceil(nblocks / 256)]
-    code: torch.Tensor           # fp32 [256], the signed dynamic map
-    offset: torch.Tensor         # fp32 scalar, mean of the absmax values
+    code: torch.Tensor  # fp32 [256], the signed dynamic map
+    offset: torch.Tensor  # fp32 scalar, mean of the absmax values
 
 
 def quantize_absmax(absmax: torch.Tensor, dyn_code: torch.Tensor) -> NestedAbsmax:
@@ -149,8 +156,9 @@ def quantize_absmax(absmax: torch.Tensor, dyn_code: torch.Tensor) -> NestedAbsma
     return NestedAbsmax(q=q, nested_absmax=nested, code=dyn_code.float(), offset=offset)
 
 
-def dequantize_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, code: torch.Tensor,
-                      offset: float | torch.Tensor) -> torch.Tensor:
+def dequantize_absmax(
+    q: torch.Tensor, nested_absmax: torch.Tensor, code: torch.Tensor, offset: float | torch.Tensor
+) -> torch.Tensor:
     """fp32 absmax from double-quantized statistics."""
     vals = code.to(device=q.device, dtype=torch.float32)[q.reshape(-1).to(torch.int64)]
     scale = nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: q.numel()]

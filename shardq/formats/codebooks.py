@@ -13,10 +13,22 @@ import torch
 
 # QLoRA's NormalFloat4 levels, sorted; index = 4-bit code.
 NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 # FP4 (e2m1, exponent bias 2) in bit order: codes 0-7 positive, 8-15 the same magnitudes negative.
 # The magnitudes are divided by the largest (12) so that the code spans [-1, 1].
@@ -31,7 +43,7 @@ FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.58
 FP4_MAGNITUDE_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":
         return torch.tensor(NF4_VALUES, dtype=torch.float32)
@@ -55,7 +67,7 @@ def quant_type_of(code: torch.Tensor) -> str:
     raise ValueError(f"4-bit code book {c.tolist()} is neither NF4 nor FP4")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_cpu() -> torch.Tensor:
     # Signed dynamic map with 7 exponent steps: for step i, 2**i evenly spaced fractions in [0.1, 1]
     # (bin midpoints) scaled by 10**(i-6), mirrored for the sign, plus 0 and 1. Computed in fp32

@@ -67,8 +67,9 @@ def int8_matmul_exact(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                    threshold: float) -> torch.Tensor:
+def int8_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
     """LLM.int8() `x @ W.T + bias` in `x.dtype`, for any leading dims of `x` (see the module docstring)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)

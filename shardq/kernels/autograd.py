@@ -37,8 +37,9 @@ def chunk_rows(out_features: int, in_features: int, itemsize: int, blocksize: in
     return min(out_features, rows)
 
 
-def _grad_input(grad: Tensor, out_features: int, in_features: int, rows: int,
-                weight_rows: Callable[[int, int], Tensor]) -> Tensor:
+def _grad_input(
+    grad: Tensor, out_features: int, in_features: int, rows: int, weight_rows: Callable[[int, int], Tensor]
+) -> Tensor:
     """grad [.., out] @ W [out, in] with W built `rows` rows at a time by `weight_rows(start, stop)`."""
     g2 = grad.reshape(-1, out_features)
     if rows >= out_features:
@@ -58,15 +59,16 @@ def _grad_bias(grad: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None
     return grad.reshape(-1, grad.shape[-1]).sum(0, dtype=acc).to(bias.dtype)
 
 
-def _4bit_rows(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, in_features: int,
-               dtype: torch.dtype) -> Callable[[int, int], Tensor]:
+def _4bit_rows(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, in_features: int, dtype: torch.dtype
+) -> Callable[[int, int], Tensor]:
     """Rows [start, stop) of the dequantized 4-bit weight through `shardq::dequantize_4bit` on slices."""
     flat = packed.reshape(-1)
 
     def rows(start: int, stop: int) -> Tensor:
         e0, e1 = start * in_features, stop * in_features
-        part = flat[e0 // 2:(e1 + 1) // 2].reshape(-1, 1)
-        scales = absmax[e0 // blocksize:blockwise.n_blocks(e1, blocksize)]
+        part = flat[e0 // 2 : (e1 + 1) // 2].reshape(-1, 1)
+        scales = absmax[e0 // blocksize : blockwise.n_blocks(e1, blocksize)]
         return torch.ops.shardq.dequantize_4bit(part, scales, code, blocksize, [stop - start, in_features], dtype)
 
     return rows
@@ -85,12 +87,14 @@ def _backward_gemm_4bit(ctx, grad: Tensor):
     blocksize, out_f, in_f, nested_offset = ctx.meta
     grad_x = None
     if ctx.x_needs_grad:
-        real = absmax if nested_absmax is None else blockwise.dequantize_absmax(absmax, nested_absmax, nested_code,
-                                                                                 nested_offset)
+        real = (
+            absmax
+            if nested_absmax is None
+            else blockwise.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
+        )
         rows = chunk_rows(out_f, in_f, grad.element_size(), blocksize)
         grad_x = _grad_input(grad, out_f, in_f, rows, _4bit_rows(packed, real, code, blocksize, in_f, grad.dtype))
-    return (grad_x, None, None, None, None, None, None, None, None, None,
-            _grad_bias(grad, bias, ctx.bias_needs_grad))
+    return (grad_x, None, None, None, None, None, None, None, None, None, _grad_bias(grad, bias, ctx.bias_needs_grad))
 
 
 def _setup_int8_linear(ctx, inputs, output) -> None:

@@ -119,8 +119,9 @@ def _run(cmd: list[str]) -> None:
         raise BuildError(f"{' '.join(cmd)}\n{out[-4000:]}")
 
 
-def compile_library(out_path: Path, archs: tuple[str, ...] | None = None, jobs: int | None = None,
-                    src: Path | None = None) -> Path:
+def compile_library(
+    out_path: Path, archs: tuple[str, ...] | None = None, jobs: int | None = None, src: Path | None = None
+) -> Path:
     """Compile every csrc/*.cu (in parallel) and link them into `out_path`. Raises BuildError."""
     tc = toolchain()
     flags = common_flags() + arch_flags(archs)

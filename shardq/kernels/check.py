@@ -83,8 +83,10 @@ def _cases(dev: torch.device) -> list[CheckRow]:
     return rows
 
 
-NO_GPU = ("no CUDA GPU visible: nothing to check (on this machine the ops run the PyTorch reference). "
-          "`python -m shardq.kernels --build` compiles the kernels without a GPU.")
+NO_GPU = (
+    "no CUDA GPU visible: nothing to check (on this machine the ops run the PyTorch reference). "
+    "`python -m shardq.kernels --build` compiles the kernels without a GPU."
+)
 
 
 def build_only() -> int:

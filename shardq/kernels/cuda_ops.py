@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ WGMMA_MIN_SPLIT_TILES = 8
 WGMMA_SPLIT_MIN_K = 8192
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
+def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
@@ -98,11 +98,12 @@ def _stream(t: Tensor) -> int:
     return torch._C._cuda_getCurrentRawStream(t.device.index)
 
 
-def _same_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
+def _same_device(device: torch.device, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move the layer and its "
-                             f"input to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but the input is on {device}: move the layer and its input to one device"
+            )
 
 
 class _on_device:
@@ -125,8 +126,9 @@ def _check_code(code: Tensor) -> None:
         raise ValueError(f"code must be an fp32 tensor of 16 values, got {code.dtype} {tuple(code.shape)}")
 
 
-def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                 nested_offset: float, nblocks: int) -> tuple[tuple, list[Tensor]]:
+def _absmax_args(
+    absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None, nested_offset: float, nblocks: int
+) -> tuple[tuple, list[Tensor]]:
     """Launcher arguments (plain fp32 ptr, uint8 codes ptr, nested absmax ptr, nested code ptr, offset) and
     the contiguous tensors behind them, which the caller must keep alive until the launch."""
     if absmax.numel() != nblocks:
@@ -139,29 +141,59 @@ def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: O
     if nested_code is None or nested_code.numel() != 256 or nested_code.dtype != torch.float32:
         raise ValueError("double quant needs nested_code as an fp32 tensor of 256 values")
     if absmax.dtype != torch.uint8 or nested_absmax.dtype != torch.float32:
-        raise ValueError(f"double quant needs uint8 absmax codes and fp32 nested_absmax, got {absmax.dtype} and "
-                         f"{nested_absmax.dtype}")
+        raise ValueError(
+            f"double quant needs uint8 absmax codes and fp32 nested_absmax, got {absmax.dtype} and "
+            f"{nested_absmax.dtype}"
+        )
     if nested_absmax.numel() != -(-nblocks // 256):
         raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, expected ceil({nblocks}/256)")
     keep = [absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous()]
     return (None, *(t.data_ptr() for t in keep), float(nested_offset)), keep
 
 
-def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-              in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-              nested_offset: float, bias: Optional[Tensor]) -> Tensor:
+def gemm_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: float,
+    bias: Tensor | None,
+) -> Tensor:
     lib = _lib.load()
     if lib is None or x.dtype not in DTYPE_CODES:
-        return _ref.gemm_4bit(x, packed, absmax, code, blocksize, out_features, in_features,
-                                      nested_absmax, nested_code, nested_offset, bias)
+        return _ref.gemm_4bit(
+            x,
+            packed,
+            absmax,
+            code,
+            blocksize,
+            out_features,
+            in_features,
+            nested_absmax,
+            nested_code,
+            nested_offset,
+            bias,
+        )
     n, k = out_features, in_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the layer takes {k}")
     if packed.dtype != torch.uint8 or packed.numel() != (n * k + 1) // 2:
         raise ValueError(f"packed must be uint8 with ceil({n}*{k}/2) bytes, got {packed.dtype} {packed.numel()}")
     _check_code(code)
-    _same_device(x.device, packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
-                 nested_code=nested_code, bias=bias)
+    _same_device(
+        x.device,
+        packed=packed,
+        absmax=absmax,
+        code=code,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        bias=bias,
+    )
     am, _keep = _absmax_args(absmax, nested_absmax, nested_code, nested_offset, -(-n * k // blocksize))
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -180,7 +212,7 @@ def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize
     return out.reshape(*x.shape[:-1], n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -200,8 +232,18 @@ def wgmma_splits(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(-(-sms // ctas), WGMMA_MAX_SPLITS, (k // 64) // WGMMA_MIN_SPLIT_TILES))
 
 
-def _gemm_4bit_wgmma(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                     b: Optional[Tensor], out: Tensor) -> bool:
+def _gemm_4bit_wgmma(
+    lib,
+    x2: Tensor,
+    packed: Tensor,
+    am: tuple,
+    code: Tensor,
+    blocksize: int,
+    n: int,
+    k: int,
+    b: Tensor | None,
+    out: Tensor,
+) -> bool:
     """csrc/gemm_4bit_wgmma.cu where the routing sends it (wgmma_splits); False if not, or if it refuses the shape
     or the device."""
     m = x2.shape[0]
@@ -209,13 +251,36 @@ def _gemm_4bit_wgmma(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     if splits == 0:
         return False
     ws = torch.empty(splits * m * n, dtype=torch.float32, device=x2.device) if splits > 1 else None
-    args = (x2.data_ptr(), packed.data_ptr(), *am, code.data_ptr(), _ptr(b), out.data_ptr(), _ptr(ws), m, n, k,
-            blocksize, splits, DTYPE_CODES[x2.dtype])
+    args = (
+        x2.data_ptr(),
+        packed.data_ptr(),
+        *am,
+        code.data_ptr(),
+        _ptr(b),
+        out.data_ptr(),
+        _ptr(ws),
+        m,
+        n,
+        k,
+        blocksize,
+        splits,
+        DTYPE_CODES[x2.dtype],
+    )
     return _launch(lib.shardq_gemm_4bit_wgmma, args, _stream(x2), "gemm_4bit_wgmma")
 
 
-def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                     b: Optional[Tensor], out: Tensor) -> bool:
+def _gemm_4bit_small(
+    lib,
+    x2: Tensor,
+    packed: Tensor,
+    am: tuple,
+    code: Tensor,
+    blocksize: int,
+    n: int,
+    k: int,
+    b: Tensor | None,
+    out: Tensor,
+) -> bool:
     """M <= SMALL_M: fp32 x through the fp32 kernel (M <= F32_MAX_M); for variant 4 the register-streaming GEMV
     (M <= GEMV_MAX_M), then the tensor-core ring kernel (with K in parts where its row tiles leave SMs idle), where
     they take the shape, else the K-split kernel; layouts all of those refuse through the flat-array kernel (M <=
@@ -227,8 +292,13 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     stream = _stream(x2)
     flat = GEMM4_FLAT and m <= FLAT_MAX_M
     if x2.dtype == torch.float32:  # only the CUDA-core kernels keep fp32 products
-        return (GEMM4_F32 and m <= F32_MAX_M and _launch(lib.shardq_gemm_4bit_f32, args, stream, "gemm_4bit_f32")
-                or flat and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
+        return (
+            GEMM4_F32
+            and m <= F32_MAX_M
+            and _launch(lib.shardq_gemm_4bit_f32, args, stream, "gemm_4bit_f32")
+            or flat
+            and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat")
+        )
     if GEMM4_VARIANT == 4 and GEMM4_GEMV and m <= GEMV_MAX_M:
         rc = lib.shardq_gemm_4bit_gemv(*args, stream)
         if rc == _lib.CUDA_ERROR_NOT_SUPPORTED and k % 256 == 0 and k >= 2048:  # x too large to stage: halve K
@@ -243,8 +313,11 @@ def _gemm_4bit_small(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
         ws = torch.empty(TC_SPLIT_PARTS * m * n, dtype=torch.float32, device=x2.device)
         if _launch(lib.shardq_gemm_4bit_tc_split, pre + (ws.data_ptr(),) + post, stream, "gemm_4bit_tc_split"):
             return True
-    return (_launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
-            or flat and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat"))
+    return (
+        _launch(lib.shardq_gemm_4bit_small, args, stream, "gemm_4bit_small")
+        or flat
+        and _launch(lib.shardq_gemm_4bit_flat, args, stream, "gemm_4bit_flat")
+    )
 
 
 def _launch(fn, args: tuple, stream, name: str) -> bool:
@@ -256,8 +329,18 @@ def _launch(fn, args: tuple, stream, name: str) -> bool:
     return True
 
 
-def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, blocksize: int, n: int, k: int,
-                     b: Optional[Tensor], out: Tensor) -> None:
+def _gemm_4bit_large(
+    lib,
+    x2: Tensor,
+    packed: Tensor,
+    am: tuple,
+    code: Tensor,
+    blocksize: int,
+    n: int,
+    k: int,
+    b: Tensor | None,
+    out: Tensor,
+) -> None:
     """Large M: dequantize row chunks of W into scratch (at most DEQUANT_CHUNK_BYTES) and use cuBLAS."""
     rows = max(1, min(n, DEQUANT_CHUNK_BYTES // (k * x2.element_size())))
     w = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
@@ -265,18 +348,20 @@ def _gemm_4bit_large(lib, x2: Tensor, packed: Tensor, am: tuple, code: Tensor, b
     for n0 in range(0, n, rows):
         nr = min(rows, n - n0)
         wc = w[:nr]
-        rc = lib.shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), wc.data_ptr(), n0 * k, nr * k,
-                                        blocksize, dt, stream)
+        rc = lib.shardq_dequantize_4bit(
+            packed.data_ptr(), *am, code.data_ptr(), wc.data_ptr(), n0 * k, nr * k, blocksize, dt, stream
+        )
         _lib.check(rc, "dequantize_4bit")
-        oc = out[:, n0:n0 + nr]  # row stride n: cuBLAS writes the column block in place (ldc), no copy
+        oc = out[:, n0 : n0 + nr]  # row stride n: cuBLAS writes the column block in place (ldc), no copy
         if b is None:
             torch.mm(x2, wc.t(), out=oc)
         else:
-            torch.addmm(b[n0:n0 + nr], x2, wc.t(), out=oc)
+            torch.addmm(b[n0 : n0 + nr], x2, wc.t(), out=oc)
 
 
-def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
-                    dtype: torch.dtype) -> Tensor:
+def dequantize_4bit(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
     lib = _lib.load()
     if lib is None or dtype not in DTYPE_CODES:
         return _ref.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
@@ -289,8 +374,17 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     out = torch.empty(list(shape), dtype=dtype, device=packed.device)
     packed, code = packed.contiguous(), code.contiguous()
     with _on_device(packed.device):
-        rc = lib.shardq_dequantize_4bit(packed.data_ptr(), *am, code.data_ptr(), out.data_ptr(), 0, numel,
-                                        blocksize, DTYPE_CODES[dtype], _stream(packed))
+        rc = lib.shardq_dequantize_4bit(
+            packed.data_ptr(),
+            *am,
+            code.data_ptr(),
+            out.data_ptr(),
+            0,
+            numel,
+            blocksize,
+            DTYPE_CODES[dtype],
+            _stream(packed),
+        )
     _lib.check(rc, "dequantize_4bit")
     return out
 
@@ -308,8 +402,16 @@ def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tens
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=a.device)
     absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=a.device)
     with _on_device(a.device):
-        rc = lib.shardq_quantize_4bit(a.data_ptr(), code.data_ptr(), packed.data_ptr(),
-                                      absmax.data_ptr(), n, blocksize, DTYPE_CODES[a.dtype], _stream(a))
+        rc = lib.shardq_quantize_4bit(
+            a.data_ptr(),
+            code.data_ptr(),
+            packed.data_ptr(),
+            absmax.data_ptr(),
+            n,
+            blocksize,
+            DTYPE_CODES[a.dtype],
+            _stream(a),
+        )
     _lib.check(rc, "quantize_4bit")
     return packed, absmax
 
@@ -324,8 +426,9 @@ def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.empty(a.shape, dtype=torch.int8, device=a.device)
     scale = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
     with _on_device(a.device):
-        rc = lib.shardq_quantize_int8_rowwise(a.data_ptr(), q.data_ptr(), scale.data_ptr(), rows, cols,
-                                              DTYPE_CODES[a.dtype], _stream(a))
+        rc = lib.shardq_quantize_int8_rowwise(
+            a.data_ptr(), q.data_ptr(), scale.data_ptr(), rows, cols, DTYPE_CODES[a.dtype], _stream(a)
+        )
     _lib.check(rc, "quantize_int8_rowwise")
     return q, scale
 
@@ -333,8 +436,14 @@ def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
 def _int8_scratch(m: int, k: int, device: torch.device, xo_bytes: int = 0) -> tuple[Tensor, dict[str, int]]:
     """One uint8 buffer for colmax f32[k + INT8_PREP_STATS], outlier list i32[k], count i32, row absmax f32[m], q
     int8[m, k] and xo_bytes for the compacted outlier columns of x (large M)."""
-    sizes = {"colmax": 4 * (k + INT8_PREP_STATS), "list": 4 * k, "count": 4, "row_absmax": 4 * m, "q": m * k,
-             "xo": xo_bytes}
+    sizes = {
+        "colmax": 4 * (k + INT8_PREP_STATS),
+        "list": 4 * k,
+        "count": 4,
+        "row_absmax": 4 * m,
+        "q": m * k,
+        "xo": xo_bytes,
+    }
     offsets, pos = {}, 0
     for name, size in sizes.items():
         offsets[name] = pos
@@ -362,18 +471,20 @@ def _int_mm_padded(q: Tensor, w: Tensor) -> Tensor:
     return torch._int_mm(q, w.t())
 
 
-def _check_int8_args(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+def _check_int8_args(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
     if scale.dtype != torch.float32 or scale.numel() != weight.shape[0]:
-        raise ValueError(f"scale (SCB) must be fp32 with one value per output row ({weight.shape[0]}), got "
-                         f"{scale.dtype} {tuple(scale.shape)}")
+        raise ValueError(
+            f"scale (SCB) must be fp32 with one value per output row ({weight.shape[0]}), got "
+            f"{scale.dtype} {tuple(scale.shape)}"
+        )
     _same_device(x.device, weight=weight, scale=scale, bias=bias)
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
     lib = _lib.load()
     if lib is None or x.dtype not in DTYPE_CODES:
         return _ref.int8_linear(x, weight, scale, bias, threshold)
@@ -389,8 +500,19 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
     dt, stream = DTYPE_CODES[x.dtype], _stream(x)
     if m <= INT8_FUSED_MAX_M or k % 32 and m <= INT8_ANY_MAX_M:  # one launch: the activation side in every CTA
         with _on_device(x.device):
-            rc = lib.shardq_int8_gemv_fused(x2.data_ptr(), w.data_ptr(), scb.data_ptr(), _ptr(b), out.data_ptr(),
-                                            m, n, k, float(threshold), dt, stream)
+            rc = lib.shardq_int8_gemv_fused(
+                x2.data_ptr(),
+                w.data_ptr(),
+                scb.data_ptr(),
+                _ptr(b),
+                out.data_ptr(),
+                m,
+                n,
+                k,
+                float(threshold),
+                dt,
+                stream,
+            )
         if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
             _lib.check(rc, "int8_gemv_fused")
             return out.reshape(*x.shape[:-1], n)
@@ -401,11 +523,36 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
     p = {name: base + o for name, o in off.items()}
     xo = p["xo"] if xo_cap else None
     with _on_device(x.device):
-        rc = lib.shardq_int8_prepare(x2.data_ptr(), p["q"], p["row_absmax"], p["colmax"], p["list"], p["count"],
-                                     xo, xo_cap, m, k, float(threshold), dt, stream)
+        rc = lib.shardq_int8_prepare(
+            x2.data_ptr(),
+            p["q"],
+            p["row_absmax"],
+            p["colmax"],
+            p["list"],
+            p["count"],
+            xo,
+            xo_cap,
+            m,
+            k,
+            float(threshold),
+            dt,
+            stream,
+        )
         _lib.check(rc, "int8_prepare")
-        tail = (x2.data_ptr(), w.data_ptr(), scb.data_ptr(), p["list"], p["count"], _ptr(b), out.data_ptr(),
-                m, n, k, dt, stream)
+        tail = (
+            x2.data_ptr(),
+            w.data_ptr(),
+            scb.data_ptr(),
+            p["list"],
+            p["count"],
+            _ptr(b),
+            out.data_ptr(),
+            m,
+            n,
+            k,
+            dt,
+            stream,
+        )
         if INT8_TC and INT8_TC_MIN_M <= m <= INT8_TC_MAX_M:
             rc = lib.shardq_int8_gemm_tc(p["q"], p["row_absmax"], *tail)
             if rc != _lib.CUDA_ERROR_NOT_SUPPORTED:
@@ -415,7 +562,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
             rc = lib.shardq_int8_gemv(p["q"], p["row_absmax"], *tail)
             _lib.check(rc, "int8_gemv")
         else:
-            q = buf[off["q"]:off["q"] + m * k].view(torch.int8).view(m, k)
+            q = buf[off["q"] : off["q"] + m * k].view(torch.int8).view(m, k)
             acc = _int_mm_padded(q, w)
             rc = lib.shardq_int8_epilogue(acc.data_ptr(), acc.stride(0), p["row_absmax"], xo, xo_cap, *tail)
             _lib.check(rc, "int8_epilogue")

@@ -79,8 +79,11 @@ def load() -> ctypes.CDLL | None:
             _state["path"] = str(path)
         except (build.BuildError, OSError, AttributeError, ValueError, TimeoutError) as exc:
             _state["error"] = str(exc)
-            warnings.warn(f"shardq CUDA kernels unavailable, using the PyTorch reference ops instead: {exc}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"shardq CUDA kernels unavailable, using the PyTorch reference ops instead: {exc}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _state["tried"] = True
     return _state["lib"]
 

@@ -6,7 +6,7 @@ module only registers Python functions: no extension is loaded and no GPU is tou
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +19,13 @@ _LIB = "shardq"
 # The schemas of DESIGN.md, spelled out so they read `int` where inference would write `SymInt`.
 _SCHEMAS = {
     "quantize_4bit": "(Tensor A, Tensor code, int blocksize) -> (Tensor packed, Tensor absmax)",
-    "dequantize_4bit": "(Tensor packed, Tensor absmax, Tensor code, int blocksize, int[] shape, ScalarType dtype) -> Tensor",
-    "gemm_4bit": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, int in_features, Tensor? nested_absmax, Tensor? nested_code, float nested_offset, Tensor? bias) -> Tensor",
+    "dequantize_4bit": (
+        "(Tensor packed, Tensor absmax, Tensor code, int blocksize, int[] shape, ScalarType dtype) -> Tensor"
+    ),
+    "gemm_4bit": (
+        "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, int in_features, "
+        "Tensor? nested_absmax, Tensor? nested_code, float nested_offset, Tensor? bias) -> Tensor"
+    ),
     "quantize_int8_rowwise": "(Tensor A) -> (Tensor q, Tensor scale)",
     "int8_linear": "(Tensor x, Tensor weight, Tensor scale, Tensor? bias, float threshold) -> Tensor",
 }
@@ -28,8 +33,9 @@ _SCHEMAS = {
 
 def _op(name: str):
     """The custom op `shardq::<name>` with the reference as its default kernel (its `_init_fn`)."""
-    return torch.library.custom_op(f"{_LIB}::{name}", getattr(reference_impl, name), mutates_args=(),
-                                   schema=_SCHEMAS[name])
+    return torch.library.custom_op(
+        f"{_LIB}::{name}", getattr(reference_impl, name), mutates_args=(), schema=_SCHEMAS[name]
+    )
 
 
 quantize_4bit = _op("quantize_4bit")
@@ -38,16 +44,17 @@ quantize_4bit = _op("quantize_4bit")
 @quantize_4bit.register_fake
 def _(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     n = A.numel()
-    return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
-            A.new_empty((blockwise.n_blocks(n, blocksize),), dtype=torch.float32))
+    return (
+        A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        A.new_empty((blockwise.n_blocks(n, blocksize),), dtype=torch.float32),
+    )
 
 
 dequantize_4bit = _op("dequantize_4bit")
 
 
 @dequantize_4bit.register_fake
-def _(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
-      dtype: torch.dtype) -> Tensor:
+def _(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     return packed.new_empty(list(shape), dtype=dtype)
 
 
@@ -55,9 +62,19 @@ gemm_4bit = _op("gemm_4bit")
 
 
 @gemm_4bit.register_fake
-def _(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-      in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-      nested_offset: float, bias: Optional[Tensor]) -> Tensor:
+def _(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: float,
+    bias: Tensor | None,
+) -> Tensor:
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, layer takes {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -74,7 +91,7 @@ int8_linear = _op("int8_linear")
 
 
 @int8_linear.register_fake
-def _(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+def _(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
     reference_impl.check_features(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -105,8 +122,12 @@ def call(name: str, *args):
 
 
 def _direct(x: Tensor) -> bool:
-    return (type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling()
-            and not (x.requires_grad and torch.is_grad_enabled()))
+    return (
+        type(x) is Tensor
+        and x.is_cuda
+        and not torch.compiler.is_compiling()
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 import shardq.kernels.autograd  # noqa: E402,F401  (backward formulas of the ops above)

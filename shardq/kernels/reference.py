@@ -5,7 +5,7 @@ with the ops' fake kernels, so a bad call fails with the same message on every d
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -16,21 +16,29 @@ from shardq.formats import blockwise, int8
 def check_4bit_args(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int) -> None:
     """Shape/dtype checks shared by the reference and fake kernels (clear errors instead of garbage)."""
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.numel() == (numel + 1) // 2,
-                 lambda: f"packed holds {packed.numel()} bytes, expected ceil({numel}/2) = {(numel + 1) // 2}")
-    torch._check(absmax.numel() == blockwise.n_blocks(numel, blocksize),
-                 lambda: f"absmax has {absmax.numel()} entries, expected ceil({numel}/{blocksize})")
-    torch._check(code.numel() == 16 and code.dtype == torch.float32,
-                 lambda: f"code must be fp32 [16], got {code.dtype} {tuple(code.shape)}")
+    torch._check(
+        packed.numel() == (numel + 1) // 2,
+        lambda: f"packed holds {packed.numel()} bytes, expected ceil({numel}/2) = {(numel + 1) // 2}",
+    )
+    torch._check(
+        absmax.numel() == blockwise.n_blocks(numel, blocksize),
+        lambda: f"absmax has {absmax.numel()} entries, expected ceil({numel}/{blocksize})",
+    )
+    torch._check(
+        code.numel() == 16 and code.dtype == torch.float32,
+        lambda: f"code must be fp32 [16], got {code.dtype} {tuple(code.shape)}",
+    )
 
 
 def check_features(x: Tensor, weight: Tensor) -> None:
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}")
+    torch._check(
+        x.shape[-1] == weight.shape[1], lambda: f"x has {x.shape[-1]} features, weight takes {weight.shape[1]}"
+    )
 
 
-def _real_absmax(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                 nested_offset: float) -> Tensor:
+def _real_absmax(
+    absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None, nested_offset: float
+) -> Tensor:
     if nested_absmax is None:
         return absmax
     torch._check(nested_code is not None, lambda: "nested_absmax given without nested_code")
@@ -42,16 +50,27 @@ def quantize_4bit(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tens
     return blockwise.quantize_4bit_ref(A, code, blocksize)
 
 
-def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int],
-                    dtype: torch.dtype) -> Tensor:
+def dequantize_4bit(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
     """fp32 code[q] * absmax[block], cast to `dtype`, in `shape` (absmax is the real fp32 absmax)."""
     check_4bit_args(packed, absmax, code, blocksize, math.prod(shape))
     return blockwise.dequantize_4bit_ref(packed, absmax, code, blocksize, list(shape), dtype)
 
 
-def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-              in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-              nested_offset: float, bias: Optional[Tensor]) -> Tensor:
+def gemm_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: float,
+    bias: Tensor | None,
+) -> Tensor:
     """x @ W.T + bias in x.dtype, W the dequantized [out_features, in_features] 4-bit weight."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, layer takes {in_features}")
     real = _real_absmax(absmax, nested_absmax, nested_code, nested_offset)
@@ -66,7 +85,7 @@ def quantize_int8_rowwise(A: Tensor) -> tuple[Tensor, Tensor]:
     return int8.quantize_rowwise_ref(A)
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
     """LLM.int8() x @ W.T + bias in x.dtype (outlier columns above `threshold` in x.dtype, the rest int8)."""
     torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
     check_features(x, weight)

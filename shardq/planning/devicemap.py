@@ -4,19 +4,26 @@ and coverage checked with errors that say the fix, then each entry cut into unit
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from shardq.memory import DeviceKey, device_label, normalize_device, parse_gpus
 from shardq.planning.placement import PlanError
-from shardq.quant.sizing import TensorEntry
 from shardq.planning.units import Unit, entry_units, has_own_tensors, unit_entries
+from shardq.quant.sizing import TensorEntry
 
 
-def explicit_units(model: nn.Module, device_map: Mapping[str, Any], entries: dict[str, TensorEntry],
-                   budgets: Mapping[DeviceKey, int], split_guard: set[str], gpus: Any,
-                   stream_all: bool) -> tuple[dict[str, DeviceKey], list[Unit]]:
+def explicit_units(
+    model: nn.Module,
+    device_map: Mapping[str, Any],
+    entries: dict[str, TensorEntry],
+    budgets: Mapping[DeviceKey, int],
+    split_guard: set[str],
+    gpus: Any,
+    stream_all: bool,
+) -> tuple[dict[str, DeviceKey], list[Unit]]:
     """Validate an accelerate-format device_map and cut each entry into units on its device. `stream_all`: the
     user forced every "cpu" block to stream (so no "cpu" entry may hold nested entries)."""
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -32,8 +39,10 @@ def explicit_units(model: nn.Module, device_map: Mapping[str, Any], entries: dic
         except ValueError as exc:
             raise PlanError(f"device_map[{key!r}]: {exc}") from None
         if dev not in budgets:
-            raise PlanError(f"device_map puts {key!r} on {device_label(dev)}, which has no budget in max_memory "
-                            f"{list(budgets)}: add it to max_memory or map the module elsewhere")
+            raise PlanError(
+                f"device_map puts {key!r} on {device_label(dev)}, which has no budget in max_memory "
+                f"{list(budgets)}: add it to max_memory or map the module elsewhere"
+            )
         resolved[key] = dev
     _check_overlaps(resolved, modules, stream_all)
     _check_coverage(resolved, entries)
@@ -51,8 +60,9 @@ def explicit_units(model: nn.Module, device_map: Mapping[str, Any], entries: dic
     return assign, units
 
 
-def unknown_name(key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, Any],
-                 what: str = "device_map key") -> str:
+def unknown_name(
+    key: str, modules: Mapping[str, nn.Module], entries: Mapping[str, Any], what: str = "device_map key"
+) -> str:
     """The error for a name that is not a module: a tensor name gets its module, a typo close matches."""
     if key in entries:
         owner = key.rsplit(".", 1)[0] if "." in key else ""
@@ -71,11 +81,15 @@ def _check_overlaps(resolved: Mapping[str, DeviceKey], modules: Mapping[str, nn.
         if not inner:
             continue
         if not has_own_tensors(modules[a]):
-            raise PlanError(f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
-                            "each module once, either the parent or its children")
+            raise PlanError(
+                f"device_map entries {a!r} and {inner[0]!r} overlap ({inner[0]!r} is inside {a!r}): give "
+                "each module once, either the parent or its children"
+            )
         if dev == "disk" or (dev == "cpu" and stream_all):
-            raise PlanError(f"device_map entry {a!r} holds tensors of its own and contains entry {inner[0]!r}, so it "
-                            f"cannot be offloaded ({dev!r}): put {a!r} on a GPU (or the CPU with offload_mode='cpu')")
+            raise PlanError(
+                f"device_map entry {a!r} holds tensors of its own and contains entry {inner[0]!r}, so it "
+                f"cannot be offloaded ({dev!r}): put {a!r} on a GPU (or the CPU with offload_mode='cpu')"
+            )
 
 
 def _check_coverage(resolved: Mapping[str, DeviceKey], entries: Mapping[str, TensorEntry]) -> None:
@@ -85,5 +99,7 @@ def _check_coverage(resolved: Mapping[str, DeviceKey], entries: Mapping[str, Ten
     left = [n for n in entries if not covered(n)]
     if left:
         owners = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in left))
-        raise PlanError(f"device_map leaves {len(left)} tensor(s) unplaced, in module(s) {owners[:6]}"
-                        f"{' ...' if len(owners) > 6 else ''}: add them (or a parent) to the device_map")
+        raise PlanError(
+            f"device_map leaves {len(left)} tensor(s) unplaced, in module(s) {owners[:6]}"
+            f"{' ...' if len(owners) > 6 else ''}: add them (or a parent) to the device_map"
+        )

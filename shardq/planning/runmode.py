@@ -43,7 +43,7 @@ class RunMode(str):
 
     reason: str
 
-    def __new__(cls, mode: str, reason: str = "") -> "RunMode":
+    def __new__(cls, mode: str, reason: str = "") -> RunMode:
         obj = super().__new__(cls, mode)
         obj.reason = reason
         return obj
@@ -60,8 +60,11 @@ class BlockKind:
 
 
 def _computes(module: nn.Module) -> bool:
-    return (linear_shape(module) is not None or isinstance(module, nn.modules.conv._ConvNd)
-            or (hasattr(module, "in_features") and hasattr(module, "out_features")))
+    return (
+        linear_shape(module) is not None
+        or isinstance(module, nn.modules.conv._ConvNd)
+        or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+    )
 
 
 def lookup_width(module: nn.Module, own_only: bool = False) -> int:
@@ -80,8 +83,14 @@ def lookup_width(module: nn.Module, own_only: bool = False) -> int:
     return width if table and table >= other else 0
 
 
-def choose_cpu_run(kind: BlockKind, *, has_gpu: bool, fp32_cpu_offload: bool = False,
-                   workload: tuple[int, int] = DEFAULT_WORKLOAD, itemsize: int = 2) -> RunMode:
+def choose_cpu_run(
+    kind: BlockKind,
+    *,
+    has_gpu: bool,
+    fp32_cpu_offload: bool = False,
+    workload: tuple[int, int] = DEFAULT_WORKLOAD,
+    itemsize: int = 2,
+) -> RunMode:
     """The run mode ("cpu" or "stream") of a block placed on "cpu" when the user forced none (rules 2-7)."""
     if not has_gpu:
         return RunMode("cpu", "no GPU")

@@ -42,7 +42,8 @@ def is_whole(module: nn.Module, name: str, split_guard: set[str]) -> bool:
 
 def has_own_tensors(module: nn.Module) -> bool:
     return any(t is not None for t in module._parameters.values()) or any(
-        t is not None for t in module._buffers.values())
+        t is not None for t in module._buffers.values()
+    )
 
 
 def has_tensors(module: nn.Module) -> bool:
@@ -55,8 +56,9 @@ def own_only_unit(model: nn.Module, name: str, split_guard: set[str]) -> bool:
     return not is_whole(module, name, split_guard) and any(has_tensors(c) for c in module.children())
 
 
-def make_units(model: nn.Module, names: list[str], entries: dict[str, TensorEntry],
-                split_guard: set[str]) -> list[Unit]:
+def make_units(
+    model: nn.Module, names: list[str], entries: dict[str, TensorEntry], split_guard: set[str]
+) -> list[Unit]:
     units = []
     for i, n in enumerate(names):
         own = own_only_unit(model, n, split_guard)
@@ -64,8 +66,9 @@ def make_units(model: nn.Module, names: list[str], entries: dict[str, TensorEntr
     return units
 
 
-def unit_entries(model: nn.Module, name: str, entries: dict[str, TensorEntry], own_only: bool = False
-                  ) -> list[TensorEntry]:
+def unit_entries(
+    model: nn.Module, name: str, entries: dict[str, TensorEntry], own_only: bool = False
+) -> list[TensorEntry]:
     module = model.get_submodule(name) if name else model
     pre = f"{name}." if name else ""
     names = [n for n, _ in module.named_parameters(remove_duplicate=False, recurse=not own_only)]

@@ -36,8 +36,15 @@ class QuantizedExperts(_Quantized):
 
     bias = None  # a stack has none; expert biases stay float parameters of the experts module
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int, cfg: QuantConfig,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        out_features: int,
+        in_features: int,
+        cfg: QuantConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
         super().__init__()
         if cfg.method not in ("int8", "nf4", "fp4"):
             raise ValueError(f"QuantizedExperts needs method int8, nf4 or fp4, got {cfg.method!r}")
@@ -52,8 +59,9 @@ class QuantizedExperts(_Quantized):
             return
         nb = blockwise.n_blocks(numel, cfg.blocksize)
         self.register_buffer("weight", torch.empty(e, (numel + 1) // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.empty(e, nb, device=device,
-                                                   dtype=torch.uint8 if self.double_quant else torch.float32))
+        self.register_buffer(
+            "absmax", torch.empty(e, nb, device=device, dtype=torch.uint8 if self.double_quant else torch.float32)
+        )
         self.register_buffer("quant_map", torch.empty(e, 16, dtype=torch.float32, device=device))
         if self.double_quant:
             self.register_buffer("nested_absmax", torch.empty(e, -(-nb // NESTED_BLOCKSIZE), device=device))
@@ -68,7 +76,7 @@ class QuantizedExperts(_Quantized):
     def __len__(self) -> int:
         return self.num_experts
 
-    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantizedExperts":
+    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedExperts:
         """Quantize a float [E, out, in] stack on its own device, expert by expert; returns self."""
         if bias is not None:
             raise ValueError("an expert stack has no bias: expert biases stay float parameters of the experts module")
@@ -81,8 +89,10 @@ class QuantizedExperts(_Quantized):
             q, scb = torch.ops.shardq.quantize_int8_rowwise(weight.reshape(-1, self.in_features).contiguous())
             self.set_quantized({"weight": q.view(self.shape), "SCB": scb.view(self.num_experts, self.out_features)})
             return self
-        parts = [_quantize_4bit(weight[e].contiguous(), self.method, self.blocksize, self.double_quant)
-                 for e in range(self.num_experts)]
+        parts = [
+            _quantize_4bit(weight[e].contiguous(), self.method, self.blocksize, self.double_quant)
+            for e in range(self.num_experts)
+        ]
         self.set_quantized({k: torch.stack([p[k] for p in parts]) for k in parts[0]})
         return self
 
@@ -107,17 +117,27 @@ class QuantizedExperts(_Quantized):
             return (self.weight[e].float() * (self.SCB[e] / 127.0).unsqueeze(1)).to(dtype)
         absmax = self.absmax[e]
         if self.double_quant:
-            absmax = blockwise.dequantize_absmax(absmax, self.nested_absmax[e], self.nested_quant_map[e],
-                                                 self._offset(e))
-        return shardq.kernels.ops.call("dequantize_4bit", self.weight[e].unsqueeze(1), absmax, self.quant_map[e],
-                               self.blocksize, [self.out_features, self.in_features], dtype)
+            absmax = blockwise.dequantize_absmax(
+                absmax, self.nested_absmax[e], self.nested_quant_map[e], self._offset(e)
+            )
+        return shardq.kernels.ops.call(
+            "dequantize_4bit",
+            self.weight[e].unsqueeze(1),
+            absmax,
+            self.quant_map[e],
+            self.blocksize,
+            [self.out_features, self.in_features],
+            dtype,
+        )
 
     def __getitem__(self, idx: int | torch.Tensor) -> torch.Tensor:
         if isinstance(idx, torch.Tensor) and idx.numel() == 1 and not idx.is_floating_point():
             idx = int(idx)
         if not isinstance(idx, int):
-            raise TypeError(f"a quantized expert stack is indexed by one expert (int or 1-element tensor), got "
-                            f"{type(idx).__name__}: run the experts module with experts_implementation='eager'")
+            raise TypeError(
+                f"a quantized expert stack is indexed by one expert (int or 1-element tensor), got "
+                f"{type(idx).__name__}: run the experts module with experts_implementation='eager'"
+            )
         if not -self.num_experts <= idx < self.num_experts:
             raise IndexError(f"expert {idx} out of range for {self.num_experts} experts")
         return self.expert(idx % self.num_experts)
@@ -127,8 +147,10 @@ class QuantizedExperts(_Quantized):
         return torch.stack([self.expert(e, dtype) for e in range(self.num_experts)])
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}, "
-                f"method={self.method}, blocksize={self.blocksize}, double_quant={self.double_quant}")
+        return (
+            f"num_experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}, "
+            f"method={self.method}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
 
 
 def _quantize_4bit(w: torch.Tensor, method: str, blocksize: int, double_quant: bool) -> dict[str, torch.Tensor]:
@@ -139,8 +161,12 @@ def _quantize_4bit(w: torch.Tensor, method: str, blocksize: int, double_quant: b
     if not double_quant:
         return state | {"absmax": absmax}
     nested = blockwise.quantize_absmax(absmax, codebooks.dynamic_map(w.device))
-    return state | {"absmax": nested.q, "nested_absmax": nested.nested_absmax, "nested_quant_map": nested.code,
-                    "nested_offset": nested.offset.reshape(())}
+    return state | {
+        "absmax": nested.q,
+        "nested_absmax": nested.nested_absmax,
+        "nested_quant_map": nested.code,
+        "nested_offset": nested.offset.reshape(()),
+    }
 
 
 def force_eager(experts: nn.Module) -> None:
@@ -170,7 +196,9 @@ def quantize_stacks(model: nn.Module, stacks: dict[str, tuple[int, int, int]], c
         parent, _, attr = full.rpartition(".")
         experts = model.get_submodule(parent)
         w = experts._parameters[attr].detach()
-        new = QuantizedExperts(*w.shape, cfg, device="meta", dtype=w.dtype).load_from_float(w)
+        num_experts, out_features, in_features = w.shape
+        new = QuantizedExperts(num_experts, out_features, in_features, cfg, device="meta", dtype=w.dtype)
+        new = new.load_from_float(w)
         replace_stack(experts, attr, new)
 
 

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 import shardq.kernels.ops  # registers torch.ops.shardq
-from shardq.quant import sizing
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
 from shardq.formats import blockwise, codebooks
-
+from shardq.quant import sizing
 
 PROGRESS_MIN_LAYERS = 32  # show a progress bar when converting or loading at least this many layers
 
@@ -33,8 +32,10 @@ def _bias_param(out_features: int, bias: bool, device, dtype) -> nn.Parameter | 
 
 def _set_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
     if (bias is None) != (module.bias is None):
-        raise ValueError(f"bias {'given' if bias is not None else 'missing'} but the layer was built "
-                         f"{'with' if module.bias is not None else 'without'} one: pass bias= to match")
+        raise ValueError(
+            f"bias {'given' if bias is not None else 'missing'} but the layer was built "
+            f"{'with' if module.bias is not None else 'without'} one: pass bias= to match"
+        )
     if bias is not None:
         if tuple(bias.shape) != (module.out_features,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({module.out_features},)")
@@ -73,13 +74,20 @@ class _Quantized(nn.Module):
         return self
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
-              device: torch.device | str = "meta", dtype: torch.dtype = torch.float16) -> "_Quantized":
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        cfg: QuantConfig,
+        device: torch.device | str = "meta",
+        dtype: torch.dtype = torch.float16,
+    ) -> _Quantized:
         """An unfilled layer (meta by default) for the loader; fill with `load_from_float` or `load_quantized`."""
         return cls(in_features, out_features, bias, cfg, device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, cfg: QuantConfig) -> "_Quantized":
+    def from_linear(cls, linear: nn.Module, cfg: QuantConfig) -> _Quantized:
         """Quantize an `nn.Linear` (or subclass) or a transformers `Conv1D` on the device its weight is on; a
         Conv1D's [in, out] weight is transposed first, so the layer computes the same `x @ W + b`."""
         shape = sizing.linear_shape(linear)
@@ -94,8 +102,9 @@ class _Quantized(nn.Module):
         for name, value in state.items():
             cur = getattr(self, name)
             if tuple(value.shape) != tuple(cur.shape) or value.dtype != cur.dtype:
-                raise ValueError(f"{name}: got {value.dtype} {tuple(value.shape)}, this layer stores "
-                                 f"{cur.dtype} {tuple(cur.shape)}")
+                raise ValueError(
+                    f"{name}: got {value.dtype} {tuple(value.shape)}, this layer stores {cur.dtype} {tuple(cur.shape)}"
+                )
             setattr(self, name, value)
         _set_bias(self, bias)
 
@@ -103,8 +112,15 @@ class _Quantized(nn.Module):
 class Linear4bit(_Quantized):
     """NF4/FP4 blockwise-quantized linear layer (bitsandbytes layout, optional double quant)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: QuantConfig | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        cfg: QuantConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
         super().__init__()
         cfg = QuantConfig(method="nf4") if cfg is None else cfg
         if not cfg.is_4bit:
@@ -115,8 +131,9 @@ class Linear4bit(_Quantized):
         numel = in_features * out_features
         nb = blockwise.n_blocks(numel, cfg.blocksize)
         self.register_buffer("weight", torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.empty(nb, device=device,
-                                                   dtype=torch.uint8 if cfg.double_quant else torch.float32))
+        self.register_buffer(
+            "absmax", torch.empty(nb, device=device, dtype=torch.uint8 if cfg.double_quant else torch.float32)
+        )
         self.register_buffer("quant_map", torch.empty(16, dtype=torch.float32, device=device))
         if cfg.double_quant:
             self.register_buffer("nested_absmax", torch.empty(-(-nb // NESTED_BLOCKSIZE), device=device))
@@ -125,7 +142,7 @@ class Linear4bit(_Quantized):
         self._offset: float | None = None
         self.bias = _bias_param(out_features, bias, device, dtype)
 
-    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear4bit":
+    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear4bit:
         """Quantize a float [out, in] weight on its own device into this layer's buffers; returns self."""
         _check_weight(self, weight)
         dev = weight.device
@@ -135,8 +152,12 @@ class Linear4bit(_Quantized):
         state = {"weight": packed, "quant_map": code}
         if self.double_quant:
             nested = blockwise.quantize_absmax(absmax, codebooks.dynamic_map(dev))
-            state.update(absmax=nested.q, nested_absmax=nested.nested_absmax, nested_quant_map=nested.code,
-                         nested_offset=nested.offset.reshape(()))
+            state.update(
+                absmax=nested.q,
+                nested_absmax=nested.nested_absmax,
+                nested_quant_map=nested.code,
+                nested_offset=nested.offset.reshape(()),
+            )
         else:
             state["absmax"] = absmax
         self.set_quantized(state, bias)
@@ -160,37 +181,63 @@ class Linear4bit(_Quantized):
         """fp32 absmax per block (double quant undone)."""
         if not self.double_quant:
             return self.absmax
-        return blockwise.dequantize_absmax(self.absmax, self.nested_absmax, self.nested_quant_map,
-                                           self.offset_value())
+        return blockwise.dequantize_absmax(self.absmax, self.nested_absmax, self.nested_quant_map, self.offset_value())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
         dq = self.double_quant
-        out = _matmul("gemm_4bit", self.bias, xc, self.weight, self.absmax, self.quant_map, self.blocksize,
-                      self.out_features, self.in_features, self.nested_absmax if dq else None,
-                      self.nested_quant_map if dq else None, self.offset_value() if dq else 0.0, self.bias)
+        out = _matmul(
+            "gemm_4bit",
+            self.bias,
+            xc,
+            self.weight,
+            self.absmax,
+            self.quant_map,
+            self.blocksize,
+            self.out_features,
+            self.in_features,
+            self.nested_absmax if dq else None,
+            self.nested_quant_map if dq else None,
+            self.offset_value() if dq else 0.0,
+            self.bias,
+        )
         return out.to(inp_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.ops.shardq.dequantize_4bit(self.weight, self.real_absmax(), self.quant_map, self.blocksize,
-                                                [self.out_features, self.in_features], dtype or self.dtype)
+        return torch.ops.shardq.dequantize_4bit(
+            self.weight,
+            self.real_absmax(),
+            self.quant_map,
+            self.blocksize,
+            [self.out_features, self.in_features],
+            dtype or self.dtype,
+        )
 
     def dequantize(self) -> nn.Linear:
         """An `nn.Linear` (original dtype) holding the dequantized weight."""
         return _float_linear(self, self.dequantized_weight())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
 
 
 class Linear8bit(_Quantized):
     """LLM.int8() linear layer: int8 weight with per-row absmax `SCB`, outlier columns in the compute dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: QuantConfig | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        cfg: QuantConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
         super().__init__()
         cfg = QuantConfig(method="int8") if cfg is None else cfg
         if cfg.method != "int8":
@@ -201,7 +248,7 @@ class Linear8bit(_Quantized):
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = _bias_param(out_features, bias, device, dtype)
 
-    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear8bit":
+    def load_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear8bit:
         """Quantize a float [out, in] weight row-wise on its own device into this layer's buffers; returns self."""
         _check_weight(self, weight)
         q, scb = torch.ops.shardq.quantize_int8_rowwise(weight.contiguous())
@@ -223,8 +270,10 @@ class Linear8bit(_Quantized):
         return _float_linear(self, self.dequantized_weight())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"threshold={self.threshold}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )
 
 
 QuantLinear = (Linear4bit, Linear8bit)
@@ -238,8 +287,14 @@ def _float_linear(m: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def empty_quantized(in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
-                    device: torch.device | str = "meta", dtype: torch.dtype = torch.float16) -> nn.Module:
+def empty_quantized(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    cfg: QuantConfig,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype = torch.float16,
+) -> nn.Module:
     """An empty Linear4bit or Linear8bit for `cfg` (the loader's entry point)."""
     cls = Linear8bit if cfg.method == "int8" else Linear4bit
     return cls.empty(in_features, out_features, bias, cfg, device=device, dtype=dtype)

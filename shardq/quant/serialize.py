@@ -17,28 +17,36 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from shardq.quant import sizing
 from shardq.checkpoint.index import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
-from shardq.memory import parse_size
 from shardq.formats import blockwise, codebooks
-from shardq.quant.linear import (PROGRESS_MIN_LAYERS, Linear4bit, Linear8bit, QuantLinear, _set_submodule,
-                                 empty_quantized)
+from shardq.memory import parse_size
+from shardq.quant import sizing
+from shardq.quant.linear import (
+    PROGRESS_MIN_LAYERS,
+    Linear4bit,
+    Linear8bit,
+    QuantLinear,
+    _set_submodule,
+    empty_quantized,
+)
 
 QS_PREFIX = "weight.quant_state.bitsandbytes__"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------- writing ----------------
+
 
 def pack_json(d: Mapping[str, Any]) -> torch.Tensor:
     """uint8 tensor of the UTF-8 JSON of `d`, as bitsandbytes packs its quant_state."""
@@ -66,8 +74,12 @@ def module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
         out.update(SCB=m.SCB, weight_format=torch.tensor(0, dtype=torch.uint8))
     else:
         out.update({"weight.absmax": m.absmax, "weight.quant_map": m.quant_map})
-        meta: dict[str, Any] = {"quant_type": m.quant_type, "blocksize": m.blocksize,
-                                "dtype": _dtype_name(m.dtype), "shape": [m.out_features, m.in_features]}
+        meta: dict[str, Any] = {
+            "quant_type": m.quant_type,
+            "blocksize": m.blocksize,
+            "dtype": _dtype_name(m.dtype),
+            "shape": [m.out_features, m.in_features],
+        }
         if m.double_quant:
             out.update({"weight.nested_absmax": m.nested_absmax, "weight.nested_quant_map": m.nested_quant_map})
             meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=m.offset_value())
@@ -101,8 +113,9 @@ def infer_config(model: nn.Module) -> QuantConfig:
     """The QuantConfig a model's quantized linears were built with (method "none" if it has none)."""
     for m in model.modules():
         if isinstance(m, Linear4bit):
-            return QuantConfig(method=m.quant_type, blocksize=m.blocksize, double_quant=m.double_quant,
-                               compute_dtype=m.compute_dtype)
+            return QuantConfig(
+                method=m.quant_type, blocksize=m.blocksize, double_quant=m.double_quant, compute_dtype=m.compute_dtype
+            )
         if isinstance(m, Linear8bit):
             return QuantConfig(method="int8", threshold=m.threshold, compute_dtype=m.compute_dtype)
     return QuantConfig()
@@ -121,11 +134,12 @@ def _main_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     for k, t in tensors.items():
         if t.is_floating_point() and ".weight." not in k and not k.endswith(".SCB"):
             by[t.dtype] = by.get(t.dtype, 0) + t.numel() * t.element_size()
-    return max(by, key=by.get) if by else torch.float16
+    return max(by, key=by.__getitem__) if by else torch.float16
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig | None = None,
-                   max_shard_size: int | str | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike, cfg: QuantConfig | None = None, max_shard_size: int | str | None = None
+) -> Path:
     """Write the model in the bitsandbytes layout and `config.json` (the model's transformers config if it has
     one, with `quantization_config`) into directory `path`; returns the directory. One `model.safetensors`, or
     with `max_shard_size` (bytes or a size such as "2GB") shards plus `model.safetensors.index.json`, as
@@ -142,7 +156,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, cfg: QuantConfig |
     tensors = bnb_state_dict(model)
     _write_shards(tensors, root, limit, {"format": "pt", "quantization_config": json.dumps(qdict)})
     hf_cfg = getattr(model, "config", None)
-    config = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else {}
+    config = hf_cfg.to_dict() if hf_cfg is not None and hasattr(hf_cfg, "to_dict") else {}
     config["quantization_config"] = qdict
     if config:  # transformers loads the unquantized tensors in the dtype config.json names
         config["dtype"] = _dtype_name(_main_float_dtype(tensors))
@@ -162,7 +176,8 @@ def _refuse_expert_stacks(model: nn.Module) -> None:
             f"{len(stacks)} fused MoE expert stack(s) are quantized (e.g. {stacks[0]!r}); the bitsandbytes layout has "
             "no format for them, so transformers would misread them. Save the float model and quantize it on load "
             "(shardq.load_sharded(..., quant=...)), or quantize with the experts kept float: "
-            f"quantize_model(model, cfg, skip=[{experts[0]!r}, ...]) (any name component, e.g. 'experts', works)")
+            f"quantize_model(model, cfg, skip=[{experts[0]!r}, ...]) (any name component, e.g. 'experts', works)"
+        )
 
 
 def _write_shards(tensors: Mapping[str, torch.Tensor], root: Path, limit: int | None, meta: dict[str, str]) -> None:
@@ -191,6 +206,7 @@ def _write_shards(tensors: Mapping[str, torch.Tensor], root: Path, limit: int | 
 
 # ---------------- reading ----------------
 
+
 def checkpoint_config(path: str | os.PathLike, index: CheckpointIndex | None = None) -> QuantConfig:
     """The QuantConfig of a quantized checkpoint: config.json's `quantization_config`, else the safetensors
     metadata; an error if neither says how it was quantized."""
@@ -206,8 +222,10 @@ def checkpoint_config(path: str | os.PathLike, index: CheckpointIndex | None = N
     index = index_checkpoint(p) if index is None else index
     if "quantization_config" in index.metadata:
         return from_bnb_dict(json.loads(index.metadata["quantization_config"]))
-    raise CheckpointError(f"{p} does not say how it was quantized (no quantization_config in config.json or in "
-                          "the safetensors metadata): load it as a float checkpoint instead")
+    raise CheckpointError(
+        f"{p} does not say how it was quantized (no quantization_config in config.json or in "
+        "the safetensors metadata): load it as a float checkpoint instead"
+    )
 
 
 @dataclass
@@ -227,8 +245,9 @@ def layer_spec(index: CheckpointIndex, name: str, read: Callable[[str], torch.Te
         if key in index.tensors:
             meta = unpack_json(read(key), key)
             if meta.get("quant_type", qt) != qt:
-                raise CheckpointError(f"tensor {key!r} says quant_type={meta.get('quant_type')!r}, "
-                                      f"its name says {qt!r}")
+                raise CheckpointError(
+                    f"tensor {key!r} says quant_type={meta.get('quant_type')!r}, its name says {qt!r}"
+                )
             return LayerSpec(qt, meta)
     return LayerSpec("none", {})
 
@@ -242,18 +261,25 @@ def expected_layout(name: str, spec: LayerSpec, out_f: int, in_f: int) -> Layout
         return {f"{name}.weight": ((torch.int8,), out_f * in_f), f"{name}.SCB": ((torch.float32,), out_f)}
     meta, key = spec.meta, f"{name}.{QS_PREFIX}{spec.method}"
     if list(meta.get("shape", [])) != [out_f, in_f]:
-        raise CheckpointError(f"tensor {key!r}: shape {meta.get('shape')} does not match the model's "
-                              f"[{out_f}, {in_f}] layer {name!r}: the checkpoint belongs to another model")
+        raise CheckpointError(
+            f"tensor {key!r}: shape {meta.get('shape')} does not match the model's "
+            f"[{out_f}, {in_f}] layer {name!r}: the checkpoint belongs to another model"
+        )
     bs = meta.get("blocksize")
     if bs not in BLOCKSIZES_4BIT:
         raise CheckpointError(f"tensor {key!r}: blocksize {bs!r} is unsupported (allowed: {BLOCKSIZES_4BIT})")
     numel = out_f * in_f
     nb = blockwise.n_blocks(numel, bs)
-    out = {f"{name}.weight": ((torch.uint8,), (numel + 1) // 2), f"{name}.weight.quant_map": ((torch.float32,), 16)}
+    out: Layout = {
+        f"{name}.weight": ((torch.uint8,), (numel + 1) // 2),
+        f"{name}.weight.quant_map": ((torch.float32,), 16),
+    }
     if "nested_offset" in meta:
         if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
-            raise CheckpointError(f"tensor {key!r}: nested_blocksize {meta.get('nested_blocksize')} is not "
-                                  f"{NESTED_BLOCKSIZE}, the only double-quant block size bitsandbytes writes")
+            raise CheckpointError(
+                f"tensor {key!r}: nested_blocksize {meta.get('nested_blocksize')} is not "
+                f"{NESTED_BLOCKSIZE}, the only double-quant block size bitsandbytes writes"
+            )
         out[f"{name}.weight.absmax"] = ((torch.uint8,), nb)
         out[f"{name}.weight.nested_absmax"] = ((torch.float32,), math.ceil(nb / NESTED_BLOCKSIZE))
         out[f"{name}.weight.nested_quant_map"] = ((torch.float32,), 256)
@@ -266,22 +292,31 @@ def expected_layout(name: str, spec: LayerSpec, out_f: int, in_f: int) -> Layout
 def _check_entry(index: CheckpointIndex, key: str, dtypes: tuple[torch.dtype, ...], numel: int) -> None:
     info = index.tensors.get(key)
     if info is None:
-        raise CheckpointError(f"tensor {key!r} is missing from {index.path}: the checkpoint is incomplete or "
-                              "was saved from another model")
+        raise CheckpointError(
+            f"tensor {key!r} is missing from {index.path}: the checkpoint is incomplete or was saved from another model"
+        )
     if info.dtype not in dtypes or info.numel != numel:
         want = "/".join(_dtype_name(d) for d in dtypes)
-        raise CheckpointError(f"tensor {key!r} is {_dtype_name(info.dtype)} {list(info.shape)}, expected {want} "
-                              f"with {numel} elements")
+        raise CheckpointError(
+            f"tensor {key!r} is {_dtype_name(info.dtype)} {list(info.shape)}, expected {want} with {numel} elements"
+        )
 
 
-def linear_from_tensors(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_f: int, out_f: int,
-                        cfg: QuantConfig, name: str = "") -> nn.Module:
+def linear_from_tensors(
+    tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_f: int, out_f: int, cfg: QuantConfig, name: str = ""
+) -> nn.Module:
     """A Linear4bit/Linear8bit filled from one layer's checkpoint tensors, named relative to the layer
     (`weight`, `weight.absmax`, ..., `SCB`, `bias`), on the device they are on. No re-quantization."""
     bias = tensors.get("bias")
     if spec.method == "int8":
-        m = empty_quantized(in_f, out_f, bias is not None, cfg.replace(method="int8", double_quant=False), "meta",
-                            bias.dtype if bias is not None else torch.float16)
+        m = empty_quantized(
+            in_f,
+            out_f,
+            bias is not None,
+            cfg.replace(method="int8", double_quant=False),
+            "meta",
+            bias.dtype if bias is not None else torch.float16,
+        )
         m.set_quantized({"weight": tensors["weight"].reshape(out_f, in_f), "SCB": tensors["SCB"].reshape(-1)}, bias)
         return m
     meta = spec.meta
@@ -292,15 +327,18 @@ def linear_from_tensors(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in
     m = empty_quantized(in_f, out_f, bias is not None, lcfg, "meta", dtype)
     code = tensors["weight.quant_map"].float().reshape(-1)
     if codebooks.quant_type_of(code) != spec.method:
-        raise CheckpointError(f"tensor {name}.weight.quant_map holds the {codebooks.quant_type_of(code)} code book, "
-                              f"but the quant_state says {spec.method}")
+        raise CheckpointError(
+            f"tensor {name}.weight.quant_map holds the {codebooks.quant_type_of(code)} code book, "
+            f"but the quant_state says {spec.method}"
+        )
     state = {"weight": tensors["weight"].reshape(-1, 1), "quant_map": code}
     if dq:
-        state.update(absmax=tensors["weight.absmax"].reshape(-1),
-                     nested_absmax=tensors["weight.nested_absmax"].reshape(-1),
-                     nested_quant_map=tensors["weight.nested_quant_map"].reshape(-1),
-                     nested_offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
-                                                device=code.device))
+        state.update(
+            absmax=tensors["weight.absmax"].reshape(-1),
+            nested_absmax=tensors["weight.nested_absmax"].reshape(-1),
+            nested_quant_map=tensors["weight.nested_quant_map"].reshape(-1),
+            nested_offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=code.device),
+        )
     else:
         state["absmax"] = tensors["weight.absmax"].reshape(-1).float()
     m.set_quantized(state, bias)
@@ -354,8 +392,10 @@ def _plan_load(model: nn.Module, index: CheckpointIndex, cfg: QuantConfig, read:
             _validate_float(index, key, t)
             floats.append(key)
         elif not any(alias in index.tensors for alias in tied.get(key, [])):
-            raise CheckpointError(f"tensor {key!r} is missing from {index.path}: the checkpoint is incomplete or "
-                                  "was saved from another model")
+            raise CheckpointError(
+                f"tensor {key!r} is missing from {index.path}: the checkpoint is incomplete or "
+                "was saved from another model"
+            )
     return layers, floats
 
 
@@ -383,11 +423,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     tied = _tied_groups(model)
     consumed = set(floats)
     built: dict[str, nn.Module] = {}
-    for name, (spec, in_f, out_f) in tqdm(layers.items(), desc="shardq: loading quantized layers", unit="layer",
-                                          disable=len(layers) < PROGRESS_MIN_LAYERS, leave=False):
+    for name, (spec, in_f, out_f) in tqdm(
+        layers.items(),
+        desc="shardq: loading quantized layers",
+        unit="layer",
+        disable=len(layers) < PROGRESS_MIN_LAYERS,
+        leave=False,
+    ):
         keys = [f"{name}.{r}" for r in _LAYER_KEYS + (QS_PREFIX + spec.method,) if f"{name}.{r}" in index.tensors]
         consumed.update(keys)
-        rel = {k[len(name) + 1:]: read(k).to(device) for k in keys if QS_PREFIX not in k and "weight_format" not in k}
+        rel = {k[len(name) + 1 :]: read(k).to(device) for k in keys if QS_PREFIX not in k and "weight_format" not in k}
         built[name] = linear_from_tensors(rel, spec, in_f, out_f, cfg, name)
     for name, m in built.items():
         _set_submodule(model, name, m)
@@ -400,8 +445,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     return model
 
 
-_LAYER_KEYS = ("weight", "bias", "SCB", "weight_format", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-               "weight.nested_quant_map")
+_LAYER_KEYS = (
+    "weight",
+    "bias",
+    "SCB",
+    "weight_format",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+)
 
 
 def _retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:

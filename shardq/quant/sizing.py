@@ -95,8 +95,9 @@ def quantizable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def quantized_layers(model: nn.Module, quant: QuantConfig,
-                     skip: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Module]:
+def quantized_layers(
+    model: nn.Module, quant: QuantConfig, skip: tuple[str, ...] | list[str] = ()
+) -> dict[str, nn.Module]:
     """Name -> module of every layer stored quantized under `quant`: `quantizable`, not skipped by the config
     or by `skip` (same matching rules), and with a weight no other parameter name shares (a tied head keeps the
     embedding's full-precision tensor). Empty for method "none". The one rule sizing, planner, loader and
@@ -123,12 +124,16 @@ def fused_expert_params(module: nn.Module) -> list[str]:
     if not (hasattr(module, "has_gate") and getattr(module, "is_transposed", None) is False):
         return []
     experts = getattr(module, "num_experts", None)
-    return [n for n, p in module._parameters.items() if p is not None and p.dim() == 3 and p.is_floating_point()
-            and (experts is None or p.shape[0] == experts)]
+    return [
+        n
+        for n, p in module._parameters.items()
+        if p is not None and p.dim() == 3 and p.is_floating_point() and (experts is None or p.shape[0] == experts)
+    ]
 
 
-def quantized_experts(model: nn.Module, quant: QuantConfig,
-                      skip: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[int, int, int]]:
+def quantized_experts(
+    model: nn.Module, quant: QuantConfig, skip: tuple[str, ...] | list[str] = ()
+) -> dict[str, tuple[int, int, int]]:
     """Full parameter name -> (experts, out, in) of every fused expert stack stored quantized under `quant`:
     `fused_expert_params`, neither the experts module nor the parameter skipped by the config or `skip` (the
     rules of `quantized_layers`), and not shared with another name. Empty for method "none"."""
@@ -168,7 +173,7 @@ def tensor_entries(model: nn.Module, quant: QuantConfig) -> dict[str, TensorEntr
                 q = shape is not None and kind == "p" and tname == "weight"
                 own = t.numel() * t.dtype.itemsize
                 fp32 = t.numel() * 4 if t.is_floating_point() else own
-                stored = quantized_weight_bytes(shape[0], shape[1], quant) if q else own
+                stored = quantized_weight_bytes(shape[0], shape[1], quant) if q and shape is not None else own
                 if kind == "p" and full in stacks:
                     experts, out_f, in_f = stacks[full]
                     q, stored = True, experts * quantized_weight_bytes(out_f, in_f, quant)
@@ -210,7 +215,9 @@ def model_dims(model: nn.Module) -> Dims:
     hidden = first("hidden_size", "d_model", "n_embd", "dim") or (ins.most_common(1)[0][0] if ins else 0)
     vocab = first("vocab_size")
     widths = [o for o, _ in shapes if o != vocab]
-    inter = first("intermediate_size", "ffn_dim", "d_ff", "n_inner", "decoder_ffn_dim") or max(widths, default=4 * hidden)
+    inter = first("intermediate_size", "ffn_dim", "d_ff", "n_inner", "decoder_ffn_dim") or max(
+        widths, default=4 * hidden
+    )
     heads = first("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
     return Dims(hidden, inter, heads, vocab)
 
@@ -254,8 +261,7 @@ def matmul_workspace_bytes(shapes: list[tuple[int, int]], quant: QuantConfig, to
             # the GEMV does not take the shape (M > GEMV_MAX_M, or K too small or x too large for it)
             gemv_takes = tokens <= GEMV_MAX_M and 1024 <= k <= 8192
             tc_split = tokens > 8 and not gemv_takes and k % 128 == 0 and n < 160 * (64 if tokens <= 16 else 128)
-            return max(4 * tokens * n if gemv_split else 0,
-                       4 * cuda_ops.TC_SPLIT_PARTS * tokens * n if tc_split else 0)
+            return max(4 * tokens * n if gemv_split else 0, 4 * cuda_ops.TC_SPLIT_PARTS * tokens * n if tc_split else 0)
         fp32_kernel = cuda_ops.GEMM4_F32 and tokens <= cuda_ops.F32_MAX_M and k * 4 + 64 <= cuda_ops.F32_MIN_SMEM
         if itemsize == 4 and k % 32 == 0 and quant.blocksize >= 32 and fp32_kernel:
             return 0

@@ -5,10 +5,10 @@ Importing `shardq.training` (which imports peft) teaches `peft.get_peft_model` s
 """
 
 from shardq.training.peft import (
-                                  QuantLoraLinear,
-                                  linear_names,
-                                  prepare_model_for_kbit_training,
-                                  register_with_peft,
+    QuantLoraLinear,
+    linear_names,
+    prepare_model_for_kbit_training,
+    register_with_peft,
 )
 
 __all__ = ["QuantLoraLinear", "linear_names", "prepare_model_for_kbit_training", "register_with_peft"]

@@ -40,14 +40,25 @@ _PLAIN_INITS = (True, False, "gaussian")  # LoRA inits that do not read the base
 class QuantLoraLinear(LoraLinear):
     """PEFT's LoRA `Linear` around a shardq `Linear4bit` or `Linear8bit` (frozen, quantized)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
         if config.init_lora_weights not in _PLAIN_INITS:
-            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} reads the base weight, which shardq "
-                             f"stores quantized: use one of {_PLAIN_INITS} for LoRA on shardq layers")
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} reads the base weight, which shardq "
+                f"stores quantized: use one of {_PLAIN_INITS} for LoRA on shardq layers"
+            )
         if config.fan_in_fan_out:
-            raise ValueError("fan_in_fan_out=True: shardq layers store [out, in] weights (GPT-2's Conv1D is "
-                             "transposed when quantized); set fan_in_fan_out=False")
+            raise ValueError(
+                "fan_in_fan_out=True: shardq layers store [out, in] weights (GPT-2's Conv1D is "
+                "transposed when quantized); set fan_in_fan_out=False"
+            )
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -87,8 +98,10 @@ class QuantLoraLinear(LoraLinear):
     def _fold(self, adapter: str, sign: float, safe: bool) -> None:
         base: Any = self.get_base_layer()
         if getattr(base, "shardq_offload", None) in _OFFLOADED or base.weight.device.type == "meta":
-            raise ValueError("cannot merge an adapter into a layer of a streamed or disk block (its weights are "
-                             "packed for streaming): merge on a model loaded without offload, or keep it unmerged")
+            raise ValueError(
+                "cannot merge an adapter into a layer of a streamed or disk block (its weights are "
+                "packed for streaming): merge on a model loaded without offload, or keep it unmerged"
+            )
         warnings.warn("Merging LoRA into a quantized layer re-quantizes it: outputs change by rounding.")
         with torch.no_grad():
             self._fold_weights(base, adapter, sign, safe)
@@ -114,8 +127,10 @@ def adapter_device(layer: nn.Module) -> torch.device | None:
     if dev is not None:
         return dev
     if layer.weight.device.type == "meta":
-        raise ValueError("the layer's weights are on disk (meta at rest): call "
-                         "shardq.training.prepare_model_for_kbit_training(model) before get_peft_model")
+        raise ValueError(
+            "the layer's weights are on disk (meta at rest): call "
+            "shardq.training.prepare_model_for_kbit_training(model) before get_peft_model"
+        )
     return None
 
 
@@ -188,8 +203,13 @@ def _upcast_norms(model: nn.Module) -> int:
     """Norm weights of resident blocks to fp32 (PEFT's kbit preparation does this for stability); streamed
     blocks keep their packed dtype. Returns how many parameters were cast."""
     rt = getattr(model, "shardq_runtime", None)
-    packed = {id(t) for b in (rt.blocks.values() if rt else ()) if b.mode in _OFFLOADED
-              for rec in b.owned for t in [rec.tensor]}
+    packed = {
+        id(t)
+        for b in (rt.blocks.values() if rt else ())
+        if b.mode in _OFFLOADED
+        for rec in b.owned
+        for t in [rec.tensor]
+    }
     n = 0
     for m in model.modules():
         if "norm" not in type(m).__name__.lower():
@@ -201,9 +221,12 @@ def _upcast_norms(model: nn.Module) -> int:
     return n
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None,
-                                    upcast_norms: bool = True) -> nn.Module:
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+    upcast_norms: bool = True,
+) -> nn.Module:
     """Get a shardq-quantized (and possibly dispatched) model ready for adapter training, as PEFT's helper of the
     same name does for bitsandbytes: every parameter frozen, norms in fp32 (`upcast_norms`), gradient
     checkpointing on (non-reentrant unless asked), input grads on for reentrant checkpointing; and records each
@@ -211,9 +234,11 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     offloaded = _record_exec_devices(model)
     kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
     if offloaded and not use_gradient_checkpointing:
-        raise ValueError(f"{len(offloaded)} blocks are streamed ({offloaded[0]!r}, ...): their weights are only in "
-                         "a GPU slot during their forward, so the backward must stream them again: keep "
-                         "use_gradient_checkpointing=True")
+        raise ValueError(
+            f"{len(offloaded)} blocks are streamed ({offloaded[0]!r}, ...): their weights are only in "
+            "a GPU slot during their forward, so the backward must stream them again: keep "
+            "use_gradient_checkpointing=True"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     if upcast_norms:
@@ -233,8 +258,10 @@ def _enable_checkpointing(model: Any, kwargs: dict) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise ValueError(f"{type(model).__name__} has no activation_checkpointing_enable (not a transformers "
-                         "model): pass use_gradient_checkpointing=False and checkpoint its blocks yourself")
+        raise ValueError(
+            f"{type(model).__name__} has no activation_checkpointing_enable (not a transformers "
+            "model): pass use_gradient_checkpointing=False and checkpoint its blocks yourself"
+        )
 
 
 register_with_peft()
