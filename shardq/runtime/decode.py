@@ -45,15 +45,24 @@ def is_decode_step(args: tuple, kwargs: dict) -> bool:
     if kwargs.get("inputs_embeds") is not None:
         ids = kwargs["inputs_embeds"][..., 0]
     cache = _cache_of(kwargs)
-    return (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and not torch.is_grad_enabled()
-            and getattr(cache, "is_compileable", False) and window_never_fills(cache))
+    return (
+        isinstance(ids, torch.Tensor)
+        and ids.dim() == 2
+        and ids.shape[1] == 1
+        and not torch.is_grad_enabled()
+        and getattr(cache, "is_compileable", False)
+        and window_never_fills(cache)
+    )
 
 
 def window_never_fills(cache: Any) -> bool:
     """A sliding-window layer shorter than the cache switches its update rule on a host counter once full, which a
     captured step cannot follow: such caches decode eagerly. Windows as long as the cache never fill."""
-    return all(getattr(layer, "_is_croppable", True) for layer in getattr(cache, "layers", ())
-               if hasattr(layer, "cumulative_length_int"))
+    return all(
+        getattr(layer, "_is_croppable", True)
+        for layer in getattr(cache, "layers", ())
+        if hasattr(layer, "cumulative_length_int")
+    )
 
 
 def adopt_cache(captured: Any, new: Any) -> bool:
@@ -68,7 +77,7 @@ def adopt_cache(captured: Any, new: Any) -> bool:
             a, b = getattr(old, attr, None), getattr(fresh, attr, None)
             if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
                 return False
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
                     return False
                 pairs.append((fresh, attr, a, b))
@@ -92,8 +101,9 @@ def capture_device(block: Any) -> torch.device | None:
 
 def host_counters(cache: Any) -> list[int]:
     """Host-side token counts of sliding-window layers (transformers reads them for masks and positions)."""
-    return [layer.cumulative_length_int for layer in getattr(cache, "layers", ())
-            if hasattr(layer, "cumulative_length_int")]
+    return [
+        layer.cumulative_length_int for layer in getattr(cache, "layers", ()) if hasattr(layer, "cumulative_length_int")
+    ]
 
 
 def set_host_counters(caches: tuple, values: list[int]) -> None:
@@ -107,9 +117,14 @@ def set_host_counters(caches: tuple, values: list[int]) -> None:
 def _same_tensors(a: Any, b: Any) -> bool:
     """Whether two caches already share their layer tensors (an adopted cache handed back by the step's output)."""
     la, lb = getattr(a, "layers", None) or [], getattr(b, "layers", None) or []
-    return bool(la) and len(la) == len(lb) and all(
-        isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys is getattr(y, "keys", None)
-        for x, y in zip(la, lb))
+    return (
+        bool(la)
+        and len(la) == len(lb)
+        and all(
+            isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys is getattr(y, "keys", None)
+            for x, y in zip(la, lb)
+        )
+    )
 
 
 def _point_output_at(out: Any, cache: Any) -> None:
@@ -211,8 +226,10 @@ class GraphDecoder:
         cache = _cache_of(kwargs)
         if cache is not step.cache and not _same_tensors(step.cache, cache):
             if not adopt_cache(step.cache, cache):
-                raise RuntimeError("a new cache of different shapes reached a captured decode step; call "
-                                   "shardq.runtime.decode.reset_graphs(model) before generating with it")
+                raise RuntimeError(
+                    "a new cache of different shapes reached a captured decode step; call "
+                    "shardq.runtime.decode.reset_graphs(model) before generating with it"
+                )
             self.stats["adopted"] += 1  # step.cache stays the capture-time object the static inputs name
         graphs.copy_leaves(tensors_of(step.static), tensors_of((args, kwargs)))
         self.stats["replays"] += 1
@@ -252,8 +269,9 @@ class GraphDecoder:
 
         return forward
 
-    def _capture_call(self, step: Step, name: str, device: torch.device | None, inner: Any, args: tuple,
-                      kwargs: dict) -> Any:
+    def _capture_call(
+        self, step: Step, name: str, device: torch.device | None, inner: Any, args: tuple, kwargs: dict
+    ) -> Any:
         if device is None:
             self._close(step)
             step.recs.append(_Rec(name, None))
@@ -288,9 +306,11 @@ class GraphDecoder:
         rec = step.recs[step.pos] if step.pos < len(step.recs) else None
         step.pos += 1
         if rec is None or rec.name != name:
-            raise RuntimeError(f"decode step called block {name!r} where the captured step called "
-                               f"{rec.name if rec else 'nothing'!r}; the forward must take the same path every "
-                               "token (call shardq.runtime.decode.reset_graphs(model) after changing the model)")
+            raise RuntimeError(
+                f"decode step called block {name!r} where the captured step called "
+                f"{rec.name if rec else 'nothing'!r}; the forward must take the same path every "
+                "token (call shardq.runtime.decode.reset_graphs(model) after changing the model)"
+            )
         if rec.run is None:
             return inner(*args, **kwargs)
         if rec.first:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +82,9 @@ class _Tensor:
 
     tensor: torch.Tensor
     names: list[str]
+    dtype: torch.dtype  # dtype before dispatch
     refs: dict[str, list[_Ref]] = field(default_factory=dict)  # block name -> refs inside that block
     home: str | None = None  # block that holds it; None = held only by offloaded blocks (packed in each)
-    dtype: torch.dtype | None = None  # dtype before dispatch
     packed: bool = False  # a home-less tied tensor already re-pointed at a packed copy
 
 
@@ -106,7 +106,7 @@ class Block:
     owned: list[_Tensor] = field(default_factory=list)
     borrowed: list[_Tensor] = field(default_factory=list)
     streamed: bool = False
-    targets: list[_Tensor | None] = field(default_factory=list)  # per streamed tensor (block layout order)
+    targets: Sequence[_Tensor | None] = field(default_factory=list)  # per streamed tensor (block layout order)
     in_dtype: torch.dtype | None = None
     orig_dtype: torch.dtype | None = None  # floating dtype of its weights before dispatch (see `_wrap_block`)
     saved: list[tuple[_Ref, torch.Tensor]] = field(default_factory=list)
@@ -117,7 +117,7 @@ class Runtime:
     """Everything `dispatch_model` set up; kept on the model as `model.shardq_runtime`."""
 
     device_map: dict[str, DeviceKey]
-    modes: dict[str, str]
+    modes: dict[str, RunMode]
     main_device: torch.device
     blocks: dict[str, Block]
     streamer: Streamer | None
@@ -160,8 +160,9 @@ def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) ->
         moved = {k: move_to(v, device, dtype) for k, v in obj.items()}
         if all(moved[k] is v for k, v in obj.items()):
             return obj
+        cls: Callable[..., Any] = type(obj)  # a concrete mapping class, whose constructor Mapping does not declare
         try:
-            return type(obj)(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
+            return cls(**moved) if dataclasses.is_dataclass(obj) else cls(moved)
         except TypeError:
             return moved
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -194,15 +195,19 @@ def _device_of(key: DeviceKey) -> torch.device:
 def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, DeviceKey]:
     """The device map with checked keys (module names, in model order) and normalised device keys."""
     if not isinstance(device_map, Mapping) or not device_map:
-        raise DispatchError(f"device_map must be a non-empty dict of module name -> device, got {device_map!r}; "
-                            "use {'': 0} to put the whole model on GPU 0")
+        raise DispatchError(
+            f"device_map must be a non-empty dict of module name -> device, got {device_map!r}; "
+            "use {'': 0} to put the whole model on GPU 0"
+        )
     modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [k for k in device_map if k not in modules]
     if unknown:
         hints = {k: difflib.get_close_matches(k, list(modules), n=1) for k in unknown}
         detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-        raise DispatchError(f"device_map names modules the model does not have: {detail}; keys must be module names "
-                            "from model.named_modules() ('' is the whole model)")
+        raise DispatchError(
+            f"device_map names modules the model does not have: {detail}; keys must be module names "
+            "from model.named_modules() ('' is the whole model)"
+        )
     count = gpu_count()
     out = {}
     for name in (n for n in modules if n in device_map):
@@ -217,13 +222,16 @@ def normalize_map(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, 
     for name in out:
         other = seen.setdefault(id(modules[name]), name)
         if other != name:
-            raise DispatchError(f"device_map entries {other!r} and {name!r} are the same module object (an alias); "
-                                "keep only one of them")
+            raise DispatchError(
+                f"device_map entries {other!r} and {name!r} are the same module object (an alias); "
+                "keep only one of them"
+            )
     return out
 
 
-def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], offload_modes: Any,
-                   has_gpu: bool) -> dict[str, RunMode]:
+def _resolve_modes(
+    model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], offload_modes: Any, has_gpu: bool
+) -> dict[str, RunMode]:
     """Every block's mode: the user's `offload_modes` for "cpu" blocks (a string for all, or a dict per block or
     parent name, the longest covering name winning as in the planner), else the rule of `shardq.planning.runmode`; a
     `RunMode` given with a reason (the loader's plan) keeps it."""
@@ -232,32 +240,47 @@ def _resolve_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: lis
     if offload_modes is None or isinstance(offload_modes, str):
         given = {k: offload_modes for k in cpu} if offload_modes else {}
     elif isinstance(offload_modes, Mapping):
-        keys = {k: forcing_key(k, offload_modes) for k in cpu}
-        keys = {k: key for k, key in keys.items() if key is not None}
+        found = {k: forcing_key(k, offload_modes) for k in cpu}
+        keys = {k: key for k, key in found.items() if key is not None}
         stray = [k for k in offload_modes if k not in keys.values()]
         if stray:
-            raise DispatchError(f"offload_modes names {stray}, which are not 'cpu' entries of the device map (nor "
-                                "parents of one); a mode applies only to blocks mapped to 'cpu'")
+            raise DispatchError(
+                f"offload_modes names {stray}, which are not 'cpu' entries of the device map (nor "
+                "parents of one); a mode applies only to blocks mapped to 'cpu'"
+            )
         given = {k: offload_modes[key] for k, key in keys.items()}
     else:
-        raise DispatchError("offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, "
-                            f"got {offload_modes!r}")
+        raise DispatchError(
+            f"offload_modes must be None, 'cpu', 'stream' or a dict of block -> mode, got {offload_modes!r}"
+        )
     bad = {k: m for k, m in given.items() if m not in ("cpu", "stream")}
     if bad:
-        raise DispatchError(f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
-                            "or 'stream' (weights copied to the GPU for each forward)")
-    how = (lambda k: f"offload_modes={offload_modes!r}") if isinstance(offload_modes, str) else \
-        (lambda k: f"offload_modes[{keys[k]!r}]")
+        raise DispatchError(
+            f"offload_modes {bad}: a 'cpu' block runs as 'cpu' (compute on the CPU in fp32) "
+            "or 'stream' (weights copied to the GPU for each forward)"
+        )
+    how = (
+        (lambda k: f"offload_modes={offload_modes!r}")
+        if isinstance(offload_modes, str)
+        else (lambda k: f"offload_modes[{keys[k]!r}]")
+    )
     chosen = {k: m if isinstance(m, RunMode) and m.reason else forced(m, how(k)) for k, m in given.items()}
     rest = [k for k in cpu if k not in chosen]
     if rest:
         chosen.update(_rule_modes(model, entries, tensors, rest, has_gpu))
-    return {name: RunMode("gpu") if isinstance(key, int) else RunMode("disk", "disk: read back per forward")
-            if key == "disk" else chosen[name] for name, key in entries.items()}
+    return {
+        name: RunMode("gpu")
+        if isinstance(key, int)
+        else RunMode("disk", "disk: read back per forward")
+        if key == "disk"
+        else chosen[name]
+        for name, key in entries.items()
+    }
 
 
-def _rule_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], names: list[str],
-                has_gpu: bool) -> dict[str, RunMode]:
+def _rule_modes(
+    model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_Tensor], names: list[str], has_gpu: bool
+) -> dict[str, RunMode]:
     """The `shardq.planning.runmode` rule for the "cpu" blocks `names` (workload: `DEFAULT_WORKLOAD`)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     nested = {n for n in entries if any(e != n and (n == "" or e.startswith(n + ".")) for e in entries)}
@@ -267,8 +290,12 @@ def _rule_modes(model: nn.Module, entries: dict[str, DeviceKey], tensors: list[_
         mine = [r for r in tensors if name in r.refs]
         partners = {b for r in mine for b in r.refs if b != name and not widths[b]}
         dtype = next((r.dtype for r in mine if r.dtype.is_floating_point), torch.float32)
-        kind = BlockKind(widths[name], sum(r.tensor.numel() * r.dtype.itemsize for r in mine),
-                         min(partners) if partners else None, name in nested)
+        kind = BlockKind(
+            widths[name],
+            sum(r.tensor.numel() * r.dtype.itemsize for r in mine),
+            min(partners) if partners else None,
+            name in nested,
+        )
         out[name] = choose_cpu_run(kind, has_gpu=has_gpu, workload=DEFAULT_WORKLOAD, itemsize=dtype.itemsize)
     return out
 
@@ -283,21 +310,25 @@ def _owner(name: str, entries: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _check_nesting(entries: dict[str, DeviceKey], modes: dict[str, str]) -> None:
+def _check_nesting(entries: dict[str, DeviceKey], modes: Mapping[str, str]) -> None:
     for name, mode in modes.items():
         if mode in ("stream", "disk"):
             inner = [e for e in entries if e != name and (name == "" or e.startswith(name + "."))]
             if inner:
-                raise DispatchError(f"block {name!r} is offloaded ({mode}) but contains other device-map entries "
-                                    f"{inner[:5]}; map its children instead, or put {name!r} on a GPU or the CPU")
+                raise DispatchError(
+                    f"block {name!r} is offloaded ({mode}) but contains other device-map entries "
+                    f"{inner[:5]}; map its children instead, or put {name!r} on a GPU or the CPU"
+                )
 
 
 def _collect_tensors(model: nn.Module, entries: dict[str, DeviceKey]) -> list[_Tensor]:
     """Every distinct parameter and buffer, with the blocks reaching it; uncovered tensors are an error."""
     found: dict[int, _Tensor] = {}
     uncovered = []
-    for is_param, named in ((True, model.named_parameters(remove_duplicate=False)),
-                            (False, model.named_buffers(remove_duplicate=False))):
+    for is_param, named in (
+        (True, model.named_parameters(remove_duplicate=False)),
+        (False, model.named_buffers(remove_duplicate=False)),
+    ):
         for qname, t in named:
             if t is None:
                 continue
@@ -310,12 +341,14 @@ def _collect_tensors(model: nn.Module, entries: dict[str, DeviceKey]) -> list[_T
             rec.names.append(qname)
             rec.refs.setdefault(block, []).append(_Ref(model.get_submodule(holder_name), attr, is_param))
     if uncovered:
-        raise DispatchError(f"{len(uncovered)} tensors are not covered by the device map, e.g. {uncovered[:5]}; "
-                            "add entries for their modules (or '' for everything not listed)")
+        raise DispatchError(
+            f"{len(uncovered)} tensors are not covered by the device map, e.g. {uncovered[:5]}; "
+            "add entries for their modules (or '' for everything not listed)"
+        )
     return list(found.values())
 
 
-def _choose_homes(tensors: list[_Tensor], modes: dict[str, str]) -> None:
+def _choose_homes(tensors: list[_Tensor], modes: Mapping[str, str]) -> None:
     """A tied tensor lives once: on its first GPU block, else its first CPU block, else in host memory."""
     for rec in tensors:
         blocks = list(rec.refs)
@@ -328,13 +361,18 @@ def _choose_homes(tensors: list[_Tensor], modes: dict[str, str]) -> None:
                 break
 
 
-def _check_loaded(tensors: list[_Tensor], modes: dict[str, str], disk: dict[str, DiskBlock]) -> None:
-    meta = [r.names[0] for r in tensors if r.tensor.device.type == "meta" and not (
-        r.home is not None and modes[r.home] == "disk" and r.home in disk)]
+def _check_loaded(tensors: list[_Tensor], modes: Mapping[str, str], disk: dict[str, DiskBlock]) -> None:
+    meta = [
+        r.names[0]
+        for r in tensors
+        if r.tensor.device.type == "meta" and not (r.home is not None and modes[r.home] == "disk" and r.home in disk)
+    ]
     if meta:
-        raise DispatchError(f"{len(meta)} tensors are still on the meta device (never loaded), e.g. {meta[:5]}; "
-                            "load the weights first (shardq.load_sharded) or map those blocks to 'disk' with their "
-                            "weights written to offload_dir")
+        raise DispatchError(
+            f"{len(meta)} tensors are still on the meta device (never loaded), e.g. {meta[:5]}; "
+            "load the weights first (shardq.load_sharded) or map those blocks to 'disk' with their "
+            "weights written to offload_dir"
+        )
 
 
 def _check_disk(blocks: dict[str, Block], offload_dir: Path | None) -> dict[str, DiskBlock]:
@@ -343,8 +381,10 @@ def _check_disk(blocks: dict[str, Block], offload_dir: Path | None) -> dict[str,
     if not disk_blocks:
         return {}
     if offload_dir is None:
-        raise DispatchError(f"blocks {[b.name for b in disk_blocks][:5]} are mapped to 'disk' but no offload_dir was "
-                            "given; pass offload_dir='some/folder'")
+        raise DispatchError(
+            f"blocks {[b.name for b in disk_blocks][:5]} are mapped to 'disk' but no offload_dir was "
+            "given; pass offload_dir='some/folder'"
+        )
     have = read_disk_index(offload_dir)["blocks"] if (offload_dir / "index.json").exists() else {}
     out = {}
     for b in disk_blocks:
@@ -353,12 +393,16 @@ def _check_disk(blocks: dict[str, Block], offload_dir: Path | None) -> dict[str,
         stored = open_disk_block(offload_dir, b.name)
         want = {_local(b.name, r): (r.tensor.dtype, tuple(r.tensor.shape)) for r in b.owned}
         got = {s.name: (s.dtype, s.shape) for s in stored.specs}
-        wrong = [f"{k}: module {v[0]} {list(v[1])}, file "
-                 + (f"{got[k][0]} {list(got[k][1])}" if k in got else "missing")
-                 for k, v in want.items() if got.get(k) != v]
+        wrong = [
+            f"{k}: module {v[0]} {list(v[1])}, file " + (f"{got[k][0]} {list(got[k][1])}" if k in got else "missing")
+            for k, v in want.items()
+            if got.get(k) != v
+        ]
         if wrong:
-            raise DispatchError(f"offload file for block {b.name!r} does not match the module: {wrong[:5]}; "
-                                "delete the offload folder and load again")
+            raise DispatchError(
+                f"offload file for block {b.name!r} does not match the module: {wrong[:5]}; "
+                "delete the offload folder and load again"
+            )
         out[b.name] = stored
     return out
 
@@ -369,7 +413,7 @@ def _local(block: str, rec: _Tensor) -> str:
         if block == "":
             return n
         if n.startswith(block + "."):
-            return n[len(block) + 1:]
+            return n[len(block) + 1 :]
     raise KeyError(block)
 
 
@@ -415,11 +459,13 @@ def _place_stream(rt: Runtime, b: Block, pin: bool) -> None:
             _set_all(rec, view)
             rec.packed = True
     b.targets, b.borrowed = packed, []
+    assert rt.streamer is not None  # made by dispatch_model when any block streams
     rt.streamer.add(block)
 
 
 def _place_disk(rt: Runtime, b: Block, disk: dict[str, DiskBlock]) -> None:
     """Write the block to the offload folder unless the loader already did; its own tensors go to meta."""
+    assert rt.streamer is not None and rt.offload_dir is not None  # _check_disk raised without offload_dir
     if b.name not in disk:
         real = [r for r in b.owned + b.borrowed if r.tensor.device.type != "meta"]
         write_disk_offload(rt.offload_dir, b.name, {_local(b.name, r): r.tensor.data.to(r.dtype) for r in real})
@@ -445,9 +491,17 @@ def _kind(cls: type) -> int:
     """How `_needs_move` treats objects of class `cls` (decided once per class)."""
     kind = _KINDS.get(cls)
     if kind is None:
-        kind = (_TENSOR if issubclass(cls, torch.Tensor) else _SEQUENCE if issubclass(cls, (list, tuple))
-                else _MAPPING if issubclass(cls, Mapping) else _DATACLASS if dataclasses.is_dataclass(cls)
-                else _OPAQUE)
+        kind = (
+            _TENSOR
+            if issubclass(cls, torch.Tensor)
+            else _SEQUENCE
+            if issubclass(cls, (list, tuple))
+            else _MAPPING
+            if issubclass(cls, Mapping)
+            else _DATACLASS
+            if dataclasses.is_dataclass(cls)
+            else _OPAQUE
+        )
         _KINDS[cls] = kind
     return kind
 
@@ -464,7 +518,7 @@ def _needs_move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> bo
         return False
     if kind == _DATACLASS:
         return any(_needs_move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj))
-    for v in (obj.values() if kind == _MAPPING else obj):
+    for v in obj.values() if kind == _MAPPING else obj:
         if _kind(type(v)) == _TENSOR:
             if v.device != device or (dtype is not None and v.dtype != dtype and v.is_floating_point()):
                 return True
@@ -487,6 +541,7 @@ def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dic
     if _needs_move(args, b.exec_device, cast) or _needs_move(kwargs, b.exec_device, cast):
         args, kwargs = move_to((args, kwargs), b.exec_device, cast)
     if b.streamed:
+        assert rt.streamer is not None
         for rec, view in zip(b.targets, rt.streamer.acquire(b.name)):
             if rec is not None:
                 _swap_in(b, rec, view)
@@ -502,6 +557,7 @@ def _exit(rt: Runtime, b: Block) -> None:
         ref, original = b.saved.pop()
         ref.set(original)
     if b.streamed:
+        assert rt.streamer is not None
         rt.streamer.release(b.name)
 
 
@@ -554,9 +610,16 @@ def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:
 # entry point
 
 
-def dispatch_model(model: nn.Module, device_map: Mapping[str, Any], *, offload_modes: Any = None,
-                   execution_device: Any = None, offload_dir: str | Path | None = None,
-                   prefetch: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+def dispatch_model(
+    model: nn.Module,
+    device_map: Mapping[str, Any],
+    *,
+    offload_modes: Any = None,
+    execution_device: Any = None,
+    offload_dir: str | Path | None = None,
+    prefetch: bool = True,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Place `model`'s blocks by `device_map` and wrap their forwards so a plain `model(...)` runs across devices.
 
     `device_map`: module name → GPU index, "cpu" or "disk" ('' = whole model). `offload_modes`: for "cpu"
@@ -619,8 +682,9 @@ def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torc
     """The model's working dtype: `dtype` when given (then also what "cpu" blocks fed no floating input return),
     else its first floating parameter's dtype before dispatch."""
     if dtype is None:
-        return next((r.dtype for r in tensors if r.dtype.is_floating_point and isinstance(r.tensor, nn.Parameter)),
-                    None)
+        return next(
+            (r.dtype for r in tensors if r.dtype.is_floating_point and isinstance(r.tensor, nn.Parameter)), None
+        )
     for b in blocks.values():
         if b.mode == "cpu":
             b.orig_dtype = dtype
@@ -636,7 +700,7 @@ def _expose_main_device(model: nn.Module, rt: Runtime) -> None:
     a subclass with the same name that overrides both (what `torch.nn.utils.parametrize` does to parametrized
     modules); `remove_dispatch` restores the class. Models without a `device` property are left alone.
     """
-    cls = type(model)
+    cls: type = type(model)  # as `type`: mypy does not see a `type[Any]` as Hashable (the cache's key)
     if not isinstance(getattr(cls, "device", None), property):
         return
     rt.model_class = cls
@@ -644,9 +708,10 @@ def _expose_main_device(model: nn.Module, rt: Runtime) -> None:
 
 
 @functools.cache
-def _dispatched_class(cls: type) -> type:
+def _dispatched_class(cls: type[Any]) -> type:
     """`cls` with `device` and `dtype` read from the dispatch runtime (one subclass per class, same names)."""
-    base_device, base_dtype = cls.device, getattr(cls, "dtype", None)
+    base_device = cls.device
+    base_dtype: Any = getattr(cls, "dtype", None)  # a property whenever the `dtype` override below is installed
 
     def device(self: nn.Module) -> torch.device:
         rt = self.__dict__.get("shardq_runtime")
@@ -666,18 +731,23 @@ def _dispatched_class(cls: type) -> type:
             return decoder_of(self)
         return super(new, self).get_compiled_call(compile_config)
 
-    ns: dict[str, Any] = {"device": property(device, doc="The device where the dispatched model's outputs come back."),
-                          "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    ns: dict[str, Any] = {
+        "device": property(device, doc="The device where the dispatched model's outputs come back."),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
     if hasattr(cls, "get_compiled_call"):
         ns["get_compiled_call"] = get_compiled_call
     if isinstance(base_dtype, property):
         ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
-    new = type(cls.__name__, (cls,), ns)
+    new: type[Any] = type(cls.__name__, (cls,), ns)
     return new
 
 
-def _main_device(entries: dict[str, DeviceKey], modes: dict[str, str], execution_device: Any,
-                 has_gpu: bool) -> torch.device:
+def _main_device(
+    entries: dict[str, DeviceKey], modes: Mapping[str, str], execution_device: Any, has_gpu: bool
+) -> torch.device:
     if execution_device is not None:
         try:
             key = normalize_device(execution_device, gpu_count())
@@ -694,8 +764,13 @@ def _main_device(entries: dict[str, DeviceKey], modes: dict[str, str], execution
     return torch.device("cpu")
 
 
-def _make_blocks(entries: dict[str, DeviceKey], modes: dict[str, str], tensors: list[_Tensor],
-                 main: torch.device, stream_dev: torch.device) -> dict[str, Block]:
+def _make_blocks(
+    entries: dict[str, DeviceKey],
+    modes: Mapping[str, str],
+    tensors: list[_Tensor],
+    main: torch.device,
+    stream_dev: torch.device,
+) -> dict[str, Block]:
     blocks = {}
     for name, key in entries.items():
         mode = modes[name]
@@ -712,14 +787,16 @@ def _make_blocks(entries: dict[str, DeviceKey], modes: dict[str, str], tensors: 
             b = blocks[bname]
             if bname == rec.home:
                 b.owned.append(rec)
-            elif not (home_dev == b.exec_device and modes[rec.home] in ("gpu", "cpu")):
+            elif not (rec.home is not None and home_dev == b.exec_device and modes[rec.home] in ("gpu", "cpu")):
                 b.borrowed.append(rec)
             if b.orig_dtype is None and rec.dtype.is_floating_point:
                 b.orig_dtype = rec.dtype
     return blocks
 
 
-def _exec_of(name: str, entries: dict[str, DeviceKey], modes: dict[str, str], stream_dev: torch.device) -> torch.device:
+def _exec_of(
+    name: str, entries: dict[str, DeviceKey], modes: Mapping[str, str], stream_dev: torch.device
+) -> torch.device:
     mode = modes[name]
     return _device_of(entries[name]) if mode == "gpu" else torch.device("cpu") if mode == "cpu" else stream_dev
 
@@ -736,7 +813,7 @@ def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
     buffers on the execution device), under "cpu" `staging` (the two pinned read-ahead buffers of disk blocks,
     if any); for GPUs also the allocator's `allocated`, `peak_allocated` and `reserved` bytes.
     """
-    rt: Runtime = getattr(model, "shardq_runtime", None)
+    rt: Runtime | None = getattr(model, "shardq_runtime", None)
     if rt is None:
         raise DispatchError("memory_report needs a model returned by shardq.dispatch_model or shardq.load_sharded")
     report: dict[str, dict[str, int]] = {}
@@ -759,8 +836,11 @@ def memory_report(model: nn.Module) -> dict[str, dict[str, int]]:
     for key, vals in report.items():
         if key.isdigit():
             i = int(key)
-            vals.update(allocated=torch.cuda.memory_allocated(i), peak_allocated=torch.cuda.max_memory_allocated(i),
-                        reserved=torch.cuda.memory_reserved(i))
+            vals.update(
+                allocated=torch.cuda.memory_allocated(i),
+                peak_allocated=torch.cuda.max_memory_allocated(i),
+                reserved=torch.cuda.memory_reserved(i),
+            )
     return report
 
 

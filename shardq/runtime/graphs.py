@@ -45,7 +45,7 @@ def leaves(obj: Any, path: Path = ()) -> list[tuple[Path, Any]]:
 def signature(obj: Any) -> tuple:
     """What a captured graph depends on: each tensor leaf's shape, dtype, device, stride; plain values as they are;
     opaque objects by type (a new Cache of the same shapes is adopted, not re-captured)."""
-    out = []
+    out: list[tuple] = []
     for path, v in leaves(obj):
         if isinstance(v, torch.Tensor):
             out.append((path, tuple(v.shape), v.dtype, v.device, v.stride()))
@@ -74,13 +74,15 @@ def rebuild(obj: Any, swap: dict[int, torch.Tensor]) -> Any:
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, Mapping):
         moved = {k: rebuild(v, swap) for k, v in obj.items()}
+        cls: Callable[..., Any] = type(obj)  # a concrete mapping class, whose constructor Mapping does not declare
         try:
-            return type(obj)(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
+            return cls(**moved) if dataclasses.is_dataclass(obj) else cls(moved)
         except TypeError:
             return moved
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: rebuild(getattr(obj, f.name), swap)
-                                           for f in dataclasses.fields(obj) if f.init})
+        return dataclasses.replace(
+            obj, **{f.name: rebuild(getattr(obj, f.name), swap) for f in dataclasses.fields(obj) if f.init}
+        )
     return obj
 
 

@@ -15,8 +15,8 @@ layer, whose backward is `shardq.kernels.autograd`. Merging dequantizes, adds th
 Offloaded blocks: a streamed block's weights live in a GPU slot only during its forward, and the next blocks
 reuse the slot, so the backward needs them again: `prepare_model_for_kbit_training` checkpoints each streamed
 block around its streaming forward (`shardq.training.streaming`), so the recomputation streams it in again right
-before its backward, and turns on transformers' checkpointing for the resident layers. It also records on each quantized layer where its block computes, so
-the adapters (small, trained, never streamed) are created on that device.
+before its backward, and turns on transformers' checkpointing for the resident layers. It also records on each
+quantized layer where its block computes, so the adapters (small, trained, never streamed) are created on that device.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class QuantLoraLinear(LoraLinear):
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+        return int(module.in_features), int(module.out_features)
 
     @property
     def lora_variants(self) -> dict:
@@ -88,7 +88,7 @@ class QuantLoraLinear(LoraLinear):
     def unmerge(self) -> None:
         """Take the merged adapters out again (dequantize, subtract, quantize: not bit-exact)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -102,7 +102,7 @@ class QuantLoraLinear(LoraLinear):
                 "cannot merge an adapter into a layer of a streamed or disk block (its weights are "
                 "packed for streaming): merge on a model loaded without offload, or keep it unmerged"
             )
-        warnings.warn("Merging LoRA into a quantized layer re-quantizes it: outputs change by rounding.")
+        warnings.warn("Merging LoRA into a quantized layer re-quantizes it: outputs change by rounding.", stacklevel=2)
         with torch.no_grad():
             self._fold_weights(base, adapter, sign, safe)
 
@@ -145,7 +145,7 @@ def _create_new_module(original):
             lora_config._register_custom_module(CUSTOM_MODULES)
         return original(lora_config, adapter_name, target, **kwargs)
 
-    create.shardq_original = original
+    create.__dict__["shardq_original"] = original  # a function attribute, which mypy cannot declare
     return create
 
 
@@ -159,7 +159,7 @@ def _replace_module(original):
         new_module.place_adapters()
         return None
 
-    replace.shardq_original = original
+    replace.__dict__["shardq_original"] = original
     return replace
 
 
