@@ -346,8 +346,10 @@ def decoder_of(model: nn.Module) -> GraphDecoder:
 
 
 def reset_graphs(model: nn.Module) -> None:
-    """Free the captured graphs (they are captured again on the next decode steps)."""
+    """Free the captured graphs and the fast loops' graphs and caches (made again on the next decode)."""
     rt = getattr(model, "shardq_runtime", None)
+    if rt is not None:
+        rt.fast = None
     if rt is not None and rt.decoder is not None:
         rt.decoder.close()
         rt.decoder = None

@@ -43,6 +43,7 @@ from shardq.planning.runmode import (
     forcing_key,
     lookup_width,
 )
+from shardq.runtime import fast_decode
 from shardq.runtime.decode import decoder_of, reset_graphs
 from shardq.runtime.offload import (
     DiskBlock,
@@ -127,6 +128,7 @@ class Runtime:
     model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
     graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
     decoder: Any = None  # its GraphDecoder, made on first use
+    fast: Any = None  # its fast_decode.FastState (static graph loops of generate()), made on first use
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -731,6 +733,14 @@ def _dispatched_class(cls: type[Any]) -> type:
             return decoder_of(self)
         return super(new, self).get_compiled_call(compile_config)
 
+    def generate(self: nn.Module, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
+        """transformers' generate(), or the static graph loop (`shardq.runtime.fast_decode`) for the requests it
+        serves exactly when graph decode is on and the cache is static."""
+        out = fast_decode.try_fast_generate(self, inputs, generation_config, kwargs)
+        if out is not None:
+            return out
+        return super(new, self).generate(inputs, generation_config, **kwargs)
+
     ns: dict[str, Any] = {
         "device": property(device, doc="The device where the dispatched model's outputs come back."),
         "__module__": cls.__module__,
@@ -739,6 +749,8 @@ def _dispatched_class(cls: type[Any]) -> type:
     }
     if hasattr(cls, "get_compiled_call"):
         ns["get_compiled_call"] = get_compiled_call
+    if hasattr(cls, "generate") and hasattr(cls, "prepare_inputs_for_generation"):
+        ns["generate"] = generate
     if isinstance(base_dtype, property):
         ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
     new: type[Any] = type(cls.__name__, (cls,), ns)
