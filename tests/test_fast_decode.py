@@ -1,0 +1,133 @@
+"""The static graph loop of generate() on the CPU (the step runs eagerly): tokens equal to transformers' generate()
+for Llama, Qwen2, Mistral, GPT-NeoX and OPT tiny models, left padding, EOS, sampling, the generate() hook's routing
+and the support check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import transformers
+from test_decode import ARCHS, _dispatched
+
+from shardq.runtime import decode, fast_decode
+from shardq.runtime.fast_decode import Sampling, choose, fast_generate, fast_state, fast_support
+
+REF = dict(cache_implementation="static", disable_compile=True, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture
+def fast_cpu(monkeypatch):
+    monkeypatch.setattr(fast_decode, "FAST_CPU", True)
+
+
+def _padded(batch: int = 2, length: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_equal_generate(arch, tmp_path):
+    model, ref = _dispatched(arch, tmp_path, disk_layer=False)
+    ids, mask = _padded()
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=20, **REF)
+    eos = ref.generation_config.eos_token_id
+    got = fast_generate(model, ids, mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want)
+    one = fast_generate(model, ids[1:], max_new_tokens=1, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(one, ref.generate(ids[1:], max_new_tokens=1, **REF))
+
+
+def test_eos_midway_pads_and_stops_when_all_done(tmp_path):
+    model, ref = _dispatched("llama", tmp_path, disk_layer=False)
+    ids, mask = _padded()
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=40, **dict(REF, eos_token_id=None))
+    eos = [int(free[0, ids.shape[1] + 3]), int(free[1, ids.shape[1] + 20])]
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=40, **dict(REF, eos_token_id=eos))
+    got = fast_generate(model, ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and got.shape[1] < ids.shape[1] + 40
+    assert (got[0, ids.shape[1] + 4 :] == 0).any()
+
+
+def test_sampling_reproducible_and_top_k_1_is_greedy(tmp_path):
+    model, _ = _dispatched("qwen2", tmp_path, disk_layer=False)
+    ids, mask = _padded()
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, pad_token_id=0)
+    a = fast_generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    b = fast_generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    c = fast_generate(model, ids, mask, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = fast_generate(model, ids, mask, max_new_tokens=12, pad_token_id=0)
+    k1 = fast_generate(model, ids, mask, generator=torch.Generator().manual_seed(9), **dict(kw, top_k=1))
+    assert torch.equal(k1, greedy)
+
+
+def test_choose_filters_like_transformers():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    s = Sampling(True, 0.7, 5, 0.8)
+    procs = [transformers.TemperatureLogitsWarper(0.7), transformers.TopKLogitsWarper(5),
+             transformers.TopPLogitsWarper(0.8)]
+    scores = logits
+    for p in procs:
+        scores = p(None, scores)
+    allowed = scores.isfinite()
+    for seed in range(20):
+        noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(seed))
+        tok = choose(logits, s, noise)
+        assert allowed.gather(1, tok[:, None]).all()
+    assert torch.equal(choose(logits, Sampling(), None), logits.argmax(-1))
+
+
+def test_generate_hook_takes_fast_path_and_falls_back(tmp_path, fast_cpu):
+    model, ref = _dispatched("mistral", tmp_path, disk_layer=False)
+    ids, mask = _padded()
+    stats = fast_state(model).stats
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=9, **REF)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static", pad_token_id=0)
+    assert torch.equal(got, want) and stats["fast"] == 1 and stats["fallback"] == 0
+    rep = dict(cache_implementation="static", max_new_tokens=9, pad_token_id=0, repetition_penalty=1.3)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **rep), ref.generate(ids, attention_mask=mask, **rep))
+    assert stats["fast"] == 1 and stats["fallback"] == 1 and "repetition_penalty" in fast_state(model).last_fallback
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)  # dynamic cache: transformers
+    assert stats["fallback"] == 2
+    decode.set_graph_decode(model)  # static by default now
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=9, pad_token_id=0), want)
+    assert stats["fast"] == 2
+
+
+def test_generate_hook_cpu_model_uses_transformers_without_flag(tmp_path):
+    model, ref = _dispatched("llama", tmp_path, disk_layer=False)
+    ids, _ = _padded()
+    model.generate(ids, max_new_tokens=3, cache_implementation="static", pad_token_id=0)
+    assert fast_state(model).stats["fast"] == 0 and "CPU" in fast_state(model).last_fallback
+
+
+def test_fast_generate_refuses_streamed_models(tmp_path):
+    model, _ = _dispatched("llama", tmp_path, disk_layer=True)
+    with pytest.raises(ValueError, match="resident on one device"):
+        fast_generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+def test_fast_support_lists_what_is_served():
+    def cfg(**kw):
+        return transformers.GenerationConfig(cache_implementation="static", max_new_tokens=4, **kw)
+
+    served = [cfg(), cfg(do_sample=True, temperature=0.7, top_k=10, top_p=0.9), cfg(eos_token_id=[1, 2]),
+              cfg(num_beams=1, repetition_penalty=1.0, min_new_tokens=0)]
+    for c in served:
+        assert fast_support(c, {"attention_mask": None}) is None
+    refused = [cfg(num_beams=2), cfg(repetition_penalty=1.2), cfg(min_new_tokens=3), cfg(stop_strings=["x"]),
+               cfg(return_dict_in_generate=True), cfg(output_scores=True), cfg(no_repeat_ngram_size=2),
+               cfg(do_sample=True, min_p=0.1), cfg(suppress_tokens=[3]), cfg(num_return_sequences=2),
+               transformers.GenerationConfig(max_new_tokens=4)]
+    for c in refused:
+        assert fast_support(c, {}) is not None
+    assert "streamer" in fast_support(cfg(), {}, {"streamer": object()})
+    assert "logits_processor" in fast_support(cfg(), {}, {"logits_processor": [object()]})
+    assert "inputs_embeds" in fast_support(cfg(), {"inputs_embeds": torch.zeros(1)})
+    assert fast_support(cfg(), {}, {"streamer": None, "synced_gpus": False}) is None
