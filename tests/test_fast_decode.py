@@ -123,7 +123,7 @@ def test_fast_support_lists_what_is_served():
         assert fast_support(c, {"attention_mask": None}) is None
     refused = [cfg(num_beams=2), cfg(repetition_penalty=1.2), cfg(min_new_tokens=3), cfg(stop_strings=["x"]),
                cfg(return_dict_in_generate=True), cfg(output_scores=True), cfg(no_repeat_ngram_size=2),
-               cfg(do_sample=True, min_p=0.1), cfg(suppress_tokens=[3]), cfg(num_return_sequences=2),
+               cfg(do_sample=True, min_p=0.1), cfg(suppress_tokens=[3]), cfg(do_sample=True, num_return_sequences=2),
                transformers.GenerationConfig(max_new_tokens=4)]
     for c in refused:
         assert fast_support(c, {}) is not None
