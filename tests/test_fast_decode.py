@@ -52,6 +52,9 @@ def test_eos_midway_pads_and_stops_when_all_done(tmp_path):
     got = fast_generate(model, ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, want) and got.shape[1] < ids.shape[1] + 40
     assert (got[0, ids.shape[1] + 4 :] == 0).any()
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=10, **dict(REF, eos_token_id=eos))
+    got = fast_generate(model, ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0, min_new_tokens=10)
+    assert torch.equal(got, want)
 
 
 def test_sampling_reproducible_and_top_k_1_is_greedy(tmp_path):
@@ -118,10 +121,10 @@ def test_fast_support_lists_what_is_served():
         return transformers.GenerationConfig(cache_implementation="static", max_new_tokens=4, **kw)
 
     served = [cfg(), cfg(do_sample=True, temperature=0.7, top_k=10, top_p=0.9), cfg(eos_token_id=[1, 2]),
-              cfg(num_beams=1, repetition_penalty=1.0, min_new_tokens=0)]
+              cfg(num_beams=1, repetition_penalty=1.0, min_new_tokens=3)]
     for c in served:
         assert fast_support(c, {"attention_mask": None}) is None
-    refused = [cfg(num_beams=2), cfg(repetition_penalty=1.2), cfg(min_new_tokens=3), cfg(stop_strings=["x"]),
+    refused = [cfg(num_beams=2), cfg(repetition_penalty=1.2), cfg(min_length=3), cfg(stop_strings=["x"]),
                cfg(return_dict_in_generate=True), cfg(output_scores=True), cfg(no_repeat_ngram_size=2),
                cfg(do_sample=True, min_p=0.1), cfg(suppress_tokens=[3]), cfg(do_sample=True, num_return_sequences=2),
                transformers.GenerationConfig(max_new_tokens=4)]

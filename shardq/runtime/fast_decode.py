@@ -44,7 +44,6 @@ NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,),
     "sequence_bias": (None,),
     "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
     "min_p": (None,),
     "top_h": (None,),
     "typical_p": (None, 1.0),
@@ -121,6 +120,7 @@ class Sampling:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens are written (transformers' processor)
 
 
 def choose(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None) -> torch.Tensor:
@@ -242,7 +242,15 @@ def _step(model: nn.Module, loop: Loop, s: Sampling) -> None:
         use_cache=True,
     )
     logits = model(**inputs, return_dict=True).logits[:, -1].float()
-    _advance(loop, choose(logits, s, loop.noise))
+    _advance(loop, choose(_suppress_eos(logits, loop, s), s, loop.noise))
+
+
+def _suppress_eos(logits: torch.Tensor, loop: Loop, s: Sampling) -> torch.Tensor:
+    """EOS logits at -inf while fewer than `min_new_tokens` tokens are written (decided on the device)."""
+    if s.min_new_tokens <= 0 or loop.eos.numel() == 0:
+        return logits
+    blocked = logits.index_fill(-1, loop.eos, float("-inf"))
+    return torch.where(loop.idx < s.min_new_tokens, blocked, logits)
 
 
 def _prefill(model: nn.Module, loop: Loop, ids: torch.Tensor, mask: torch.Tensor, s: Sampling,
@@ -261,7 +269,7 @@ def _prefill(model: nn.Module, loop: Loop, ids: torch.Tensor, mask: torch.Tensor
     loop.idx.zero_()
     loop.done.zero_()
     _draw_noise(loop, generator)
-    _advance(loop, choose(logits, s, loop.noise))
+    _advance(loop, choose(_suppress_eos(logits, loop, s), s, loop.noise))
 
 
 def _draw_noise(loop: Loop, generator: torch.Generator | None) -> None:
@@ -339,6 +347,7 @@ def fast_generate(
     eos_token_id: int | list[int] | torch.Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Prompt plus generated tokens, as `generate()` returns them, from the static graph loop (module docstring).
 
@@ -352,7 +361,7 @@ def fast_generate(
     eos = _eos_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     s = Sampling(do_sample, temperature if do_sample else None, top_k if do_sample else None,
-                 top_p if do_sample else None)
+                 top_p if do_sample else None, min_new_tokens)
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     batch, prompt = ids.shape
@@ -416,5 +425,5 @@ def try_fast_generate(model: nn.Module, inputs: torch.Tensor | None, generation_
     return fast_generate(
         model, ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new, do_sample=bool(config.do_sample),
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        pad_token_id=config.pad_token_id, min_new_tokens=config.min_new_tokens or 0,
     )
