@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shardq.loading.loader import load_sharded_from_dir
 from shardq.runtime.decode import decoder_of, set_graph_decode
+from shardq.runtime.fast_decode import fast_state
 
 SHAPES = {"1.1B": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                        num_key_value_heads=8),
@@ -128,10 +129,14 @@ def ms_per_token(model, kind: str, batch: int, new: int) -> float:
 def replay_ms(model, reps: int = 50) -> float | None:
     """GPU time of one decode step alone: the newest whole-step graph replayed back to back (None when the step is
     piecewise). ms_per_token minus this is the host's share: transformers' generate loop around the replay."""
+    loops = [lp for lp in fast_state(model).loops.values() if lp.graph is not None]
     steps = list(decoder_of(model).steps.values())
-    if not steps or steps[-1].whole is None:
+    if loops:
+        g = loops[-1].graph
+    elif steps and steps[-1].whole is not None:
+        g = steps[-1].whole
+    else:
         return None
-    g = steps[-1].whole
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -141,6 +146,13 @@ def replay_ms(model, reps: int = 50) -> float | None:
     end.record()
     end.synchronize()
     return round(start.elapsed_time(end) / reps, 3)
+
+
+def decode_path(model) -> str:
+    """Which loop served the variant's generate(): shardq's static graph loop, or transformers' loop."""
+    if getattr(model, "shardq_runtime", None) is not None and fast_state(model).stats["fast"] > 0:
+        return "fast_loop"
+    return "transformers"
 
 
 def weight_bytes(model) -> int:
@@ -173,10 +185,13 @@ def main() -> None:
                 model = load_variant(kind, path)
                 wb = weight_bytes(model)
                 for batch in map(int, args.batches.split(",")):
+                    if getattr(model, "shardq_runtime", None) is not None:
+                        fast_state(model).stats["fast"] = 0
                     ms = ms_per_token(model, kind, batch, args.new)
                     floor = wb / (hbm * 1e9) * 1e3  # HBM traffic of a copy (read + write) ~ the rate of a pure read
                     rows.append([shape, kind, batch, round(ms, 3), round(floor, 3), round(ms / floor, 2),
-                                 round(wb / 2**20), replay_ms(model) if kind.endswith("_graph") else None])
+                                 round(wb / 2**20), replay_ms(model) if kind.endswith("_graph") else None,
+                                 decode_path(model)])
                     print(rows[-1], flush=True)
             except Exception as e:  # one variant failing must not lose the others' numbers
                 notes.append(f"{shape} {kind} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -199,7 +214,7 @@ def stream_row(path: Path, h2d: float, new: int) -> list:
     ms = ms_per_token(model, "sq_nf4_graph", 1, new // 2)
     bound = streamed / (h2d * 1e9) * 1e3
     row = ["7B", "sq_nf4_graph_half_streamed", 1, round(ms, 3), round(bound, 3), round(ms / bound, 2) if bound else 0,
-           round(streamed / 2**20), None]
+           round(streamed / 2**20), None, decode_path(model)]
     print(row, flush=True)
     return row
 
@@ -231,19 +246,23 @@ def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = F
     notes = [f"HBM copy bandwidth {hbm:.0f} GB/s (read + write); floor = weight bytes / copy bandwidth",
              f"pinned H2D {h2d:.1f} GB/s; the streamed row's floor is its streamed bytes per token / that bandwidth",
              "ms/token = (generate(N+1) - generate(1)) / N, greedy, prompt 16 tokens, best of 2 after a warm-up",
+             "path: fast_loop = shardq's static graph loop (whole token step one CUDA graph, EOS checked every 16 "
+             "tokens); transformers = transformers' generate loop (with the per-step GraphDecoder for *_graph)",
              f"torch {torch.__version__}, transformers {transformers.__version__}"] + notes
     res = {"benchmark": "decode", "title": "Decode ms per token: transformers, bitsandbytes and shardq eager/graph",
            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
            "command": "python " + " ".join(_public_args(sys.argv)), "notes": notes,
-           "columns": ["model", "variant", "batch", "ms_per_token", "floor_ms", "x_floor", "weights_MiB", "replay_ms"],
+           "columns": ["model", "variant", "batch", "ms_per_token", "floor_ms", "x_floor", "weights_MiB", "replay_ms",
+                       "path"],
            "rows": rows}
     (out / "decode.json").write_text(json.dumps(res, indent=1))
     if quiet:
         return
     print("\n".join(notes))
-    print(f"{'model':<6}{'variant':<28}{'batch':>6}{'ms/tok':>9}{'floor':>8}{'x':>7}{'replay':>8}")
+    print(f"{'model':<6}{'variant':<28}{'batch':>6}{'ms/tok':>9}{'floor':>8}{'x':>7}{'replay':>8}  path")
     for r in rows:
-        print(f"{r[0]:<6}{r[1]:<28}{r[2]:>6}{r[3]:>9}{r[4]:>8}{r[5]:>7}{r[7] if r[7] is not None else '-':>8}")
+        path = r[8] if len(r) > 8 else "-"
+        print(f"{r[0]:<6}{r[1]:<28}{r[2]:>6}{r[3]:>9}{r[4]:>8}{r[5]:>7}{r[7] if r[7] is not None else '-':>8}  {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,21 @@ from shardq.runtime.dispatch import dispatch_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.fixture(autouse=True)
+def per_step_decoder(monkeypatch):
+    """generate() through transformers' loop and the GraphDecoder; the fast loop's tests turn it back on."""
+    from shardq.runtime import fast_decode
+
+    monkeypatch.setattr(fast_decode, "ENABLED", False)
+
+
+@pytest.fixture
+def fast_loop(monkeypatch):
+    from shardq.runtime import fast_decode
+
+    monkeypatch.setattr(fast_decode, "ENABLED", True)
+
+
 def _pair(arch: str, dmap_of, **kw):
     model = tiny_lm(arch).half()
     ref = copy.deepcopy(model).cuda()
@@ -117,4 +132,58 @@ def test_graph_pool_within_max_memory(tmp_path):
     torch.cuda.reset_peak_memory_stats(0)
     a.generate(_ids(), cache_implementation="static", **GEN)
     assert a.shardq_runtime.decoder.stats["replays"] > 0
+    assert torch.cuda.max_memory_allocated(0) - base <= cap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the static graph loop (shardq.runtime.fast_decode)
+
+
+def _fast_pair(quant, tmp_path):
+    from shardq.loading.loader import load_sharded
+
+    model = tiny_lm("llama").half()
+    model.save_pretrained(tmp_path)
+    fast = load_sharded(tiny_lm("llama").half(), tmp_path, max_memory={0: "2GB"}, quant=quant, progress=False)
+    eager = load_sharded(tiny_lm("llama").half(), tmp_path, max_memory={0: "2GB"}, quant=quant, progress=False)
+    return fast, eager
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_fast_loop_tokens_equal_eager_and_replay_without_capture(quant, tmp_path, fast_loop):
+    from shardq.runtime.fast_decode import fast_state
+
+    fast, eager = _fast_pair(quant, tmp_path)
+    ids = _ids()
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    want = eager.generate(ids, cache_implementation="static", disable_compile=True, **kw)
+    got = fast.generate(ids, cache_implementation="static", **kw)
+    stats = fast_state(fast).stats
+    assert torch.equal(got, want) and stats["fast"] == 1 and stats["captures"] == 1 and stats["replays"] > 0
+    again = fast.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(again, want) and stats["captures"] == 1 and stats["fast"] == 2
+
+
+def test_fast_loop_sampling_reproducible(tmp_path, fast_loop):
+    from shardq.runtime.fast_decode import fast_generate
+
+    fast, _ = _fast_pair("nf4", tmp_path)
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=0.8, top_k=30, top_p=0.9, pad_token_id=0)
+    runs = [fast_generate(fast, _ids(), generator=torch.Generator("cuda").manual_seed(s), **kw) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_fast_loop_within_max_memory(tmp_path, fast_loop):
+    from shardq.loading.loader import load_sharded
+    from shardq.runtime.fast_decode import fast_state
+
+    model = tiny_lm("llama").half()
+    model.save_pretrained(tmp_path)
+    cap = 64 * 2**20
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(0)
+    a = load_sharded(tiny_lm("llama").half(), tmp_path, max_memory={0: cap}, progress=False)
+    torch.cuda.reset_peak_memory_stats(0)
+    a.generate(_ids(), cache_implementation="static", **GEN)
+    assert fast_state(a).stats["fast"] == 1
     assert torch.cuda.max_memory_allocated(0) - base <= cap

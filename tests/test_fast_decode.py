@@ -73,8 +73,11 @@ def test_sampling_reproducible_and_top_k_1_is_greedy(tmp_path):
 def test_choose_filters_like_transformers():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     s = Sampling(True, 0.7, 5, 0.8)
-    procs = [transformers.TemperatureLogitsWarper(0.7), transformers.TopKLogitsWarper(5),
-             transformers.TopPLogitsWarper(0.8)]
+    procs = [
+        transformers.TemperatureLogitsWarper(0.7),
+        transformers.TopKLogitsWarper(5),
+        transformers.TopPLogitsWarper(0.8),
+    ]
     scores = logits
     for p in procs:
         scores = p(None, scores)
@@ -120,14 +123,27 @@ def test_fast_support_lists_what_is_served():
     def cfg(**kw):
         return transformers.GenerationConfig(cache_implementation="static", max_new_tokens=4, **kw)
 
-    served = [cfg(), cfg(do_sample=True, temperature=0.7, top_k=10, top_p=0.9), cfg(eos_token_id=[1, 2]),
-              cfg(num_beams=1, repetition_penalty=1.0, min_new_tokens=3)]
+    served = [
+        cfg(),
+        cfg(do_sample=True, temperature=0.7, top_k=10, top_p=0.9),
+        cfg(eos_token_id=[1, 2]),
+        cfg(num_beams=1, repetition_penalty=1.0, min_new_tokens=3),
+    ]
     for c in served:
         assert fast_support(c, {"attention_mask": None}) is None
-    refused = [cfg(num_beams=2), cfg(repetition_penalty=1.2), cfg(min_length=3), cfg(stop_strings=["x"]),
-               cfg(return_dict_in_generate=True), cfg(output_scores=True), cfg(no_repeat_ngram_size=2),
-               cfg(do_sample=True, min_p=0.1), cfg(suppress_tokens=[3]), cfg(do_sample=True, num_return_sequences=2),
-               transformers.GenerationConfig(max_new_tokens=4)]
+    refused = [
+        cfg(num_beams=2),
+        cfg(repetition_penalty=1.2),
+        cfg(min_length=3),
+        cfg(stop_strings=["x"]),
+        cfg(return_dict_in_generate=True),
+        cfg(output_scores=True),
+        cfg(no_repeat_ngram_size=2),
+        cfg(do_sample=True, min_p=0.1),
+        cfg(suppress_tokens=[3]),
+        cfg(do_sample=True, num_return_sequences=2),
+        transformers.GenerationConfig(max_new_tokens=4),
+    ]
     for c in refused:
         assert fast_support(c, {}) is not None
     assert "streamer" in fast_support(cfg(), {}, {"streamer": object()})

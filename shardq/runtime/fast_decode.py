@@ -25,6 +25,9 @@ from shardq.runtime import graphs
 from shardq.runtime.decode import decoder_of
 
 SYNC_EVERY = 16
+# generate() hook switch: False leaves every request to transformers' loop (with the per-step GraphDecoder), which is
+# how the GraphDecoder's own tests and benchmarks reach it.
+ENABLED = True
 # Dispatched models on the CPU keep transformers' loop in generate() (as GPU-less transformers does); tests set this
 # to route CPU models through the fast loop too.
 FAST_CPU = False
@@ -201,8 +204,16 @@ def step_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _new_loop(model: nn.Module, batch: int, max_new: int, cache_len: int, s: Sampling, eos: list[int], pad: int,
-              device: torch.device) -> Loop:
+def _new_loop(
+    model: nn.Module,
+    batch: int,
+    max_new: int,
+    cache_len: int,
+    s: Sampling,
+    eos: list[int],
+    pad: int,
+    device: torch.device,
+) -> Loop:
     """Allocate the static cache and step buffers of one signature."""
     from transformers import StaticCache
 
@@ -238,7 +249,11 @@ def _step(model: nn.Module, loop: Loop, s: Sampling) -> None:
     """One token: the forward transformers' loop would run (same input preparation and 4-D mask), then the choice
     and the writes. Everything reads and writes static buffers, so it is captured as it is."""
     inputs = model.prepare_inputs_for_generation(
-        loop.ids, next_sequence_length=1, cache=loop.cache, attention_mask=loop.mask, position_ids=loop.pos,
+        loop.ids,
+        next_sequence_length=1,
+        cache=loop.cache,
+        attention_mask=loop.mask,
+        position_ids=loop.pos,
         use_cache=True,
     )
     logits = model(**inputs, return_dict=True).logits[:, -1].float()
@@ -253,8 +268,9 @@ def _suppress_eos(logits: torch.Tensor, loop: Loop, s: Sampling) -> torch.Tensor
     return torch.where(loop.idx < s.min_new_tokens, blocked, logits)
 
 
-def _prefill(model: nn.Module, loop: Loop, ids: torch.Tensor, mask: torch.Tensor, s: Sampling,
-             generator: torch.Generator | None) -> None:
+def _prefill(
+    model: nn.Module, loop: Loop, ids: torch.Tensor, mask: torch.Tensor, s: Sampling, generator: torch.Generator | None
+) -> None:
     """Run the prompt eagerly into the (reset) cache, choose the first token and set the step buffers."""
     loop.cache.reset()
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -298,8 +314,9 @@ def _run_step(model: nn.Module, loop: Loop, s: Sampling, state: FastState, devic
         state.stats["captures"] += 1
 
 
-def _decode(model: nn.Module, loop: Loop, s: Sampling, generator: torch.Generator | None, max_new: int,
-            device: torch.device) -> int:
+def _decode(
+    model: nn.Module, loop: Loop, s: Sampling, generator: torch.Generator | None, max_new: int, device: torch.device
+) -> int:
     """Replay steps until `max_new` tokens are written or (checked every SYNC_EVERY tokens) all sequences are done;
     returns how many tokens were written."""
     state = fast_state(model)
@@ -354,14 +371,21 @@ def fast_generate(
     Raises ValueError when the model's blocks are not all resident on one device (callers then use transformers)."""
     device = step_device(model)
     if device is None:
-        raise ValueError("fast_generate needs every block resident on one device (streamed, disk or multi-device "
-                         "models decode through model.generate)")
+        raise ValueError(
+            "fast_generate needs every block resident on one device (streamed, disk or multi-device "
+            "models decode through model.generate)"
+        )
     if max_new_tokens < 1 or input_ids.dim() != 2:
         raise ValueError("fast_generate needs 2-D input_ids and max_new_tokens >= 1")
     eos = _eos_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    s = Sampling(do_sample, temperature if do_sample else None, top_k if do_sample else None,
-                 top_p if do_sample else None, min_new_tokens)
+    s = Sampling(
+        do_sample,
+        temperature if do_sample else None,
+        top_k if do_sample else None,
+        top_p if do_sample else None,
+        min_new_tokens,
+    )
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     batch, prompt = ids.shape
@@ -379,8 +403,9 @@ def fast_generate(
     return torch.cat([input_ids, new.to(input_ids.device)], dim=-1)
 
 
-def _resolve(model: nn.Module, inputs: torch.Tensor | None, generation_config: Any, kwargs: dict[str, Any]
-             ) -> tuple[Any, dict[str, Any], dict[str, Any], torch.Tensor | None]:
+def _resolve(
+    model: nn.Module, inputs: torch.Tensor | None, generation_config: Any, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any], dict[str, Any], torch.Tensor | None]:
     """The request as transformers resolves it: (GenerationConfig, model kwargs, other generate() args, input ids)."""
     kwargs = dict(kwargs)
     generate_args = {k: kwargs.pop(k) for k in GENERATE_ARGS if k in kwargs}
@@ -406,12 +431,13 @@ def _reason(model: nn.Module, config: Any, model_kwargs: dict, generate_args: di
     return None
 
 
-def try_fast_generate(model: nn.Module, inputs: torch.Tensor | None, generation_config: Any,
-                      kwargs: dict[str, Any]) -> torch.Tensor | None:
+def try_fast_generate(
+    model: nn.Module, inputs: torch.Tensor | None, generation_config: Any, kwargs: dict[str, Any]
+) -> torch.Tensor | None:
     """The `generate()` hook of a dispatched model: the fast loop's result when graph decode is on and the request
     is one it serves exactly; None to let transformers' generate() run (counted in `fast_state(model).stats`)."""
     rt = model.__dict__.get("shardq_runtime")
-    if rt is None or not rt.graph_decode:
+    if rt is None or not rt.graph_decode or not ENABLED:
         return None
     config, model_kwargs, generate_args, ids = _resolve(model, inputs, generation_config, kwargs)
     reason = _reason(model, config, model_kwargs, generate_args, ids)
@@ -423,7 +449,15 @@ def try_fast_generate(model: nn.Module, inputs: torch.Tensor | None, generation_
     assert isinstance(ids, torch.Tensor)
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[1]
     return fast_generate(
-        model, ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new, do_sample=bool(config.do_sample),
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id, min_new_tokens=config.min_new_tokens or 0,
+        model,
+        ids,
+        model_kwargs.get("attention_mask"),
+        max_new_tokens=max_new,
+        do_sample=bool(config.do_sample),
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        min_new_tokens=config.min_new_tokens or 0,
     )
