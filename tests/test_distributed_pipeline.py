@@ -3,7 +3,8 @@ process, greedy generate() token-equal, micro-batches, quantized and offloaded s
 
 from __future__ import annotations
 
-import copy
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -44,15 +45,18 @@ def _single(path: Path, quant: str | None) -> torch.nn.Module:
     return shardq.load_sharded_from_dir(path, max_memory={"cpu": "1GB"}, quant=quant, progress=False)
 
 
-def _job(rank: int, world: int, path: str, quant: str | None, micro: int, caps: list | None, offload: str | None):
+def _job(rank: int, world: int, path: str, quant: str | None, micro: int, caps: list | None, offload: str | None,
+         stages: list[int] | None = None, maps: list | None = None):
     kw = _inputs()
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     model = shardq.meta_model_from_dir(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = shardq.load_sharded(model, path, max_memory=caps or {"cpu": "1GB"}, quant=quant, progress=False,
-                                    offload_dir=offload and f"{offload}/rank{rank}",
-                                    distributed=Pipeline(micro_batches=micro, exit_workers=False, timeout_s=20))
+                                    offload_dir=offload and f"{offload}/rank{rank}", workload=(4, 16),
+                                    device_map=maps or "auto",
+                                    distributed=Pipeline(micro_batches=micro, stages=stages, exit_workers=False,
+                                                         timeout_s=20))
     pipe = model.shardq_pipeline
     if rank > 0:
         pipe.serve()
@@ -86,3 +90,65 @@ def _check(results, world: int) -> dict:
 def test_logits_and_generate_equal_one_process(tmp_path, arch, world, micro):
     path = _save(arch, tmp_path / arch)
     _check(run_ranks(_job, world, str(path), None, micro, None, None), world)
+
+
+def test_nf4_stage_with_cpu_and_disk_blocks_equals_one_process(tmp_path):
+    """Rank 1's stage holds one block on the CPU and one in its offload folder (its own explicit map); logits equal
+    the same nf4 quantization loaded in one process, tokens equal."""
+    path = _save("llama", tmp_path / "llama")
+    rank1 = {"model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu",
+             "model.rotary_emb": "cpu"}
+    caps = [{"cpu": "1GB"}, {"cpu": "2MB", "disk": "1GB"}]
+    res = run_ranks(_job, 2, str(path), "nf4", 2, caps, str(tmp_path / "offload"), [2, 2], ["auto", rank1])
+    _check(res, 2)
+    modes = res[1][1]["modes"]
+    assert "disk" in modes.values() and "cpu" in modes.values(), modes
+    assert not any(k.startswith(("model.layers.0", "model.layers.1", "model.embed")) for k in modes), modes
+
+
+def _failing_job(rank: int, world: int, path: str, how: str):
+    model = shardq.meta_model_from_dir(path)
+    model = shardq.load_sharded(model, path, max_memory={"cpu": "1GB"}, progress=False,
+                                distributed=Pipeline(micro_batches=2, exit_workers=False, timeout_s=10))
+    stage = model.shardq_rank_plan.stages[rank]
+    calls = {"n": 0}
+
+    def fail(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-forward: the second micro-batch of the second forward
+            if how == "exit":
+                os._exit(7)
+            raise RuntimeError(f"injected failure in {stage.blocks[0]}")
+
+    if rank == 1:
+        model.get_submodule(stage.blocks[0]).register_forward_pre_hook(fail)
+    if rank > 0:
+        model.shardq_pipeline.serve()
+        return "served"
+    kw = _inputs()
+    with torch.no_grad():
+        model(**kw)
+        t0 = time.monotonic()
+        try:
+            model(**kw)
+        except shardq.distributed.RemoteError as exc:
+            return {"error": str(exc), "seconds": time.monotonic() - t0}
+    return "no error"
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_rank_failing_mid_forward_reaches_rank_0(tmp_path, how):
+    """Rank 1 of 3 raises (or dies) in its stage: rank 0 raises RemoteError naming it, within the group timeout;
+    every process ends (run_ranks asserts none is left running)."""
+    path = _save("llama", tmp_path / "llama")
+    res = run_ranks(_failing_job, 3, str(path), how, timeout_s=10)
+    status, out = res[0]
+    assert status == "ok" and isinstance(out, dict), res[0]
+    assert out["seconds"] < 10 + 5
+    if how == "raise":
+        assert "rank 1: RuntimeError: injected failure in model.layers" in out["error"]
+        assert res[1][0] == "error" and "injected failure" in res[1][1]
+        assert res[2][0] == "error" and "injected failure" in res[2][1]  # passed on down the chain
+    else:
+        assert res[1] == ("missing", None)  # the process died without a word
+        assert "rank 2" in out["error"]  # the next rank reports the lost peer

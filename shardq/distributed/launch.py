@@ -18,7 +18,7 @@ from torch import nn
 
 from shardq.distributed.comm import Link, RemoteError
 from shardq.distributed.pipeline import PipelineRuntime
-from shardq.distributed.stages import RankPlan, plan_ranks, stage_model
+from shardq.distributed.stages import RankPlan, dropped_units, per_rank, plan_ranks, stage_model
 from shardq.memory import get_max_memory
 
 
@@ -50,7 +50,8 @@ class Pipeline:
     def load(self, model: nn.Module, checkpoint: Any = None, *, max_memory: Any = None, quant: Any = None,
              offload_dir: Any = None, **kwargs: Any) -> nn.Module:
         """Load this rank's stage of `model` (see the module docstring); `max_memory` is this rank's caps, or a list
-        of caps per rank. Other keyword arguments are `load_sharded`'s."""
+        of caps per rank; `device_map` a strategy, or a list of one strategy or explicit map (of that rank's blocks)
+        per rank. Other keyword arguments are `load_sharded`'s."""
         from shardq.loading.loader import load_sharded
 
         owns = init_group(self.backend, self.timeout_s)
@@ -59,8 +60,9 @@ class Pipeline:
         budgets = gather_budgets(mine, offload_dir)
         plan_kw = {k: kwargs[k] for k in ("device_map", "workload", "offload_mode") if k in kwargs}
         rp = plan_ranks(model, budgets, quant, self.stages, offload_dir=offload_dir, **plan_kw)
-        stage_model(model, rp, rank)
+        stage_model(model, rp, rank, checkpoint_aliases(model, checkpoint, dropped_units(rp, rank)))
         error = None
+        kwargs["device_map"] = per_rank(kwargs.get("device_map", "auto"), world, "device_map")[rank]
         try:
             load_sharded(model, checkpoint, max_memory=budgets[rank], quant=quant, offload_dir=offload_dir,
                          **kwargs)
@@ -106,6 +108,19 @@ def gather_budgets(max_memory: Mapping[Any, Any] | None, offload_dir: Any = None
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return out
+
+
+def checkpoint_aliases(model: nn.Module, checkpoint: Any, dropped: Sequence[str]) -> list[str]:
+    """The checkpoint's own names (headers only) of the tensors of `dropped` units, where transformers renames them."""
+    if checkpoint is None or not dropped:
+        return []
+    from shardq.checkpoint.conversions import convert_source
+    from shardq.checkpoint.index import index_checkpoint
+    from shardq.checkpoint.source import checkpoint_source
+
+    source = convert_source(model, checkpoint_source(index_checkpoint(checkpoint)))
+    inside = lambda k: any(k.startswith(u + ".") for u in dropped)  # noqa: E731
+    return sorted({src.name for k, src in source.items() if inside(k) and src.name != k})
 
 
 def _agree_loaded(error: Exception | None, rank: int, world: int) -> None:

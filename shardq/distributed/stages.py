@@ -10,6 +10,7 @@ whole by each rank that needs a member. Everything else is replaced on a rank by
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -191,13 +192,18 @@ def _vocab_bytes(model: nn.Module) -> int:
     return _config_int(model, ("vocab_size",)) * _itemsize(model)
 
 
-def stage_model(model: nn.Module, rank_plan: RankPlan, rank: int) -> nn.Module:
+def dropped_units(rank_plan: RankPlan, rank: int) -> list[str]:
+    """Units `rank` does not hold (stubbed there)."""
+    keep = set(rank_plan.stages[rank].owned) | set(rank_plan.replicated)
+    return [u for u in rank_plan.unit_bytes if u not in keep]
+
+
+def stage_model(model: nn.Module, rank_plan: RankPlan, rank: int, aliases: Sequence[str] = ()) -> nn.Module:
     """Replace, in place, every unit that `rank` does not hold by a `StageStub`, and let the loader skip their
-    checkpoint tensors (`_keys_to_ignore_on_load_unexpected` on the instance)."""
-    stage = rank_plan.stages[rank]
-    keep = set(stage.owned) | set(rank_plan.replicated)
+    checkpoint tensors (`_keys_to_ignore_on_load_unexpected` on the instance), also under the checkpoint's own
+    names `aliases` (before transformers' renames, e.g. GPT-NeoX's `embed_out` for `lm_head`)."""
     dropped = []
-    for u in [u for u in rank_plan.unit_bytes if u not in keep]:
+    for u in dropped_units(rank_plan, rank):
         if not u:
             raise PlanError("the model's root holds tensors of its own: it cannot be cut into stages")
         parent, _, attr = u.rpartition(".")
@@ -205,30 +211,40 @@ def stage_model(model: nn.Module, rank_plan: RankPlan, rank: int) -> nn.Module:
         setattr(holder, attr, StageStub(u, chain_index(rank_plan.chain, u)))
         dropped.append(u)
     ignore = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    model._keys_to_ignore_on_load_unexpected = ignore + [rf"^{_escape(u)}\." for u in dropped]
+    ignore += [rf"^{re.escape(u)}\." for u in dropped] + [rf"^{re.escape(a)}$" for a in aliases]
+    model._keys_to_ignore_on_load_unexpected = ignore
     return model
-
-
-def _escape(name: str) -> str:
-    return name.replace(".", r"\.")
 
 
 def plan_ranks(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], quant: Any = None,
                stages: Sequence[int] | None = None, **plan_kwargs: Any) -> RankPlan:
     """Stages per rank (`split_model`) and each rank's placement by `plan_model` under its own budgets (GPUs as
-    hypothetical GPUs of those sizes, so any rank's machine can plan every rank). A stage that does not fit raises
-    `PlanError` naming the rank."""
+    hypothetical GPUs of those sizes, so any rank's machine can plan every rank). `device_map` may be a list with
+    one strategy or explicit map (of that rank's units) per rank. A stage that does not fit raises `PlanError`
+    naming the rank."""
     rp = split_model(model, budgets, quant, stages)
+    maps = per_rank(plan_kwargs.pop("device_map", "auto"), len(budgets), "device_map")
     for st, b in zip(rp.stages, budgets):
         part = stage_model(copy.deepcopy(model), rp, st.rank)
         gpus = [v for k, v in b.items() if isinstance(k, int)]
         try:
-            st.plan = plan_model(part, quant=quant, max_memory=dict(b), gpus=gpus or None, **plan_kwargs)
+            st.plan = plan_model(part, quant=quant, max_memory=dict(b), gpus=gpus or None, device_map=maps[st.rank],
+                                 **plan_kwargs)
         except PlanError as exc:
             err = PlanError(f"rank {st.rank} (blocks {_span(st.blocks)}): {exc}")
             err.missing = exc.missing
             raise err from None
     return rp
+
+
+def per_rank(value: Any, world: int, what: str) -> list[Any]:
+    """One value per rank: a list or tuple gives each rank its own (its length must be the world size)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != world:
+            raise PlanError(f"{what} lists {len(value)} entries but the job has {world} ranks: give one per rank, "
+                            "or one value that every rank applies to its own stage")
+        return list(value)
+    return [value] * world
 
 
 def _span(blocks: list[str]) -> str:
