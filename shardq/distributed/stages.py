@@ -56,6 +56,12 @@ class RankPlan:
     def owner(self, block: str) -> int:
         return next(s.rank for s in self.stages if block in s.blocks)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [{"rank": s.rank, "blocks": s.blocks, "extra": s.extra,
+                            "plan": s.plan.to_dict() if s.plan else None} for s in self.stages],
+                "replicated": self.replicated, "link_bytes_per_token": self.link_bytes_per_token,
+                "logits_bytes_per_token": self.logits_bytes_per_token}
+
 
 def chain_units(model: nn.Module) -> tuple[list[str], list[str]]:
     """(all units in model order, the chain of no-split blocks among them)."""
