@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import time
 import pickle
 import socket
 import tempfile
+import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

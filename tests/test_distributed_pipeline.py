@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from _f_dist import run_ranks
 from _f_models import save_checkpoint
 
 import shardq
 from shardq.distributed import Pipeline
 
-CFG = {"llama": dict(layers=4), "gpt_neox": dict(layers=6)}
+CFG = {"llama": {"layers": 4}, "gpt_neox": {"layers": 6}}
 
 
 def _save(arch: str, path: Path) -> Path:
@@ -48,7 +47,7 @@ def _single(path: Path, quant: str | None) -> torch.nn.Module:
 def _job(rank: int, world: int, path: str, quant: str | None, micro: int, caps: list | None, offload: str | None,
          stages: list[int] | None = None, maps: list | None = None):
     kw = _inputs()
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    gen = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     model = shardq.meta_model_from_dir(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _f_models import meta_model, save_checkpoint
 from transformers import DynamicCache
 
-from _f_models import meta_model, save_checkpoint
-
 from shardq.cli import main
-from shardq.distributed.cost import BlockTime, Link, pipeline_seconds, predict, roofline_time
+from shardq.distributed.cost import (
+    BlockTime,
+    Link,
+    pipeline_seconds,
+    predict,
+    roofline_time,
+)
 from shardq.distributed.pipeline import Sessions, micro_ranges, slice_batch
 from shardq.distributed.preview import parse_ranks
 from shardq.distributed.stages import cut, plan_ranks, split_model, stage_model

@@ -11,8 +11,8 @@ times each block with hooks in one process) or, for hardware not at hand, from a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from shardq.distributed.stages import RankPlan
 
@@ -28,7 +28,7 @@ class BlockTime:
         return self.fixed + self.per_token * tokens
 
     @staticmethod
-    def fit(n1: int, t1: float, n2: int, t2: float) -> "BlockTime":
+    def fit(n1: int, t1: float, n2: int, t2: float) -> BlockTime:
         """The affine time through two measurements (token counts n1 < n2)."""
         slope = max(0.0, (t2 - t1) / (n2 - n1))
         return BlockTime(max(0.0, t1 - slope * n1), slope)

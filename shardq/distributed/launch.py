@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,13 @@ from torch import nn
 
 from shardq.distributed.comm import Link, RemoteError
 from shardq.distributed.pipeline import PipelineRuntime
-from shardq.distributed.stages import RankPlan, dropped_units, per_rank, plan_ranks, stage_model
+from shardq.distributed.stages import (
+    RankPlan,
+    dropped_units,
+    per_rank,
+    plan_ranks,
+    stage_model,
+)
 from shardq.memory import get_max_memory
 
 
@@ -87,7 +94,7 @@ def init_group(backend: str | None, timeout_s: float) -> bool:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
 
@@ -119,7 +126,7 @@ def checkpoint_aliases(model: nn.Module, checkpoint: Any, dropped: Sequence[str]
     from shardq.checkpoint.source import checkpoint_source
 
     source = convert_source(model, checkpoint_source(index_checkpoint(checkpoint)))
-    inside = lambda k: any(k.startswith(u + ".") for u in dropped)  # noqa: E731
+    inside = lambda k: any(k.startswith(u + ".") for u in dropped)
     return sorted({src.name for k, src in source.items() if inside(k) and src.name != k})
 
 

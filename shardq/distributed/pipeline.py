@@ -15,7 +15,8 @@ import atexit
 import traceback
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -229,8 +230,8 @@ class PipelineRuntime:
         try:
             self.link.send_error(text, self.rank + 1 if self.rank < self.last else 0)
             self.link.flush()
-        except Exception:  # noqa: BLE001 (the next rank may be gone too; the error is raised here anyway)
-            pass
+        except Exception as exc:  # noqa: BLE001 (the next rank may be gone too; the error is raised here anyway)
+            self.broken += f"\n(could not pass it on: {exc})"
 
     def _serve_one(self, cmd: dict[str, Any]) -> None:
         hidden = _hidden_size(self.model)

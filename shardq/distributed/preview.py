@@ -4,10 +4,11 @@ stages per rank, each rank's placement and the bytes crossing each link per toke
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from shardq.memory import GPU_MARGIN, DeviceKey, parse_gpus, parse_size
 from shardq.distributed.stages import RankPlan, plan_ranks
+from shardq.memory import GPU_MARGIN, DeviceKey, parse_gpus, parse_size
 
 
 def parse_ranks(spec: str, host: Mapping[Any, Any] | None = None) -> list[dict[DeviceKey, int]]:

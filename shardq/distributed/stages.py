@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from shardq import hf
+from shardq.distributed.stubs import StageStub, chain_index
 from shardq.memory import DeviceKey, format_size
 from shardq.planning.placement import Plan, PlanError
 from shardq.planning.planner import plan_model
 from shardq.planning.units import decompose, is_whole
-from shardq.distributed.stubs import StageStub, chain_index
 
 
 @dataclass
