@@ -26,14 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, out: str, timeout_s: float, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, port: int, out: str, timeout_s: float, args: tuple,
+           backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     faulthandler.dump_traceback_later(timeout_s * 3, exit=True)  # a hung rank shows where, then ends
     result: Any
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         result = ("ok", fn(rank, world, *args))
     except BaseException as exc:  # noqa: BLE001 (reported to the test)
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -43,10 +46,11 @@ def _entry(rank: int, fn: Callable, world: int, port: int, out: str, timeout_s: 
     os._exit(0)  # no atexit hooks: the test reads the result files
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 20.0) -> list[tuple[str, Any]]:
+def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 20.0, backend: str = "gloo"
+              ) -> list[tuple[str, Any]]:
     """Each rank's ("ok", value) or ("error", text); a rank that wrote nothing gives ("missing", None)."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out, timeout_s, args), nprocs=world,
+        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out, timeout_s, args, backend), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 4
         for p in ctx.processes:

@@ -132,6 +132,7 @@ def test_pipeline_formula_and_prediction():
     assert pipeline_seconds([1, 1], [0, 0], 1) == 2
     assert pipeline_seconds([1, 1], [0, 0], 8) == 9  # fill + 7 paced by a 1 s stage
     assert pipeline_seconds([2, 1], [0.5, 0], 4) == 3.5 + 3 * 2
+    assert pipeline_seconds([1, 1, 1], [0, 0, 0], 4, processors=[0, 1, 0]) == 3 + 3 * 2  # 3 ranks on 2 cores
     model = meta_model("llama", dtype=torch.float32, layers=4)
     rp = split_model(model, [{"cpu": GB}] * 2)
     times = {f"model.layers.{i}": BlockTime(0.001, 1e-4) for i in range(4)}

@@ -57,18 +57,26 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
 
 
-def pipeline_seconds(stages: Sequence[float], links: Sequence[float], micro_batches: int) -> float:
-    """GPipe fill-drain time of `micro_batches` equal micro-batches through `stages` joined by `links`."""
-    hops = list(stages) + list(links)
-    return sum(hops) + (micro_batches - 1) * max(hops)
+def pipeline_seconds(stages: Sequence[float], links: Sequence[float], micro_batches: int,
+                     processors: Sequence[int] | None = None) -> float:
+    """GPipe fill-drain time of `micro_batches` equal micro-batches through `stages` joined by `links`.
+    `processors[r]` names the processor running stage r when several stages share one (more ranks than cores):
+    the pace is then the busiest processor's summed stage times."""
+    busy: dict[int, float] = {}
+    for r, t in enumerate(stages):
+        key = processors[r] if processors is not None else r
+        busy[key] = busy.get(key, 0.0) + t
+    return sum(stages) + sum(links) + (micro_batches - 1) * max(list(busy.values()) + list(links))
 
 
 def predict(rp: RankPlan, times: Mapping[str, BlockTime], links: Sequence[Link], *, batch: int, tokens: int,
-            micro_batches: int = 1, overhead: BlockTime = BlockTime(0.0), logits_positions: int = 1) -> Prediction:
+            micro_batches: int = 1, overhead: BlockTime = BlockTime(0.0), logits_positions: int = 1,
+            processors: Sequence[int] | None = None) -> Prediction:
     """Time of one forward of `batch` sequences of `tokens` new tokens each, cut into `micro_batches`.
 
     `times`: per unit (blocks, embeddings, head; missing units cost nothing); `links[r]`: rank r -> r+1, the last
-    one back to rank 0 (the logits of `logits_positions` positions per sequence)."""
+    one back to rank 0 (the logits of `logits_positions` positions per sequence); `processors`: see
+    `pipeline_seconds`."""
     if len(links) != rp.world_size:
         raise ValueError(f"give {rp.world_size} links (rank r -> r+1 and the last rank -> 0), got {len(links)}")
     m = max(1, min(micro_batches, batch))
@@ -77,7 +85,7 @@ def predict(rp: RankPlan, times: Mapping[str, BlockTime], links: Sequence[Link],
     hidden = rp.link_bytes_per_token * n
     logits = rp.logits_bytes_per_token * logits_positions * batch / m
     link_s = [lk.seconds(hidden) for lk in links[:-1]] + [links[-1].seconds(logits)]
-    seconds = pipeline_seconds(stage_s, link_s, m)
+    seconds = pipeline_seconds(stage_s, link_s, m, processors)
     hops = [f"stage {r}" for r in range(len(stage_s))] + [f"link {r}" for r in range(len(link_s))]
     slowest = max(range(len(hops)), key=lambda i: (stage_s + link_s)[i])
     return Prediction(seconds, stage_s, link_s, m, hops[slowest])
@@ -85,16 +93,15 @@ def predict(rp: RankPlan, times: Mapping[str, BlockTime], links: Sequence[Link],
 
 def roofline_time(params: int, nbytes: int, mem_gbps: float, tflops: float, fixed: float = 0.0) -> BlockTime:
     """A block on an accelerator: reading its weights (`nbytes` at `mem_gbps`) bounds small micro-batches, its
-    matmuls (2 * params flops per token at `tflops`) large ones; the affine form takes the larger of the two at
-    each n by starting the per-token term where compute overtakes the weight reads."""
+    matmuls (2 * params flops per token at `tflops`) large ones: `fixed` + the larger of the two."""
     read = nbytes / (mem_gbps * 1e9)
     per_token = 2 * params / (tflops * 1e12)
-    return _MaxTime(fixed + read, per_token, fixed)
+    return RooflineTime(fixed + read, per_token, fixed)
 
 
 @dataclass(frozen=True)
-class _MaxTime(BlockTime):
-    """max(read, per_token * n) + fixed: the roofline's two regimes."""
+class RooflineTime(BlockTime):
+    """max(`fixed`, `base` + per_token * n): weight reads (in `fixed`) or compute, whichever is longer."""
 
     base: float = 0.0
 

@@ -234,8 +234,9 @@ def plan_ranks(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], qua
     for st, b in zip(rp.stages, budgets):
         part = stage_model(copy.deepcopy(model), rp, st.rank)
         gpus = [v for k, v in b.items() if isinstance(k, int)]
-        try:
-            st.plan = plan_model(part, quant=quant, max_memory=dict(b), gpus=gpus or None, device_map=maps[st.rank],
+        local = {**dict(enumerate(gpus)), **{k: v for k, v in b.items() if not isinstance(k, int)}}
+        try:  # a rank's GPUs planned as hypothetical GPUs 0..n-1 of their sizes (rank 1's GPU 1 is its first)
+            st.plan = plan_model(part, quant=quant, max_memory=local, gpus=gpus or None, device_map=maps[st.rank],
                                  **plan_kwargs)
         except PlanError as exc:
             err = PlanError(f"rank {st.rank} (blocks {_span(st.blocks)}): {exc}")
