@@ -35,7 +35,7 @@ import transformers  # noqa: E402
 
 import shardq  # noqa: E402
 from shardq.distributed import Pipeline  # noqa: E402
-from shardq.distributed.cost import BlockTime, Link, predict  # noqa: E402
+from shardq.distributed.cost import BlockTime, Link, predict, roofline_time  # noqa: E402
 from shardq.distributed.stages import split_model  # noqa: E402
 
 MICRO = 8
@@ -157,13 +157,86 @@ def single(path: Path, args: argparse.Namespace, threads: int) -> tuple[float, d
     return wall, times, overhead
 
 
+# --- on paper: Llama-70B in nf4 on 2 hosts x 8 H100s (assumptions stated in the JSON notes)
+HBM_GBPS = 2000.0  # nf4 weight streaming measured by this repo's kernels on an H100 (README: 8192x28672 M=1 in 65 us)
+TFLOPS = 400.0  # fused-dequant / dequant + cuBLAS fp16 at prefill sizes (README: ~440 TFLOP/s wgmma at large M)
+BLOCK_FIXED = 30e-6  # kernel launches of one decoder layer
+HOST_OVERHEAD = 1.0e-3  # per rank and micro-batch: transformers' forward skeleton + ~75 stubs (~13 us each, measured)
+NVLINK = (150.0, 10e-6)  # GB/s, latency: NCCL send/recv between GPUs of one host
+NETS = {"100 Gb/s": (12.5, 20e-6), "400 Gb/s": (50.0, 20e-6)}
+
+
+def llama70b() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=8192)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def paper_70b() -> dict:
+    """Predicted TTFT and tokens/s of Llama-70B nf4, one rank per H100, on 1 host x 8 and 2 hosts x 8."""
+    from shardq.distributed.stages import plan_ranks
+
+    model = llama70b()
+    params = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n, _ in model.named_modules()
+              if n.startswith("model.layers.") and n.count(".") == 2 or n == "lm_head"}
+    rows = []
+    cases = [("decode", 1, 1, 1), ("decode", 16, 1, 1), ("decode", 16, 1, 0), ("decode", 64, 1, 0),
+             ("prefill (TTFT)", 1, 2048, 1), ("prefill", 16, 2048, 16)]  # 0: one micro-batch per rank
+    for hosts, net in [(1, "NVLink only")] + [(2, n) for n in NETS]:
+        world = 8 * hosts
+        rp = plan_ranks(model, [{0: 80 * 10**9 - 768 * 2**20}] * world, "nf4", workload=(4, 2048))
+        times = {u: roofline_time(params.get(u, 0), nb, HBM_GBPS, TFLOPS, BLOCK_FIXED)
+                 for u, nb in rp.unit_bytes.items() if u in params}
+        inter = Link(*NETS[net]) if hosts == 2 else Link(*NVLINK)
+        links = [inter if (r + 1) % 8 == 0 else Link(*NVLINK) for r in range(world)]
+        for what, batch, tokens, m in cases:
+            m = m or world
+            pred = predict(rp, times, links, batch=batch, tokens=tokens, micro_batches=m,
+                           overhead=BlockTime(HOST_OVERHEAD))
+            rate = batch * (1 if what == "decode" else tokens) / pred.seconds
+            rows.append([f"{hosts} x 8 H100", net, what, batch, tokens, m, round(pred.seconds * 1e3, 1),
+                         round(rate, 1), pred.bottleneck])
+    counts = sorted({len(s.blocks) for s in rp.stages})
+    notes = [f"Llama-70B (80 layers, hidden 8192, vocab 128256) nf4 planned by plan_ranks, one rank per GPU "
+             f"(2 x 8: {counts} layers per rank; the fp16 head, 2.1 GB read per step, on the last rank with fewer)",
+             f"block time = {BLOCK_FIXED * 1e6:.0f} us + max(weights / {HBM_GBPS:.0f} GB/s, 2 x params x tokens / "
+             f"{TFLOPS:.0f} TFLOP/s); {HOST_OVERHEAD * 1e3:.1f} ms host work per rank and micro-batch",
+             f"links: NVLink {NVLINK[0]:.0f} GB/s + {NVLINK[1] * 1e6:.0f} us within a host; between hosts "
+             + ", ".join(f"{k} = {v[0]} GB/s + {v[1] * 1e6:.0f} us" for k, v in NETS.items())
+             + "; the last rank returns logits to rank 0 over the inter-host link",
+             "decode rows: tokens/s of one step (one new token per sequence; micro-batches = ranks keeps every stage "
+             "busy, more would re-read the weights per micro-batch); prefill rows: prompt tokens/s",
+             "not modelled: KV-cache reads in attention (small at these lengths), NCCL stream overlap of host work"]
+    return {"benchmark": "pipeline_70b", "title": "Cost model: Llama-70B nf4 over pipeline stages (on paper)",
+            "date": datetime.date.today().isoformat(), "gpu": "none (predicted for H100 80GB)",
+            "command": "python bench/bench_pipeline.py --paper",
+            "columns": ["hosts", "inter-host link", "phase", "batch", "tokens", "micro-batches", "ms",
+                        "tokens/s", "bottleneck"], "rows": rows, "notes": notes}
+
+
+def write(doc: dict) -> None:
+    out = ROOT / "bench" / "results" / f"{doc['benchmark']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print("\n".join(doc["notes"]))
+    print(" | ".join(doc["columns"]))
+    for r in doc["rows"]:
+        print(" | ".join(str(v) for v in r))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paper", action="store_true", help="only the cost model's Llama-70B figures (no run)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
+    if args.paper:
+        write(paper_70b())
+        return
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(Path(tmp) / "llama12", args.hidden)
@@ -195,13 +268,7 @@ def main() -> None:
            f"prefill of {args.batch} x {args.tokens} tokens, fp32 CPU", "date": datetime.date.today().isoformat(),
            "gpu": "none (CPU)", "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:]),
            "columns": columns, "rows": rows, "notes": notes}
-    out = ROOT / "bench" / "results" / "pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print("\n".join(notes))
-    print(" | ".join(columns))
-    for r in rows:
-        print(" | ".join(str(v) for v in r))
+    write(doc)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def split_model(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], qu
         if not all(shares):
             raise PlanError(f"rank(s) {[r for r, s in enumerate(shares) if not s]} have no memory budget: give each "
                             "rank a max_memory with a GPU, 'cpu' or 'disk' entry")
-        counts = cut([sizes[b] for b in chain], shares, sum(sizes[u] for u in head), sum(sizes[u] for u in tail))
+        counts = cut([sizes[b] for b in chain], shares, _work(model, head, sizes), _work(model, tail, sizes))
     else:
         counts = _check_counts(stages, len(chain), ranks)
     out, start = [], 0
@@ -167,6 +167,12 @@ def split_model(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], qu
             extra += _tied_with(model, [u for u in units if u not in replicated], tail)
         out.append(Stage(r, blocks, [u for u in units if u in extra]))
     return RankPlan(out, chain, replicated, _hidden_bytes(model), _vocab_bytes(model), sizes)
+
+
+def _work(model: nn.Module, units: list[str], sizes: Mapping[str, int]) -> int:
+    """Bytes a forward reads of `units`: an embedding looks up a few rows, so it weighs nothing in the cut (its
+    bytes still count against its rank's budget)."""
+    return sum(sizes[u] for u in units if not isinstance(model.get_submodule(u), nn.Embedding))
 
 
 def _check_counts(stages: Sequence[int], n: int, ranks: int) -> list[int]:
