@@ -16,11 +16,11 @@ def test_torchrun_example_generates_on_two_processes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     script = str(ROOT / "examples" / "pipeline_torchrun.py")
     made = subprocess.run([sys.executable, script, "--make", str(tmp_path / "m")], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
     assert made.returncode == 0, made.stderr[-2000:]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(free_port()), script, "--ckpt", str(tmp_path / "m"), "--micro-batches", "2"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0: 4 blocks (model.layers.0 .. model.layers.3) + model.embed_tokens" in done.stdout
     assert "generated 4 x 16 tokens" in done.stdout

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _f_dist import run_ranks
 from _f_models import save_checkpoint
 

@@ -85,10 +85,13 @@ def _check(results, world: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("arch,world,micro", [("llama", 2, 2), ("gpt_neox", 3, 4)])
-def test_logits_and_generate_equal_one_process(tmp_path, arch, world, micro):
+@pytest.mark.parametrize("arch,world,micro,quant", [("llama", 2, 2, None), ("gpt_neox", 3, 4, None),
+                                                    ("gpt_neox", 2, 3, "int8")])
+def test_logits_and_generate_equal_one_process(tmp_path, arch, world, micro, quant):
+    """fp32 logits exactly equal to one process (int8: to the same quantization loaded in one process), greedy
+    tokens equal; a batch of 4 in `micro` micro-batches, and a batch of 1."""
     path = _save(arch, tmp_path / arch)
-    _check(run_ranks(_job, world, str(path), None, micro, None, None), world)
+    _check(run_ranks(_job, world, str(path), quant, micro, None, None), world)
 
 
 def test_nf4_stage_with_cpu_and_disk_blocks_equals_one_process(tmp_path):
