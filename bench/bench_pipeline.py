@@ -3,7 +3,7 @@
 12-layer Llama through 2 and 3 ranks (gloo, one thread per rank, each pinned to a core), with 8 micro-batches vs
 the same ranks without micro-batching, vs one process; the cost model's prediction next to each measurement.
 
-    python bench/bench_pipeline.py [--batch 8 --tokens 64 --hidden 256 --reps 3]
+    python bench/bench_pipeline.py [--batch 8 --tokens 128 --hidden 256 --reps 3] [--paper]
 
 Per-block times come from one process (hooks around each block at the micro-batch size and the whole batch),
 the link's latency and rate from a gloo ping-pong between rank 0 and rank 1 of the same run. Writes
@@ -230,7 +230,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--paper", action="store_true", help="only the cost model's Llama-70B figures (no run)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
