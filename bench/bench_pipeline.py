@@ -262,6 +262,9 @@ def main() -> None:
               "column is one process's 1-thread time / min(ranks, cores)",
               "prediction: cost.predict with per-block times fitted in one process at 1 and 8 sequences, "
               "processors = cores"]
+    if one_all > one / min(cores, 2) * 1.2:
+        notes.append(f"WARNING: {cores} threads took {one_all / one:.2f}x the 1-thread time: the cores are shared with "
+                     "other work, so these timings do not test the cost model; rerun on an idle host")
     columns = ["ranks", "micro-batches", "measured ms", "predicted ms", "measured/predicted", "vs same ranks M=1",
                "vs one process (1 thread)", "physical limit ms"]
     doc = {"benchmark": "pipeline", "title": f"Pipeline stages over gloo, 12-layer Llama (hidden {args.hidden}), "
