@@ -161,8 +161,3 @@ def serve_and_exit(runtime: PipelineRuntime) -> None:
         dist.destroy_process_group()
     sys.exit(code)
 
-
-def describe_plan(rp: RankPlan) -> str:
-    from shardq.distributed.stages import format_rank_plan
-
-    return format_rank_plan(rp)
