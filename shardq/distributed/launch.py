@@ -20,7 +20,6 @@ from torch import nn
 from shardq.distributed.comm import Link, RemoteError
 from shardq.distributed.pipeline import PipelineRuntime
 from shardq.distributed.stages import (
-    RankPlan,
     dropped_units,
     per_rank,
     plan_ranks,
