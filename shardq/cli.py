@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GB/S",
         help=f"offload-folder read rate for the per-forward transfer estimate (default {DISK_GBPS:g})",
     )
+    p.add_argument(
+        "--ranks",
+        metavar="SPEC",
+        help="pipeline stages over torch.distributed ranks, e.g. '2x(1x24GB)' "
+        "or '(1x24GB);(2x16GB)' (each rank's GPUs as --gpus; --max-memory's cpu/disk apply to each)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--full", action="store_true", help="one row per block (no folding of identical layers)")
     return p
@@ -246,10 +252,30 @@ def run(args: argparse.Namespace) -> Plan:
     return plan(os.fspath(source), _quant(args), dtype=dtype, **kwargs)
 
 
+def _ranks(args: argparse.Namespace) -> int:
+    """`--ranks`: the multi-rank plan (stages, per-rank placement, link bytes), no process group needed."""
+    from shardq.distributed.preview import preview
+    from shardq.distributed.stages import format_rank_plan
+
+    rp = preview(
+        args.source,
+        args.ranks,
+        _quant(args),
+        parse_caps(args.max_memory),
+        resolve_dtype(args.dtype),
+        workload=(args.batch, args.seq_len),
+        offload_dir=args.offload_dir,
+    )
+    print(json.dumps(rp.to_dict(), indent=2) if args.json else format_rank_plan(rp))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.ranks:
+            return _ranks(args)
         result = run(args)
     except ValueError as exc:  # PlanError, CheckpointError, ModelConfigError, QuantConfigError, bad sizes, sources
         print(f"error: {exc}", file=sys.stderr)

@@ -18,7 +18,8 @@ LAYERS = {
     "shardq.planning": 4,
     "shardq.runtime": 5,
     "shardq.loading": 6, "shardq.training": 6,
-    "shardq.cli": 7, "shardq.demo": 7, "shardq.__main__": 7, "shardq": 7,
+    "shardq.distributed": 7,
+    "shardq.cli": 8, "shardq.demo": 8, "shardq.__main__": 8, "shardq": 8,
 }
 PUBLIC = ["Linear4bit", "Linear8bit", "Plan", "QuantConfig", "__version__", "dequantize_model", "dispatch_model",
           "get_max_memory", "load_quantized", "load_sharded", "load_sharded_from_dir", "memory_footprint",

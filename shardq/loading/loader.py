@@ -658,7 +658,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
                  offload_dir: str | os.PathLike | None = None,
                  offload_mode: str | Mapping[str, str] | None = None,
                  workload: tuple[int, int] = (1, 512), dtype: torch.dtype | None = None,
-                 progress: bool | str = True, prefetch: bool = True) -> nn.Module:
+                 progress: bool | str = True, prefetch: bool = True, distributed: Any = None) -> nn.Module:
     """Load `model`'s weights from `checkpoint` (or its own weights) under `max_memory`, quantized by `quant`,
     and dispatch it across GPUs, CPU and disk. Returns the model, with `model.shardq_plan` (the Plan),
     `model.shardq_device_map`, `model.shardq_offload_modes` and `model.shardq_load_stats`.
@@ -676,7 +676,13 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.
+    `distributed`: a `shardq.distributed.Pipeline` (stages over torch.distributed, launched by torchrun): each rank
+    loads only its stage and rank 0 gets the model; the same arguments otherwise.
     """
+    if distributed is not None:  # handed over whole: the pipeline calls back here for this rank's stage
+        return distributed.load(model, checkpoint, max_memory=max_memory, quant=quant, device_map=device_map,
+                                offload_dir=offload_dir, offload_mode=offload_mode, workload=workload, dtype=dtype,
+                                progress=progress, prefetch=prefetch)
     if hasattr(model, "shardq_runtime"):
         raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
