@@ -657,7 +657,7 @@ def _claim_offload_dir(plan: Plan, folder: Path | None, checkpoint: Any, model: 
     owner = {"load": load_id, "model": type(model).__name__,
              "checkpoint": os.path.abspath(checkpoint) if checkpoint is not None else None}
     try:
-        return claim_folder(folder, plan.totals.get("disk", 0), disk, owner)
+        return claim_folder(folder, plan.totals.get("disk", 0) + plan.reserves.get("disk", 0), disk, owner)
     except OffloadFolderError as e:
         raise LoadError(str(e)) from None
 

@@ -24,6 +24,7 @@ Reserves (the runtime's working memory, counted against the budget):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -35,7 +36,9 @@ from shardq.quant import sizing
 from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.planning.devicemap import explicit_units, unknown_name
-from shardq.memory import DeviceKey, device_label, format_size, get_max_memory, normalize_device
+from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_label, format_size, get_max_memory, \
+    host_available_memory, normalize_device
+from shardq.memory import HOST_FRACTION
 from shardq.planning.placement import Placement, Plan, PlanError
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
 from shardq.planning.runmode import lookup_width
@@ -67,6 +70,7 @@ class _Ctx:
     workload: tuple[int, int] = DEFAULT_WORKLOAD
     itemsize: int = 2
     runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
+    reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
 
 
 @dataclass
@@ -101,17 +105,23 @@ def plan_model(
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
-    budgets = get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir)
+    budgets, notes = clip_budgets(get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir),
+                                  device_capacities(gpus), max_memory is not None)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    budgets, reserve_only, host_note = _host_for_disk(budgets)
     if not budgets:
         raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    ctx.reserve_only = reserve_only
     device_map = _whole_model_map(device_map)
     if isinstance(device_map, Mapping):
         assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
                                        ctx.forced == "stream")
         ctx.units = units
+        _refuse_reserve_only(assign, reserve_only)
         used = sorted(d for d in assign.values() if isinstance(d, int))
         if used:
             ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
@@ -128,7 +138,32 @@ def plan_model(
                         "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
                         "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
     _check_forced(ctx, assign)
-    return _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+    result = _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+    if host_note and "disk" in result.device_map.values():
+        warnings.warn(host_note, stacklevel=2)
+        notes.append(host_note)
+    result.warnings[:0] = notes
+    return result
+
+
+def _host_for_disk(budgets: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], set[DeviceKey], str]:
+    """With "disk" but no "cpu" in max_memory, disk blocks still pass through host memory (reads, two staging
+    buffers): that memory is counted against the host's available memory, a budget that holds no block."""
+    if "disk" not in budgets or "cpu" in budgets:
+        return budgets, set(), ""
+    host = int(host_available_memory() * HOST_FRACTION)
+    out = {**{k: v for k, v in budgets.items() if k != "disk"}, "cpu": host, "disk": budgets["disk"]}
+    note = (f"max_memory has 'disk' but no 'cpu': disk blocks are read through host memory, so their staging "
+            f"buffers are counted against the host's available memory ({format_size(host)}); no block is placed "
+            "on the CPU. Give 'cpu' in max_memory to cap it")
+    return out, {"cpu"}, note
+
+
+def _refuse_reserve_only(assign: Mapping[str, DeviceKey], reserve_only: set[DeviceKey]) -> None:
+    bad = [k for k, d in assign.items() if d in reserve_only]
+    if bad:
+        raise PlanError(f"device_map puts {bad[:3]} on 'cpu' but max_memory has no 'cpu' entry: only the devices "
+                        "max_memory names hold blocks; add 'cpu' to max_memory or map those modules elsewhere")
 
 
 def _whole_model_map(device_map: Any) -> Any:
@@ -346,6 +381,8 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
         if ctx.workspace and (quantized_here or (dev == ctx.exec_dev and assumed.stream)):
             out["matmul workspace"] = ctx.workspace
         return out
+    if dev == "disk":
+        return {"file headers": disk_overhead(ctx.quant, units)} if units else {}
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
@@ -358,6 +395,25 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
             out["disk staging"] = assumed.disk_staging
         return out
     return {}
+
+
+INDEX_RECORD_BYTES = 2048  # the offload index's owner record and fixed keys (shardq.runtime.offload_folder)
+
+
+def disk_overhead(quant: QuantConfig, units: list[Unit]) -> int:
+    """An upper bound on the bytes that disk blocks add to the offload folder beyond their tensors' data: each
+    block file's safetensors header (8-byte length, JSON padded to 8, its metadata) and the block's part of
+    `index.json` (written with indent=1: every shape dimension on its own line)."""
+    total = INDEX_RECORD_BYTES
+    parts = 6 if quant.is_4bit else 2  # tensors one quantized weight is stored as (weight, absmax, quant_map, ...)
+    for u in units:
+        total += 3 * len(u.name) + 400  # header length, metadata, padding; index entry, file name, files list
+        for e in u.entries:
+            digits = len(str(max(e.numel, 1))) + 1
+            per = len(e.name) + 20 + 80 + 8 * digits + 2 * (len(str(e.numel * 8)) + 1)  # header entry
+            per += len(e.name) + 20 + 100 + 8 * (digits + 8)  # index entry (indent=1, a line per dimension)
+            total += per * (parts if e.quantized else 1)
+    return total
 
 
 def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[Unit]:
@@ -497,7 +553,7 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
     never offloaded: they go to the first GPU with room, or the CPU when it computes. `gpu_first=False` leaves
     the GPUs to the pinned groups that can stay resident nowhere else: those are placed first, and the others
     (lookups that run on the CPU, such as a large embedding) take the CPU where it has room."""
-    devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
+    devices = [d for d in ctx.budgets if (not isinstance(d, int) or ctx.budgets[d] > 0) and d not in ctx.reserve_only]
     held: dict[DeviceKey, list[Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
 
