@@ -259,7 +259,13 @@ def device_capacities(gpus: Any = None) -> dict[int, int]:
     CUDA). A cap in max_memory above these is clipped (`clip_budgets`)."""
     if gpus is not None:
         return dict(enumerate(parse_gpus(gpus)))
-    return {i: gpu_free_memory(i)[1] for i in range(gpu_count())}
+    out = {}
+    for i in range(gpu_count()):
+        try:
+            out[i] = gpu_free_memory(i)[1]
+        except ValueError:  # its memory cannot be read: the cap given is taken as is
+            continue
+    return out
 
 
 def clip_budgets(budgets: dict[DeviceKey, int], capacities: Mapping[int, int],

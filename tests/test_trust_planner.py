@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from _f_models import meta_model, save_checkpoint  # noqa: E402
 
-import shardq.planning.planner as planner  # noqa: E402
+from shardq import memory  # noqa: E402
 from shardq.hf import meta_model_from_dir  # noqa: E402
 from shardq.loading.loader import load_sharded  # noqa: E402
 from shardq.memory import parse_size  # noqa: E402
@@ -62,7 +62,7 @@ def test_disk_without_cpu_counts_host_staging(monkeypatch):
     assert set(p.device_map.values()) == {"disk"}
     assert p.reserve_detail["cpu"].get("disk staging", 0) > 0 and p.totals["cpu"] == 0
     staging = p.reserves["cpu"]
-    monkeypatch.setattr(planner, "host_available_memory", lambda: staging // 2)  # the host cannot stage a block
+    monkeypatch.setattr(memory, "host_available_memory", lambda: staging // 2)  # the host cannot stage a block
     with pytest.raises(PlanError, match="CPU|cpu"):
         plan_model(model, None, max_memory={"disk": "1GB"})
     with pytest.raises(PlanError, match="no 'cpu' entry"):

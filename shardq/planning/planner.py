@@ -37,8 +37,9 @@ from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.planning.devicemap import explicit_units, unknown_name
 from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_label, format_size, get_max_memory, \
-    host_available_memory, normalize_device
-from shardq.memory import HOST_FRACTION
+    normalize_device
+from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
+from shardq.planning.search import search
 from shardq.planning.placement import Placement, Plan, PlanError
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
 from shardq.planning.runmode import lookup_width
@@ -71,6 +72,7 @@ class _Ctx:
     itemsize: int = 2
     runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
     reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
+    search_complete: bool = True  # the last complete search explored every branch (its "no" is a proof)
 
 
 @dataclass
@@ -109,7 +111,7 @@ def plan_model(
                                   device_capacities(gpus), max_memory is not None)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    budgets, reserve_only, host_note = _host_for_disk(budgets)
+    budgets, reserve_only, host_note = host_for_disk(budgets)
     if not budgets:
         raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
@@ -121,7 +123,7 @@ def plan_model(
         assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
                                        ctx.forced == "stream")
         ctx.units = units
-        _refuse_reserve_only(assign, reserve_only)
+        refuse_reserve_only(assign, reserve_only)
         used = sorted(d for d in assign.values() if isinstance(d, int))
         if used:
             ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
@@ -144,26 +146,6 @@ def plan_model(
         notes.append(host_note)
     result.warnings[:0] = notes
     return result
-
-
-def _host_for_disk(budgets: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], set[DeviceKey], str]:
-    """With "disk" but no "cpu" in max_memory, disk blocks still pass through host memory (reads, two staging
-    buffers): that memory is counted against the host's available memory, a budget that holds no block."""
-    if "disk" not in budgets or "cpu" in budgets:
-        return budgets, set(), ""
-    host = int(host_available_memory() * HOST_FRACTION)
-    out = {**{k: v for k, v in budgets.items() if k != "disk"}, "cpu": host, "disk": budgets["disk"]}
-    note = (f"max_memory has 'disk' but no 'cpu': disk blocks are read through host memory, so their staging "
-            f"buffers are counted against the host's available memory ({format_size(host)}); no block is placed "
-            "on the CPU. Give 'cpu' in max_memory to cap it")
-    return out, {"cpu"}, note
-
-
-def _refuse_reserve_only(assign: Mapping[str, DeviceKey], reserve_only: set[DeviceKey]) -> None:
-    bad = [k for k, d in assign.items() if d in reserve_only]
-    if bad:
-        raise PlanError(f"device_map puts {bad[:3]} on 'cpu' but max_memory has no 'cpu' entry: only the devices "
-                        "max_memory names hold blocks; add 'cpu' to max_memory or map those modules elsewhere")
 
 
 def _whole_model_map(device_map: Any) -> Any:
@@ -397,35 +379,11 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
     return {}
 
 
-INDEX_RECORD_BYTES = 2048  # the offload index's owner record and fixed keys (shardq.runtime.offload_folder)
-
-
-def disk_overhead(quant: QuantConfig, units: list[Unit]) -> int:
-    """An upper bound on the bytes that disk blocks add to the offload folder beyond their tensors' data: each
-    block file's safetensors header (8-byte length, JSON padded to 8, its metadata) and the block's part of
-    `index.json` (written with indent=1: every shape dimension on its own line)."""
-    total = INDEX_RECORD_BYTES
-    parts = 6 if quant.is_4bit else 2  # tensors one quantized weight is stored as (weight, absmax, quant_map, ...)
-    for u in units:
-        total += 3 * len(u.name) + 400  # header length, metadata, padding; index entry, file name, files list
-        for e in u.entries:
-            digits = len(str(max(e.numel, 1))) + 1
-            per = len(e.name) + 20 + 80 + 8 * digits + 2 * (len(str(e.numel * 8)) + 1)  # header entry
-            per += len(e.name) + 20 + 100 + 8 * (digits + 8)  # index entry (indent=1, a line per dimension)
-            total += per * (parts if e.quantized else 1)
-    return total
-
-
-def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[Unit]:
-    """Blocks copied to the execution device for each forward: CPU blocks in "stream" mode and the disk blocks
-    (read back into the execution GPU's slots, or the host's without a GPU)."""
-    return [u for u in ctx.units if not _resident(ctx, assign[u.name], [u])]
-
-
-def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
+def _needs(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None = None) -> _Assumed:
     """The reserves that `assign` actually needs: two slots of the largest streamed block, the logits of a
-    streamed head, and two pinned staging buffers of the largest disk block (double-buffered reads)."""
-    streamed = _streamed(ctx, assign)
+    streamed head, and two pinned staging buffers of the largest disk block (double-buffered reads); `units`: only those
+    (a partial placement)."""
+    streamed = [u for u in (ctx.units if units is None else units) if not _resident(ctx, assign[u.name], [u])]
     disk = [u for u in streamed if assign[u.name] == "disk"]
     return _Assumed(
         stream=2 * max((_bytes(ctx, [u], "disk") for u in streamed), default=0),
@@ -453,6 +411,11 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool, low_zero: bool = False) -
         if _within_budgets(ctx, assign):
             return assign
         fallback = fallback or (g, assign)
+    for g in candidates:  # the greedy fill found nothing within budgets: the complete search decides
+        ctx.exec_dev = g
+        found = _search_fit(ctx)
+        if found is not None:
+            return found
     if fallback is None:
         raise error or PlanError("no placement found")
     ctx.exec_dev = fallback[0]
@@ -496,6 +459,63 @@ def _place(ctx: _Ctx, balanced: bool, low_zero: bool = False) -> dict[str, Devic
     raise error or PlanError("no placement found")  # the attempt that missed by the least
 
 
+DEMOTED = "computed on the CPU: streaming it to the GPU does not fit the GPU's budget"
+
+
+SEARCH_STEPS = 200_000  # nodes x units the complete search may visit (about a second); exhaustive on small models
+
+
+def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey] | None:
+    """A placement within budgets found by the complete search (`shardq.planning.search`) when the greedy fill
+    found none; blocks the rule streams may compute on the CPU instead (unless the user forced their mode).
+    Sets `ctx.runs` to the modes it chose."""
+    rule = dict(ctx.runs)
+    by_name = {u.name: u for u in ctx.units}
+    devices = [d for d in ctx.budgets if (not isinstance(d, int) or ctx.budgets[d] > 0) and d not in ctx.reserve_only]
+    keys: dict[int, int] = {}
+    for u in ctx.units:
+        for k in {e.key for e in u.entries}:
+            keys[k] = keys.get(k, 0) + 1
+
+    def options(name: str) -> list[tuple[DeviceKey, RunMode | None]]:
+        u, out = by_name[name], []
+        for d in devices:
+            if d == "cpu":
+                out.append((d, rule[name]))
+                if rule[name] == "stream" and ctx.forced is None and forcing_key(name, ctx.forced_for) is None:
+                    out.append((d, RunMode("cpu", DEMOTED)))
+            elif d != "disk" or not u.own_only:
+                out.append((d, None))
+        return out
+
+    def signature(name: str) -> Any:
+        u = by_name[name]
+        if any(keys[e.key] > 1 for e in u.entries) or u.own_only or name == ctx.head_unit:
+            return name  # tied, nested or the head: unlike any other unit
+        load = max((e.source_bytes + 4 * e.numel for e in u.entries if e.quantized), default=0)
+        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load)
+
+    partner = {u.name: g[0].name for g in tied_groups(ctx.units) for u in g}
+
+    def fits(chosen: dict[str, tuple[DeviceKey, RunMode | None]]) -> bool:
+        if any(partner[n] in chosen and chosen[partner[n]][0] != c[0] for n, c in chosen.items()):
+            return False  # tied tensors are stored once: their units stay together, as the greedy fill keeps them
+        for name, (_, run) in chosen.items():
+            ctx.runs[name] = run if run is not None else rule[name]
+        return _within_budgets(ctx, {n: c[0] for n, c in chosen.items()}, [by_name[n] for n in chosen])
+
+    limit = node_limit if node_limit is not None else SEARCH_STEPS // max(1, len(ctx.units))
+    result = search([u.name for u in ctx.units], options, signature, fits, limit)
+    ctx.search_complete = result.complete
+    ctx.runs = rule
+    if result.choices is None:
+        return None
+    for name, (_, run) in result.choices.items():
+        if run is not None:
+            ctx.runs[name] = run
+    return {name: dev for name, (dev, _) in result.choices.items()}
+
+
 def _overrun(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
     """Bytes by which the most overfull device of a placement exceeds its budget."""
     need = _needs(ctx, assign)
@@ -536,11 +556,13 @@ def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
     return True
 
 
-def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
-    need = _needs(ctx, assign)
+def _within_budgets(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None = None) -> bool:
+    """Every device's placed bytes plus reserve within its budget (`units`: only those, a partial placement)."""
+    units = ctx.units if units is None else units
+    need = _needs(ctx, assign, units)
     for d in ctx.budgets:
-        units = [u for u in ctx.units if assign[u.name] == d]
-        if _bytes(ctx, units, d) + sum(_reserve(ctx, d, units, need).values()) > ctx.budgets[d]:
+        here = [u for u in units if assign[u.name] == d]
+        if _bytes(ctx, here, d) + sum(_reserve(ctx, d, here, need).values()) > ctx.budgets[d]:
             return False
     return True
 

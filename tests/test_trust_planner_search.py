@@ -1,0 +1,122 @@
+"""The planner finds a plan whenever one fits: compared with a brute-force search over every placement (each
+unit on each device; a CPU block streamed or computed there) on small models and many random budgets, under the
+planner's own cost model (bytes as placed + reserves, `_within_budgets`)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from _f_models import meta_model  # noqa: E402
+from _f_plan_checks import check_plan  # noqa: E402
+
+from shardq import hf  # noqa: E402
+from shardq.config import QuantConfig  # noqa: E402
+from shardq.memory import get_max_memory  # noqa: E402
+from shardq.planning import planner  # noqa: E402
+from shardq.planning.runmode import RunMode  # noqa: E402
+from shardq.planning.units import tied_groups  # noqa: E402
+from shardq.quant import sizing  # noqa: E402
+
+
+def _context(model, q: QuantConfig, caps: dict, workload, n_gpus: int):
+    budgets = get_max_memory(caps, gpus=[10**12] * n_gpus)
+    entries = sizing.tensor_entries(model, q)
+    return planner._context(model, q, budgets, entries, set(hf.no_split_modules(model)), workload, None)
+
+
+def brute_force(model, quant, caps: dict, workload, n_gpus: int) -> dict | None:
+    """Some placement within every budget, trying all of them (the first GPU with a budget runs streamed blocks,
+    as the planner's first choice; other choices of the execution GPU are the planner's to find too)."""
+    q = QuantConfig.from_any(quant)
+    ctx = _context(model, q, caps, workload, n_gpus)
+    rule = dict(ctx.runs)
+    gpus = [d for d in ctx.gpus if ctx.budgets[d] > 0]
+    for exec_dev in gpus or [None]:
+        ctx.exec_dev = exec_dev
+        opts = []
+        for u in ctx.units:
+            o = [(d, None) for d in gpus]
+            if "cpu" in ctx.budgets:
+                o.append(("cpu", rule[u.name]))
+                if rule[u.name] == "stream":
+                    o.append(("cpu", RunMode("cpu", "brute force")))
+            if "disk" in ctx.budgets and not u.own_only:
+                o.append(("disk", None))
+            opts.append(o)
+        partner = {u.name: g[0].name for g in tied_groups(ctx.units) for u in g}
+        for combo in itertools.product(*opts):
+            assign = {u.name: d for u, (d, _) in zip(ctx.units, combo)}
+            if any(assign[partner[n]] != d for n, d in assign.items()):
+                continue  # tied tensors are stored once, their units together
+            ctx.runs = {u.name: r if r is not None else rule[u.name] for u, (_, r) in zip(ctx.units, combo)}
+            if planner._within_budgets(ctx, assign):
+                return assign
+    return None
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "bloom"])
+def test_planner_plans_whenever_brute_force_finds_a_placement(arch):
+    model = meta_model(arch, hidden=64, layers=2, vocab=512)
+    size = planner.plan_model(model, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=(1, 8)).totals[0]
+    rng = random.Random(7 + len(arch))
+    outcomes = {True: 0, False: 0}
+    for _ in range(70):
+        quant = rng.choice([None, "int8", "nf4"])
+        caps = {0: int(size * rng.uniform(0.0, 2.0))}
+        if rng.random() < 0.8:
+            caps["cpu"] = int(size * rng.uniform(0.05, 3.0))
+        if rng.random() < 0.5:
+            caps["disk"] = int(size * rng.uniform(0.1, 2))
+        workload = (1, rng.choice([8, 64]))
+        fits = brute_force(model, quant, caps, workload, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                p = planner.plan_model(model, quant, max_memory=caps, gpus=[10**12], workload=workload)
+            except planner.PlanError as e:
+                assert fits is None, f"refused although {fits} fits under {caps} ({quant}, {workload}): {e}"
+                outcomes[False] += 1
+                continue
+        assert fits is not None, f"planned {p.device_map} although nothing fits under {caps}"
+        check_plan(model, p)
+        outcomes[True] += 1
+    assert outcomes[True] >= 10 and outcomes[False] >= 5, outcomes  # both sides exercised
+
+
+def test_two_gpus_against_brute_force():
+    model = meta_model("llama", hidden=64, layers=2, vocab=512)
+    size = planner.plan_model(model, None, max_memory={0: "1GB"}, gpus="1x2GB", workload=(1, 8)).totals[0]
+    rng = random.Random(3)
+    for _ in range(12):
+        caps = {0: int(size * rng.uniform(0.0, 0.7)), 1: int(size * rng.uniform(0.0, 0.7)),
+                "cpu": int(size * rng.uniform(0.05, 1.2))}
+        fits = brute_force(model, "int8", caps, (1, 8), 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                planner.plan_model(model, "int8", max_memory=caps, gpus=[10**12] * 2, workload=(1, 8))
+                assert fits is not None
+            except planner.PlanError:
+                assert fits is None, (caps, fits)
+
+
+def test_llama_1b_under_300mb_plans_with_every_layer_streamed():
+    """The issue's case: refused before although streaming every layer (and computing the head on the CPU) fits."""
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                   tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    p = planner.plan_model(model, "nf4", max_memory={0: "300MB", "cpu": "60GB"}, gpus="1x80GB")
+    assert p.totals[0] + p.reserves[0] <= p.budgets[0]
+    assert p.offload_modes["lm_head"] == "cpu" and "streaming" in p.offload_modes["lm_head"].reason
+    assert all(p.device_map[f"model.layers.{i}"] in (0, "cpu") for i in range(16))
+    check_plan(model, p)
