@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_lab
     normalize_device
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
 from shardq.planning.search import search
+from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.placement import Placement, Plan, PlanError
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
 from shardq.planning.runmode import lookup_width
@@ -73,6 +74,7 @@ class _Ctx:
     runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
     reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
     search_complete: bool = True  # the last complete search explored every branch (its "no" is a proof)
+    search_steps: int = 200_000  # nodes x units the complete search may visit (about a second)
 
 
 @dataclass
@@ -132,8 +134,16 @@ def plan_model(
         ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
     elif device_map in STRATEGIES:
-        assign = _place_with_exec_choice(ctx, balanced=device_map != "sequential",
-                                         low_zero=device_map == "balanced_low_0")
+        def place(c: _Ctx) -> dict[str, DeviceKey]:
+            return _place_with_exec_choice(c, balanced=device_map != "sequential",
+                                           low_zero=device_map == "balanced_low_0")
+
+        def fresh(b: dict[DeviceKey, int]) -> _Ctx:
+            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode)
+            c.reserve_only = reserve_only
+            return c
+
+        assign = _place_exactly(ctx, place, fresh, lambda a: _build(model, ctx, a, device_map, [], (batch, seq_len)))
         strategy = device_map
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy, a device or a dict: use one of {STRATEGIES}, "
@@ -146,6 +156,29 @@ def plan_model(
         notes.append(host_note)
     result.warnings[:0] = notes
     return result
+
+
+def _place_exactly(ctx: _Ctx, place: Callable[[_Ctx], dict[str, DeviceKey]], fresh: Callable[[dict], _Ctx],
+                   check: Callable[[dict[str, DeviceKey]], Any]) -> dict[str, DeviceKey]:
+    """`place(ctx)`, and when no placement fits, a PlanError whose figure is the least extra memory per device
+    that makes one fit (`shardq.planning.shortfall`); `check` raises the over-budget error of a placement."""
+    try:
+        assign = place(ctx)
+        if not _within_budgets(ctx, assign):
+            check(assign)
+        return assign
+    except PlanError as error:
+        def feasible(b: dict[DeviceKey, int]) -> bool:
+            c = fresh(b)
+            c.search_steps = SEARCH_STEPS // 10  # many calls: a lighter complete search each
+            try:
+                return _within_budgets(c, place(c))
+            except PlanError:
+                return False
+
+        devices = [d for d in ctx.budgets if d not in ctx.reserve_only]
+        ceiling = 2 * sum(max(e.fp32, e.stored) for u in ctx.units for e in u.entries) + 2**30
+        raise refine_error(error, least_extra(dict(ctx.budgets), feasible, devices, ceiling)) from None
 
 
 def _whole_model_map(device_map: Any) -> Any:
@@ -504,7 +537,7 @@ def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey
             ctx.runs[name] = run if run is not None else rule[name]
         return _within_budgets(ctx, {n: c[0] for n, c in chosen.items()}, [by_name[n] for n in chosen])
 
-    limit = node_limit if node_limit is not None else SEARCH_STEPS // max(1, len(ctx.units))
+    limit = node_limit if node_limit is not None else ctx.search_steps // max(1, len(ctx.units))
     result = search([u.name for u in ctx.units], options, signature, fits, limit)
     ctx.search_complete = result.complete
     ctx.runs = rule
