@@ -120,3 +120,74 @@ def test_llama_1b_under_300mb_plans_with_every_layer_streamed():
     assert p.offload_modes["lm_head"] == "cpu" and "streaming" in p.offload_modes["lm_head"].reason
     assert all(p.device_map[f"model.layers.{i}"] in (0, "cpu") for i in range(16))
     check_plan(model, p)
+
+
+def _least_extra_brute(model, quant, caps: dict, workload, device) -> int | None:
+    """The least extra bytes on `device` alone with which some placement fits (brute force)."""
+    q = QuantConfig.from_any(quant)
+    best = None
+    ctx = _context(model, q, {**caps, device: 10**12}, workload, 1)
+    ctx.budgets[device] = caps[device]  # the real budget, with the execution GPU chosen as if it had room
+    rule = dict(ctx.runs)
+    opts = []
+    for u in ctx.units:
+        o = [(d, None) for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0 or d == device]
+        o = [(d, r) for d, r in o if d not in ("cpu", "disk")]
+        if "cpu" in ctx.budgets:
+            o.append(("cpu", rule[u.name]))
+            if rule[u.name] == "stream":
+                o.append(("cpu", RunMode("cpu", "brute force")))
+        if "disk" in ctx.budgets and not u.own_only:
+            o.append(("disk", None))
+        opts.append(o)
+    for combo in itertools.product(*opts):
+        assign = {u.name: d for u, (d, _) in zip(ctx.units, combo)}
+        ctx.runs = {u.name: r if r is not None else rule[u.name] for u, (_, r) in zip(ctx.units, combo)}
+        need = planner._needs(ctx, assign)
+        over = {}
+        for d in ctx.budgets:
+            here = [u for u in ctx.units if assign[u.name] == d]
+            over[d] = planner._bytes(ctx, here, d) + sum(planner._reserve(ctx, d, here, need).values()) \
+                - ctx.budgets[d]
+        if all(v <= 0 for d, v in over.items() if d != device):
+            extra = max(0, over[device])
+            best = extra if best is None else min(best, extra)
+    return best
+
+
+@pytest.mark.parametrize("quant,caps", [
+    (None, {0: 120_000, "cpu": 60_000}),
+    ("int8", {0: 90_000, "cpu": 40_000}),
+    ("nf4", {0: 60_000, "cpu": 30_000, "disk": 50_000}),
+])
+def test_missing_bytes_are_the_least_that_make_it_fit(quant, caps):
+    model = meta_model("llama", hidden=64, layers=2, vocab=512)
+    with pytest.raises(planner.PlanError) as err:
+        planner.plan_model(model, quant, max_memory=caps, gpus=[10**12], workload=(1, 8))
+    got = {s.device: s for s in err.value.shortfalls}
+    assert got[0].exact and err.value.missing == min(s.extra for s in got.values())
+    assert f"{got[0].extra} bytes) more on GPU 0" in str(err.value)
+    want = _least_extra_brute(model, quant, caps, (1, 8), 0)
+    assert got[0].extra == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        planner.plan_model(model, quant, max_memory={**caps, 0: caps[0] + want}, gpus=[10**12], workload=(1, 8))
+        with pytest.raises(planner.PlanError):
+            planner.plan_model(model, quant, max_memory={**caps, 0: caps[0] + want - 1}, gpus=[10**12],
+                               workload=(1, 8))
+
+
+def test_7b_fp16_under_8gb_reports_gibs_missing_and_raising_the_cap_shrinks_it():
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    figures = []
+    for gpu in ("8GB", "8.1GB"):
+        with pytest.raises(planner.PlanError) as err:
+            planner.plan_model(model, None, max_memory={0: gpu, "cpu": "2GB"}, gpus="1x80GB")
+        figures.append({s.device: s.extra for s in err.value.shortfalls})
+    assert figures[0][0] > 3 * 2**30  # GiBs, not the 32 MiB of the block that stopped the fill
+    assert figures[1][0] < figures[0][0]
+    p = planner.plan_model(model, None, max_memory={0: 8 * 10**9 + figures[0][0], "cpu": "2GB"}, gpus="1x80GB")
+    assert p.totals[0] + p.reserves[0] <= p.budgets[0]
