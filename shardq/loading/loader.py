@@ -626,14 +626,15 @@ def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: A
     if checkpoint is None:
         tensors = module_source(model)
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
-    from shardq.checkpoint.conversions import convert_source
+    from shardq.checkpoint.conversions import convert_source, renamed_index
 
     index = index_checkpoint(checkpoint)
-    tensors = checkpoint_source(index)
-    pre = prequantized_layers(model, checkpoint, index)
+    renamed = renamed_index(model, index)  # a bitsandbytes checkpoint's layer tensors follow their weight's rename
+    pre = prequantized_layers(model, checkpoint, renamed)
     if pre is None:
-        tensors = convert_source(model, tensors)  # transformers 5 renames and fused experts
+        tensors = convert_source(model, checkpoint_source(index))  # transformers 5 renames and fused experts
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
+    tensors = checkpoint_source(renamed)
     ckpt_cfg, layers = pre
     taken = {k for layer in layers.values() for k in layer.keys}
     floats = convert_source(model, {k: v for k, v in tensors.items() if k not in taken})
