@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from shardq.checkpoint.header import DTYPES, MAX_HEADER_BYTES, HeaderError, check_header, check_tiling, parse_json
+from shardq.checkpoint.header import DTYPES, MAX_HEADER_BYTES, HeaderError, check_header, check_tiling, parse_json  # noqa: F401  (DTYPES re-exported)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

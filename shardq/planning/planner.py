@@ -40,6 +40,7 @@ from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_lab
     normalize_device
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
 from shardq.planning.search import search
+from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
 from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.placement import Placement, Plan, PlanError
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
@@ -734,8 +735,8 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
-        warnings=(_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant)
-                  + _expert_warnings(model, ctx.quant)),
+        warnings=(tie_warnings(ctx.units, assign) + unquantized_warnings(model, ctx.quant)
+                  + expert_warnings(model, ctx.quant)),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )
@@ -756,47 +757,6 @@ def _placement(ctx: _Ctx, u: Unit, dev: DeviceKey) -> Placement:
     params = sum({e.key: e.numel for e in u.entries}.values())
     run = _run(ctx, u, dev)
     return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, str(run), params, u.own_only, run.reason)
-
-
-def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Linear-like layers that stay in their dtype although no skip rule asked for it (today only
-    MultiheadAttention's out_proj, whose weight the attention reads directly)."""
-    if quant.method == "none":
-        return []
-    kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and not sizing.quantizable(m)]
-    if not kept:
-        return []
-    kind = type(model.get_submodule(kept[0])).__name__
-    return [f"{len(kept)} linear-like layer(s) (e.g. {kept[0]!r}, {kind}) are not quantized to {quant.method}: "
-            "MultiheadAttention reads their weight directly, so they stay in their own dtype"]
-
-
-def _expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Fused MoE expert weights (3-D parameters of `*Experts` modules) that stay in their dtype although no skip
-    rule asked for it: those shardq cannot quantize per expert (`sizing.fused_expert_params`, e.g. transposed
-    [E, in, out] stacks)."""
-    if quant.method == "none":
-        return []
-    stacks = sizing.quantized_experts(model, quant)
-    kept = [(full, p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
-            for p_name, p in m._parameters.items()
-            if p is not None and p.dim() == 3 and (full := f"{m_name}.{p_name}") not in stacks
-            and not quant.skips(m_name) and not quant.skips(full)]
-    if not kept:
-        return []
-    nbytes = sum(p.numel() * p.element_size() for _, p in kept)
-    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not in "
-            f"the [experts, out, in] layout shardq quantizes per expert and are not quantized to {quant.method}: "
-            "they stay in their own dtype, as bitsandbytes leaves every fused expert tensor"]
-
-
-def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
-    where: dict[int, dict[DeviceKey, str]] = {}
-    for u in ctx.units:
-        for e in u.entries:
-            where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
-    return [f"tied tensor {', '.join(names.values())} is split over devices {[device_label(d) for d in names]}: "
-            "it is stored once per device" for names in where.values() if len(names) > 1]
 
 
 def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = None, **kwargs: Any) -> Plan:
