@@ -288,3 +288,37 @@ def get_max_memory(
 def _ordered(budgets: dict[DeviceKey, int]) -> dict[DeviceKey, int]:
     gpus = sorted(k for k in budgets if isinstance(k, int))
     return {**{k: budgets[k] for k in gpus}, **{k: budgets[k] for k in ("cpu", "disk") if k in budgets}}
+
+
+def device_capacities(gpus: Any = None) -> dict[int, int]:
+    """Total memory of each GPU: the hypothetical `gpus` ("2x24GB") when given, else the machine's (none without
+    CUDA). A cap in max_memory above these is clipped (`clip_budgets`)."""
+    if gpus is not None:
+        return dict(enumerate(parse_gpus(gpus)))
+    out = {}
+    for i in range(gpu_count()):
+        try:
+            out[i] = gpu_free_memory(i)[1]
+        except ValueError:  # its memory cannot be read: the cap given is taken as is
+            continue
+    return out
+
+
+def clip_budgets(budgets: dict[DeviceKey, int], capacities: Mapping[int, int],
+                 given: bool) -> tuple[dict[DeviceKey, int], list[str]]:
+    """Budgets no larger than the devices that hold them, and notes saying what was changed or left out.
+
+    A GPU cap above the GPU's total memory is clipped to that total (the plan never counts memory that does not
+    exist). With an explicit max_memory (`given`), a GPU it leaves out is not used, as accelerate does: noted.
+    """
+    out, notes = dict(budgets), []
+    for dev, cap in budgets.items():
+        if isinstance(dev, int) and dev in capacities and cap > capacities[dev]:
+            out[dev] = capacities[dev]
+            notes.append(f"max_memory for GPU {dev} ({format_size(cap)}) is more than the GPU's "
+                         f"{format_size(capacities[dev])}: clipped to {format_size(capacities[dev])}")
+    left_out = sorted(g for g in capacities if g not in budgets)
+    if given and left_out:
+        notes.append(f"GPU(s) {left_out} are not in max_memory and are not used (only the devices max_memory names "
+                     "are, as in accelerate): add them to max_memory to use them")
+    return out, notes

@@ -118,7 +118,8 @@ def check_plan(model: nn.Module, plan: Plan, tied_together: bool = True) -> None
             if key is not None:
                 assert (p.run, p.reason) == (per_block[key], f"forced by offload_mode[{key!r}]"), (p.name, p.reason)
             else:
-                assert p.run == plan.cpu_mode or p.reason.startswith(("lookup", "holds nested")), (p.name, p.reason)
+                assert p.run == plan.cpu_mode or p.reason.startswith(("lookup", "holds nested", "computed on the CPU")), \
+                    (p.name, p.reason)
         else:
             assert p.run == ("gpu" if isinstance(p.device, int) else "disk")
     if tied_together and plan.strategy != "explicit":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardq.checkpoint.index import CheckpointIndex, TensorInfo
 from shardq.checkpoint.source import LoadError, SourceTensor
 
 Shape = tuple[int, ...]
@@ -297,3 +298,42 @@ def _composite_reader(
         return out
 
     return read
+
+
+def _renamings(model: nn.Module) -> tuple[list[Any], Any] | None:
+    found = _mapping(model)
+    return None if found is None or not found[0] else (found[0], found[2])
+
+
+def renamed_index(model: nn.Module, index: CheckpointIndex) -> CheckpointIndex:
+    """`index` with every key renamed by transformers' renamings for `model` (GPT-NeoX `embed_out.` → `lm_head.`),
+    suffixes kept (`embed_out.weight.absmax` → `lm_head.weight.absmax`): the bitsandbytes layout's per-layer
+    tensors follow their weight's rename, as transformers does on load. Fusions are not applied (bitsandbytes
+    checkpoints hold no fused expert stacks). A rename onto a name the checkpoint already has is refused."""
+    found = _renamings(model)
+    if found is None:
+        return index
+    renamings, cml = found
+    out: dict[str, TensorInfo] = {}
+    for key, info in index.tensors.items():
+        new, _ = cml.rename_source_key(key, copy.deepcopy(renamings), [])
+        if new in out:
+            raise LoadError(f"checkpoint tensors {out[new].name!r} and {key!r} both become {new!r} under "
+                            "transformers' renames: the checkpoint holds the same tensor twice; remove one")
+        out[new] = info
+    return CheckpointIndex(index.path, out, index.files, index.metadata)
+
+
+def reverse_renamed(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (a state dict in the model's names) under the names transformers writes on save: its renamings
+    reversed (`lm_head.` → `embed_out.` for GPT-NeoX), as `save_pretrained` does (`revert_weight_conversion`)."""
+    found = _renamings(model)
+    if found is None:
+        return dict(tensors)
+    renamings, cml = found
+    reverse = [r.reverse_transform() for r in renamings[::-1]]
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        new, _ = cml.rename_source_key(key, copy.deepcopy(reverse), [])
+        out[new] = t
+    return out

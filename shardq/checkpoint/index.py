@@ -11,7 +11,6 @@ bytes. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -21,17 +20,10 @@ from typing import Iterable
 
 import torch
 
+from shardq.checkpoint.header import DTYPES, MAX_HEADER_BYTES, HeaderError, check_header, check_tiling, parse_json  # noqa: F401  (DTYPES re-exported)
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# A header larger than this is a corrupt file, not a checkpoint (safetensors itself caps it at 100 MB).
-MAX_HEADER_BYTES = 100 * 2**20
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
 
 
 class CheckpointError(ValueError):
@@ -89,7 +81,8 @@ class CheckpointIndex:
 
 
 def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors and `__metadata__` of one safetensors file, from its header alone, checked against its size."""
+    """The tensors and `__metadata__` of one safetensors file, from its header alone, checked as strictly as the
+    safetensors library checks it (`shardq.checkpoint.header`) and against the file's size."""
     path = os.fspath(file)
     if not os.path.isfile(path):
         raise CheckpointError(f"safetensors file {path} does not exist")
@@ -101,40 +94,22 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                                   "or not safetensors; download or save it again")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(f"{path}: header length {n} does not fit in the file's {size} bytes: the file is "
-                                  "truncated or not safetensors; download or save it again")
+            raise CheckpointError(f"{path}: header length {n} does not fit in the file's {size} bytes (at most "
+                                  f"{MAX_HEADER_BYTES}): the file is truncated or not safetensors; download or save "
+                                  "it again")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{path}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
-    tensors = {name: _tensor_info(path, name, entry, base, size) for name, entry in header.items()}
-    return tensors, dict(metadata)
-
-
-def _tensor_info(path: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise CheckpointError(
-            f"{path}: header entry for tensor {name!r} lacks dtype/shape/data_offsets; the file is corrupt")
-    dtype = DTYPES.get(str(entry["dtype"]))
-    if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which shardq cannot read "
-                              f"(supported: {sorted(DTYPES)})")
-    shape = tuple(int(d) for d in entry["shape"])
-    begin, end = (int(x) for x in entry["data_offsets"])
-    expected = math.prod(shape) * dtype.itemsize
-    if end < begin or end - begin != expected:
-        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but {str(dtype)} {list(shape)} "
-                              f"needs {expected}; the file is corrupt")
-    if base + end > size:
-        raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
-                              f"{size} bytes; download or save the checkpoint again")
-    return TensorInfo(name, path, dtype, shape, base + begin, base + end)
+    try:
+        entries, metadata = check_header(raw, None)
+        for e in entries:
+            if base + e.end > size:
+                raise CheckpointError(f"{path} is truncated: tensor {e.name!r} ends at byte {base + e.end} but the "
+                                      f"file has {size} bytes; download or save the checkpoint again")
+        check_tiling(entries, size - base)
+    except HeaderError as e:
+        raise CheckpointError(f"{path}: {e}; the file is corrupt or crafted, not a valid safetensors file") from None
+    tensors = {e.name: TensorInfo(e.name, path, e.dtype, e.shape, base + e.begin, base + e.end) for e in entries}
+    return tensors, metadata
 
 
 def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
@@ -176,15 +151,50 @@ def _merge(root: Path, files: Iterable[Path]) -> CheckpointIndex:
     return CheckpointIndex(str(root), tensors, names, meta)
 
 
-def _index_sharded(root: Path, index_file: Path) -> CheckpointIndex:
+def _read_weight_map(index_file: Path) -> dict[str, str]:
+    """The index's `weight_map`: an object of tensor names to file names, duplicate keys refused."""
     try:
-        index = json.loads(index_file.read_text())
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map' object): {exc}") from None
+        index = parse_json(index_file.read_bytes(), str(index_file))
+    except HeaderError as e:
+        raise CheckpointError(f"{e}: not a valid index; download the checkpoint again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map' object of tensor names to "
+                              f"shard file names, got {type(weight_map).__name__})")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise CheckpointError(f"{index_file}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a file name "
+                              f"({len(bad)} such entries); the index is corrupt")
+    return weight_map
+
+
+def confined(root: Path, name: str, what: str) -> Path:
+    """`root / name` after checking that it stays inside the checkpoint folder: a relative path without `..`,
+    whose real path (symlinks resolved) is inside `root`, or, for the Hugging Face cache's layout
+    (`<repo>/snapshots/<rev>/file` -> `<repo>/blobs/<hash>`), inside that repository's `blobs` folder."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name or not rel.parts:
+        raise CheckpointError(f"{what} names {name!r}, a path outside the checkpoint folder {root}: a checkpoint may "
+                              "only point at files inside its own folder (relative, no '..'); refusing to read it")
+    path = root / rel
+    real, home = os.path.realpath(path), os.path.realpath(root)
+    allowed = [home]
+    if root.parent.name == "snapshots":
+        allowed.append(os.path.realpath(root.parent.parent / "blobs"))
+    if not any(os.path.commonpath([real, a]) == a for a in allowed):
+        raise CheckpointError(f"{what} names {name!r}, which resolves to {real}, outside the checkpoint folder "
+                              f"{root} (a symlink leading out of it): refusing to read it; copy the shards into the "
+                              "folder if this link is yours")
+    return path
+
+
+def _index_sharded(root: Path, index_file: Path) -> CheckpointIndex:
+    weight_map = _read_weight_map(index_file)
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
+    for fname in by_file:
+        confined(root, fname, f"{index_file.name} (tensor {by_file[fname][0]!r})")
     missing = [f for f in by_file if not (root / f).is_file()]
     if missing:
         raise CheckpointError(f"{index_file} points at missing shard(s) {missing[:5]}"

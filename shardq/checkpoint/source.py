@@ -32,8 +32,8 @@ class SourceTensor:
 def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
     """Every tensor of a safetensors checkpoint, read lazily from its byte range."""
     out = {}
-    for info in index:
-        out[info.name] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
+    for key, info in index.tensors.items():  # keyed as the index is (renamed indexes keep the file's name inside)
+        out[key] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
                                       (info.file, info.start), info)
     return out
 

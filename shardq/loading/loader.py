@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from shardq.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo
 from shardq.config import QuantConfig
 from shardq.runtime.dispatch import dispatch_model
 from shardq.runtime.offload import host_buffer, pin_buffer, write_disk_offload
+from shardq.runtime.offload_folder import OffloadFolder, OffloadFolderError, claim_folder, live_folder
 from shardq.planning.planner import Plan, Placement, check_offload_mode, plan_model
 from shardq.progress import byte_bar
 from shardq.checkpoint.source import LoadError, SourceTensor, checkpoint_source, module_source
@@ -624,14 +626,15 @@ def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: A
     if checkpoint is None:
         tensors = module_source(model)
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
-    from shardq.checkpoint.conversions import convert_source
+    from shardq.checkpoint.conversions import convert_source, renamed_index
 
     index = index_checkpoint(checkpoint)
-    tensors = checkpoint_source(index)
-    pre = prequantized_layers(model, checkpoint, index)
+    renamed = renamed_index(model, index)  # a bitsandbytes checkpoint's layer tensors follow their weight's rename
+    pre = prequantized_layers(model, checkpoint, renamed)
     if pre is None:
-        tensors = convert_source(model, tensors)  # transformers 5 renames and fused experts
+        tensors = convert_source(model, checkpoint_source(index))  # transformers 5 renames and fused experts
         return Source(tensors, tensors, {}, QuantConfig.from_any(quant))
+    tensors = checkpoint_source(renamed)
     ckpt_cfg, layers = pre
     taken = {k for layer in layers.values() for k in layer.keys}
     floats = convert_source(model, {k: v for k, v in tensors.items() if k not in taken})
@@ -644,6 +647,30 @@ def _check_offload_dir(plan: Plan, offload_dir: str | os.PathLike | None) -> Pat
         raise LoadError(f"the plan puts {len(disk)} block(s) on disk (e.g. {disk[:3]}) but no offload_dir was given: "
                         "pass offload_dir='some/folder' (it is created), or raise the CPU/GPU caps")
     return Path(offload_dir) if offload_dir is not None else None
+
+
+def _claim_offload_dir(plan: Plan, folder: Path | None, checkpoint: Any, model: nn.Module,
+                       load_id: str) -> OffloadFolder | None:
+    """Own the offload folder for this load when the plan writes disk blocks (checked before anything is placed)."""
+    disk = [p.name for p in plan.placements if p.run == "disk"]
+    if not disk or folder is None:
+        return None
+    owner = {"load": load_id, "model": type(model).__name__,
+             "checkpoint": os.path.abspath(checkpoint) if checkpoint is not None else None}
+    try:
+        return claim_folder(folder, plan.totals.get("disk", 0) + plan.reserves.get("disk", 0), disk, owner)
+    except OffloadFolderError as e:
+        raise LoadError(str(e)) from None
+
+
+def _abort_offload(claim: OffloadFolder | None, folder: Path | None, load_id: str) -> None:
+    """Remove every file this load wrote to its offload folder (also when interrupted inside `claim_folder`)."""
+    if claim is None and folder is not None:
+        live = live_folder(folder)
+        if live is not None and not live.sealed and live.owner.get("load") == load_id:
+            claim = live
+    if claim is not None:
+        claim.abort()
 
 
 def _reset_peaks() -> None:
@@ -696,6 +723,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     match = match_keys(src.floats, model, slots, provided)
     backed = set(match.mapping.values()) | provided
     journal = Journal()
+    claim, folder, load_id = None, None, uuid.uuid4().hex
     try:
         fill_meta_buffers(model, slots, backed, journal)
         check_meta_buffers(slots, backed)
@@ -703,6 +731,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         plan = plan_model(model, quant=cfg, max_memory=max_memory, device_map=device_map, workload=workload,
                           offload_mode=offload_mode, offload_dir=offload_dir)
         folder = _check_offload_dir(plan, offload_dir)
+        claim = _claim_offload_dir(plan, folder, checkpoint, model, load_id)
         _reset_peaks()
         qweights = swap_quantized(model, plan, cfg, journal, exclude=src.layers)
         slots_now = {k: v for k, v in model_slots(model).items() if k not in provided}
@@ -716,14 +745,18 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
                        execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch, dtype=working)
     except BaseException:
         journal.rollback()
+        _abort_offload(claim, folder, load_id)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
         raise
     stats.dispatch_seconds = time.perf_counter() - t0
     stats.gpu_peak = {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} \
         if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    if claim is not None:
+        claim.seal()
     model.shardq_plan = plan
     model.shardq_load_stats = stats
+    model.shardq_offload_folder = claim  # holds the folder's lock for as long as the model lives
     return model
 
 

@@ -24,8 +24,9 @@ Reserves (the runtime's working memory, counted against the budget):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +36,12 @@ from shardq.quant import sizing
 from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.planning.devicemap import explicit_units, unknown_name
-from shardq.memory import DeviceKey, device_label, format_size, get_max_memory, normalize_device
+from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_label, format_size, get_max_memory, \
+    normalize_device
+from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
+from shardq.planning.search import search
+from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
+from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.placement import Placement, Plan, PlanError
 from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
 from shardq.planning.runmode import lookup_width
@@ -67,6 +73,9 @@ class _Ctx:
     workload: tuple[int, int] = DEFAULT_WORKLOAD
     itemsize: int = 2
     runs: dict[str, RunMode] = field(default_factory=dict)  # unit -> how it runs when placed on "cpu"
+    reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
+    search_complete: bool = True  # the last complete search explored every branch (its "no" is a proof)
+    search_steps: int = 200_000  # nodes x units the complete search may visit (about a second)
 
 
 @dataclass
@@ -101,17 +110,23 @@ def plan_model(
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
-    budgets = get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir)
+    budgets, notes = clip_budgets(get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir),
+                                  device_capacities(gpus), max_memory is not None)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    budgets, reserve_only, host_note = host_for_disk(budgets)
     if not budgets:
         raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    ctx.reserve_only = reserve_only
     device_map = _whole_model_map(device_map)
     if isinstance(device_map, Mapping):
         assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
                                        ctx.forced == "stream")
         ctx.units = units
+        refuse_reserve_only(assign, reserve_only)
         used = sorted(d for d in assign.values() if isinstance(d, int))
         if used:
             ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
@@ -120,15 +135,51 @@ def plan_model(
         ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
     elif device_map in STRATEGIES:
-        assign = _place_with_exec_choice(ctx, balanced=device_map != "sequential",
-                                         low_zero=device_map == "balanced_low_0")
+        def place(c: _Ctx) -> dict[str, DeviceKey]:
+            return _place_with_exec_choice(c, balanced=device_map != "sequential",
+                                           low_zero=device_map == "balanced_low_0")
+
+        def fresh(b: dict[DeviceKey, int]) -> _Ctx:
+            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode)
+            c.reserve_only = reserve_only
+            return c
+
+        assign = _place_exactly(ctx, place, fresh, lambda a: _build(model, ctx, a, device_map, [], (batch, seq_len)))
         strategy = device_map
     else:
         raise PlanError(f"device_map={device_map!r} is not a strategy, a device or a dict: use one of {STRATEGIES}, "
                         "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
                         "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
     _check_forced(ctx, assign)
-    return _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+    result = _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
+    if host_note and "disk" in result.device_map.values():
+        warnings.warn(host_note, stacklevel=2)
+        notes.append(host_note)
+    result.warnings[:0] = notes
+    return result
+
+
+def _place_exactly(ctx: _Ctx, place: Callable[[_Ctx], dict[str, DeviceKey]], fresh: Callable[[dict], _Ctx],
+                   check: Callable[[dict[str, DeviceKey]], Any]) -> dict[str, DeviceKey]:
+    """`place(ctx)`, and when no placement fits, a PlanError whose figure is the least extra memory per device
+    that makes one fit (`shardq.planning.shortfall`); `check` raises the over-budget error of a placement."""
+    try:
+        assign = place(ctx)
+        if not _within_budgets(ctx, assign):
+            check(assign)
+        return assign
+    except PlanError as error:
+        def feasible(b: dict[DeviceKey, int]) -> bool:
+            c = fresh(b)
+            c.search_steps = SEARCH_STEPS // 10  # many calls: a lighter complete search each
+            try:
+                return _within_budgets(c, place(c))
+            except PlanError:
+                return False
+
+        devices = [d for d in ctx.budgets if d not in ctx.reserve_only]
+        ceiling = 2 * sum(max(e.fp32, e.stored) for u in ctx.units for e in u.entries) + 2**30
+        raise refine_error(error, least_extra(dict(ctx.budgets), feasible, devices, ceiling)) from None
 
 
 def _whole_model_map(device_map: Any) -> Any:
@@ -346,6 +397,8 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
         if ctx.workspace and (quantized_here or (dev == ctx.exec_dev and assumed.stream)):
             out["matmul workspace"] = ctx.workspace
         return out
+    if dev == "disk":
+        return {"file headers": disk_overhead(ctx.quant, units)} if units else {}
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
@@ -360,16 +413,11 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
     return {}
 
 
-def _streamed(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[Unit]:
-    """Blocks copied to the execution device for each forward: CPU blocks in "stream" mode and the disk blocks
-    (read back into the execution GPU's slots, or the host's without a GPU)."""
-    return [u for u in ctx.units if not _resident(ctx, assign[u.name], [u])]
-
-
-def _needs(ctx: _Ctx, assign: dict[str, DeviceKey]) -> _Assumed:
+def _needs(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None = None) -> _Assumed:
     """The reserves that `assign` actually needs: two slots of the largest streamed block, the logits of a
-    streamed head, and two pinned staging buffers of the largest disk block (double-buffered reads)."""
-    streamed = _streamed(ctx, assign)
+    streamed head, and two pinned staging buffers of the largest disk block (double-buffered reads); `units`: only those
+    (a partial placement)."""
+    streamed = [u for u in (ctx.units if units is None else units) if not _resident(ctx, assign[u.name], [u])]
     disk = [u for u in streamed if assign[u.name] == "disk"]
     return _Assumed(
         stream=2 * max((_bytes(ctx, [u], "disk") for u in streamed), default=0),
@@ -397,6 +445,11 @@ def _place_with_exec_choice(ctx: _Ctx, balanced: bool, low_zero: bool = False) -
         if _within_budgets(ctx, assign):
             return assign
         fallback = fallback or (g, assign)
+    for g in candidates:  # the greedy fill found nothing within budgets: the complete search decides
+        ctx.exec_dev = g
+        found = _search_fit(ctx)
+        if found is not None:
+            return found
     if fallback is None:
         raise error or PlanError("no placement found")
     ctx.exec_dev = fallback[0]
@@ -440,6 +493,63 @@ def _place(ctx: _Ctx, balanced: bool, low_zero: bool = False) -> dict[str, Devic
     raise error or PlanError("no placement found")  # the attempt that missed by the least
 
 
+DEMOTED = "computed on the CPU: streaming it to the GPU does not fit the GPU's budget"
+
+
+SEARCH_STEPS = 200_000  # nodes x units the complete search may visit (about a second); exhaustive on small models
+
+
+def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey] | None:
+    """A placement within budgets found by the complete search (`shardq.planning.search`) when the greedy fill
+    found none; blocks the rule streams may compute on the CPU instead (unless the user forced their mode).
+    Sets `ctx.runs` to the modes it chose."""
+    rule = dict(ctx.runs)
+    by_name = {u.name: u for u in ctx.units}
+    devices = [d for d in ctx.budgets if (not isinstance(d, int) or ctx.budgets[d] > 0) and d not in ctx.reserve_only]
+    keys: dict[int, int] = {}
+    for u in ctx.units:
+        for k in {e.key for e in u.entries}:
+            keys[k] = keys.get(k, 0) + 1
+
+    def options(name: str) -> list[tuple[DeviceKey, RunMode | None]]:
+        u, out = by_name[name], []
+        for d in devices:
+            if d == "cpu":
+                out.append((d, rule[name]))
+                if rule[name] == "stream" and ctx.forced is None and forcing_key(name, ctx.forced_for) is None:
+                    out.append((d, RunMode("cpu", DEMOTED)))
+            elif d != "disk" or not u.own_only:
+                out.append((d, None))
+        return out
+
+    def signature(name: str) -> Any:
+        u = by_name[name]
+        if any(keys[e.key] > 1 for e in u.entries) or u.own_only or name == ctx.head_unit:
+            return name  # tied, nested or the head: unlike any other unit
+        load = max((e.source_bytes + 4 * e.numel for e in u.entries if e.quantized), default=0)
+        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load)
+
+    partner = {u.name: g[0].name for g in tied_groups(ctx.units) for u in g}
+
+    def fits(chosen: dict[str, tuple[DeviceKey, RunMode | None]]) -> bool:
+        if any(partner[n] in chosen and chosen[partner[n]][0] != c[0] for n, c in chosen.items()):
+            return False  # tied tensors are stored once: their units stay together, as the greedy fill keeps them
+        for name, (_, run) in chosen.items():
+            ctx.runs[name] = run if run is not None else rule[name]
+        return _within_budgets(ctx, {n: c[0] for n, c in chosen.items()}, [by_name[n] for n in chosen])
+
+    limit = node_limit if node_limit is not None else ctx.search_steps // max(1, len(ctx.units))
+    result = search([u.name for u in ctx.units], options, signature, fits, limit)
+    ctx.search_complete = result.complete
+    ctx.runs = rule
+    if result.choices is None:
+        return None
+    for name, (_, run) in result.choices.items():
+        if run is not None:
+            ctx.runs[name] = run
+    return {name: dev for name, (dev, _) in result.choices.items()}
+
+
 def _overrun(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
     """Bytes by which the most overfull device of a placement exceeds its budget."""
     need = _needs(ctx, assign)
@@ -480,11 +590,13 @@ def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
     return True
 
 
-def _within_budgets(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
-    need = _needs(ctx, assign)
+def _within_budgets(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None = None) -> bool:
+    """Every device's placed bytes plus reserve within its budget (`units`: only those, a partial placement)."""
+    units = ctx.units if units is None else units
+    need = _needs(ctx, assign, units)
     for d in ctx.budgets:
-        units = [u for u in ctx.units if assign[u.name] == d]
-        if _bytes(ctx, units, d) + sum(_reserve(ctx, d, units, need).values()) > ctx.budgets[d]:
+        here = [u for u in units if assign[u.name] == d]
+        if _bytes(ctx, here, d) + sum(_reserve(ctx, d, here, need).values()) > ctx.budgets[d]:
             return False
     return True
 
@@ -497,7 +609,7 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
     never offloaded: they go to the first GPU with room, or the CPU when it computes. `gpu_first=False` leaves
     the GPUs to the pinned groups that can stay resident nowhere else: those are placed first, and the others
     (lookups that run on the CPU, such as a large embedding) take the CPU where it has room."""
-    devices = [d for d in ctx.budgets if not isinstance(d, int) or ctx.budgets[d] > 0]
+    devices = [d for d in ctx.budgets if (not isinstance(d, int) or ctx.budgets[d] > 0) and d not in ctx.reserve_only]
     held: dict[DeviceKey, list[Unit]] = {d: [] for d in devices}
     assign: dict[str, DeviceKey] = {}
 
@@ -623,8 +735,8 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
         reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
         execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
         tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
-        warnings=(_tie_warnings(ctx, assign) + _unquantized_warnings(model, ctx.quant)
-                  + _expert_warnings(model, ctx.quant)),
+        warnings=(tie_warnings(ctx.units, assign) + unquantized_warnings(model, ctx.quant)
+                  + expert_warnings(model, ctx.quant)),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )
@@ -645,47 +757,6 @@ def _placement(ctx: _Ctx, u: Unit, dev: DeviceKey) -> Placement:
     params = sum({e.key: e.numel for e in u.entries}.values())
     run = _run(ctx, u, dev)
     return Placement(u.name, dev, _bytes(ctx, [u], dev), storage, str(run), params, u.own_only, run.reason)
-
-
-def _unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Linear-like layers that stay in their dtype although no skip rule asked for it (today only
-    MultiheadAttention's out_proj, whose weight the attention reads directly)."""
-    if quant.method == "none":
-        return []
-    kept = [n for n, m in model.named_modules() if sizing.linear_shape(m) is not None and not sizing.quantizable(m)]
-    if not kept:
-        return []
-    kind = type(model.get_submodule(kept[0])).__name__
-    return [f"{len(kept)} linear-like layer(s) (e.g. {kept[0]!r}, {kind}) are not quantized to {quant.method}: "
-            "MultiheadAttention reads their weight directly, so they stay in their own dtype"]
-
-
-def _expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Fused MoE expert weights (3-D parameters of `*Experts` modules) that stay in their dtype although no skip
-    rule asked for it: those shardq cannot quantize per expert (`sizing.fused_expert_params`, e.g. transposed
-    [E, in, out] stacks)."""
-    if quant.method == "none":
-        return []
-    stacks = sizing.quantized_experts(model, quant)
-    kept = [(full, p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
-            for p_name, p in m._parameters.items()
-            if p is not None and p.dim() == 3 and (full := f"{m_name}.{p_name}") not in stacks
-            and not quant.skips(m_name) and not quant.skips(full)]
-    if not kept:
-        return []
-    nbytes = sum(p.numel() * p.element_size() for _, p in kept)
-    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not in "
-            f"the [experts, out, in] layout shardq quantizes per expert and are not quantized to {quant.method}: "
-            "they stay in their own dtype, as bitsandbytes leaves every fused expert tensor"]
-
-
-def _tie_warnings(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> list[str]:
-    where: dict[int, dict[DeviceKey, str]] = {}
-    for u in ctx.units:
-        for e in u.entries:
-            where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
-    return [f"tied tensor {', '.join(names.values())} is split over devices {[device_label(d) for d in names]}: "
-            "it is stored once per device" for names in where.values() if len(names) > 1]
 
 
 def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = None, **kwargs: Any) -> Plan:

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shardq.checkpoint.index import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
+from shardq.checkpoint.conversions import renamed_index, reverse_renamed
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
 from shardq.formats import blockwise, codebooks
 from shardq.memory import parse_size
@@ -153,7 +154,7 @@ def save_quantized(
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     qdict = bnb_config_dict(cfg)
-    tensors = bnb_state_dict(model)
+    tensors = reverse_renamed(model, bnb_state_dict(model))  # the names transformers writes (GPT-NeoX embed_out)
     _write_shards(tensors, root, limit, {"format": "pt", "quantization_config": json.dumps(qdict)})
     hf_cfg = getattr(model, "config", None)
     config = hf_cfg.to_dict() if hf_cfg is not None and hasattr(hf_cfg, "to_dict") else {}
@@ -413,7 +414,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     into `model` (float, meta or quantized; its architecture must match) without re-quantizing. Linears stored
     quantized become Linear4bit/Linear8bit; everything is checked against the file headers before any tensor is
     placed. Returns the model."""
-    index = index_checkpoint(path)
+    index = renamed_index(model, index_checkpoint(path))  # transformers' renames (GPT-NeoX embed_out -> lm_head)
     cfg = checkpoint_config(path, index)
 
     def read(key: str) -> torch.Tensor:

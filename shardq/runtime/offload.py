@@ -27,11 +27,12 @@ import numpy
 import torch
 
 from shardq.checkpoint.index import DTYPES, CheckpointError, read_header
+from shardq.runtime import offload_folder
 
 ALIGN = 256  # bytes; every tensor of a packed block starts on this boundary (wide copies, aligned kernel loads)
-INDEX_NAME = "index.json"
+INDEX_NAME = offload_folder.INDEX_NAME
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every GPU's context, not only the current one
-INDEX_FORMAT = "shardq-offload-1"
+INDEX_FORMAT = offload_folder.INDEX_FORMAT
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -156,42 +157,43 @@ def pack_host_block(name: str, tensors: Mapping[str, torch.Tensor], pin: bool) -
 # disk offload folder: one safetensors file per block plus index.json
 
 
-def _block_file(module_name: str) -> str:
-    return (module_name or "_root") + ".safetensors"
-
-
 def write_disk_offload(offload_dir: str | os.PathLike, module_name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write one block's tensors (names relative to the block module) to the offload folder and index them.
 
-    The loader calls this for every block planned on "disk"; `dispatch_model` reads the folder back. The file is
-    a plain safetensors file; the index maps block names to files and tensor dtypes/shapes.
+    The loader calls this for every block planned on "disk" (through the folder it claimed, see
+    `shardq.runtime.offload_folder`); `dispatch_model` reads the folder back. The file is a plain safetensors
+    file written under a unique temporary name and renamed into place; the index maps block names to files and
+    tensor dtypes/shapes. A folder that a live load owns, or that a finished load left, is refused.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(offload_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     bad = [k for k, t in tensors.items() if t.device.type == "meta"]
     if bad:
         raise OffloadError(f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device "
                            "(not loaded)")
     cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    path = folder / _block_file(module_name)
-    tmp = path.with_suffix(".tmp")
-    save_file(cpu, str(tmp), metadata={"format": INDEX_FORMAT, "block": module_name})
-    os.replace(tmp, path)
-    index = read_disk_index(folder) if (folder / INDEX_NAME).exists() else {"format": INDEX_FORMAT, "blocks": {}}
-    index["blocks"][module_name] = {
-        "file": path.name,
-        "tensors": {k: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in cpu.items()},
-    }
-    tmp_index = folder / (INDEX_NAME + ".tmp")
-    tmp_index.write_text(json.dumps(index, indent=1))
-    os.replace(tmp_index, folder / INDEX_NAME)
+    live = offload_folder.live_folder(offload_dir)
+    if live is not None:
+        return live.write_block(module_name, cpu, _DTYPE_NAMES, INDEX_FORMAT)
+    folder = Path(offload_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = offload_folder.lock_folder(folder)  # another live load holds it: refused; two writers never interleave
+    try:
+        index = read_disk_index(folder) if (folder / INDEX_NAME).exists() else {"format": INDEX_FORMAT, "blocks": {}}
+        path = folder / offload_folder.block_file(module_name)
+        offload_folder.atomic_save_safetensors(path, cpu, {"format": INDEX_FORMAT, "block": module_name})
+        index["blocks"][module_name] = {
+            "file": path.name,
+            "tensors": {k: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in cpu.items()},
+        }
+        offload_folder.atomic_write_bytes(folder / INDEX_NAME, json.dumps(index, indent=1).encode())
+    finally:
+        os.close(fd)
     return path
 
 
 def read_disk_index(offload_dir: str | os.PathLike) -> dict:
-    """The offload folder's index (block name → file and tensor dtypes/shapes)."""
+    """The offload folder's index (block name → file and tensor dtypes/shapes). A folder owned by a load
+    (`offload_folder.claim_folder`) is readable only by that load while it runs: another model must never pick
+    up its blocks."""
     path = Path(offload_dir) / INDEX_NAME
     try:
         index = json.loads(path.read_text())
@@ -200,8 +202,15 @@ def read_disk_index(offload_dir: str | os.PathLike) -> dict:
                            "write blocks with write_disk_offload") from None
     except json.JSONDecodeError as e:
         raise OffloadError(f"{path} is not valid JSON ({e}); delete the offload folder and load again") from None
-    if index.get("format") != INDEX_FORMAT or not isinstance(index.get("blocks"), dict):
-        raise OffloadError(f"{path} is not a shardq offload index (format {index.get('format')!r})")
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("blocks"), dict):
+        raise OffloadError(f"{path} is not a shardq offload index (format "
+                           f"{index.get('format') if isinstance(index, dict) else None!r})")
+    if offload_folder.is_owned_index(index):
+        live = offload_folder.live_folder(offload_dir)
+        if live is None or live.sealed:
+            raise OffloadError(f"offload folder {offload_dir} holds the disk blocks of another load "
+                               f"(owner: {index['owner']}): they are never reused by another model; pass another "
+                               "offload_dir, or load into this one with load_sharded (it cleans it first)")
     return index
 
 
