@@ -256,13 +256,14 @@ def _ranks(args: argparse.Namespace) -> int:
     """`--ranks`: the multi-rank plan (stages, per-rank placement, link bytes), no process group needed."""
     from shardq.distributed.preview import preview
     from shardq.distributed.stages import format_rank_plan
+    from shardq.planning.planner import resolve_dtype
 
     rp = preview(
         args.source,
         args.ranks,
         _quant(args),
         parse_caps(args.max_memory),
-        resolve_dtype(args.dtype),
+        resolve_dtype(parse_dtype(args.dtype)),
         workload=(args.batch, args.seq_len),
         offload_dir=args.offload_dir,
     )
