@@ -304,8 +304,9 @@ def device_capacities(gpus: Any = None) -> dict[int, int]:
     return out
 
 
-def clip_budgets(budgets: dict[DeviceKey, int], capacities: Mapping[int, int],
-                 given: bool) -> tuple[dict[DeviceKey, int], list[str]]:
+def clip_budgets(
+    budgets: dict[DeviceKey, int], capacities: Mapping[int, int], given: bool
+) -> tuple[dict[DeviceKey, int], list[str]]:
     """Budgets no larger than the devices that hold them, and notes saying what was changed or left out.
 
     A GPU cap above the GPU's total memory is clipped to that total (the plan never counts memory that does not
@@ -315,10 +316,14 @@ def clip_budgets(budgets: dict[DeviceKey, int], capacities: Mapping[int, int],
     for dev, cap in budgets.items():
         if isinstance(dev, int) and dev in capacities and cap > capacities[dev]:
             out[dev] = capacities[dev]
-            notes.append(f"max_memory for GPU {dev} ({format_size(cap)}) is more than the GPU's "
-                         f"{format_size(capacities[dev])}: clipped to {format_size(capacities[dev])}")
+            notes.append(
+                f"max_memory for GPU {dev} ({format_size(cap)}) is more than the GPU's "
+                f"{format_size(capacities[dev])}: clipped to {format_size(capacities[dev])}"
+            )
     left_out = sorted(g for g in capacities if g not in budgets)
     if given and left_out:
-        notes.append(f"GPU(s) {left_out} are not in max_memory and are not used (only the devices max_memory names "
-                     "are, as in accelerate): add them to max_memory to use them")
+        notes.append(
+            f"GPU(s) {left_out} are not in max_memory and are not used (only the devices max_memory names "
+            "are, as in accelerate): add them to max_memory to use them"
+        )
     return out, notes

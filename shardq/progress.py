@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 # Below this many bytes a load takes well under a second: no bar, so tests and small scripts stay quiet.
 MIN_BAR_BYTES = 256 * 2**20
+
+
+class _Bar(Protocol):
+    def update(self, n: int) -> None: ...
 
 
 class _NoBar:
@@ -15,7 +20,7 @@ class _NoBar:
 
 
 @contextmanager
-def byte_bar(total: int, enabled: bool | str = True, desc: str = "Loading") -> Iterator[object]:
+def byte_bar(total: int, enabled: bool | str = True, desc: str = "Loading") -> Iterator[_Bar]:
     """A tqdm bar over `total` bytes; `enabled=True` shows it for loads of MIN_BAR_BYTES or more, "always"
     shows it for any size, False never."""
     show = enabled == "always" or (enabled is True and total >= MIN_BAR_BYTES)

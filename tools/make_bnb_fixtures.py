@@ -55,8 +55,13 @@ def blockwise_fixtures(device: str, gen: torch.Generator) -> tuple[dict, dict]:
             out[f"{key}.dequant"] = F.dequantize_4bit(packed, st).cpu()
             for k, v in st.as_dict(packed=True).items():
                 out[f"{key}.{k}"] = v.cpu()
-            meta[key] = {"quant_type": qt, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-                         "blocksize": bs, "double_quant": dq}
+            meta[key] = {
+                "quant_type": qt,
+                "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                "blocksize": bs,
+                "double_quant": dq,
+            }
     return out, meta
 
 
@@ -86,7 +91,7 @@ def linear4bit_fixtures(device: str, gen: torch.Generator) -> dict:
     import bitsandbytes as bnb
 
     out: dict[str, torch.Tensor] = {}
-    W = (torch.randn(40, 130, generator=gen) * 0.05)
+    W = torch.randn(40, 130, generator=gen) * 0.05
     bias = torch.randn(40, generator=gen) * 0.1
     x = torch.randn(3, 4, 130, generator=gen)
     out.update(W=W, bias=bias, x=x)
@@ -115,17 +120,39 @@ def tiny_checkpoints(root: Path, device: str, gen: torch.Generator, suffix: str 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, OPTConfig
 
     configs = {
-        "llama": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64),
-        "opt": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                         max_position_embeddings=64, word_embed_proj_dim=64),
+        "llama": LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        "opt": OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        ),
     }
     jobs = {
-        "tiny_llama_nf4_dq": ("llama", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                         bnb_4bit_use_double_quant=True,
-                                                         bnb_4bit_compute_dtype=torch.float32)),
-        "tiny_opt_fp4": ("opt", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
-                                                   bnb_4bit_compute_dtype=torch.float32)),
+        "tiny_llama_nf4_dq": (
+            "llama",
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+        ),
+        "tiny_opt_fp4": (
+            "opt",
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+        ),
         "tiny_opt_int8": ("opt", BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)),
     }
     ids = torch.randint(0, 128, (2, 7), generator=gen)
@@ -138,8 +165,9 @@ def tiny_checkpoints(root: Path, device: str, gen: torch.Generator, suffix: str 
             model.save_pretrained(Path(tmp) / arch)
         for name, (arch, qcfg) in jobs.items():
             dtype = torch.float16 if qcfg.load_in_8bit else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(Path(tmp) / arch, quantization_config=qcfg,
-                                                         device_map=device, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                Path(tmp) / arch, quantization_config=qcfg, device_map=device, dtype=dtype
+            )
             dest = root / (name + suffix)
             shutil.rmtree(dest, ignore_errors=True)
             model.save_pretrained(dest)  # before any forward: the CPU backend repacks weights on the first one

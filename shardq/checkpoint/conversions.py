@@ -318,8 +318,10 @@ def renamed_index(model: nn.Module, index: CheckpointIndex) -> CheckpointIndex:
     for key, info in index.tensors.items():
         new, _ = cml.rename_source_key(key, copy.deepcopy(renamings), [])
         if new in out:
-            raise LoadError(f"checkpoint tensors {out[new].name!r} and {key!r} both become {new!r} under "
-                            "transformers' renames: the checkpoint holds the same tensor twice; remove one")
+            raise LoadError(
+                f"checkpoint tensors {out[new].name!r} and {key!r} both become {new!r} under "
+                "transformers' renames: the checkpoint holds the same tensor twice; remove one"
+            )
         out[new] = info
     return CheckpointIndex(index.path, out, index.files, index.metadata)
 

@@ -27,10 +27,21 @@ MAX_HEADER_BYTES = 100_000_000  # the library's limit (HeaderTooLarge)
 _U64 = 2**64
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 
 
@@ -86,14 +97,17 @@ def check_entry(name: str, entry: Any) -> Entry:
         raise HeaderError(f"header entry for tensor {name!r} lacks dtype/shape/data_offsets")
     dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
-        raise HeaderError(f"tensor {name!r} has dtype {entry['dtype']!r}, which shardq cannot read "
-                          f"(supported: {sorted(DTYPES)})")
+        raise HeaderError(
+            f"tensor {name!r} has dtype {entry['dtype']!r}, which shardq cannot read (supported: {sorted(DTYPES)})"
+        )
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise HeaderError(f"tensor {name!r} has shape {shape!r}: a shape is a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(x) for x in offsets):
-        raise HeaderError(f"tensor {name!r} has data_offsets {offsets!r}: they are two non-negative integers "
-                          "[begin, end] counted from the end of the header")
+        raise HeaderError(
+            f"tensor {name!r} has data_offsets {offsets!r}: they are two non-negative integers "
+            "[begin, end] counted from the end of the header"
+        )
     begin, end = offsets
     needed = math.prod(shape) * dtype.itemsize
     if needed >= _U64:
@@ -113,8 +127,10 @@ def check_tiling(entries: list[Entry], data_bytes: int) -> None:
             raise HeaderError(f"tensor {e.name!r} begins at byte {e.begin} but {where}: it {kind}")
         cursor, prev = e.end, e.name
     if cursor < data_bytes:
-        raise HeaderError(f"the tensors cover {cursor} bytes of a {data_bytes}-byte data section: the file has "
-                          "trailing bytes no tensor owns")
+        raise HeaderError(
+            f"the tensors cover {cursor} bytes of a {data_bytes}-byte data section: the file has "
+            "trailing bytes no tensor owns"
+        )
 
 
 def check_header(raw: bytes, data_bytes: int | None) -> tuple[list[Entry], dict[str, str]]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -90,21 +90,27 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is {size} bytes, too short for a safetensors header: the file is truncated "
-                                  "or not safetensors; download or save it again")
+            raise CheckpointError(
+                f"{path} is {size} bytes, too short for a safetensors header: the file is truncated "
+                "or not safetensors; download or save it again"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(f"{path}: header length {n} does not fit in the file's {size} bytes (at most "
-                                  f"{MAX_HEADER_BYTES}): the file is truncated or not safetensors; download or save "
-                                  "it again")
+            raise CheckpointError(
+                f"{path}: header length {n} does not fit in the file's {size} bytes (at most "
+                f"{MAX_HEADER_BYTES}): the file is truncated or not safetensors; download or save "
+                "it again"
+            )
         raw = f.read(n)
     base = 8 + n
     try:
         entries, metadata = check_header(raw, None)
         for e in entries:
             if base + e.end > size:
-                raise CheckpointError(f"{path} is truncated: tensor {e.name!r} ends at byte {base + e.end} but the "
-                                      f"file has {size} bytes; download or save the checkpoint again")
+                raise CheckpointError(
+                    f"{path} is truncated: tensor {e.name!r} ends at byte {base + e.end} but the "
+                    f"file has {size} bytes; download or save the checkpoint again"
+                )
         check_tiling(entries, size - base)
     except HeaderError as e:
         raise CheckpointError(f"{path}: {e}; the file is corrupt or crafted, not a valid safetensors file") from None
@@ -119,8 +125,10 @@ def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
         tensors, meta = read_header(p)
         return CheckpointIndex(str(p), tensors, [str(p)], meta)
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} does not exist: give a directory with config.json and safetensors "
-                              "files, or a .safetensors file")
+        raise CheckpointError(
+            f"checkpoint {p} does not exist: give a directory with config.json and safetensors "
+            "files, or a .safetensors file"
+        )
     if (p / INDEX_NAME).is_file():
         return _index_sharded(p, p / INDEX_NAME)
     if (p / SINGLE_NAME).is_file():
@@ -129,9 +137,11 @@ def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         found = ", ".join(sorted(f.name for f in p.iterdir())[:10]) or "nothing"
-        raise CheckpointError(f"{p} holds no safetensors checkpoint (found: {found}); shardq reads only "
-                              f"safetensors ({SINGLE_NAME} or shards with {INDEX_NAME}), never pickle files: "
-                              "convert .bin checkpoints with save_pretrained(..., safe_serialization=True)")
+        raise CheckpointError(
+            f"{p} holds no safetensors checkpoint (found: {found}); shardq reads only "
+            f"safetensors ({SINGLE_NAME} or shards with {INDEX_NAME}), never pickle files: "
+            "convert .bin checkpoints with save_pretrained(..., safe_serialization=True)"
+        )
     return _merge(p, files)
 
 
@@ -143,8 +153,10 @@ def _merge(root: Path, files: Iterable[Path]) -> CheckpointIndex:
         part, m = read_header(f)
         for name, info in part.items():
             if name in tensors:
-                raise CheckpointError(f"tensor {name!r} is in both {tensors[name].file} and {f}: a checkpoint "
-                                      "directory must hold each tensor once; remove the stray file")
+                raise CheckpointError(
+                    f"tensor {name!r} is in both {tensors[name].file} and {f}: a checkpoint "
+                    "directory must hold each tensor once; remove the stray file"
+                )
             tensors[name] = info
         meta.update(m)
         names.append(str(f))
@@ -159,12 +171,16 @@ def _read_weight_map(index_file: Path) -> dict[str, str]:
         raise CheckpointError(f"{e}: not a valid index; download the checkpoint again") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map' object of tensor names to "
-                              f"shard file names, got {type(weight_map).__name__})")
+        raise CheckpointError(
+            f"{index_file} is not a valid index (needs a 'weight_map' object of tensor names to "
+            f"shard file names, got {type(weight_map).__name__})"
+        )
     bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
     if bad:
-        raise CheckpointError(f"{index_file}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a file name "
-                              f"({len(bad)} such entries); the index is corrupt")
+        raise CheckpointError(
+            f"{index_file}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a file name "
+            f"({len(bad)} such entries); the index is corrupt"
+        )
     return weight_map
 
 
@@ -174,17 +190,21 @@ def confined(root: Path, name: str, what: str) -> Path:
     (`<repo>/snapshots/<rev>/file` -> `<repo>/blobs/<hash>`), inside that repository's `blobs` folder."""
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts or "\\" in name or not rel.parts:
-        raise CheckpointError(f"{what} names {name!r}, a path outside the checkpoint folder {root}: a checkpoint may "
-                              "only point at files inside its own folder (relative, no '..'); refusing to read it")
+        raise CheckpointError(
+            f"{what} names {name!r}, a path outside the checkpoint folder {root}: a checkpoint may "
+            "only point at files inside its own folder (relative, no '..'); refusing to read it"
+        )
     path = root / rel
     real, home = os.path.realpath(path), os.path.realpath(root)
     allowed = [home]
     if root.parent.name == "snapshots":
         allowed.append(os.path.realpath(root.parent.parent / "blobs"))
     if not any(os.path.commonpath([real, a]) == a for a in allowed):
-        raise CheckpointError(f"{what} names {name!r}, which resolves to {real}, outside the checkpoint folder "
-                              f"{root} (a symlink leading out of it): refusing to read it; copy the shards into the "
-                              "folder if this link is yours")
+        raise CheckpointError(
+            f"{what} names {name!r}, which resolves to {real}, outside the checkpoint folder "
+            f"{root} (a symlink leading out of it): refusing to read it; copy the shards into the "
+            "folder if this link is yours"
+        )
     return path
 
 
@@ -197,16 +217,20 @@ def _index_sharded(root: Path, index_file: Path) -> CheckpointIndex:
         confined(root, fname, f"{index_file.name} (tensor {by_file[fname][0]!r})")
     missing = [f for f in by_file if not (root / f).is_file()]
     if missing:
-        raise CheckpointError(f"{index_file} points at missing shard(s) {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}: download the complete checkpoint")
+        raise CheckpointError(
+            f"{index_file} points at missing shard(s) {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}: download the complete checkpoint"
+        )
     tensors: dict[str, TensorInfo] = {}
     meta: dict[str, str] = {}
     for fname, names in by_file.items():
         part, m = read_header(root / fname)
         absent = [n for n in names if n not in part]
         if absent:
-            raise CheckpointError(f"{index_file} says tensor {absent[0]!r} is in {fname}, but that file has no such "
-                                  f"tensor ({len(absent)} missing): the index and the shards disagree; download again")
+            raise CheckpointError(
+                f"{index_file} says tensor {absent[0]!r} is in {fname}, but that file has no such "
+                f"tensor ({len(absent)} missing): the index and the shards disagree; download again"
+            )
         for n in names:
             tensors[n] = part[n]
         meta.update(m)
@@ -221,8 +245,10 @@ def read_tensor(info: TensorInfo, device: torch.device | str | None = None) -> t
         buf = bytearray(info.nbytes)
         got = f.readinto(buf)
     if got != info.nbytes:
-        raise CheckpointError(f"{info.file} is truncated: tensor {info.name!r} needs bytes {info.start}..{info.end} "
-                              f"but only {got} could be read; download or save the checkpoint again")
+        raise CheckpointError(
+            f"{info.file} is truncated: tensor {info.name!r} needs bytes {info.start}..{info.end} "
+            f"but only {got} could be read; download or save the checkpoint again"
+        )
     if info.nbytes == 0:
         t = torch.empty(info.shape, dtype=info.dtype)
     else:

@@ -3,8 +3,8 @@ weights. Both the planner (checkpoint shapes) and the loader (bytes) read tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,8 +33,9 @@ def checkpoint_source(index: CheckpointIndex) -> dict[str, SourceTensor]:
     """Every tensor of a safetensors checkpoint, read lazily from its byte range."""
     out = {}
     for key, info in index.tensors.items():  # keyed as the index is (renamed indexes keep the file's name inside)
-        out[key] = SourceTensor(info.name, info.shape, info.dtype, info.nbytes, _reader(info),
-                                      (info.file, info.start), info)
+        out[key] = SourceTensor(
+            info.name, info.shape, info.dtype, info.nbytes, _reader(info), (info.file, info.start), info
+        )
     return out
 
 
@@ -54,9 +55,10 @@ def module_source(model: nn.Module) -> dict[str, SourceTensor]:
         if t.device.type == "meta":
             meta.append(name)
             continue
-        out[name] = SourceTensor(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(),
-                                 (lambda t=t: t.detach()), ("", i))
+        out[name] = SourceTensor(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(), t.detach, ("", i))
     if meta:
-        raise LoadError(f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}) and no checkpoint "
-                        "was given: pass checkpoint='path/to/dir or file.safetensors' to fill them")
+        raise LoadError(
+            f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}) and no checkpoint "
+            "was given: pass checkpoint='path/to/dir or file.safetensors' to fill them"
+        )
     return out

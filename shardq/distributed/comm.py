@@ -16,8 +16,17 @@ import torch.distributed as dist
 TENSOR, COMMAND, ERROR, SHUTDOWN = 0, 1, 2, 3
 MAX_DIMS = 8
 HEADER = 3 + MAX_DIMS
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
-          torch.int8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.int8,
+    torch.bool,
+]
 
 
 class RemoteError(RuntimeError):
@@ -43,8 +52,7 @@ class Link:
         self._send([header, t.detach()], dst)
 
     def send_bytes(self, kind: int, data: bytes, dst: int) -> None:
-        header = torch.tensor([kind, DTYPES.index(torch.uint8), 1, len(data)] + [0] * (MAX_DIMS - 1),
-                              dtype=torch.int64)
+        header = torch.tensor([kind, DTYPES.index(torch.uint8), 1, len(data)] + [0] * (MAX_DIMS - 1), dtype=torch.int64)
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(1, dtype=torch.uint8)
         self._send([header, payload], dst)
 
@@ -63,12 +71,12 @@ class Link:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         _wait(dist.irecv(header, src), idle)
         kind, code, ndim = (int(v) for v in header[:3].tolist())
-        shape = [int(v) for v in header[3:3 + max(ndim, 1)].tolist()][:ndim]
+        shape = [int(v) for v in header[3 : 3 + max(ndim, 1)].tolist()][:ndim]
         buf = torch.empty(shape if kind == TENSOR else [max(shape[0], 1)], dtype=DTYPES[code], device=self.device)
         _wait(dist.irecv(buf, src), False)
         if kind == TENSOR:
             return kind, buf
-        data = bytes(buf.cpu().numpy().tobytes()[:shape[0]])
+        data = bytes(buf.cpu().numpy().tobytes()[: shape[0]])
         if kind == COMMAND:
             return kind, pickle.loads(data)
         return kind, data.decode(errors="replace") if kind == ERROR else None

@@ -57,8 +57,9 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
 
 
-def pipeline_seconds(stages: Sequence[float], links: Sequence[float], micro_batches: int,
-                     processors: Sequence[int] | None = None) -> float:
+def pipeline_seconds(
+    stages: Sequence[float], links: Sequence[float], micro_batches: int, processors: Sequence[int] | None = None
+) -> float:
     """GPipe fill-drain time of `micro_batches` equal micro-batches through `stages` joined by `links`.
     `processors[r]` names the processor running stage r when several stages share one (more ranks than cores):
     the pace is then the busiest processor's summed stage times."""
@@ -69,9 +70,18 @@ def pipeline_seconds(stages: Sequence[float], links: Sequence[float], micro_batc
     return sum(stages) + sum(links) + (micro_batches - 1) * max(list(busy.values()) + list(links))
 
 
-def predict(rp: RankPlan, times: Mapping[str, BlockTime], links: Sequence[Link], *, batch: int, tokens: int,
-            micro_batches: int = 1, overhead: BlockTime = BlockTime(0.0), logits_positions: int = 1,
-            processors: Sequence[int] | None = None) -> Prediction:
+def predict(
+    rp: RankPlan,
+    times: Mapping[str, BlockTime],
+    links: Sequence[Link],
+    *,
+    batch: int,
+    tokens: int,
+    micro_batches: int = 1,
+    overhead: BlockTime = BlockTime(0.0),
+    logits_positions: int = 1,
+    processors: Sequence[int] | None = None,
+) -> Prediction:
     """Time of one forward of `batch` sequences of `tokens` new tokens each, cut into `micro_batches`.
 
     `times`: per unit (blocks, embeddings, head; missing units cost nothing); `links[r]`: rank r -> r+1, the last

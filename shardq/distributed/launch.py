@@ -53,8 +53,16 @@ class Pipeline:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s!r}: give a positive number of seconds")
 
-    def load(self, model: nn.Module, checkpoint: Any = None, *, max_memory: Any = None, quant: Any = None,
-             offload_dir: Any = None, **kwargs: Any) -> nn.Module:
+    def load(
+        self,
+        model: nn.Module,
+        checkpoint: Any = None,
+        *,
+        max_memory: Any = None,
+        quant: Any = None,
+        offload_dir: Any = None,
+        **kwargs: Any,
+    ) -> nn.Module:
         """Load this rank's stage of `model` (see the module docstring); `max_memory` is this rank's caps, or a list
         of caps per rank; `device_map` a strategy, or a list of one strategy or explicit map (of that rank's blocks)
         per rank. Other keyword arguments are `load_sharded`'s."""
@@ -70,8 +78,7 @@ class Pipeline:
         error = None
         kwargs["device_map"] = per_rank(kwargs.get("device_map", "auto"), world, "device_map")[rank]
         try:
-            load_sharded(model, checkpoint, max_memory=budgets[rank], quant=quant, offload_dir=offload_dir,
-                         **kwargs)
+            load_sharded(model, checkpoint, max_memory=budgets[rank], quant=quant, offload_dir=offload_dir, **kwargs)
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it before any waits for another)
             error = exc
         _agree_loaded(error, rank, world)
@@ -88,8 +95,10 @@ def init_group(backend: str | None, timeout_s: float) -> bool:
     if dist.is_initialized():
         return False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("distributed= needs a process group: launch with torchrun (torchrun --nproc-per-node 2 "
-                           "script.py), or call torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "distributed= needs a process group: launch with torchrun (torchrun --nproc-per-node 2 "
+            "script.py), or call torch.distributed.init_process_group first"
+        )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -102,8 +111,10 @@ def rank_caps(max_memory: Any, rank: int, world: int) -> Mapping[Any, Any] | Non
     """This rank's max_memory: the dict itself, or its entry of a list with one dict per rank."""
     if isinstance(max_memory, (list, tuple)):
         if len(max_memory) != world:
-            raise ValueError(f"max_memory lists {len(max_memory)} caps but the job has {world} ranks: give one dict "
-                             "per rank, or one dict that each rank applies to its own machine")
+            raise ValueError(
+                f"max_memory lists {len(max_memory)} caps but the job has {world} ranks: give one dict "
+                "per rank, or one dict that each rank applies to its own machine"
+            )
         return max_memory[rank]
     return max_memory
 
@@ -159,4 +170,3 @@ def serve_and_exit(runtime: PipelineRuntime) -> None:
     if dist.is_initialized() and code == 0:
         dist.destroy_process_group()
     sys.exit(code)
-

@@ -76,8 +76,10 @@ class Sessions:
             self.next_id += 1
         sid = self.ids[user_cache]
         if sid not in self.caches and _seq_len(user_cache) > 0:
-            raise RuntimeError(f"this cache belongs to a pipeline session dropped after {MAX_SESSIONS} newer ones: "
-                               "start the sequence again (a new generate() call)")
+            raise RuntimeError(
+                f"this cache belongs to a pipeline session dropped after {MAX_SESSIONS} newer ones: "
+                "start the sequence again (a new generate() call)"
+            )
         return sid
 
     def get(self, sid: int, micro: int) -> Any:
@@ -99,8 +101,15 @@ def _seq_len(cache: Any) -> int:
 class PipelineRuntime:
     """One rank's side of the pipeline over `model` (already holding only its stage)."""
 
-    def __init__(self, model: nn.Module, rank_plan: RankPlan, rank: int, micro_batches: int = 1,
-                 link: Link | None = None, owns_group: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        rank_plan: RankPlan,
+        rank: int,
+        micro_batches: int = 1,
+        link: Link | None = None,
+        owns_group: bool = False,
+    ) -> None:
         self.model, self.rp, self.rank = model, rank_plan, rank
         self.world = rank_plan.world_size
         self.last = self.world - 1
@@ -156,15 +165,23 @@ class PipelineRuntime:
         for k in CACHE_NAMES:
             kwargs.pop(k, None)
         use_cache = kwargs.pop("use_cache", None)
-        use_cache = bool(getattr(getattr(self.model, "config", None), "use_cache", False)
-                         if use_cache is None else use_cache)
+        use_cache = bool(
+            getattr(getattr(self.model, "config", None), "use_cache", False) if use_cache is None else use_cache
+        )
         if use_cache and user_cache is None:
             user_cache = self._new_cache()
         sid = self.sessions.id_for(user_cache) if use_cache else None
         ranges = micro_ranges(batch, self.micro_batches)
         shared = {k: _to_cpu(v) for k, v in kwargs.items() if k != "inputs_embeds"}
-        command = {"session": sid, "ranges": ranges, "batch": batch, "tokens": tokens, "kwargs": shared,
-                   "use_cache": use_cache, "dtype": str(_float_dtype(self.model)).removeprefix("torch.")}
+        command = {
+            "session": sid,
+            "ranges": ranges,
+            "batch": batch,
+            "tokens": tokens,
+            "kwargs": shared,
+            "use_cache": use_cache,
+            "dtype": str(_float_dtype(self.model)).removeprefix("torch."),
+        }
         for r in range(1, self.world):
             self.link.send_object(command, r)
         outs = self._run_local(dict(kwargs, input_ids=input_ids), ranges, batch, sid, use_cache)
@@ -178,8 +195,9 @@ class PipelineRuntime:
             out["cache"] = user_cache
         return out
 
-    def _run_local(self, kwargs: dict[str, Any], ranges: list[tuple[int, int]], batch: int, sid: int | None,
-                   use_cache: bool) -> list[Any]:
+    def _run_local(
+        self, kwargs: dict[str, Any], ranges: list[tuple[int, int]], batch: int, sid: int | None, use_cache: bool
+    ) -> list[Any]:
         outs = []
         try:
             for m, (a, b) in enumerate(ranges):

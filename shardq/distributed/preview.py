@@ -20,8 +20,10 @@ def parse_ranks(spec: str, host: Mapping[Any, Any] | None = None) -> list[dict[D
     for part in (p.strip() for p in spec.split(";") if p.strip()):
         m = re.fullmatch(r"(?:([0-9]+)\s*[xX*]\s*)?\((.+)\)", part)
         if not m:
-            raise ValueError(f"--ranks part {part!r} is not COUNTx(GPUS) or (GPUS): write e.g. '2x(1x24GB)' or "
-                             "'(1x24GB);(2x16GB)' or '2x(cpu=8GB)'")
+            raise ValueError(
+                f"--ranks part {part!r} is not COUNTx(GPUS) or (GPUS): write e.g. '2x(1x24GB)' or "
+                "'(1x24GB);(2x16GB)' or '2x(cpu=8GB)'"
+            )
         count, inner = int(m.group(1) or 1), m.group(2).strip()
         if count < 1:
             raise ValueError(f"--ranks part {part!r} asks for {count} ranks: give at least 1")
@@ -35,8 +37,14 @@ def parse_ranks(spec: str, host: Mapping[Any, Any] | None = None) -> list[dict[D
     return out
 
 
-def preview(source: str, spec: str, quant: Any = None, host: Mapping[Any, Any] | None = None,
-            dtype: Any = None, **plan_kwargs: Any) -> RankPlan:
+def preview(
+    source: str,
+    spec: str,
+    quant: Any = None,
+    host: Mapping[Any, Any] | None = None,
+    dtype: Any = None,
+    **plan_kwargs: Any,
+) -> RankPlan:
     """The `RankPlan` of the model of `source` (a transformers directory or config.json), built on meta."""
     from shardq import hf
 

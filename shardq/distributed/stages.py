@@ -58,10 +58,15 @@ class RankPlan:
         return next(s.rank for s in self.stages if block in s.blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [{"rank": s.rank, "blocks": s.blocks, "extra": s.extra,
-                            "plan": s.plan.to_dict() if s.plan else None} for s in self.stages],
-                "replicated": self.replicated, "link_bytes_per_token": self.link_bytes_per_token,
-                "logits_bytes_per_token": self.logits_bytes_per_token}
+        return {
+            "stages": [
+                {"rank": s.rank, "blocks": s.blocks, "extra": s.extra, "plan": s.plan.to_dict() if s.plan else None}
+                for s in self.stages
+            ],
+            "replicated": self.replicated,
+            "link_bytes_per_token": self.link_bytes_per_token,
+            "logits_bytes_per_token": self.logits_bytes_per_token,
+        }
 
 
 def chain_units(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -100,10 +105,11 @@ def cut(sizes: Sequence[int], shares: Sequence[float], head: int = 0, tail: int 
     weight = sum(shares)
     counts, start, acc = [], 0, head
     for r in range(ranks - 1):
-        target = total * sum(shares[:r + 1]) / weight
+        target = total * sum(shares[: r + 1]) / weight
         end = start + 1
-        while end < n - (ranks - r - 1) and abs(acc + sum(sizes[start:end + 1]) - target) <= \
-                abs(acc + sum(sizes[start:end]) - target):
+        while end < n - (ranks - r - 1) and abs(acc + sum(sizes[start : end + 1]) - target) <= abs(
+            acc + sum(sizes[start:end]) - target
+        ):
             end += 1
         acc += sum(sizes[start:end])
         counts.append(end - start)
@@ -132,13 +138,16 @@ def _tied_with(model: nn.Module, units: list[str], owned: list[str]) -> list[str
     return [u for u in units if u in out and u not in owned]
 
 
-def split_model(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], quant: Any = None,
-                stages: Sequence[int] | None = None) -> RankPlan:
+def split_model(
+    model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], quant: Any = None, stages: Sequence[int] | None = None
+) -> RankPlan:
     """Stages for `len(budgets)` ranks (no per-rank placement yet: `plan_ranks` adds it). `stages` gives the block
     counts per rank explicitly; by default they follow each rank's `capacity`."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise PlanError(f"{type(model).__name__} is an encoder-decoder model: pipeline stages support decoder-only "
-                        "models (one chain of layers); load it in one process with load_sharded(..., distributed=None)")
+        raise PlanError(
+            f"{type(model).__name__} is an encoder-decoder model: pipeline stages support decoder-only "
+            "models (one chain of layers); load it in one process with load_sharded(..., distributed=None)"
+        )
     units, chain = chain_units(model)
     if not chain:
         raise PlanError("no repeated blocks (decoder layers) found to cut into stages: pass no_split block names")
@@ -149,19 +158,21 @@ def split_model(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], qu
     sizes = unit_bytes(model, quant, units)
     first, last = units.index(chain[0]), units.index(chain[-1])
     head = [u for u in units[:first] if u not in replicated]
-    tail = [u for u in units[last + 1:] if u not in replicated]
+    tail = [u for u in units[last + 1 :] if u not in replicated]
     if stages is None:
         shares = [float(capacity(b)) for b in budgets]
         if not all(shares):
-            raise PlanError(f"rank(s) {[r for r, s in enumerate(shares) if not s]} have no memory budget: give each "
-                            "rank a max_memory with a GPU, 'cpu' or 'disk' entry")
+            raise PlanError(
+                f"rank(s) {[r for r, s in enumerate(shares) if not s]} have no memory budget: give each "
+                "rank a max_memory with a GPU, 'cpu' or 'disk' entry"
+            )
         counts = cut([sizes[b] for b in chain], shares, _work(model, head, sizes), _work(model, tail, sizes))
     else:
         counts = _check_counts(stages, len(chain), ranks)
     out, start = [], 0
     for r, c in enumerate(counts):
         extra = (head if r == 0 else []) + (tail if r == ranks - 1 else [])
-        blocks = chain[start:start + c]
+        blocks = chain[start : start + c]
         start += c
         if r == ranks - 1:  # a tied head needs its embedding's weight; rank 0's embedding needs no head
             extra += _tied_with(model, [u for u in units if u not in replicated], tail)
@@ -178,8 +189,10 @@ def _work(model: nn.Module, units: list[str], sizes: Mapping[str, int]) -> int:
 def _check_counts(stages: Sequence[int], n: int, ranks: int) -> list[int]:
     counts = list(stages)
     if len(counts) != ranks or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != n:
-        raise PlanError(f"stages={counts} must give one block count >= 1 per rank ({ranks} ranks) summing to the "
-                        f"model's {n} blocks, e.g. {cut([1] * n, [1.0] * ranks)}")
+        raise PlanError(
+            f"stages={counts} must give one block count >= 1 per rank ({ranks} ranks) summing to the "
+            f"model's {n} blocks, e.g. {cut([1] * n, [1.0] * ranks)}"
+        )
     return counts
 
 
@@ -229,8 +242,13 @@ def stage_model(model: nn.Module, rank_plan: RankPlan, rank: int, aliases: Seque
     return model
 
 
-def plan_ranks(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], quant: Any = None,
-               stages: Sequence[int] | None = None, **plan_kwargs: Any) -> RankPlan:
+def plan_ranks(
+    model: nn.Module,
+    budgets: Sequence[Mapping[DeviceKey, int]],
+    quant: Any = None,
+    stages: Sequence[int] | None = None,
+    **plan_kwargs: Any,
+) -> RankPlan:
     """Stages per rank (`split_model`) and each rank's placement by `plan_model` under its own budgets (GPUs as
     hypothetical GPUs of those sizes, so any rank's machine can plan every rank). `device_map` may be a list with
     one strategy or explicit map (of that rank's units) per rank. A stage that does not fit raises `PlanError`
@@ -240,10 +258,14 @@ def plan_ranks(model: nn.Module, budgets: Sequence[Mapping[DeviceKey, int]], qua
     for st, b in zip(rp.stages, budgets):
         part = stage_model(copy.deepcopy(model), rp, st.rank)
         gpus = [v for k, v in b.items() if isinstance(k, int)]
-        local = {**dict(enumerate(gpus)), **{k: v for k, v in b.items() if not isinstance(k, int)}}
+        local: dict[DeviceKey, int] = {
+            **dict(enumerate(gpus)),
+            **{k: v for k, v in b.items() if not isinstance(k, int)},
+        }
         try:  # a rank's GPUs planned as hypothetical GPUs 0..n-1 of their sizes (rank 1's GPU 1 is its first)
-            st.plan = plan_model(part, quant=quant, max_memory=local, gpus=gpus or None, device_map=maps[st.rank],
-                                 **plan_kwargs)
+            st.plan = plan_model(
+                part, quant=quant, max_memory=local, gpus=gpus or None, device_map=maps[st.rank], **plan_kwargs
+            )
         except PlanError as exc:
             err = PlanError(f"rank {st.rank} (blocks {_span(st.blocks)}): {exc}")
             err.missing = exc.missing
@@ -255,8 +277,10 @@ def per_rank(value: Any, world: int, what: str) -> list[Any]:
     """One value per rank: a list or tuple gives each rank its own (its length must be the world size)."""
     if isinstance(value, (list, tuple)):
         if len(value) != world:
-            raise PlanError(f"{what} lists {len(value)} entries but the job has {world} ranks: give one per rank, "
-                            "or one value that every rank applies to its own stage")
+            raise PlanError(
+                f"{what} lists {len(value)} entries but the job has {world} ranks: give one per rank, "
+                "or one value that every rank applies to its own stage"
+            )
         return list(value)
     return [value] * world
 
@@ -275,6 +299,8 @@ def format_rank_plan(rp: RankPlan) -> str:
         lines.append(f"  rank {st.rank}: {len(st.blocks)} blocks ({_span(st.blocks)}){extra}  [{where}]")
     for r in range(rp.world_size - 1):
         lines.append(f"  link rank {r} -> {r + 1}: {format_size(rp.link_bytes_per_token)} per token (hidden states)")
-    lines.append(f"  link rank {rp.world_size - 1} -> 0: {format_size(rp.logits_bytes_per_token)} per sequence "
-                 "per step (the last position's logits; a forward returning all positions sends that per token)")
+    lines.append(
+        f"  link rank {rp.world_size - 1} -> 0: {format_size(rp.logits_bytes_per_token)} per sequence "
+        "per step (the last position's logits; a forward returning all positions sends that per token)"
+    )
     return "\n".join(lines)

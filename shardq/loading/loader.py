@@ -18,6 +18,7 @@ The order is what makes the memory promises hold:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -31,17 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardq.quant import sizing
 from shardq.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
+from shardq.checkpoint.source import LoadError, SourceTensor, checkpoint_source, module_source
 from shardq.config import QuantConfig
+from shardq.planning.planner import Placement, Plan, check_offload_mode, plan_model
+from shardq.progress import byte_bar
+from shardq.quant import sizing
+from shardq.quant.experts import QuantizedExperts, replace_stack
+from shardq.quant.linear import empty_quantized
 from shardq.runtime.dispatch import dispatch_model
 from shardq.runtime.offload import host_buffer, pin_buffer, write_disk_offload
 from shardq.runtime.offload_folder import OffloadFolder, OffloadFolderError, claim_folder, live_folder
-from shardq.planning.planner import Plan, Placement, check_offload_mode, plan_model
-from shardq.progress import byte_bar
-from shardq.checkpoint.source import LoadError, SourceTensor, checkpoint_source, module_source
-from shardq.quant.experts import QuantizedExperts, replace_stack
-from shardq.quant.linear import empty_quantized
 
 QUANTIZED = ("int8", "nf4", "fp4")
 
@@ -106,14 +107,23 @@ def _candidate_transforms(ckpt: Iterable[str], model_names: set[str]) -> list[tu
     out: list[tuple[str, Callable[[str], str | None]]] = [("identity", lambda k: k)]
     heads = {k.split(".", 1)[0] for k in ckpt if "." in k}
     for p in sorted(heads):
-        out.append((f"strip {p}.", lambda k, p=p: k[len(p) + 1:] if k.startswith(p + ".") else None))
+        out.append((f"strip {p}.", functools.partial(_strip_prefix, p)))
     for p in sorted({n.split(".", 1)[0] for n in model_names if "." in n}):
-        out.append((f"add {p}.", lambda k, p=p: f"{p}.{k}"))
+        out.append((f"add {p}.", functools.partial(_add_prefix, p)))
     return out
 
 
-def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapping[str, Slot],
-               provided: Iterable[str] = ()) -> KeyMatch:
+def _strip_prefix(prefix: str, key: str) -> str | None:
+    return key[len(prefix) + 1 :] if key.startswith(prefix + ".") else None
+
+
+def _add_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}"
+
+
+def match_keys(
+    source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapping[str, Slot], provided: Iterable[str] = ()
+) -> KeyMatch:
     """Map the source's names onto the model's slots; raise one LoadError listing every problem. `provided`:
     slots filled another way (the layers of a pre-quantized checkpoint), never missing."""
     name_to_slot = {n: key for key, s in slots.items() if s.persistent for n in s.names}
@@ -149,19 +159,27 @@ def match_keys(source: Mapping[str, SourceTensor], model: nn.Module, slots: Mapp
             wrong.append(f"{shown}: checkpoint {list(src.shape)}, model {list(slot.shape)}")
             continue
         if src.dtype.is_floating_point != slot.dtype.is_floating_point:  # e.g. int8 codes without their config
-            wrong.append(f"{shown}: checkpoint {str(src.dtype).removeprefix('torch.')}, model "
-                         f"{str(slot.dtype).removeprefix('torch.')}")
+            wrong.append(
+                f"{shown}: checkpoint {str(src.dtype).removeprefix('torch.')}, model "
+                f"{str(slot.dtype).removeprefix('torch.')}"
+            )
             continue
         mapping[key] = slot_key
         taken.add(slot_key)
     loaded = taken | set(provided)
-    missing = [k for k, s in slots.items() if s.persistent and k not in loaded and not
-               any(p.search(n) for n in s.names for p in skip_missing)]
+    missing = [
+        k
+        for k, s in slots.items()
+        if s.persistent and k not in loaded and not any(p.search(n) for n in s.names for p in skip_missing)
+    ]
     if unexpected or missing or wrong:
         raise LoadError(_mismatch_message(missing, unexpected, wrong, label))
     if outside:
-        warnings.warn(f"{len(outside)} checkpoint tensor(s) outside the model's part of the checkpoint were not used "
-                      f"(name rewrite '{label}'), e.g. {outside[:3]}", stacklevel=3)
+        warnings.warn(
+            f"{len(outside)} checkpoint tensor(s) outside the model's part of the checkpoint were not used "
+            f"(name rewrite '{label}'), e.g. {outside[:3]}",
+            stacklevel=3,
+        )
     return KeyMatch(mapping, ignored + outside, label)
 
 
@@ -173,12 +191,16 @@ def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str
         return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + more
 
     how = "" if label == "identity" else f" (after the name rewrite '{label}')"
-    return ("the checkpoint does not match the model" + how + ":"
-            + part("missing from the checkpoint", missing)
-            + part("unexpected in the checkpoint (no such tensor in the model)", unexpected)
-            + part("wrong shape or dtype", wrong)
-            + "\nNothing was loaded. Build the model from the checkpoint's own config.json "
-              "(shardq.meta_model_from_dir / load_sharded_from_dir), or give the checkpoint saved from this model.")
+    return (
+        "the checkpoint does not match the model"
+        + how
+        + ":"
+        + part("missing from the checkpoint", missing)
+        + part("unexpected in the checkpoint (no such tensor in the model)", unexpected)
+        + part("wrong shape or dtype", wrong)
+        + "\nNothing was loaded. Build the model from the checkpoint's own config.json "
+        "(shardq.meta_model_from_dir / load_sharded_from_dir), or give the checkpoint saved from this model."
+    )
 
 
 def fill_meta_buffers(model: nn.Module, slots: Mapping[str, Slot], backed: set[str], journal: Journal) -> None:
@@ -207,10 +229,12 @@ def check_meta_buffers(slots: Mapping[str, Slot], source_backed: set[str]) -> No
     """Tensors that are neither in the checkpoint nor real (a non-persistent buffer built on meta) cannot be filled."""
     bad = [k for k, s in slots.items() if k not in source_backed and s.get().device.type == "meta"]
     if bad:
-        raise LoadError(f"{len(bad)} tensors are on the meta device and not in the checkpoint, e.g. {bad[:4]} "
-                        "(non-persistent buffers such as rotary inv_freq): build the model with "
-                        "shardq.meta_model_from_dir or accelerate.init_empty_weights() (include_buffers=False), "
-                        "which keep buffers real")
+        raise LoadError(
+            f"{len(bad)} tensors are on the meta device and not in the checkpoint, e.g. {bad[:4]} "
+            "(non-persistent buffers such as rotary inv_freq): build the model with "
+            "shardq.meta_model_from_dir or accelerate.init_empty_weights() (include_buffers=False), "
+            "which keep buffers real"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,8 +336,9 @@ def _quant_device(p: Placement, plan: Plan, need: int) -> torch.device:
     return torch.device("cpu")
 
 
-def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal,
-                   exclude: Iterable[str] = ()) -> dict[str, tuple[nn.Module, bool]]:
+def swap_quantized(
+    model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Journal, exclude: Iterable[str] = ()
+) -> dict[str, tuple[nn.Module, bool]]:
     """Replace, on meta, each layer the plan stores quantized (`sizing.quantized_layers`) by an empty
     Linear8bit/Linear4bit (except the `exclude`d modules, which a pre-quantized checkpoint provides whole), and
     each fused expert stack it stores quantized (`sizing.quantized_experts`) by an empty QuantizedExperts.
@@ -324,7 +349,9 @@ def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Jour
     for name, module in list(sizing.quantized_layers(model, cfg).items()):
         if name in exclude or owner_unit(name, units).quant not in QUANTIZED:
             continue
-        out_f, in_f = sizing.linear_shape(module)
+        dims = sizing.linear_shape(module)
+        assert dims is not None  # quantized_layers holds only Linear and Conv1D layers
+        out_f, in_f = dims
         new = empty_quantized(in_f, out_f, module.bias is not None, cfg, device="meta", dtype=module.weight.dtype)
         parent, _, attr = name.rpartition(".")
         journal.swap_module(model.get_submodule(parent) if parent else model, attr, new)
@@ -340,13 +367,14 @@ def swap_quantized(model: nn.Module, plan: Plan, cfg: QuantConfig, journal: Jour
     return out
 
 
-def plan_routes(slots: Mapping[str, Slot], plan: Plan,
-                qweights: Mapping[str, tuple[nn.Module, bool]]) -> dict[str, Route]:
+def plan_routes(
+    slots: Mapping[str, Slot], plan: Plan, qweights: Mapping[str, tuple[nn.Module, bool]]
+) -> dict[str, Route]:
     """A route for every slot of the (swapped) model; `qweights` as `swap_quantized` returns them."""
     units = {p.name: p for p in plan.placements}
     routes: dict[str, Route] = {}
     stacks = {k: Slot([k], [], (), torch.float32, True) for k in qweights if k not in slots}  # now modules
-    for key, slot in (slots | stacks).items():
+    for key, slot in {**slots, **stacks}.items():
         places = [owner_unit(n, units) for n in slot.names]
         qmod, transpose = qweights.get(key, (None, False))
         fp32 = cpu_fp32(places[0], plan)
@@ -355,8 +383,9 @@ def plan_routes(slots: Mapping[str, Slot], plan: Plan,
             numel = getattr(qmod, "num_experts", 1) * qmod.out_features * qmod.in_features
             dev = _quant_device(p, plan, numel * (qmod.dtype.itemsize + 4))
             home = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
-            routes[key] = Route(dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None,
-                                qmod, home, transpose)
+            routes[key] = Route(
+                dev, torch.float32 if fp32 else qmod.dtype, p.name if p.run == "disk" else None, qmod, home, transpose
+            )
             continue
         gpu = next((p for p in places if isinstance(p.device, int)), None)
         want = torch.float32 if fp32 and slot.dtype.is_floating_point else slot.dtype
@@ -403,31 +432,40 @@ class PinnedReader:
 
     def fetch(self, info: TensorInfo, device: torch.device) -> torch.Tensor:
         i, self.turn = self.turn, self.turn ^ 1
-        if self.done[i] is not None:
-            self.done[i].synchronize()
+        done = self.done[i]
+        if done is not None:
+            done.synchronize()
         buf = self.buffers[i][: info.nbytes]
         with open(info.file, "rb") as f:
             f.seek(info.start)
             got = f.readinto(memoryview(buf.numpy()))
         if got != info.nbytes:
-            raise CheckpointError(f"{info.file} is truncated: tensor {info.name!r} needs {info.nbytes} bytes at "
-                                  f"{info.start}, read {got}; download or save the checkpoint again")
+            raise CheckpointError(
+                f"{info.file} is truncated: tensor {info.name!r} needs {info.nbytes} bytes at "
+                f"{info.start}, read {got}; download or save the checkpoint again"
+            )
         host = buf.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
         out = host.to(device, non_blocking=True)
-        self.done[i] = torch.cuda.Event()
-        self.done[i].record(torch.cuda.current_stream(device))
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+        self.done[i] = done
         return out
 
 
 def _pinned_ok(src: SourceTensor, route: Route) -> bool:
     """A straight file → pinned → GPU read: the tensor is in a file, bound for a GPU, and needs no downcast or
     transpose (both happen on the host so that the GPU never holds the wider or the untransposed copy)."""
-    return (src.info is not None and route.device.type == "cuda" and not route.transpose
-            and not (src.dtype.is_floating_point and route.dtype.itemsize < src.dtype.itemsize))
+    return (
+        src.info is not None
+        and route.device.type == "cuda"
+        and not route.transpose
+        and not (src.dtype.is_floating_point and route.dtype.itemsize < src.dtype.itemsize)
+    )
 
 
-def make_pinned_reader(source: Mapping[str, SourceTensor], keys: Iterable[str],
-                       routes_of: Callable[[str], Route]) -> PinnedReader | None:
+def make_pinned_reader(
+    source: Mapping[str, SourceTensor], keys: Iterable[str], routes_of: Callable[[str], Route]
+) -> PinnedReader | None:
     """Two pinned buffers of the largest GPU-bound tensor, or None when no tensor goes to a GPU that way."""
     largest = max((source[k].nbytes for k in keys if _pinned_ok(source[k], routes_of(k))), default=0)
     return PinnedReader(largest) if largest else None
@@ -435,7 +473,7 @@ def make_pinned_reader(source: Mapping[str, SourceTensor], keys: Iterable[str],
 
 def _fetch(src: SourceTensor, route: Route, pinned: PinnedReader | None = None) -> torch.Tensor:
     """Read one tensor and move it to its device in its target dtype, casting where it moves fewer bytes."""
-    if pinned is not None and _pinned_ok(src, route):
+    if pinned is not None and src.info is not None and _pinned_ok(src, route):
         t = pinned.fetch(src.info, route.device)
         return t.to(route.dtype if t.is_floating_point() else t.dtype).contiguous()
     t = src.read()
@@ -452,6 +490,7 @@ def _store(journal: Journal, slot: Slot | None, route: Route, value: torch.Tenso
     """Quantize into the route's module, or assign the value to every reference of the slot (None: a fused expert
     stack, whose parameter the QuantizedExperts module replaced)."""
     if route.qmodule is None:
+        assert slot is not None  # only a fused expert stack has no slot, and its route quantizes
         _assign(journal, slot, value)
         return
     q = route.qmodule
@@ -466,9 +505,17 @@ def _store(journal: Journal, slot: Slot | None, route: Route, value: torch.Tenso
         q.bias = nn.Parameter(q.bias.detach().to(route.home), requires_grad=False)
 
 
-def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: KeyMatch, routes: Mapping[str, Route],
-                   journal: Journal, offload_dir: Path | None, progress: bool | str,
-                   layers: Mapping[str, "QLayer"] | None = None, plan: Plan | None = None) -> LoadStats:
+def stream_tensors(
+    model: nn.Module,
+    source: Mapping[str, SourceTensor],
+    match: KeyMatch,
+    routes: Mapping[str, Route],
+    journal: Journal,
+    offload_dir: Path | None,
+    progress: bool | str,
+    layers: Mapping[str, QLayer] | None = None,
+    plan: Plan | None = None,
+) -> LoadStats:
     """Load every mapped tensor (and pre-quantized layer) in file order; write each disk block once its last
     tensor arrived."""
     layers = layers or {}
@@ -487,14 +534,16 @@ def stream_tensors(model: nn.Module, source: Mapping[str, SourceTensor], match: 
         if block is not None:
             pending[block] = pending.get(block, 0) + 1
     disk_blocks = {r.disk_block for r in routes.values() if r.disk_block is not None} | set(pending)
-    total = (sum(source[k].nbytes for k in match.mapping)
-             + sum(source[k].nbytes for q in layers.values() for k in q.keys))
+    total = sum(source[k].nbytes for k in match.mapping) + sum(
+        source[k].nbytes for q in layers.values() for k in q.keys
+    )
     pinned = make_pinned_reader(source, match.mapping, lambda k: routes[match.mapping[k]])
     stats.pinned_bytes = 2 * pinned.buffers[0].numel() if pinned is not None else 0
     start = time.perf_counter()
     with byte_bar(total, enabled=progress) as bar:
         for _, key, block in items:
             if key in layers:
+                assert plan is not None  # pre-quantized layers are placed by the plan
                 nbytes = load_layer(model, layers[key], source, owner_unit(key, units), plan, journal)
             else:
                 route = routes[match.mapping[key]]
@@ -557,8 +606,9 @@ class QLayer:
     keys: list[str]
 
 
-def prequantized_layers(model: nn.Module, checkpoint: str | os.PathLike,
-                        index: CheckpointIndex) -> tuple[QuantConfig, dict[str, QLayer]] | None:
+def prequantized_layers(
+    model: nn.Module, checkpoint: str | os.PathLike, index: CheckpointIndex
+) -> tuple[QuantConfig, dict[str, QLayer]] | None:
     """The quantization and quantized layers of a checkpoint written by transformers + bitsandbytes (or
     shardq.save_quantized), every layer's tensors checked against the headers; None for a float checkpoint."""
     from shardq.quant import serialize
@@ -581,20 +631,26 @@ def _merge_quant(ckpt_cfg: QuantConfig, quant: Any) -> QuantConfig:
         return ckpt_cfg
     user = QuantConfig.from_any(quant)
     if user.method not in ("none", ckpt_cfg.method):
-        raise LoadError(f"the checkpoint is already quantized with {ckpt_cfg.method!r} but quant={user.method!r} was "
-                        f"asked: pass quant=None to load it as stored, or load a float checkpoint to re-quantize")
+        raise LoadError(
+            f"the checkpoint is already quantized with {ckpt_cfg.method!r} but quant={user.method!r} was "
+            f"asked: pass quant=None to load it as stored, or load a float checkpoint to re-quantize"
+        )
     return ckpt_cfg.replace(fp32_cpu_offload=ckpt_cfg.fp32_cpu_offload or user.fp32_cpu_offload)
 
 
-def load_layer(model: nn.Module, layer: QLayer, source: Mapping[str, SourceTensor], p: Placement, plan: Plan,
-               journal: Journal) -> int:
+def load_layer(
+    model: nn.Module, layer: QLayer, source: Mapping[str, SourceTensor], p: Placement, plan: Plan, journal: Journal
+) -> int:
     """Read one pre-quantized layer to its block's device and swap it in (dequantized to fp32 where the plan
     keeps the block in fp32 on the CPU). Returns the bytes read."""
     from shardq.quant import serialize
 
     device = torch.device("cuda", p.device) if isinstance(p.device, int) else torch.device("cpu")
-    rel = {k[len(layer.name) + 1:]: source[k].read().to(device) for k in layer.keys
-           if serialize.QS_PREFIX not in k and not k.endswith("weight_format")}
+    rel = {
+        k[len(layer.name) + 1 :]: source[k].read().to(device)
+        for k in layer.keys
+        if serialize.QS_PREFIX not in k and not k.endswith("weight_format")
+    }
     new = serialize.linear_from_tensors(rel, layer.spec, layer.in_features, layer.out_features, plan.quant, layer.name)
     if p.quant == "fp32":
         new = new.dequantize().float().requires_grad_(False)
@@ -644,19 +700,25 @@ def open_source(model: nn.Module, checkpoint: str | os.PathLike | None, quant: A
 def _check_offload_dir(plan: Plan, offload_dir: str | os.PathLike | None) -> Path | None:
     disk = [p.name for p in plan.placements if p.run == "disk"]
     if disk and offload_dir is None:
-        raise LoadError(f"the plan puts {len(disk)} block(s) on disk (e.g. {disk[:3]}) but no offload_dir was given: "
-                        "pass offload_dir='some/folder' (it is created), or raise the CPU/GPU caps")
+        raise LoadError(
+            f"the plan puts {len(disk)} block(s) on disk (e.g. {disk[:3]}) but no offload_dir was given: "
+            "pass offload_dir='some/folder' (it is created), or raise the CPU/GPU caps"
+        )
     return Path(offload_dir) if offload_dir is not None else None
 
 
-def _claim_offload_dir(plan: Plan, folder: Path | None, checkpoint: Any, model: nn.Module,
-                       load_id: str) -> OffloadFolder | None:
+def _claim_offload_dir(
+    plan: Plan, folder: Path | None, checkpoint: Any, model: nn.Module, load_id: str
+) -> OffloadFolder | None:
     """Own the offload folder for this load when the plan writes disk blocks (checked before anything is placed)."""
     disk = [p.name for p in plan.placements if p.run == "disk"]
     if not disk or folder is None:
         return None
-    owner = {"load": load_id, "model": type(model).__name__,
-             "checkpoint": os.path.abspath(checkpoint) if checkpoint is not None else None}
+    owner = {
+        "load": load_id,
+        "model": type(model).__name__,
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint is not None else None,
+    }
     try:
         return claim_folder(folder, plan.totals.get("disk", 0) + plan.reserves.get("disk", 0), disk, owner)
     except OffloadFolderError as e:
@@ -679,13 +741,21 @@ def _reset_peaks() -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
-def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, *,
-                 max_memory: Mapping[Any, Any] | None = None, quant: Any = None,
-                 device_map: str | Mapping[str, Any] = "auto",
-                 offload_dir: str | os.PathLike | None = None,
-                 offload_mode: str | Mapping[str, str] | None = None,
-                 workload: tuple[int, int] = (1, 512), dtype: torch.dtype | None = None,
-                 progress: bool | str = True, prefetch: bool = True, distributed: Any = None) -> nn.Module:
+def load_sharded(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    max_memory: Mapping[Any, Any] | None = None,
+    quant: Any = None,
+    device_map: str | Mapping[str, Any] = "auto",
+    offload_dir: str | os.PathLike | None = None,
+    offload_mode: str | Mapping[str, str] | None = None,
+    workload: tuple[int, int] = (1, 512),
+    dtype: torch.dtype | None = None,
+    progress: bool | str = True,
+    prefetch: bool = True,
+    distributed: Any = None,
+) -> nn.Module:
     """Load `model`'s weights from `checkpoint` (or its own weights) under `max_memory`, quantized by `quant`,
     and dispatch it across GPUs, CPU and disk. Returns the model, with `model.shardq_plan` (the Plan),
     `model.shardq_device_map`, `model.shardq_offload_modes` and `model.shardq_load_stats`.
@@ -697,9 +767,9 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     `offload_dir`: folder for blocks planned on "disk". `offload_mode`: force "cpu" (fp32 compute on the CPU) or
     "stream" (weights copied to the GPU per forward) for every CPU block, or per block with a dict {block or parent
     module name: mode} (the longest matching name wins; each name must cover a block placed on "cpu"); blocks
-    not forced follow the planner's rule (`shardq.planning.runmode`), and `model.shardq_offload_modes[block].reason` says
-    why. `workload` = (batch, seq_len) sizes the activation reserve. `dtype`: cast floating weights to it
-    (default: the model's own dtypes).
+    not forced follow the planner's rule (`shardq.planning.runmode`), and
+    `model.shardq_offload_modes[block].reason` says why. `workload` = (batch, seq_len) sizes the activation
+    reserve. `dtype`: cast floating weights to it (default: the model's own dtypes).
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.
@@ -707,14 +777,25 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
     loads only its stage and rank 0 gets the model; the same arguments otherwise.
     """
     if distributed is not None:  # handed over whole: the pipeline calls back here for this rank's stage
-        return distributed.load(model, checkpoint, max_memory=max_memory, quant=quant, device_map=device_map,
-                                offload_dir=offload_dir, offload_mode=offload_mode, workload=workload, dtype=dtype,
-                                progress=progress, prefetch=prefetch)
+        return distributed.load(
+            model,
+            checkpoint,
+            max_memory=max_memory,
+            quant=quant,
+            device_map=device_map,
+            offload_dir=offload_dir,
+            offload_mode=offload_mode,
+            workload=workload,
+            dtype=dtype,
+            progress=progress,
+            prefetch=prefetch,
+        )
     if hasattr(model, "shardq_runtime"):
         raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadError(
-            f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32")
+            f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32"
+        )
     check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
     src = open_source(model, checkpoint, quant)
     cfg = src.cfg
@@ -728,8 +809,15 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         fill_meta_buffers(model, slots, backed, journal)
         check_meta_buffers(slots, backed)
         to_skeleton(slots, backed, journal, dtype)
-        plan = plan_model(model, quant=cfg, max_memory=max_memory, device_map=device_map, workload=workload,
-                          offload_mode=offload_mode, offload_dir=offload_dir)
+        plan = plan_model(
+            model,
+            quant=cfg,
+            max_memory=max_memory,
+            device_map=device_map,
+            workload=workload,
+            offload_mode=offload_mode,
+            offload_dir=offload_dir,
+        )
         folder = _check_offload_dir(plan, offload_dir)
         claim = _claim_offload_dir(plan, folder, checkpoint, model, load_id)
         _reset_peaks()
@@ -741,8 +829,15 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
         t0 = time.perf_counter()
         # with a GPU, "cpu" blocks were loaded in fp32 but the GPU blocks after them work in the planned dtype
         working = getattr(torch, plan.dtype) if plan.execution_device is not None else None
-        dispatch_model(model, plan.device_map, offload_modes=offload_modes or None,
-                       execution_device=plan.execution_device, offload_dir=folder, prefetch=prefetch, dtype=working)
+        dispatch_model(
+            model,
+            plan.device_map,
+            offload_modes=offload_modes or None,
+            execution_device=plan.execution_device,
+            offload_dir=folder,
+            prefetch=prefetch,
+            dtype=working,
+        )
     except BaseException:
         journal.rollback()
         _abort_offload(claim, folder, load_id)
@@ -750,8 +845,11 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike | None = None, 
             torch.cuda.empty_cache()
         raise
     stats.dispatch_seconds = time.perf_counter() - t0
-    stats.gpu_peak = {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} \
-        if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    stats.gpu_peak = (
+        {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else {}
+    )
     if claim is not None:
         claim.seal()
     model.shardq_plan = plan

@@ -19,18 +19,21 @@ def host_for_disk(budgets: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], 
         return budgets, set(), ""
     host = int(memory.host_available_memory() * memory.HOST_FRACTION)
     out = {**{k: v for k, v in budgets.items() if k != "disk"}, "cpu": host, "disk": budgets["disk"]}
-    note = (f"max_memory has 'disk' but no 'cpu': disk blocks are read through host memory, so their staging "
-            f"buffers are counted against the host's available memory ({format_size(host)}); no block is placed "
-            "on the CPU. Give 'cpu' in max_memory to cap it")
+    note = (
+        f"max_memory has 'disk' but no 'cpu': disk blocks are read through host memory, so their staging "
+        f"buffers are counted against the host's available memory ({format_size(host)}); no block is placed "
+        "on the CPU. Give 'cpu' in max_memory to cap it"
+    )
     return out, {"cpu"}, note
 
 
 def refuse_reserve_only(assign: Mapping[str, DeviceKey], reserve_only: set[DeviceKey]) -> None:
     bad = [k for k, d in assign.items() if d in reserve_only]
     if bad:
-        raise PlanError(f"device_map puts {bad[:3]} on 'cpu' but max_memory has no 'cpu' entry: only the devices "
-                        "max_memory names hold blocks; add 'cpu' to max_memory or map those modules elsewhere")
-
+        raise PlanError(
+            f"device_map puts {bad[:3]} on 'cpu' but max_memory has no 'cpu' entry: only the devices "
+            "max_memory names hold blocks; add 'cpu' to max_memory or map those modules elsewhere"
+        )
 
 
 INDEX_RECORD_BYTES = 2048  # the offload index's owner record and fixed keys (shardq.runtime.offload_folder)

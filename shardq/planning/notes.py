@@ -22,8 +22,10 @@ def unquantized_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
     if not kept:
         return []
     kind = type(model.get_submodule(kept[0])).__name__
-    return [f"{len(kept)} linear-like layer(s) (e.g. {kept[0]!r}, {kind}) are not quantized to {quant.method}: "
-            "MultiheadAttention reads their weight directly, so they stay in their own dtype"]
+    return [
+        f"{len(kept)} linear-like layer(s) (e.g. {kept[0]!r}, {kind}) are not quantized to {quant.method}: "
+        "MultiheadAttention reads their weight directly, so they stay in their own dtype"
+    ]
 
 
 def expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
@@ -33,16 +35,25 @@ def expert_warnings(model: nn.Module, quant: QuantConfig) -> list[str]:
     if quant.method == "none":
         return []
     stacks = sizing.quantized_experts(model, quant)
-    kept = [(full, p) for m_name, m in model.named_modules() if "Experts" in type(m).__name__
-            for p_name, p in m._parameters.items()
-            if p is not None and p.dim() == 3 and (full := f"{m_name}.{p_name}") not in stacks
-            and not quant.skips(m_name) and not quant.skips(full)]
+    kept = [
+        (full, p)
+        for m_name, m in model.named_modules()
+        if "Experts" in type(m).__name__
+        for p_name, p in m._parameters.items()
+        if p is not None
+        and p.dim() == 3
+        and (full := f"{m_name}.{p_name}") not in stacks
+        and not quant.skips(m_name)
+        and not quant.skips(full)
+    ]
     if not kept:
         return []
     nbytes = sum(p.numel() * p.element_size() for _, p in kept)
-    return [f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not in "
-            f"the [experts, out, in] layout shardq quantizes per expert and are not quantized to {quant.method}: "
-            "they stay in their own dtype, as bitsandbytes leaves every fused expert tensor"]
+    return [
+        f"{len(kept)} fused MoE expert tensor(s) (e.g. {kept[0][0]!r}, {format_size(nbytes)} in all) are not in "
+        f"the [experts, out, in] layout shardq quantizes per expert and are not quantized to {quant.method}: "
+        "they stay in their own dtype, as bitsandbytes leaves every fused expert tensor"
+    ]
 
 
 def tie_warnings(units: list[Unit], assign: Mapping[str, DeviceKey]) -> list[str]:
@@ -50,5 +61,9 @@ def tie_warnings(units: list[Unit], assign: Mapping[str, DeviceKey]) -> list[str
     for u in units:
         for e in u.entries:
             where.setdefault(e.key, {}).setdefault(assign[u.name], e.name)
-    return [f"tied tensor {', '.join(names.values())} is split over devices {[device_label(d) for d in names]}: "
-            "it is stored once per device" for names in where.values() if len(names) > 1]
+    return [
+        f"tied tensor {', '.join(names.values())} is split over devices {[device_label(d) for d in names]}: "
+        "it is stored once per device"
+        for names in where.values()
+        if len(names) > 1
+    ]

@@ -17,6 +17,8 @@ class PlanError(ValueError):
     shortfall in bytes when the budgets are too small (0 otherwise)."""
 
     missing: int = 0
+    # set by `shortfall.refine_error` only: its `Shortfall`s (not imported here: that module imports this one)
+    shortfalls: list[Any]
 
 
 @dataclass
@@ -81,26 +83,39 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(self.totals.values())
 
-    def forward_cost(self) -> "ForwardCost":
+    def forward_cost(self) -> ForwardCost:
         """What one forward moves because of the offloading (see `ForwardCost`)."""
         gpu = self.execution_device is not None
         return ForwardCost(
             pcie_bytes=sum(p.nbytes for p in self.placements if p.run == "stream" or (gpu and p.run == "disk")),
             disk_bytes=sum(p.nbytes for p in self.placements if p.run == "disk"),
-            cpu_bytes=sum(p.nbytes for p in self.placements if p.run == "cpu"))
+            cpu_bytes=sum(p.nbytes for p in self.placements if p.run == "cpu"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         keyed = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return {
-            "source": self.source, "strategy": self.strategy, "dtype": self.dtype, "workload": list(self.workload),
-            "quant": _quant_dict(self.quant), "execution_device": self.execution_device, "cpu_mode": self.cpu_mode,
+            "source": self.source,
+            "strategy": self.strategy,
+            "dtype": self.dtype,
+            "workload": list(self.workload),
+            "quant": _quant_dict(self.quant),
+            "execution_device": self.execution_device,
+            "cpu_mode": self.cpu_mode,
             "offload_mode": self.offload_mode,
-            "placements": [asdict(p) for p in self.placements], "device_map": dict(self.device_map),
-            "offload_modes": self.offload_modes, "offload_reasons": self.offload_reasons,
-            "budgets": keyed(self.budgets), "reserves": keyed(self.reserves),
-            "reserve_detail": keyed(self.reserve_detail), "totals": keyed(self.totals),
-            "free": {str(k): self.free(k) for k in self.budgets}, "tied_groups": self.tied_groups,
-            "no_split": self.no_split, "warnings": self.warnings, "mismatches": self.mismatches,
+            "placements": [asdict(p) for p in self.placements],
+            "device_map": dict(self.device_map),
+            "offload_modes": self.offload_modes,
+            "offload_reasons": self.offload_reasons,
+            "budgets": keyed(self.budgets),
+            "reserves": keyed(self.reserves),
+            "reserve_detail": keyed(self.reserve_detail),
+            "totals": keyed(self.totals),
+            "free": {str(k): self.free(k) for k in self.budgets},
+            "tied_groups": self.tied_groups,
+            "no_split": self.no_split,
+            "warnings": self.warnings,
+            "mismatches": self.mismatches,
             "per_forward": asdict(self.forward_cost()),
         }
 

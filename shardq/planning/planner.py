@@ -25,28 +25,44 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from shardq import hf
-from shardq.quant import sizing
 from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
-from shardq.planning.devicemap import explicit_units, unknown_name
-from shardq.memory import DeviceKey, clip_budgets, device_capacities, device_label, format_size, get_max_memory, \
-    normalize_device
+from shardq.memory import (
+    DeviceKey,
+    clip_budgets,
+    device_capacities,
+    device_label,
+    format_size,
+    get_max_memory,
+    normalize_device,
+)
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
-from shardq.planning.search import search
+from shardq.planning.devicemap import explicit_units, unknown_name
 from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
-from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.placement import Placement, Plan, PlanError
-from shardq.planning.runmode import DEFAULT_WORKLOAD, BlockKind, RunMode, choose_cpu_run, covers, forced, forcing_key
-from shardq.planning.runmode import lookup_width
-from shardq.quant.sizing import TensorEntry
+from shardq.planning.runmode import (
+    DEFAULT_WORKLOAD,
+    BlockKind,
+    RunMode,
+    choose_cpu_run,
+    covers,
+    forced,
+    forcing_key,
+    lookup_width,
+)
+from shardq.planning.search import search
+from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.units import Unit, decompose, make_units, tied_groups
+from shardq.quant import sizing
+from shardq.quant.sizing import TensorEntry
 
 STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 OFFLOAD_MODES = ("cpu", "stream")
@@ -110,8 +126,9 @@ def plan_model(
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
-    budgets, notes = clip_budgets(get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir),
-                                  device_capacities(gpus), max_memory is not None)
+    budgets, notes = clip_budgets(
+        get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir), device_capacities(gpus), max_memory is not None
+    )
     for note in notes:
         warnings.warn(note, stacklevel=2)
     budgets, reserve_only, host_note = host_for_disk(budgets)
@@ -123,8 +140,9 @@ def plan_model(
     ctx.reserve_only = reserve_only
     device_map = _whole_model_map(device_map)
     if isinstance(device_map, Mapping):
-        assign, units = explicit_units(model, device_map, entries, ctx.budgets, split_guard, gpus,
-                                       ctx.forced == "stream")
+        assign, units = explicit_units(
+            model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
+        )
         ctx.units = units
         refuse_reserve_only(assign, reserve_only)
         used = sorted(d for d in assign.values() if isinstance(d, int))
@@ -135,9 +153,11 @@ def plan_model(
         ctx.runs = _cpu_runs(model, ctx)
         strategy = "explicit"
     elif device_map in STRATEGIES:
+
         def place(c: _Ctx) -> dict[str, DeviceKey]:
-            return _place_with_exec_choice(c, balanced=device_map != "sequential",
-                                           low_zero=device_map == "balanced_low_0")
+            return _place_with_exec_choice(
+                c, balanced=device_map != "sequential", low_zero=device_map == "balanced_low_0"
+            )
 
         def fresh(b: dict[DeviceKey, int]) -> _Ctx:
             c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode)
@@ -147,9 +167,11 @@ def plan_model(
         assign = _place_exactly(ctx, place, fresh, lambda a: _build(model, ctx, a, device_map, [], (batch, seq_len)))
         strategy = device_map
     else:
-        raise PlanError(f"device_map={device_map!r} is not a strategy, a device or a dict: use one of {STRATEGIES}, "
-                        "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
-                        "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}")
+        raise PlanError(
+            f"device_map={device_map!r} is not a strategy, a device or a dict: use one of {STRATEGIES}, "
+            "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
+            "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}"
+        )
     _check_forced(ctx, assign)
     result = _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
     if host_note and "disk" in result.device_map.values():
@@ -159,8 +181,12 @@ def plan_model(
     return result
 
 
-def _place_exactly(ctx: _Ctx, place: Callable[[_Ctx], dict[str, DeviceKey]], fresh: Callable[[dict], _Ctx],
-                   check: Callable[[dict[str, DeviceKey]], Any]) -> dict[str, DeviceKey]:
+def _place_exactly(
+    ctx: _Ctx,
+    place: Callable[[_Ctx], dict[str, DeviceKey]],
+    fresh: Callable[[dict], _Ctx],
+    check: Callable[[dict[str, DeviceKey]], Any],
+) -> dict[str, DeviceKey]:
     """`place(ctx)`, and when no placement fits, a PlanError whose figure is the least extra memory per device
     that makes one fit (`shardq.planning.shortfall`); `check` raises the over-budget error of a placement."""
     try:
@@ -169,6 +195,7 @@ def _place_exactly(ctx: _Ctx, place: Callable[[_Ctx], dict[str, DeviceKey]], fre
             check(assign)
         return assign
     except PlanError as error:
+
         def feasible(b: dict[DeviceKey, int]) -> bool:
             c = fresh(b)
             c.search_steps = SEARCH_STEPS // 10  # many calls: a lighter complete search each
@@ -206,29 +233,53 @@ def _check_workload(workload: Any) -> tuple[int, int]:
     return batch, seq_len
 
 
-def _context(model: nn.Module, q: QuantConfig, budgets: dict[DeviceKey, int], entries: dict[str, TensorEntry],
-             split_guard: set[str], workload: tuple[int, int], offload_mode: str | dict[str, str] | None) -> _Ctx:
+def _context(
+    model: nn.Module,
+    q: QuantConfig,
+    budgets: dict[DeviceKey, int],
+    entries: dict[str, TensorEntry],
+    split_guard: set[str],
+    workload: tuple[int, int],
+    offload_mode: str | dict[str, str] | None,
+) -> _Ctx:
     gpus = [k for k in budgets if isinstance(k, int)]
     exec_dev = next((g for g in gpus if budgets[g] > 0), None)
     per_block = offload_mode if isinstance(offload_mode, dict) else {}
     forced_all = offload_mode if isinstance(offload_mode, str) else None
-    streams = ["offload_mode='stream'"] if forced_all == "stream" else \
-        [f"offload_mode[{k!r}]='stream'" for k, m in per_block.items() if m == "stream"]
+    streams = (
+        ["offload_mode='stream'"]
+        if forced_all == "stream"
+        else [f"offload_mode[{k!r}]='stream'" for k, m in per_block.items() if m == "stream"]
+    )
     if streams and exec_dev is None:
-        raise PlanError(f"{streams[0]} needs a GPU with a budget > 0 to run streamed blocks: give one in "
-                        "max_memory, or force 'cpu' instead")
+        raise PlanError(
+            f"{streams[0]} needs a GPU with a budget > 0 to run streamed blocks: give one in "
+            "max_memory, or force 'cpu' instead"
+        )
     cpu_mode = forced_all or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
     itemsize = _compute_itemsize(model, q)
     units = make_units(model, decompose(model, split_guard), entries, split_guard)
     ctx = _Ctx(
-        units=units, budgets=budgets, gpus=gpus, exec_dev=exec_dev, cpu_mode=cpu_mode,
-        act=sizing.activation_bytes(dims, *workload, itemsize), act_fp32=sizing.activation_bytes(dims, *workload, 4),
-        head_act=sizing.head_bytes(dims, *workload), head_unit=_head_unit(model, dims, units), quant=q,
+        units=units,
+        budgets=budgets,
+        gpus=gpus,
+        exec_dev=exec_dev,
+        cpu_mode=cpu_mode,
+        act=sizing.activation_bytes(dims, *workload, itemsize),
+        act_fp32=sizing.activation_bytes(dims, *workload, 4),
+        head_act=sizing.head_bytes(dims, *workload),
+        head_unit=_head_unit(model, dims, units),
+        quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
-        workspace=max(sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
-                      _expert_workspace(model, q, itemsize)),
-        forced=forced_all, forced_for=dict(per_block), workload=workload, itemsize=itemsize,
+        workspace=max(
+            sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+            _expert_workspace(model, q, itemsize),
+        ),
+        forced=forced_all,
+        forced_for=dict(per_block),
+        workload=workload,
+        itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
     return ctx
@@ -241,16 +292,21 @@ def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, s
     each name covers a block placed on "cpu" is checked once the map is known (`_check_forced`)."""
     if offload_mode is None or isinstance(offload_mode, str):
         if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
-            raise PlanError(f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                            "'stream' (copy weights to a GPU for each forward)")
+            raise PlanError(
+                f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
+                "'stream' (copy weights to a GPU for each forward)"
+            )
         return offload_mode
     if not isinstance(offload_mode, Mapping):
-        raise PlanError(f"offload_mode must be None, 'cpu', 'stream' or a dict of module name -> 'cpu'|'stream' "
-                        f"(e.g. {{'model.layers': 'stream', 'model.embed_tokens': 'cpu'}}), not "
-                        f"{type(offload_mode).__name__}")
+        raise PlanError(
+            f"offload_mode must be None, 'cpu', 'stream' or a dict of module name -> 'cpu'|'stream' "
+            f"(e.g. {{'model.layers': 'stream', 'model.embed_tokens': 'cpu'}}), not "
+            f"{type(offload_mode).__name__}"
+        )
     modules = dict(model.named_modules(remove_duplicate=False))
-    tensors = dict.fromkeys(n for n, _ in [*model.named_parameters(remove_duplicate=False),
-                                           *model.named_buffers(remove_duplicate=False)])
+    tensors = dict.fromkeys(
+        n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    )
     out: dict[str, str] = {}
     for key, mode in offload_mode.items():
         if not isinstance(key, str):
@@ -258,8 +314,10 @@ def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, s
         if key not in modules:
             raise PlanError(unknown_name(key, modules, tensors, "offload_mode key"))
         if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
-            raise PlanError(f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                            "'stream' (copy weights to a GPU for each forward)")
+            raise PlanError(
+                f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
+                "'stream' (copy weights to a GPU for each forward)"
+            )
         out[key] = str(mode)
     return out
 
@@ -271,19 +329,26 @@ def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
         mine = [u for u in ctx.units if covers(key, u.name)]
         if not mine:
             owner = max((u.name for u in ctx.units if covers(u.name, key)), key=len, default=None)
-            where = f"is inside block {owner!r}: a mode applies to whole blocks, name {owner!r}" if owner is not None \
+            where = (
+                f"is inside block {owner!r}: a mode applies to whole blocks, name {owner!r}"
+                if owner is not None
                 else "holds no weights of any block: name a block"
+            )
             raise PlanError(f"offload_mode names {key!r}, which {where} (or a parent) instead")
         on_cpu = [u for u in mine if assign[u.name] == "cpu"]
         if not on_cpu:
             devs = sorted({device_label(assign[u.name]) for u in mine})
-            raise PlanError(f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
-                            "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
-                            "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)")
+            raise PlanError(
+                f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
+                "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
+                "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)"
+            )
         nested = [u.name for u in on_cpu if u.own_only and forcing_key(u.name, ctx.forced_for) == key]
         if mode == "stream" and nested:
-            raise PlanError(f"offload_mode[{key!r}]='stream' would stream {nested[0]!r}, which holds tensors of its own "
-                            "around other device-map entries and cannot stream: force it 'cpu', or name its children")
+            raise PlanError(
+                f"offload_mode[{key!r}]='stream' would stream {nested[0]!r}, which holds tensors of its own "
+                "around other device-map entries and cannot stream: force it 'cpu', or name its children"
+            )
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
@@ -298,11 +363,16 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
     runs = {}
     for u in ctx.units:
         partners = {n for e in u.entries for n in holders[e.key] if n != u.name and not widths[n]}
-        kind = BlockKind(widths[u.name], sizing.unique_bytes(u.entries), min(partners) if partners else None,
-                         u.own_only)
-        runs[u.name] = choose_cpu_run(kind, has_gpu=ctx.exec_dev is not None,
-                                      fp32_cpu_offload=ctx.quant.fp32_cpu_offload, workload=ctx.workload,
-                                      itemsize=ctx.itemsize)
+        kind = BlockKind(
+            widths[u.name], sizing.unique_bytes(u.entries), min(partners) if partners else None, u.own_only
+        )
+        runs[u.name] = choose_cpu_run(
+            kind,
+            has_gpu=ctx.exec_dev is not None,
+            fp32_cpu_offload=ctx.quant.fp32_cpu_offload,
+            workload=ctx.workload,
+            itemsize=ctx.itemsize,
+        )
         key = forcing_key(u.name, ctx.forced_for)
         if key is not None:
             runs[u.name] = forced(ctx.forced_for[key], f"offload_mode[{key!r}]")
@@ -311,7 +381,12 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
 
 def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
     """(out, in) of every layer the config quantizes (`sizing.quantized_layers`)."""
-    return [sizing.linear_shape(m) for m in sizing.quantized_layers(model, q).values()]
+    out = []
+    for m in sizing.quantized_layers(model, q).values():
+        dims = sizing.linear_shape(m)
+        assert dims is not None  # quantized_layers holds only Linear and Conv1D layers
+        out.append(dims)
+    return out
 
 
 def _expert_workspace(model: nn.Module, q: QuantConfig, itemsize: int) -> int:
@@ -357,8 +432,13 @@ def _resident(ctx: _Ctx, dev: DeviceKey, units: list[Unit]) -> bool:
 def _cpu_quantized(ctx: _Ctx, dev: DeviceKey) -> bool:
     """On a machine without a GPU, quantized weights off-GPU stay packed (computed by the reference kernels);
     only fp32_cpu_offload, or a GPU to fall back on, keeps CPU blocks in full fp32."""
-    return (not isinstance(dev, int) and ctx.cpu_mode == "cpu" and ctx.exec_dev is None
-            and ctx.quant.method != "none" and not ctx.quant.fp32_cpu_offload)
+    return (
+        not isinstance(dev, int)
+        and ctx.cpu_mode == "cpu"
+        and ctx.exec_dev is None
+        and ctx.quant.method != "none"
+        and not ctx.quant.fp32_cpu_offload
+    )
 
 
 def _fp32(ctx: _Ctx, u: Unit, dev: DeviceKey) -> bool:
@@ -375,8 +455,9 @@ def _bytes(ctx: _Ctx, units: list[Unit], dev: DeviceKey) -> int:
     entries = [e for u in units for e in u.entries]
     if _cpu_quantized(ctx, dev):  # packed weights as stored, other floats in fp32 where the CPU computes
         quantized = {e.key for e in entries if e.quantized}
-        return (sizing.unique_bytes([e for e in entries if e.key in quantized])
-                + sizing.unique_bytes([e for e in entries if e.key not in quantized], fp32=True))
+        return sizing.unique_bytes([e for e in entries if e.key in quantized]) + sizing.unique_bytes(
+            [e for e in entries if e.key not in quantized], fp32=True
+        )
     fp32 = [e for u in units if _fp32(ctx, u, dev) for e in u.entries]
     rest = [e for u in units if not _fp32(ctx, u, dev) for e in u.entries]
     return sizing.unique_bytes(fp32, fp32=True) + sizing.unique_bytes(rest)
@@ -512,7 +593,8 @@ def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey
             keys[k] = keys.get(k, 0) + 1
 
     def options(name: str) -> list[tuple[DeviceKey, RunMode | None]]:
-        u, out = by_name[name], []
+        u = by_name[name]
+        out: list[tuple[DeviceKey, RunMode | None]] = []
         for d in devices:
             if d == "cpu":
                 out.append((d, rule[name]))
@@ -564,8 +646,14 @@ def _gpu_resident(ctx: _Ctx, assign: dict[str, DeviceKey]) -> int:
     return sum(_bytes(ctx, [u], assign[u.name]) for u in ctx.units if isinstance(assign[u.name], int))
 
 
-def _settle(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], pinned: list[int],
-            stream: int, gpu_first: bool = True) -> dict[str, DeviceKey]:
+def _settle(
+    ctx: _Ctx,
+    groups: list[list[Unit]],
+    caps: dict[DeviceKey, int],
+    pinned: list[int],
+    stream: int,
+    gpu_first: bool = True,
+) -> dict[str, DeviceKey]:
     """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
     head, disk staging) until the placement needs no more than assumed."""
     assumed = _Assumed(stream=stream)
@@ -576,8 +664,9 @@ def _settle(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], pin
             raise PlanError(f"a streamed block needs {need.stream} bytes of stream buffers, over the {stream} assumed")
         if need.disk_staging <= assumed.disk_staging and (assumed.head_on_exec or not need.head_on_exec):
             return assign
-        assumed = _Assumed(stream, assumed.head_on_exec or need.head_on_exec,
-                           max(assumed.disk_staging, need.disk_staging))
+        assumed = _Assumed(
+            stream, assumed.head_on_exec or need.head_on_exec, max(assumed.disk_staging, need.disk_staging)
+        )
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
 
 
@@ -601,8 +690,14 @@ def _within_budgets(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit
     return True
 
 
-def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assumed: _Assumed,
-          pinned: list[int], gpu_first: bool = True) -> dict[str, DeviceKey]:
+def _fill(
+    ctx: _Ctx,
+    groups: list[list[Unit]],
+    caps: dict[DeviceKey, int],
+    assumed: _Assumed,
+    pinned: list[int],
+    gpu_first: bool = True,
+) -> dict[str, DeviceKey]:
     """Pinned groups (kept from streaming) on the first device with room where they stay resident (a GPU, or the
     CPU when it computes), then a sequential fill: each group on the current device if it
     fits with the reserve, else on the next one. Groups holding a module's own tensors (nested entries) are
@@ -628,9 +723,11 @@ def _fill(ctx: _Ctx, groups: list[list[Unit]], caps: dict[DeviceKey, int], assum
         resident = resident_on(gi)
         dev = next((d for d in resident if fits(d, held[d] + groups[gi])), None)
         if dev is None:
-            room = {d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())
-                    for d in resident}
-            target = max(room, key=room.get) if room else None
+            room = {
+                d: caps[d] - _bytes(ctx, held[d], d) - sum(_reserve(ctx, d, held[d], assumed).values())
+                for d in resident
+            }
+            target = max(room, key=lambda d: room[d]) if room else None
             raise _missing_error(ctx, [groups[gi]], held, caps, assumed, devices, target)
         held[dev] += groups[gi]
         assign.update({u.name: dev for u in groups[gi]})
@@ -672,9 +769,15 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) 
     return caps
 
 
-def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list[Unit]],
-                   caps: dict[DeviceKey, int], assumed: _Assumed, devices: list[DeviceKey],
-                   target: DeviceKey | None = None) -> PlanError:
+def _missing_error(
+    ctx: _Ctx,
+    left: list[list[Unit]],
+    held: dict[DeviceKey, list[Unit]],
+    caps: dict[DeviceKey, int],
+    assumed: _Assumed,
+    devices: list[DeviceKey],
+    target: DeviceKey | None = None,
+) -> PlanError:
     """How many bytes do not fit and where the model stopped (on `target`, default the last device), with what
     to change."""
     last = target if target is not None else (devices[-1] if devices else "cpu")
@@ -682,34 +785,50 @@ def _missing_error(ctx: _Ctx, left: list[list[Unit]], held: dict[DeviceKey, list
     rows = []
     for d in devices:
         detail = _reserve(ctx, d, held[d], assumed)
-        rows.append(f"{device_label(d)}: {format_size(_bytes(ctx, held[d], d))} weights + {format_size(sum(detail.values()))} "
-                    f"reserve ({_fmt_detail(detail)}) of {format_size(ctx.budgets[d])}")
+        rows.append(
+            f"{device_label(d)}: {format_size(_bytes(ctx, held[d], d))} weights + {format_size(sum(detail.values()))} "
+            f"reserve ({_fmt_detail(detail)}) of {format_size(ctx.budgets[d])}"
+        )
     need = _bytes(ctx, units, last)
     everything = held.get(last, []) + units
-    missing = max(1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values())
-                  - caps.get(last, 0))
+    missing = max(
+        1, _bytes(ctx, everything, last) + sum(_reserve(ctx, last, everything, assumed).values()) - caps.get(last, 0)
+    )
     where = f" on {device_label(last)}" if target is not None else ""
     biggest = max(ctx.budgets.values(), default=0)
     one = _bytes(ctx, left[0], last)
-    why = (f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
-           f"(largest {format_size(biggest)});" if one > biggest else "")
+    why = (
+        f" block {left[0][0].name!r} alone needs {format_size(one)}, more than any device's budget "
+        f"(largest {format_size(biggest)});"
+        if one > biggest
+        else ""
+    )
     hint = "" if "disk" in ctx.budgets else " add 'disk' to max_memory to offload the rest to disk, or"
     if "disk" in ctx.budgets and "cpu" in ctx.budgets:
         no_gpu = ctx.exec_dev is None
         slots = "two staging buffers" + (" and two stream slots" if no_gpu else "")
-        why += (f" a block on disk still needs {slots} of its size in CPU memory"
-                f" ({format_size((4 if no_gpu else 2) * _bytes(ctx, left[0], 'disk'))} for {left[0][0].name!r});")
+        why += (
+            f" a block on disk still needs {slots} of its size in CPU memory"
+            f" ({format_size((4 if no_gpu else 2) * _bytes(ctx, left[0], 'disk'))} for {left[0][0].name!r});"
+        )
     error = PlanError(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
         f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "
         f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
-        "or shrink the workload (batch, seq_len).")
+        "or shrink the workload (batch, seq_len)."
+    )
     error.missing = missing
     return error
 
 
-def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: str, no_split: list[str],
-           workload: tuple[int, int]) -> Plan:
+def _build(
+    model: nn.Module,
+    ctx: _Ctx,
+    assign: dict[str, DeviceKey],
+    strategy: str,
+    no_split: list[str],
+    workload: tuple[int, int],
+) -> Plan:
     """Assemble the Plan and check every budget (explicit maps are checked here; strategies already hold)."""
     need = _needs(ctx, assign)
     held: dict[DeviceKey, list[Unit]] = {d: [] for d in ctx.budgets}
@@ -721,22 +840,39 @@ def _build(model: nn.Module, ctx: _Ctx, assign: dict[str, DeviceKey], strategy: 
     for d in ctx.budgets:
         if totals[d] + reserves[d] > ctx.budgets[d]:
             over = totals[d] + reserves[d] - ctx.budgets[d]
-            stream = (" The stream reserve is two slots of the largest block read back from the CPU or disk for "
-                      "each forward: give the CPU room for more blocks, quantize, or use offload_mode='cpu' to "
-                      "compute CPU blocks there." if detail[d].get("stream") else "")
-            raise PlanError(f"{device_label(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
-                            f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
-                            f"max_memory of {format_size(ctx.budgets[d])}: move modules off {device_label(d)}, raise its "
-                            f"cap, or shrink the workload (batch, seq_len).{stream}")
+            stream = (
+                " The stream reserve is two slots of the largest block read back from the CPU or disk for "
+                "each forward: give the CPU room for more blocks, quantize, or use offload_mode='cpu' to "
+                "compute CPU blocks there."
+                if detail[d].get("stream")
+                else ""
+            )
+            raise PlanError(
+                f"{device_label(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
+                f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
+                f"max_memory of {format_size(ctx.budgets[d])}: move modules off {device_label(d)}, raise its "
+                f"cap, or shrink the workload (batch, seq_len).{stream}"
+            )
     placements = [_placement(ctx, u, assign[u.name]) for u in ctx.units]
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), "float32")
     return Plan(
-        placements=placements, device_map={u.name: assign[u.name] for u in ctx.units}, budgets=dict(ctx.budgets),
-        reserves=reserves, reserve_detail=detail, totals=totals, quant=ctx.quant, strategy=strategy,
-        execution_device=ctx.exec_dev, workload=workload, dtype=dtype, cpu_mode=ctx.cpu_mode,
-        tied_groups=hf.tied_parameter_groups(model), no_split=no_split,
-        warnings=(tie_warnings(ctx.units, assign) + unquantized_warnings(model, ctx.quant)
-                  + expert_warnings(model, ctx.quant)),
+        placements=placements,
+        device_map={u.name: assign[u.name] for u in ctx.units},
+        budgets=dict(ctx.budgets),
+        reserves=reserves,
+        reserve_detail=detail,
+        totals=totals,
+        quant=ctx.quant,
+        strategy=strategy,
+        execution_device=ctx.exec_dev,
+        workload=workload,
+        dtype=dtype,
+        cpu_mode=ctx.cpu_mode,
+        tied_groups=hf.tied_parameter_groups(model),
+        no_split=no_split,
+        warnings=(
+            tie_warnings(ctx.units, assign) + unquantized_warnings(model, ctx.quant) + expert_warnings(model, ctx.quant)
+        ),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
     )
@@ -801,4 +937,4 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def _checkpoint_dtype(index: Any) -> torch.dtype | None:
     """The floating dtype holding most of the checkpoint's bytes (its working dtype)."""
     floats = {d: n for d, n in index.dtype_counts().items() if d.is_floating_point}
-    return max(floats, key=floats.get) if floats else None
+    return max(floats, key=lambda d: floats[d]) if floats else None

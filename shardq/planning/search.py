@@ -25,8 +25,13 @@ class SearchResult:
     nodes: int
 
 
-def search(names: Sequence[str], options: Callable[[str], list[Any]], signature: Callable[[str], Hashable],
-           fits: Callable[[dict[str, Any]], bool], node_limit: int = 200_000) -> SearchResult:
+def search(
+    names: Sequence[str],
+    options: Callable[[str], list[Any]],
+    signature: Callable[[str], Hashable],
+    fits: Callable[[dict[str, Any]], bool],
+    node_limit: int = 200_000,
+) -> SearchResult:
     """The first assignment of one option per name (options in preference order) for which `fits` holds on the
     whole assignment; `fits` is also asked about every partial assignment and must be monotone (a partial
     assignment that does not fit cannot be completed)."""

@@ -31,13 +31,19 @@ class Shortfall:
     below: int = 0
 
 
-def least_extra(budgets: dict[DeviceKey, int], feasible: Callable[[dict[DeviceKey, int]], bool],
-                devices: list[DeviceKey], ceiling: int, deadline_s: float = DEADLINE_S) -> list[Shortfall]:
+def least_extra(
+    budgets: dict[DeviceKey, int],
+    feasible: Callable[[dict[DeviceKey, int]], bool],
+    devices: list[DeviceKey],
+    ceiling: int,
+    deadline_s: float = DEADLINE_S,
+) -> list[Shortfall]:
     """For each of `devices`, the least extra bytes (up to `ceiling`) with which `feasible` holds; devices where
     even `ceiling` extra does not help are left out. Sorted by extra bytes."""
     stop = time.perf_counter() + deadline_s
     out = []
     for d in devices:
+
         def fits(extra: int, d: DeviceKey = d) -> bool:
             return feasible({**budgets, d: budgets[d] + extra})
 
@@ -56,9 +62,11 @@ def describe(shortfalls: list[Shortfall]) -> str:
     or 3.00 GiB (...) more on cpu'."""
     if not shortfalls:
         return "memory is missing, and no single device's cap, raised alone, makes it fit"
-    parts = [f"{format_size(s.extra)} ({s.extra} bytes) more on {device_label(s.device)}"
-             + ("" if s.exact else f" (not with {format_size(s.below)}; the search stopped between the two)")
-             for s in shortfalls]
+    parts = [
+        f"{format_size(s.extra)} ({s.extra} bytes) more on {device_label(s.device)}"
+        + ("" if s.exact else f" (not with {format_size(s.below)}; the search stopped between the two)")
+        for s in shortfalls
+    ]
     return "at least " + parts[0] + " is missing: " + "it fits with " + ", or ".join(parts)
 
 

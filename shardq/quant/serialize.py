@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from shardq.checkpoint.index import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.checkpoint.conversions import renamed_index, reverse_renamed
+from shardq.checkpoint.index import CheckpointError, CheckpointIndex, index_checkpoint, read_tensor
 from shardq.config import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QuantConfig, from_bnb_dict, to_bnb_dict
 from shardq.formats import blockwise, codebooks
 from shardq.memory import parse_size

@@ -18,10 +18,11 @@ import json
 import mmap
 import os
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Literal, overload
 
 import numpy
 import torch
@@ -108,6 +109,12 @@ def views(buffer: torch.Tensor, specs: list[TensorSpec]) -> list[torch.Tensor]:
     return out
 
 
+@overload
+def host_buffer(nbytes: int, pin: Literal[True]) -> tuple[torch.Tensor, numpy.ndarray]: ...
+@overload
+def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, numpy.ndarray | None]: ...
+
+
 def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, numpy.ndarray | None]:
     """A flat uint8 host buffer of exactly `nbytes`, and the array that owns its memory when it is to be pinned
     (page-aligned anonymous memory, pass both to `pin_buffer` once filled)."""
@@ -150,7 +157,7 @@ def pack_host_block(name: str, tensors: Mapping[str, torch.Tensor], pin: bool) -
     for spec, view, t in zip(specs, views(buffer, specs), tensors.values()):
         if spec.nbytes:
             view.copy_(t.detach())
-    return HostBlock(name, specs, pin_buffer(buffer, owner) if pin else buffer)
+    return HostBlock(name, specs, pin_buffer(buffer, owner) if owner is not None else buffer)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,8 +174,9 @@ def write_disk_offload(offload_dir: str | os.PathLike, module_name: str, tensors
     """
     bad = [k for k, t in tensors.items() if t.device.type == "meta"]
     if bad:
-        raise OffloadError(f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device "
-                           "(not loaded)")
+        raise OffloadError(
+            f"cannot write block {module_name!r} to disk: tensors {bad} are on the meta device (not loaded)"
+        )
     cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     live = offload_folder.live_folder(offload_dir)
     if live is not None:
@@ -177,7 +185,9 @@ def write_disk_offload(offload_dir: str | os.PathLike, module_name: str, tensors
     folder.mkdir(parents=True, exist_ok=True)
     fd = offload_folder.lock_folder(folder)  # another live load holds it: refused; two writers never interleave
     try:
-        index = read_disk_index(folder) if (folder / INDEX_NAME).exists() else {"format": INDEX_FORMAT, "blocks": {}}
+        index: dict[str, Any] = (
+            read_disk_index(folder) if (folder / INDEX_NAME).exists() else {"format": INDEX_FORMAT, "blocks": {}}
+        )
         path = folder / offload_folder.block_file(module_name)
         offload_folder.atomic_save_safetensors(path, cpu, {"format": INDEX_FORMAT, "block": module_name})
         index["blocks"][module_name] = {
@@ -198,19 +208,24 @@ def read_disk_index(offload_dir: str | os.PathLike) -> dict:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OffloadError(f"offload folder {offload_dir} has no {INDEX_NAME}; "
-                           "write blocks with write_disk_offload") from None
+        raise OffloadError(
+            f"offload folder {offload_dir} has no {INDEX_NAME}; write blocks with write_disk_offload"
+        ) from None
     except json.JSONDecodeError as e:
         raise OffloadError(f"{path} is not valid JSON ({e}); delete the offload folder and load again") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("blocks"), dict):
-        raise OffloadError(f"{path} is not a shardq offload index (format "
-                           f"{index.get('format') if isinstance(index, dict) else None!r})")
+        raise OffloadError(
+            f"{path} is not a shardq offload index (format "
+            f"{index.get('format') if isinstance(index, dict) else None!r})"
+        )
     if offload_folder.is_owned_index(index):
         live = offload_folder.live_folder(offload_dir)
         if live is None or live.sealed:
-            raise OffloadError(f"offload folder {offload_dir} holds the disk blocks of another load "
-                               f"(owner: {index['owner']}): they are never reused by another model; pass another "
-                               "offload_dir, or load into this one with load_sharded (it cleans it first)")
+            raise OffloadError(
+                f"offload folder {offload_dir} holds the disk blocks of another load "
+                f"(owner: {index['owner']}): they are never reused by another model; pass another "
+                "offload_dir, or load into this one with load_sharded (it cleans it first)"
+            )
     return index
 
 
@@ -219,21 +234,24 @@ def open_disk_block(offload_dir: str | os.PathLike, module_name: str) -> DiskBlo
     index = read_disk_index(offload_dir)
     entry = index["blocks"].get(module_name)
     if entry is None:
-        raise OffloadError(f"block {module_name!r} is not in {Path(offload_dir) / INDEX_NAME}; "
-                           f"it holds {sorted(index['blocks'])}")
+        raise OffloadError(
+            f"block {module_name!r} is not in {Path(offload_dir) / INDEX_NAME}; it holds {sorted(index['blocks'])}"
+        )
     path = Path(offload_dir) / entry["file"]
     try:
         tensors, _ = read_header(path)
     except CheckpointError as e:
-        raise OffloadError(f"offload file of block {module_name!r}: {e} (here: delete the offload folder and load again)") \
-            from None
+        raise OffloadError(
+            f"offload file of block {module_name!r}: {e} (here: delete the offload folder and load again)"
+        ) from None
     infos = sorted(tensors.values(), key=lambda t: t.start)
     base = min((t.start for t in infos), default=0)
     specs = []
     for t in infos:
         if (t.start - base) % t.dtype.itemsize:
-            raise OffloadError(f"tensor {t.name!r} in {path} is not aligned to its dtype; "
-                               "rewrite it with write_disk_offload")
+            raise OffloadError(
+                f"tensor {t.name!r} in {path} is not aligned to its dtype; rewrite it with write_disk_offload"
+            )
         specs.append(TensorSpec(t.name, t.dtype, t.shape, t.start - base, t.end - t.start))
     end = max((t.end for t in infos), default=base) - base
     return DiskBlock(module_name, specs, path, base, end)
@@ -324,7 +342,7 @@ class Streamer:
 
     def _staging_buffer(self, nbytes: int) -> torch.Tensor:
         buffer, owner = host_buffer(nbytes, self.cuda)
-        if self.cuda:
+        if owner is not None:  # pinned: self.cuda
             buffer.fill_(0)  # touch the pages before they are locked
             buffer = pin_buffer(buffer, owner)
         return buffer
@@ -358,6 +376,7 @@ class Streamer:
         if slot is None:
             slot = self._free_slot()
             self._load(name, slot)
+            assert slot is not None  # _load raised otherwise
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         slot.busy, slot.last_use = True, self._clock
@@ -371,6 +390,7 @@ class Streamer:
         if slot is None or not slot.busy:
             return
         if self.cuda:
+            assert slot.free is not None  # allocate() made the events of every slot on a GPU
             slot.free.record(torch.cuda.current_stream(self.device))
             slot.free_recorded = True
         slot.busy = False
@@ -424,6 +444,7 @@ class Streamer:
             return
         st = self.staging[idx]
         wait = st.free if (self.cuda and st.free_recorded) else None
+        assert self._reader is not None  # allocate() started it with the staging buffers
         self._reads[name] = (self._reader.submit(read_block_into, block, st.buffer, wait), idx)
         self.stats["disk_reads"] += 1
 
@@ -443,17 +464,22 @@ class Streamer:
 
     def _load(self, name: str, slot: _Slot | None) -> None:
         if slot is None:
-            raise RuntimeError(f"cannot stream block {name!r}: both streaming slots are in use by running blocks "
-                               "(streamed blocks must not be nested in each other)")
+            raise RuntimeError(
+                f"cannot stream block {name!r}: both streaming slots are in use by running blocks "
+                "(streamed blocks must not be nested in each other)"
+            )
         host, staging = self._host_buffer(name)
         n = self.blocks[name].nbytes
         if self.cuda:
+            # allocate() made the stream and the events of every slot and staging buffer on a GPU
+            assert self._stream is not None and slot.ready is not None
             with torch.cuda.stream(self._stream):
                 if slot.free_recorded:
                     self._stream.wait_event(slot.free)
                 slot.buffer[:n].copy_(host[:n], non_blocking=True)
                 slot.ready.record(self._stream)
                 if staging is not None:
+                    assert staging.free is not None
                     staging.free.record(self._stream)
                     staging.free_recorded = True
         else:

@@ -32,9 +32,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ TMP_PREFIX = ".shardq-tmp-"
 INDEX_FORMAT = "shardq-offload-1"
 SLACK_BYTES = 4 * 2**20  # free space kept beyond the plan's disk bytes (file system metadata, the index)
 
-_LIVE: "weakref.WeakValueDictionary[str, OffloadFolder]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[str, OffloadFolder] = weakref.WeakValueDictionary()
 _LIVE_GUARD = threading.Lock()
 
 
@@ -123,7 +124,8 @@ def lock_folder(path: Path) -> int:
             raise OffloadFolderError(
                 f"offload folder {path} is in use by a live model (owner: {who or 'another process'}): a folder "
                 "holds one model's disk blocks for as long as that model lives; pass another offload_dir, or free "
-                "the other model first (del model; gc.collect())") from None
+                "the other model first (del model; gc.collect())"
+            ) from None
         raise
     return fd
 
@@ -144,12 +146,15 @@ class OffloadFolder:
     def _save_index(self) -> None:
         atomic_write_bytes(self.path / INDEX_NAME, json.dumps(self.index, indent=1).encode())
 
-    def write_block(self, module_name: str, tensors: Mapping[str, torch.Tensor], dtype_names: Mapping[torch.dtype, str],
-                    fmt: str) -> Path:
+    def write_block(
+        self, module_name: str, tensors: Mapping[str, torch.Tensor], dtype_names: Mapping[torch.dtype, str], fmt: str
+    ) -> Path:
         """Write one block's CPU tensors as a safetensors file and index it; the file is recorded first."""
         if self.sealed or self.lock_fd is None:
-            raise OffloadFolderError(f"offload folder {self.path} is in use by a loaded model: its blocks cannot be "
-                                     "rewritten; load into another offload_dir")
+            raise OffloadFolderError(
+                f"offload folder {self.path} is in use by a loaded model: its blocks cannot be "
+                "rewritten; load into another offload_dir"
+            )
         path = self.path / block_file(module_name)
         if path.name not in self.index["files"]:
             self.index["files"].append(path.name)
@@ -202,7 +207,9 @@ def live_folder(path: str | os.PathLike) -> OffloadFolder | None:
         return _LIVE.get(_key(Path(path)))
 
 
-def claim_folder(path: str | os.PathLike, disk_bytes: int, blocks: list[str], owner: Mapping[str, Any]) -> OffloadFolder:
+def claim_folder(
+    path: str | os.PathLike, disk_bytes: int, blocks: list[str], owner: Mapping[str, Any]
+) -> OffloadFolder:
     """Make this load the only user of the offload folder `path`, after checking everything a load needs from it
     (writable, no foreign files where the load writes, `disk_bytes` of free space). Raises `OffloadFolderError`
     with nothing left behind."""
@@ -215,8 +222,9 @@ def claim_folder(path: str | os.PathLike, disk_bytes: int, blocks: list[str], ow
         had_lock = (folder / LOCK_NAME).exists()
         fd = lock_folder(folder)
     except OSError as e:
-        raise OffloadFolderError(f"offload folder {folder} cannot be written ({e.strerror or e}): pass an "
-                                 "offload_dir you can write to") from None
+        raise OffloadFolderError(
+            f"offload folder {folder} cannot be written ({e.strerror or e}): pass an offload_dir you can write to"
+        ) from None
     claimed = OffloadFolder(folder, dict(owner), created, fd)
     try:
         _clear_stale(folder, blocks)
@@ -254,14 +262,18 @@ def _clear_stale(folder: Path, blocks: list[str]) -> None:
             raise OffloadFolderError(
                 f"offload folder {folder} already holds an {INDEX_NAME} that no shardq load owns (another tool's, "
                 "or blocks written by hand with write_disk_offload): shardq will not mix its blocks with them; pass "
-                "an empty or new offload_dir, or delete that folder's contents")
-        listed = {str(f) for f in index.get("files", [])} | {str(b.get("file")) for b in index["blocks"].values()
-                                                              if isinstance(b, dict)}
+                "an empty or new offload_dir, or delete that folder's contents"
+            )
+        listed = {str(f) for f in index.get("files", [])} | {
+            str(b.get("file")) for b in index["blocks"].values() if isinstance(b, dict)
+        }
     listed = {f for f in listed if f and "/" not in f and f not in (INDEX_NAME, LOCK_NAME)}
     foreign = [block_file(b) for b in blocks if (folder / block_file(b)).exists() and block_file(b) not in listed]
     if foreign:
-        raise OffloadFolderError(f"offload folder {folder} already holds {foreign[:3]} which no shardq load wrote: "
-                                 "pass an empty or new offload_dir, or remove those files")
+        raise OffloadFolderError(
+            f"offload folder {folder} already holds {foreign[:3]} which no shardq load wrote: "
+            "pass an empty or new offload_dir, or remove those files"
+        )
     for name in listed:
         _unlink(folder / name)
     for p in folder.glob(TMP_PREFIX + "*"):
@@ -273,6 +285,8 @@ def _clear_stale(folder: Path, blocks: list[str]) -> None:
 def _check_space(folder: Path, disk_bytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if disk_bytes + SLACK_BYTES > free:
-        raise OffloadFolderError(f"offload folder {folder} has {free / 2**20:.1f} MiB free but the plan writes "
-                                 f"{disk_bytes / 2**20:.1f} MiB of disk blocks there (+ {SLACK_BYTES // 2**20} MiB "
-                                 "slack): free space, pass another offload_dir, or raise the CPU/GPU caps")
+        raise OffloadFolderError(
+            f"offload folder {folder} has {free / 2**20:.1f} MiB free but the plan writes "
+            f"{disk_bytes / 2**20:.1f} MiB of disk blocks there (+ {SLACK_BYTES // 2**20} MiB "
+            "slack): free space, pass another offload_dir, or raise the CPU/GPU caps"
+        )
