@@ -29,7 +29,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shardq.loading.loader import load_sharded_from_dir
-from shardq.runtime.decode import decoder_of, set_graph_decode
+from shardq.runtime.decode import set_graph_decode
 from shardq.runtime.fast_decode import fast_state
 
 SHAPES = {"1.1B": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
@@ -126,28 +126,6 @@ def ms_per_token(model, kind: str, batch: int, new: int) -> float:
     return (long - short) / new * 1e3
 
 
-def replay_ms(model, reps: int = 50) -> float | None:
-    """GPU time of one decode step alone: the newest whole-step graph replayed back to back (None when the step is
-    piecewise). ms_per_token minus this is the host's share: transformers' generate loop around the replay."""
-    loops = [lp for lp in fast_state(model).loops.values() if lp.graph is not None]
-    steps = list(decoder_of(model).steps.values())
-    if loops:
-        g = loops[-1].graph
-    elif steps and steps[-1].whole is not None:
-        g = steps[-1].whole
-    else:
-        return None
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) / reps, 3)
-
-
 def decode_path(model) -> str:
     """Which loop served the variant's generate(): shardq's static graph loop, or transformers' loop."""
     if getattr(model, "shardq_runtime", None) is not None and fast_state(model).stats["fast"] > 0:
@@ -190,7 +168,7 @@ def main() -> None:
                     ms = ms_per_token(model, kind, batch, args.new)
                     floor = wb / (hbm * 1e9) * 1e3  # HBM traffic of a copy (read + write) ~ the rate of a pure read
                     rows.append([shape, kind, batch, round(ms, 3), round(floor, 3), round(ms / floor, 2),
-                                 round(wb / 2**20), replay_ms(model) if kind.endswith("_graph") else None,
+                                 round(wb / 2**20),
                                  decode_path(model)])
                     print(rows[-1], flush=True)
             except Exception as e:  # one variant failing must not lose the others' numbers
@@ -214,7 +192,7 @@ def stream_row(path: Path, h2d: float, new: int) -> list:
     ms = ms_per_token(model, "sq_nf4_graph", 1, new // 2)
     bound = streamed / (h2d * 1e9) * 1e3
     row = ["7B", "sq_nf4_graph_half_streamed", 1, round(ms, 3), round(bound, 3), round(ms / bound, 2) if bound else 0,
-           round(streamed / 2**20), None, decode_path(model)]
+           round(streamed / 2**20), decode_path(model)]
     print(row, flush=True)
     return row
 
@@ -252,17 +230,15 @@ def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = F
     res = {"benchmark": "decode", "title": "Decode ms per token: transformers, bitsandbytes and shardq eager/graph",
            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
            "command": "python " + " ".join(_public_args(sys.argv)), "notes": notes,
-           "columns": ["model", "variant", "batch", "ms_per_token", "floor_ms", "x_floor", "weights_MiB", "replay_ms",
-                       "path"],
+           "columns": ["model", "variant", "batch", "ms_per_token", "floor_ms", "x_floor", "weights_MiB", "path"],
            "rows": rows}
     (out / "decode.json").write_text(json.dumps(res, indent=1))
     if quiet:
         return
     print("\n".join(notes))
-    print(f"{'model':<6}{'variant':<28}{'batch':>6}{'ms/tok':>9}{'floor':>8}{'x':>7}{'replay':>8}  path")
+    print(f"{'model':<6}{'variant':<28}{'batch':>6}{'ms/tok':>9}{'floor':>8}{'x':>7}  path")
     for r in rows:
-        path = r[8] if len(r) > 8 else "-"
-        print(f"{r[0]:<6}{r[1]:<28}{r[2]:>6}{r[3]:>9}{r[4]:>8}{r[5]:>7}{r[7] if r[7] is not None else '-':>8}  {path}")
+        print(f"{r[0]:<6}{r[1]:<28}{r[2]:>6}{r[3]:>9}{r[4]:>8}{r[5]:>7}  {r[7]}")
 
 
 if __name__ == "__main__":

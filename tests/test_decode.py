@@ -59,7 +59,8 @@ def _dispatched(arch: str, tmp_path, disk_layer: bool):
     dmap = {n: "cpu" for n in blocks(model)}
     if disk_layer:
         dmap[next(n for n in dmap if n.endswith("layers.1"))] = "disk"
-    dispatch_model(model, dmap, offload_dir=tmp_path)
+    # CPU-run blocks with the CPU as execution device on any host (with a GPU they would otherwise stream to it)
+    dispatch_model(model, dmap, offload_dir=tmp_path, offload_modes="cpu", execution_device="cpu")
     return model, ref
 
 

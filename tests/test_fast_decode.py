@@ -21,7 +21,9 @@ REF = dict(cache_implementation="static", disable_compile=True, do_sample=False,
 
 @pytest.fixture
 def fast_cpu(monkeypatch):
+    """Route CPU models' generate() through the loop (the hook is off by default and leaves CPU models alone)."""
     monkeypatch.setattr(fast_decode, "FAST_CPU", True)
+    monkeypatch.setattr(fast_decode, "ENABLED", True)
 
 
 def _padded(batch: int = 2, length: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +108,8 @@ def test_generate_hook_takes_fast_path_and_falls_back(tmp_path, fast_cpu):
     assert stats["fast"] == 2
 
 
-def test_generate_hook_cpu_model_uses_transformers_without_flag(tmp_path):
+def test_generate_hook_cpu_model_uses_transformers_without_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(fast_decode, "ENABLED", True)
     model, ref = _dispatched("llama", tmp_path, disk_layer=False)
     ids, _ = _padded()
     model.generate(ids, max_new_tokens=3, cache_implementation="static", pad_token_id=0)

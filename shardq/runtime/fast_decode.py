@@ -25,9 +25,10 @@ from shardq.runtime import graphs
 from shardq.runtime.decode import decoder_of
 
 SYNC_EVERY = 16
-# generate() hook switch: False leaves every request to transformers' loop (with the per-step GraphDecoder), which is
-# how the GraphDecoder's own tests and benchmarks reach it.
-ENABLED = True
+# generate() hook switch, off by default: the loop matches transformers' tokens on the CPU, but its captured form
+# has not yet passed its GPU tests (H100, 2026-12-07: tokens differed), so generate() keeps transformers' loop with
+# the per-step GraphDecoder unless this is set to True.
+ENABLED = False
 # Dispatched models on the CPU keep transformers' loop in generate() (as GPU-less transformers does); tests set this
 # to route CPU models through the fast loop too.
 FAST_CPU = False
