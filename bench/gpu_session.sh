@@ -55,6 +55,8 @@ for s in $steps; do
                  python3 bench/profile_kernel.py --wgmma --m "${PROFILE_WG_M:-4096}" --calls 2 ;;
     decode) step decodetests 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_gpu.py tests/test_dispatch_gpu.py
             step decode ${DECODE_LIMIT:-420} python3 bench/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} ;;
+    train) step traintests 200 python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py tests/test_train_autograd.py
+           step train ${TRAIN_LIMIT:-400} python3 bench/bench_train.py ${TRAIN_ARGS:-} ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
