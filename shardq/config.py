@@ -56,6 +56,7 @@ class QuantConfig:
     fp32_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in METHODS:
             raise QuantConfigError(f"quantization method {self.method!r} is unknown: use one of {METHODS}")
         thr = self.threshold
@@ -73,6 +74,25 @@ class QuantConfig:
             )
         if self.skip_modules is not None:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+
+    def _check_types(self) -> None:
+        """Every field's type, before its value: a float blocksize or a string flag would pass the value checks and
+        fail later, after planning."""
+        if not isinstance(self.method, str):
+            raise QuantConfigError(f"method={self.method!r} must be a string: one of {METHODS}")
+        if type(self.blocksize) is not int:
+            raise QuantConfigError(f"blocksize={self.blocksize!r} must be an int: one of {BLOCKSIZES_4BIT}")
+        for name in ("double_quant", "fp32_cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.compute_dtype is not None and not isinstance(self.compute_dtype, torch.dtype):
+            raise QuantConfigError(
+                f"compute_dtype={self.compute_dtype!r} must be a torch dtype (torch.float16, torch.bfloat16, "
+                "torch.float32) or None"
+            )
+        skip = self.skip_modules
+        if skip is not None and (isinstance(skip, str) or not all(isinstance(n, str) for n in skip)):
+            raise QuantConfigError(f"skip_modules={skip!r} must be a list of module names, e.g. ['lm_head']")
 
     @property
     def bits(self) -> int:

@@ -35,6 +35,7 @@ from torch import nn
 from shardq.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo, index_checkpoint, read_tensor
 from shardq.checkpoint.source import LoadError, SourceTensor, checkpoint_source, module_source
 from shardq.config import QuantConfig
+from shardq.loading.finite import FiniteCheck, check_mode
 from shardq.planning.planner import Placement, Plan, check_offload_mode, plan_model
 from shardq.progress import byte_bar
 from shardq.quant import sizing
@@ -515,6 +516,7 @@ def stream_tensors(
     progress: bool | str,
     layers: Mapping[str, QLayer] | None = None,
     plan: Plan | None = None,
+    finite: FiniteCheck | None = None,
 ) -> LoadStats:
     """Load every mapped tensor (and pre-quantized layer) in file order; write each disk block once its last
     tensor arrived."""
@@ -547,7 +549,10 @@ def stream_tensors(
                 nbytes = load_layer(model, layers[key], source, owner_unit(key, units), plan, journal)
             else:
                 route = routes[match.mapping[key]]
-                _store(journal, slots.get(match.mapping[key]), route, _fetch(source[key], route, pinned))
+                value = _fetch(source[key], route, pinned)
+                if finite is not None:
+                    finite.see(key, value)
+                _store(journal, slots.get(match.mapping[key]), route, value)
                 nbytes = source[key].nbytes
             stats.bytes_read += nbytes
             stats.tensors += 1
@@ -755,6 +760,7 @@ def load_sharded(
     progress: bool | str = True,
     prefetch: bool = True,
     distributed: Any = None,
+    nonfinite: str = "warn",
 ) -> nn.Module:
     """Load `model`'s weights from `checkpoint` (or its own weights) under `max_memory`, quantized by `quant`,
     and dispatch it across GPUs, CPU and disk. Returns the model, with `model.shardq_plan` (the Plan),
@@ -775,6 +781,8 @@ def load_sharded(
     left as it was and nothing stays allocated.
     `distributed`: a `shardq.distributed.Pipeline` (stages over torch.distributed, launched by torchrun): each rank
     loads only its stage and rank 0 gets the model; the same arguments otherwise.
+    `nonfinite`: what a NaN or Inf in a float weight does, found as each tensor streams in: "warn" (default, names
+    the tensors), "error" (the load is rolled back) or "ignore".
     """
     if distributed is not None:  # handed over whole: the pipeline calls back here for this rank's stage
         return distributed.load(
@@ -797,6 +805,7 @@ def load_sharded(
             f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32"
         )
     check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
+    finite = FiniteCheck(check_mode(nonfinite))
     src = open_source(model, checkpoint, quant)
     cfg = src.cfg
     slots = model_slots(model)
@@ -824,7 +833,8 @@ def load_sharded(
         qweights = swap_quantized(model, plan, cfg, journal, exclude=src.layers)
         slots_now = {k: v for k, v in model_slots(model).items() if k not in provided}
         routes = plan_routes(slots_now, plan, qweights)
-        stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan)
+        stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan, finite)
+        finite.resolve(quantized=cfg.method in ("nf4", "fp4"))
         offload_modes = {k: m for k, m in plan.offload_modes.items() if plan.device_map[k] == "cpu"}  # with reasons
         t0 = time.perf_counter()
         # with a GPU, "cpu" blocks were loaded in fp32 but the GPU blocks after them work in the planned dtype
