@@ -23,11 +23,6 @@ if TYPE_CHECKING:
 STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
 PCIE_GBPS = 25.0
 DISK_GBPS = 2.0
-DTYPES = {
-    "float16": ("fp16", "f16", "half", "float16"),
-    "bfloat16": ("bf16", "bfloat16"),
-    "float32": ("fp32", "f32", "float", "float32"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +121,11 @@ def parse_dtype(text: str | None) -> str | None:
     """A floating dtype by its torch name or a common alias (fp16, bf16, fp32, half) -> the torch name."""
     if text is None:
         return None
-    name = text.strip().lower().removeprefix("torch.")
-    for canonical, aliases in DTYPES.items():
-        if name in aliases:
-            return canonical
+    from shardq.config import COMPUTE_DTYPES  # imports torch: only once a plan is asked for, never for --help
+
+    dtype = COMPUTE_DTYPES.get(text.strip().lower().removeprefix("torch."))
+    if dtype is not None:
+        return str(dtype).removeprefix("torch.")
     raise ValueError(f"--dtype {text!r} is not a floating dtype: use float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
 
 

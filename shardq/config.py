@@ -18,11 +18,13 @@ BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
+    "f16": torch.float16,
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float32": torch.float32,
     "fp32": torch.float32,
+    "f32": torch.float32,
     "float": torch.float32,
 }
 # bitsandbytes quantizes the absmax statistics of double quant in blocks of 256, as 8-bit dynamic codes.

@@ -15,11 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from shardq.memory import format_size
+if TYPE_CHECKING:  # torch is imported by the functions that run the job, so `--help` answers without it
+    import torch
 
 PROMPT_LEN = 32
 NEW_TOKENS = 8
@@ -60,6 +59,7 @@ def make_config(layers: int, hidden: int, vocab: int) -> Any:
 
 def save_reference(out: Path, layers: int, hidden: int, vocab: int, seed: int) -> tuple[torch.nn.Module, Path]:
     """The fp32 reference model (random weights) and its sharded checkpoint."""
+    import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -72,6 +72,8 @@ def save_reference(out: Path, layers: int, hidden: int, vocab: int, seed: int) -
 
 def default_caps(ckpt: Path, quant: str) -> dict[Any, Any]:
     """Tight enough that part of the model is offloaded: about half of what the plan needs on one device."""
+    import torch
+
     from shardq.hf import meta_model_from_dir
     from shardq.planning.planner import plan_model
 
@@ -96,6 +98,8 @@ def default_caps(ckpt: Path, quant: str) -> dict[Any, Any]:
 
 def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Logits, greedy tokens, forward seconds and seconds per generated token."""
+    import torch
+
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -110,6 +114,8 @@ def compare(model: torch.nn.Module, ref: torch.nn.Module, method: str, seed: int
     """The loaded model against the fp32 reference and against the same quantization applied in memory (which
     isolates what the loader adds: nothing, when it is right)."""
     import copy
+
+    import torch
 
     from shardq.quant.convert import quantize_model
 
@@ -140,6 +146,7 @@ def _peak_rss() -> int:
 
 
 def report(model: torch.nn.Module, result: dict[str, Any], load_s: float, quant: str) -> str:
+    from shardq.memory import format_size
     from shardq.runtime.dispatch import format_memory_report, memory_report
 
     stats = model.shardq_load_stats
@@ -172,6 +179,10 @@ def report(model: torch.nn.Module, result: dict[str, Any], load_s: float, quant:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shardq.memory import format_size
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from shardq.cli import parse_caps
     from shardq.config import QuantConfig

@@ -190,3 +190,15 @@ def test_prequantized_checkpoint_plans_its_stored_bytes(tmp_path, quant):
     buffers = sum(b.numel() * b.element_size() for n, b in hf.meta_model_from_dir(tmp_path).named_buffers())
     offsets = 4 * sum(1 for t in index if t.name.endswith(".nested_absmax"))  # in the quant_state JSON on disk
     assert p.totals[0] == stored + buffers + offsets
+
+
+def test_plan_from_python_takes_dtype_aliases(tmp_path):
+    from _f_models import save_checkpoint
+
+    import shardq
+
+    ckpt = save_checkpoint("llama", tmp_path / "ck", dtype=torch.float32, layers=2)
+    for alias, want in (("fp16", "float16"), ("bf16", "bfloat16"), ("torch.float32", "float32")):
+        assert shardq.plan(ckpt, "nf4", dtype=alias, max_memory={"cpu": "1GB"}).dtype == want
+    with pytest.raises(shardq.planning.placement.PlanError, match="not a floating dtype"):
+        shardq.plan(ckpt, "nf4", dtype="int8", max_memory={"cpu": "1GB"})

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from shardq import hf
-from shardq.config import QuantConfig
+from shardq.config import COMPUTE_DTYPES, QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.memory import (
     DeviceKey,
@@ -926,9 +926,11 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch dtype from a dtype, its name or a common alias ("fp16", "bf16", "fp32", "half")."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    value = COMPUTE_DTYPES.get(name, getattr(torch, name, None))
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise PlanError(f"dtype={dtype!r} is not a floating dtype: use float16, bfloat16 or float32")
     return value
