@@ -272,27 +272,6 @@ def write_json(res: dict, rows: list[dict]) -> Path:
     """bench/results/kernels.json: graph µs per contender (module-call µs where a graph cannot capture it)."""
     from results_io import write_result
 
-    kinds = [k for k in KIND_ORDER if any(k + "_us" in r for r in rows)]
-    cols = ["K×N", "M"] + [k + (" graph µs" if any(k + "_graph_us" in r for r in rows) else " call µs") for k in kinds]
-    cols += ["sq_nf4 % of HBM copy", "fp16 / sq_nf4", "fp16 / sq_int8_t6"]
-    out = []
-    for r in rows:
-        cells = [r.get(k + "_graph_us", r.get(k + "_us")) for k in kinds]
-        t16, tq, t8 = (r.get(k + "_graph_us") or r.get(k + "_us") for k in ("fp16", "sq_nf4", "sq_int8_t6"))
-        gbps = r.get("sq_nf4_GBps")
-        out.append([f"{r['K']}×{r['N']}", r["M"], *cells, round(100 * gbps / res["hbm_copy_GBps"], 1) if gbps else None,
-                    round(t16 / tq, 2) if t16 and tq else None, round(t16 / t8, 2) if t16 and t8 else None])
-    notes = [f"HBM copy bandwidth in the same run: {res['hbm_copy_GBps']} GB/s; torch {res['torch']}"
-             + (f", bitsandbytes {res['bnb']}" if "bnb" in res else " (bitsandbytes absent)") + ".",
-             "µs per matmul, CUDA-graph replay where it captures (bitsandbytes' int8 threshold-6 layer cannot).",
-             "History and analysis: bench/history/kernels.md."]
-    return write_result("kernels", "Quantized matmuls against fp16 cuBLAS and bitsandbytes", cols, out, notes)
-
-
-def write_json(res: dict, rows: list[dict]) -> Path:
-    """bench/results/kernels.json: graph µs per contender (module-call µs where a graph cannot capture it)."""
-    from results_io import write_result
-
     kinds = list(dict.fromkeys(k[:-3] for r in rows for k in r if k.endswith("_us") and not k.endswith("_graph_us")))
     cols = ["K×N", "M"] + [k + (" graph µs" if any(k + "_graph_us" in r for r in rows) else " call µs") for k in kinds]
     cols += ["sq_nf4 % of HBM copy", "fp16 / sq_nf4", "fp16 / sq_int8_t6"]
