@@ -202,3 +202,20 @@ def check_checkpoint(model: nn.Module, tensors: Mapping[str, Any]) -> list[str]:
             more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
             out.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:8])}{more}")
     return out
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which `model`'s forward takes the KV cache in the installed transformers: `cache` in recent
+    releases, `past_key_values` before (an unknown keyword is swallowed by `**kwargs`, so the wrong one silently
+    runs without the cache)."""
+    import inspect
+
+    for fn in (getattr(type(model), "prepare_inputs_for_generation", None), getattr(type(model), "forward", None)):
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+    return "cache"

@@ -25,6 +25,7 @@ from torch import nn
 from shardq.distributed.comm import COMMAND, ERROR, SHUTDOWN, TENSOR, Link, RemoteError
 from shardq.distributed.stages import RankPlan
 from shardq.distributed.stubs import track_cache
+from shardq.hf import cache_kwarg
 
 BATCHED = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
 CACHE_NAMES = ("cache", "past_key_values")
@@ -192,7 +193,7 @@ class PipelineRuntime:
         out = outs[0]
         out["logits"] = torch.cat(logits).to(out["logits"].device)
         if use_cache:
-            out["cache"] = user_cache
+            out[cache_kwarg(self.model)] = user_cache
         return out
 
     def _run_local(
@@ -210,7 +211,7 @@ class PipelineRuntime:
         return outs
 
     def _cache_kw(self, sid: int | None, micro: int) -> dict[str, Any]:
-        return {} if sid is None else {"cache": self.sessions.get(sid, micro)}
+        return {} if sid is None else {cache_kwarg(self.model): self.sessions.get(sid, micro)}
 
     def _gather_logits(self, n: int) -> list[torch.Tensor]:
         logits = []

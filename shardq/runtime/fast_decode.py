@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardq.hf import cache_kwarg
 from shardq.runtime import graphs
 from shardq.runtime.decode import decoder_of
 
@@ -252,7 +253,7 @@ def _step(model: nn.Module, loop: Loop, s: Sampling) -> None:
     inputs = model.prepare_inputs_for_generation(
         loop.ids,
         next_sequence_length=1,
-        cache=loop.cache,
+        **{cache_kwarg(model): loop.cache},
         attention_mask=loop.mask,
         position_ids=loop.pos,
         use_cache=True,
@@ -275,7 +276,7 @@ def _prefill(
     """Run the prompt eagerly into the (reset) cache, choose the first token and set the step buffers."""
     loop.cache.reset()
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    kw: dict[str, Any] = dict(cache=loop.cache, attention_mask=mask, position_ids=pos, use_cache=True)
+    kw: dict[str, Any] = {cache_kwarg(model): loop.cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
     if model._supports_logits_to_keep():
         kw["logits_to_keep"] = 1
     inputs = model.prepare_inputs_for_generation(ids, is_first_iteration=True, **kw)
