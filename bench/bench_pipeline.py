@@ -216,8 +216,8 @@ def paper_70b() -> dict:
                         "tokens/s", "bottleneck"], "rows": rows, "notes": notes}
 
 
-def write(doc: dict) -> None:
-    out = ROOT / "bench" / "results" / f"{doc['benchmark']}.json"
+def write(doc: dict, folder: Path = ROOT / "bench" / "results") -> None:
+    out = folder / f"{doc['benchmark']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print("\n".join(doc["notes"]))
@@ -233,9 +233,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the JSON result")
     args = p.parse_args()
     if args.paper:
-        write(paper_70b())
+        write(paper_70b(), args.out)
         return
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,9 +270,22 @@ def main() -> None:
                "vs one process (1 thread)", "physical limit ms"]
     doc = {"benchmark": "pipeline", "title": f"Pipeline stages over gloo, 12-layer Llama (hidden {args.hidden}), "
            f"prefill of {args.batch} x {args.tokens} tokens, fp32 CPU", "date": datetime.date.today().isoformat(),
-           "gpu": "none (CPU)", "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:]),
+           "gpu": "none (CPU)", "command": "python bench/bench_pipeline.py " + " ".join(_public(sys.argv[1:])),
            "columns": columns, "rows": rows, "notes": notes}
-    write(doc)
+    write(doc, args.out)
+
+
+def _public(argv: list[str]) -> list[str]:
+    """argv without --out and its folder (the JSON says how to rerun, not where it ran)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":
