@@ -31,10 +31,6 @@ def fast_loop(monkeypatch):
     monkeypatch.setattr(fast_decode, "ENABLED", True)
 
 
-# The captured fast loop is off by default (fast_decode.ENABLED) until these pass on a GPU: on the H100 run of
-# 2026-12-07 the token-equality test failed; not strict, so a fixed loop shows as XPASS.
-FAST_PENDING = pytest.mark.xfail(reason="captured fast loop not yet validated on a GPU (fast_decode.ENABLED is off)")
-
 
 def _pair(arch: str, dmap_of, **kw):
     model = tiny_lm(arch).half()
@@ -154,7 +150,6 @@ def _fast_pair(quant, tmp_path):
     return fast, eager
 
 
-@FAST_PENDING
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_fast_loop_tokens_equal_eager_and_replay_without_capture(quant, tmp_path, fast_loop):
     from shardq.runtime.fast_decode import fast_state
@@ -170,7 +165,6 @@ def test_fast_loop_tokens_equal_eager_and_replay_without_capture(quant, tmp_path
     assert torch.equal(again, want) and stats["captures"] == 1 and stats["fast"] == 2
 
 
-@FAST_PENDING
 def test_fast_loop_sampling_reproducible(tmp_path, fast_loop):
     from shardq.runtime.fast_decode import fast_generate
 
@@ -180,7 +174,6 @@ def test_fast_loop_sampling_reproducible(tmp_path, fast_loop):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-@FAST_PENDING
 def test_fast_loop_within_max_memory(tmp_path, fast_loop):
     from shardq.loading.loader import load_sharded
     from shardq.runtime.fast_decode import fast_state

