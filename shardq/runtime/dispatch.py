@@ -17,7 +17,7 @@ CPU). Without a GPU everything runs on the CPU, through the same streaming code.
 `model.shardq_device_map` (normalised map), `model.shardq_offload_modes` (how each block runs, as `RunMode`
 strings whose `.reason` says why), `memory_report(model)` / `format_memory_report(...)` (bytes per device,
 allocator counters on GPUs). A dispatched transformers model reports the main device as `model.device` and its
-dtype before dispatch as `model.dtype` (see `_expose_main_device`).
+dtype before dispatch as `model.dtype` (see `shardq.runtime.model_class`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from shardq.planning.runmode import (
     forcing_key,
     lookup_width,
 )
-from shardq.runtime import fast_decode
-from shardq.runtime.decode import decoder_of, reset_graphs
+from shardq.runtime.decode import reset_graphs
+from shardq.runtime.model_class import expose_main_device
 from shardq.runtime.moving import first_float_dtype, move_to, needs_move
 from shardq.runtime.offload import (
     DiskBlock,
@@ -124,11 +124,12 @@ class Runtime:
     streamer: Streamer | None
     offload_dir: Path | None
     wrapped: list = field(default_factory=list)  # (module, instance forward it had before, or None)
-    model_class: type | None = None  # the model's class before `_expose_main_device` swapped it
+    model_class: type | None = None  # the model's class before `model_class.expose_main_device` swapped it
     model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
     graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
     decoder: Any = None  # its GraphDecoder, made on first use
     fast: Any = None  # its fast_decode.FastState (static graph loops of generate()), made on first use
+    root_forward: Any = None  # the model's forward wrapper (another one there: the user replaced it after dispatch)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -513,6 +514,7 @@ def _wrap_root(model: nn.Module, rt: Runtime) -> None:
         return move_to(out, main) if needs_move(out, main, None) else out
 
     _install(model, forward, rt)
+    rt.root_forward = forward
 
 
 def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:
@@ -580,7 +582,7 @@ def dispatch_model(
     model.shardq_runtime = rt
     model.shardq_device_map = dict(entries)
     model.shardq_offload_modes = dict(modes)
-    _expose_main_device(model, rt)
+    expose_main_device(model, rt)
     return model
 
 
@@ -604,70 +606,6 @@ def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torc
         if b.mode == "cpu":
             b.orig_dtype = dtype
     return dtype
-
-
-def _expose_main_device(model: nn.Module, rt: Runtime) -> None:
-    """Make `model.device` the main device (where outputs come back) and `model.dtype` the dtype before dispatch.
-
-    transformers' `model.device`/`model.dtype` read the first parameter: with the first block offloaded (an
-    embedding computed on the CPU in fp32) they would say CPU/fp32, and `generate()` would warn about inputs on
-    the GPU and route them through the CPU. These are class properties, so the instance's class is swapped for
-    a subclass with the same name that overrides both (what `torch.nn.utils.parametrize` does to parametrized
-    modules); `remove_dispatch` restores the class. Models without a `device` property are left alone.
-    """
-    cls: type = type(model)  # as `type`: mypy does not see a `type[Any]` as Hashable (the cache's key)
-    if not isinstance(getattr(cls, "device", None), property):
-        return
-    rt.model_class = cls
-    model.__class__ = _dispatched_class(cls)
-
-
-@functools.cache
-def _dispatched_class(cls: type[Any]) -> type:
-    """`cls` with `device` and `dtype` read from the dispatch runtime (one subclass per class, same names)."""
-    base_device = cls.device
-    base_dtype: Any = getattr(cls, "dtype", None)  # a property whenever the `dtype` override below is installed
-
-    def device(self: nn.Module) -> torch.device:
-        rt = self.__dict__.get("shardq_runtime")
-        return rt.main_device if rt is not None else base_device.fget(self)
-
-    def dtype(self: nn.Module) -> torch.dtype:
-        rt = self.__dict__.get("shardq_runtime")
-        if rt is not None and rt.model_dtype is not None:
-            return rt.model_dtype
-        return base_dtype.fget(self)
-
-    def get_compiled_call(self: nn.Module, compile_config: Any = None) -> Any:
-        """The decode step transformers' static-cache generate() runs: replayed from graphs (see
-        `shardq.runtime.decode`), or transformers' torch.compile after `set_graph_decode(model, False)`."""
-        rt = self.__dict__.get("shardq_runtime")
-        if rt is not None and rt.graph_decode:
-            return decoder_of(self)
-        return super(new, self).get_compiled_call(compile_config)
-
-    def generate(self: nn.Module, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
-        """transformers' generate(), or the static graph loop (`shardq.runtime.fast_decode`) for the requests it
-        serves exactly when graph decode is on and the cache is static."""
-        out = fast_decode.try_fast_generate(self, inputs, generation_config, kwargs)
-        if out is not None:
-            return out
-        return super(new, self).generate(inputs, generation_config, **kwargs)
-
-    ns: dict[str, Any] = {
-        "device": property(device, doc="The device where the dispatched model's outputs come back."),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-    }
-    if hasattr(cls, "get_compiled_call"):
-        ns["get_compiled_call"] = get_compiled_call
-    if hasattr(cls, "generate") and hasattr(cls, "prepare_inputs_for_generation"):
-        ns["generate"] = generate
-    if isinstance(base_dtype, property):
-        ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
-    new: type[Any] = type(cls.__name__, (cls,), ns)
-    return new
 
 
 def _main_device(
