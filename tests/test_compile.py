@@ -110,9 +110,10 @@ def test_streamed_blocks_compile_with_graph_breaks(where, tmp_path):
 
 @pytest.mark.parametrize("style", ["optimized_module", "forward", "module_compile"])
 def test_generate_after_torch_compile(style):
-    model = _on_cpu(tiny_lm("llama"))
-    ref = tiny_lm("llama")
-    if style == "optimized_module":
+    """Static cache: after the prefill every step has one shape, so the compiled forward is traced twice at most."""
+    model, ref = _on_cpu(tiny_lm("llama")), tiny_lm("llama")
+    kw = dict(cache_implementation="static", disable_compile=True, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if style == "optimized_module":  # the wrapper forwards generate() to the dispatched model (run eagerly)
         runner = torch.compile(model, backend=BACKEND)
         assert torch.equal(runner(input_ids=_ids()).logits, _logits(ref, _ids()))
     elif style == "forward":
@@ -121,11 +122,8 @@ def test_generate_after_torch_compile(style):
     else:
         model.compile(backend=BACKEND)
         runner = model
-    for cache in (None, "static"):
-        want = ref.generate(_ids(), cache_implementation=cache, disable_compile=True, **GEN)
-        assert torch.equal(runner.generate(_ids(), cache_implementation=cache, **GEN), want)
-    if style != "optimized_module":
-        assert counters["stats"]["unique_graphs"] > 0
+    assert torch.equal(runner.generate(_ids(), **kw), ref.generate(_ids(), **kw))
+    assert counters["stats"]["unique_graphs"] > 0
 
 
 def _all_devices(cc: CompileConfig) -> CompileConfig:
