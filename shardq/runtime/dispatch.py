@@ -129,7 +129,6 @@ class Runtime:
     graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
     decoder: Any = None  # its GraphDecoder, made on first use
     fast: Any = None  # its fast_decode.FastState (static graph loops of generate()), made on first use
-    root_forward: Any = None  # the model's forward wrapper (another one there: the user replaced it after dispatch)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -514,7 +513,6 @@ def _wrap_root(model: nn.Module, rt: Runtime) -> None:
         return move_to(out, main) if needs_move(out, main, None) else out
 
     _install(model, forward, rt)
-    rt.root_forward = forward
 
 
 def _install(module: nn.Module, forward: Any, rt: Runtime) -> None:

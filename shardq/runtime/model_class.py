@@ -48,12 +48,11 @@ def asks_compile(compile_config: Any) -> bool:
 
 
 def user_compiled(model: nn.Module) -> bool:
-    """Whether the user compiled the model's own call after dispatch (`model.compile()`, or `model.forward`
-    replaced, as `model.forward = torch.compile(model.forward)` does)."""
+    """Whether the user compiled the model's own call after dispatch: `model.compile()`, or `model.forward`
+    replaced by a torch.compile'd function (`model.forward = torch.compile(model.forward)`)."""
     if getattr(model, "_compiled_call_impl", None) is not None:
         return True
-    rt = model.__dict__.get("shardq_runtime")
-    return rt is not None and rt.root_forward is not None and model.__dict__.get("forward") is not rt.root_forward
+    return hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")  # what torch.compile(fn) returns
 
 
 def graph_breaks(rt: Any) -> list[str]:
