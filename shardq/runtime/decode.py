@@ -2,9 +2,9 @@
 
 transformers 5 asks a model for a faster decode step with `model.get_compiled_call(compile_config)` whenever the
 cache is static (`cache_implementation="static"`, a `GenerationConfig` saying so, or a `StaticCache` passed in) and
-the model runs on a GPU. A dispatched model answers with its `GraphDecoder` (see `dispatch._dispatched_class`) instead
-of `torch.compile`: transformers' own loop (sampling, stopping, padding, masks) stays as it is; only the forward of a
-one-token step is replayed from CUDA graphs.
+the model runs on a GPU. A dispatched model answers with its `GraphDecoder` instead of `torch.compile` unless the
+user asked for a compile (`shardq.runtime.model_class` has the rule): transformers' own loop (sampling, stopping,
+padding, masks) stays as it is; only the forward of a one-token step is replayed from CUDA graphs.
 
 - Prefill (more than one token) and the first step of each new shape run eagerly (the warm-up: lazy kernel and
   cuBLAS set-up happen outside capture); the next step of that shape is captured, later ones replayed. A new batch

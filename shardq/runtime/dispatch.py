@@ -17,15 +17,14 @@ CPU). Without a GPU everything runs on the CPU, through the same streaming code.
 `model.shardq_device_map` (normalised map), `model.shardq_offload_modes` (how each block runs, as `RunMode`
 strings whose `.reason` says why), `memory_report(model)` / `format_memory_report(...)` (bytes per device,
 allocator counters on GPUs). A dispatched transformers model reports the main device as `model.device` and its
-dtype before dispatch as `model.dtype` (see `_expose_main_device`).
+dtype before dispatch as `model.dtype` (see `shardq.runtime.model_class`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,9 @@ from shardq.planning.runmode import (
     forcing_key,
     lookup_width,
 )
-from shardq.runtime import fast_decode
-from shardq.runtime.decode import decoder_of, reset_graphs
+from shardq.runtime.decode import reset_graphs
+from shardq.runtime.model_class import expose_main_device
+from shardq.runtime.moving import first_float_dtype, move_to, needs_move
 from shardq.runtime.offload import (
     DiskBlock,
     Streamer,
@@ -124,66 +124,11 @@ class Runtime:
     streamer: Streamer | None
     offload_dir: Path | None
     wrapped: list = field(default_factory=list)  # (module, instance forward it had before, or None)
-    model_class: type | None = None  # the model's class before `_expose_main_device` swapped it
+    model_class: type | None = None  # the model's class before `model_class.expose_main_device` swapped it
     model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
     graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
     decoder: Any = None  # its GraphDecoder, made on first use
     fast: Any = None  # its fast_decode.FastState (static graph loops of generate()), made on first use
-
-
-# --------------------------------------------------------------------------------------------------------------
-# moving nested activations
-
-
-_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device)
-
-
-def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """`obj` with every tensor inside (tuples, lists, dicts, dataclasses/ModelOutput) on `device`.
-
-    Floating tensors are cast to `dtype` when given. Other objects (a transformers KV cache, say) pass through
-    untouched: each layer keeps its own cache tensors on its own device. Containers whose contents did not
-    change are returned as they are (this runs on every block call, so it is kept cheap).
-    """
-    if isinstance(obj, _ATOMS):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        cast = dtype is not None and obj.dtype != dtype and obj.is_floating_point()
-        if not cast and obj.device == device:
-            return obj
-        blocking = device.type == "cpu" and obj.device.type != "cpu"  # GPU→host must finish before use
-        return obj.to(device=device, dtype=dtype if cast else None, non_blocking=not blocking)
-    if isinstance(obj, (list, tuple)):
-        items = [move_to(v, device, dtype) for v in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, Mapping):
-        moved = {k: move_to(v, device, dtype) for k, v in obj.items()}
-        if all(moved[k] is v for k, v in obj.items()):
-            return obj
-        cls: Callable[..., Any] = type(obj)  # a concrete mapping class, whose constructor Mapping does not declare
-        try:
-            return cls(**moved) if dataclasses.is_dataclass(obj) else cls(moved)
-        except TypeError:
-            return moved
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: move_to(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj) if f.init}
-        if all(changes[k] is getattr(obj, k) for k in changes):
-            return obj
-        return dataclasses.replace(obj, **changes)
-    return obj
-
-
-def _first_float_dtype(obj: Any) -> torch.dtype | None:
-    if isinstance(obj, torch.Tensor):
-        return obj.dtype if obj.is_floating_point() else None
-    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
-    for v in items:
-        found = _first_float_dtype(v)
-        if found is not None:
-            return found
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,50 +430,6 @@ def _place_disk(rt: Runtime, b: Block, disk: dict[str, DiskBlock]) -> None:
 # forward wrappers (cheaper than torch hooks: this runs for every block on every token)
 
 
-_OPAQUE, _TENSOR, _SEQUENCE, _MAPPING, _DATACLASS = range(5)
-_KINDS: dict[type, int] = {}
-
-
-def _kind(cls: type) -> int:
-    """How `_needs_move` treats objects of class `cls` (decided once per class)."""
-    kind = _KINDS.get(cls)
-    if kind is None:
-        kind = (
-            _TENSOR
-            if issubclass(cls, torch.Tensor)
-            else _SEQUENCE
-            if issubclass(cls, (list, tuple))
-            else _MAPPING
-            if issubclass(cls, Mapping)
-            else _DATACLASS
-            if dataclasses.is_dataclass(cls)
-            else _OPAQUE
-        )
-        _KINDS[cls] = kind
-    return kind
-
-
-def _needs_move(obj: Any, device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Whether `move_to(obj, device, dtype)` would change anything (a scan that allocates nothing).
-
-    Written for speed: it runs on every block call, and a forward at batch 1 is bound by host time.
-    """
-    kind = _kind(type(obj))
-    if kind == _TENSOR:
-        return obj.device != device or (dtype is not None and obj.dtype != dtype and obj.is_floating_point())
-    if kind == _OPAQUE:
-        return False
-    if kind == _DATACLASS:
-        return any(_needs_move(getattr(obj, f.name), device, dtype) for f in dataclasses.fields(obj))
-    for v in obj.values() if kind == _MAPPING else obj:
-        if _kind(type(v)) == _TENSOR:
-            if v.device != device or (dtype is not None and v.dtype != dtype and v.is_floating_point()):
-                return True
-        elif _kind(type(v)) != _OPAQUE and _needs_move(v, device, dtype):
-            return True
-    return False
-
-
 def _swap_in(b: Block, rec: _Tensor, value: torch.Tensor) -> None:
     for ref in rec.refs[b.name]:
         b.saved.append((ref, ref.get()))
@@ -539,9 +440,18 @@ def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dic
     """Before a block's forward: inputs to its device (fp32 for "cpu" blocks), streamed and borrowed weights in."""
     cast = torch.float32 if b.mode == "cpu" else None
     if cast is not None:
-        b.in_dtype = _first_float_dtype((args, kwargs))
-    if _needs_move(args, b.exec_device, cast) or _needs_move(kwargs, b.exec_device, cast):
+        b.in_dtype = first_float_dtype((args, kwargs))
+    if needs_move(args, b.exec_device, cast) or needs_move(kwargs, b.exec_device, cast):
         args, kwargs = move_to((args, kwargs), b.exec_device, cast)
+    if b.streamed or b.borrowed:
+        _swap_weights(rt, b, cast)
+    return args, kwargs
+
+
+@torch.compiler.disable
+def _swap_weights(rt: Runtime, b: Block, cast: torch.dtype | None) -> None:
+    """Streamed and borrowed weights into the block. Eager under torch.compile (one graph break): slots, events
+    and the read-ahead thread are host state that no graph can hold."""
     if b.streamed:
         assert rt.streamer is not None
         for rec, view in zip(b.targets, rt.streamer.acquire(b.name)):
@@ -550,11 +460,12 @@ def _enter(rt: Runtime, b: Block, args: tuple, kwargs: dict) -> tuple[tuple, dic
     for rec in b.borrowed:
         want = cast if (cast is not None and rec.dtype.is_floating_point) else rec.dtype
         _swap_in(b, rec, rec.tensor.data.to(b.exec_device, want, non_blocking=True))
-    return args, kwargs
 
 
+@torch.compiler.disable
 def _exit(rt: Runtime, b: Block) -> None:
-    """After a block's forward (also on error): original tensors back, streaming slot released."""
+    """After a block's forward (also on error): original tensors back, streaming slot released (eager, as
+    `_swap_weights`)."""
     while b.saved:
         ref, original = b.saved.pop()
         ref.set(original)
@@ -569,6 +480,7 @@ def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
     # (rotary cos/sin follow the hidden states, not their fp32 buffer), else to the block's weight dtype
     # (an embedding fed integer ids)
     back = torch.float32 if b.mode == "cpu" else None
+    swaps = b.streamed or bool(b.borrowed)  # weights swapped in and out: a graph break each under torch.compile
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -576,10 +488,11 @@ def _wrap_block(module: nn.Module, rt: Runtime, b: Block) -> None:
         try:
             out = inner(*args, **kwargs)
         finally:
-            _exit(rt, b)
+            if swaps:
+                _exit(rt, b)
         if b.out_device is not None:
             dtype = (b.in_dtype or b.orig_dtype) if back is not None else None
-            if _needs_move(out, b.out_device, dtype):
+            if needs_move(out, b.out_device, dtype):
                 out = move_to(out, b.out_device, dtype)
         return out
 
@@ -594,10 +507,10 @@ def _wrap_root(model: nn.Module, rt: Runtime) -> None:
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if move_in and (_needs_move(args, main, None) or _needs_move(kwargs, main, None)):
+        if move_in and (needs_move(args, main, None) or needs_move(kwargs, main, None)):
             args, kwargs = move_to((args, kwargs), main)
         out = inner(*args, **kwargs)
-        return move_to(out, main) if _needs_move(out, main, None) else out
+        return move_to(out, main) if needs_move(out, main, None) else out
 
     _install(model, forward, rt)
 
@@ -667,7 +580,7 @@ def dispatch_model(
     model.shardq_runtime = rt
     model.shardq_device_map = dict(entries)
     model.shardq_offload_modes = dict(modes)
-    _expose_main_device(model, rt)
+    expose_main_device(model, rt)
     return model
 
 
@@ -691,70 +604,6 @@ def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torc
         if b.mode == "cpu":
             b.orig_dtype = dtype
     return dtype
-
-
-def _expose_main_device(model: nn.Module, rt: Runtime) -> None:
-    """Make `model.device` the main device (where outputs come back) and `model.dtype` the dtype before dispatch.
-
-    transformers' `model.device`/`model.dtype` read the first parameter: with the first block offloaded (an
-    embedding computed on the CPU in fp32) they would say CPU/fp32, and `generate()` would warn about inputs on
-    the GPU and route them through the CPU. These are class properties, so the instance's class is swapped for
-    a subclass with the same name that overrides both (what `torch.nn.utils.parametrize` does to parametrized
-    modules); `remove_dispatch` restores the class. Models without a `device` property are left alone.
-    """
-    cls: type = type(model)  # as `type`: mypy does not see a `type[Any]` as Hashable (the cache's key)
-    if not isinstance(getattr(cls, "device", None), property):
-        return
-    rt.model_class = cls
-    model.__class__ = _dispatched_class(cls)
-
-
-@functools.cache
-def _dispatched_class(cls: type[Any]) -> type:
-    """`cls` with `device` and `dtype` read from the dispatch runtime (one subclass per class, same names)."""
-    base_device = cls.device
-    base_dtype: Any = getattr(cls, "dtype", None)  # a property whenever the `dtype` override below is installed
-
-    def device(self: nn.Module) -> torch.device:
-        rt = self.__dict__.get("shardq_runtime")
-        return rt.main_device if rt is not None else base_device.fget(self)
-
-    def dtype(self: nn.Module) -> torch.dtype:
-        rt = self.__dict__.get("shardq_runtime")
-        if rt is not None and rt.model_dtype is not None:
-            return rt.model_dtype
-        return base_dtype.fget(self)
-
-    def get_compiled_call(self: nn.Module, compile_config: Any = None) -> Any:
-        """The decode step transformers' static-cache generate() runs: replayed from graphs (see
-        `shardq.runtime.decode`), or transformers' torch.compile after `set_graph_decode(model, False)`."""
-        rt = self.__dict__.get("shardq_runtime")
-        if rt is not None and rt.graph_decode:
-            return decoder_of(self)
-        return super(new, self).get_compiled_call(compile_config)
-
-    def generate(self: nn.Module, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
-        """transformers' generate(), or the static graph loop (`shardq.runtime.fast_decode`) for the requests it
-        serves exactly when graph decode is on and the cache is static."""
-        out = fast_decode.try_fast_generate(self, inputs, generation_config, kwargs)
-        if out is not None:
-            return out
-        return super(new, self).generate(inputs, generation_config, **kwargs)
-
-    ns: dict[str, Any] = {
-        "device": property(device, doc="The device where the dispatched model's outputs come back."),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-    }
-    if hasattr(cls, "get_compiled_call"):
-        ns["get_compiled_call"] = get_compiled_call
-    if hasattr(cls, "generate") and hasattr(cls, "prepare_inputs_for_generation"):
-        ns["generate"] = generate
-    if isinstance(base_dtype, property):
-        ns["dtype"] = property(dtype, doc="The model's floating dtype before dispatch.")
-    new: type[Any] = type(cls.__name__, (cls,), ns)
-    return new
 
 
 def _main_device(
