@@ -38,7 +38,7 @@ SHAPES = {"1.1B": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size
           "7B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
                      num_key_value_heads=32)}
 VARIANTS = ("hf_fp16", "hf_fp16_compile", "bnb_nf4", "bnb_int8", "sq_fp16", "sq_fp16_graph", "sq_fp16_fast", "sq_nf4",
-            "sq_nf4_graph", "sq_nf4_fast", "sq_int8", "sq_int8_graph", "sq_int8_fast")
+            "sq_nf4_graph", "sq_nf4_fast", "sq_nf4_fused", "sq_int8", "sq_int8_graph", "sq_int8_fast", "sq_int8_fused")
 
 
 def build_checkpoint(shape: str, root: Path) -> Path:
@@ -98,14 +98,14 @@ def load_variant(kind: str, path: Path, max_memory: dict | None = None):
     quant = kind.split("_")[1]
     model = load_sharded_from_dir(path, dtype=torch.float16, quant=None if quant == "fp16" else quant,
                                   max_memory=max_memory or {0: "70GB"}, progress=False)
-    set_graph_decode(model, kind.endswith(("_graph", "_fast")))
+    set_graph_decode(model, kind.endswith(("_graph", "_fast", "_fused")), fuse=kind.endswith("_fused"))
     return model
 
 
 def gen_kwargs(kind: str) -> dict:
     if kind == "hf_fp16_compile":
         return dict(cache_implementation="static", compile_config=transformers.CompileConfig(mode="reduce-overhead"))
-    if kind.endswith(("_graph", "_fast")):
+    if kind.endswith(("_graph", "_fast", "_fused")):
         return dict(cache_implementation="static")
     return dict(disable_compile=True)
 
@@ -113,7 +113,7 @@ def gen_kwargs(kind: str) -> dict:
 def ms_per_token(model, kind: str, batch: int, new: int) -> float:
     ids = torch.randint(1, 32000, (batch, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kw = dict(do_sample=False, pad_token_id=0, **gen_kwargs(kind))
-    fast_decode.ENABLED = kind.endswith("_fast")  # *_graph: transformers' loop with per-step graphs
+    fast_decode.ENABLED = kind.endswith(("_fast", "_fused"))  # *_graph: transformers' loop with per-step graphs
 
     def run(n: int) -> float:
         torch.cuda.synchronize()
@@ -227,7 +227,7 @@ def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = F
              f"pinned H2D {h2d:.1f} GB/s; the streamed row's floor is its streamed bytes per token / that bandwidth",
              "ms/token = (generate(N+1) - generate(1)) / N, greedy, prompt 16 tokens, best of 2 after a warm-up",
              "path: fast_loop = shardq's static graph loop (whole token step one CUDA graph, EOS checked every 16 "
-             "tokens; the *_fast variants); transformers = transformers' generate loop (with the per-step "
+             "tokens; the *_fast variants, *_fused: its step compiled by inductor first); transformers = transformers' generate loop (with the per-step "
              "GraphDecoder for *_graph)",
              f"torch {torch.__version__}, transformers {transformers.__version__}"] + notes
     res = {"benchmark": "decode", "title": "Decode ms per token: transformers, bitsandbytes and shardq eager/graph",

@@ -31,7 +31,6 @@ def fast_loop(monkeypatch):
     monkeypatch.setattr(fast_decode, "ENABLED", True)
 
 
-
 def _pair(arch: str, dmap_of, **kw):
     model = tiny_lm(arch).half()
     ref = copy.deepcopy(model).cuda()
@@ -75,8 +74,11 @@ def test_streamed_blocks_stay_eager_between_graphs(arch):
 
 
 def test_cpu_run_block_among_graphs():
-    model, _ = _pair("llama", lambda names: {**{n: 0 for n in names}, "model.layers.1": "cpu"},
-                     offload_modes={"model.layers.1": "cpu"})
+    model, _ = _pair(
+        "llama",
+        lambda names: {**{n: 0 for n in names}, "model.layers.1": "cpu"},
+        offload_modes={"model.layers.1": "cpu"},
+    )
     kw = dict(cache_implementation="static", **GEN)
     want = model.generate(_ids(), disable_compile=True, **kw)  # the same model eager (its CPU layer in fp32)
     got = model.generate(_ids(), **kw)
@@ -188,3 +190,26 @@ def test_fast_loop_within_max_memory(tmp_path, fast_loop):
     a.generate(_ids(), cache_implementation="static", **GEN)
     assert fast_state(a).stats["fast"] == 1
     assert torch.cuda.max_memory_allocated(0) - base <= cap
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_fused_fast_loop_matches_eager(quant, tmp_path, fast_loop):
+    """Inductor-compiled steps captured in the loop's graph: the first step's logits within fp16 rounding of eager
+    and, on an fp32 model (no fp16 re-rounding between fused ops), the same greedy tokens."""
+    from shardq.loading.loader import load_sharded
+    from shardq.runtime.decode import set_graph_decode
+    from shardq.runtime.fast_decode import fast_state
+
+    model = tiny_lm("llama")
+    model.save_pretrained(tmp_path)
+    load = dict(max_memory={0: "2GB"}, quant=quant, progress=False, dtype=torch.float32)
+    fast = load_sharded(tiny_lm("llama"), tmp_path, **load)
+    eager = load_sharded(tiny_lm("llama"), tmp_path, **load)
+    set_graph_decode(fast, fuse=True)
+    ids = _ids()
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+    want = eager.generate(ids, disable_compile=True, **kw)
+    got = fast.generate(ids, **kw)
+    stats = fast_state(fast).stats
+    assert stats["fast"] == 1 and stats["captures"] == 1 and fast_state(fast).compiled is not None
+    assert torch.equal(got, want)

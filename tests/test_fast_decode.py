@@ -45,6 +45,34 @@ def test_greedy_tokens_equal_generate(arch, tmp_path):
     assert torch.equal(one, ref.generate(ids[1:], max_new_tokens=1, **REF))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_fused_steps_compile_once_and_equal_generate(arch, tmp_path, monkeypatch):
+    """`set_graph_decode(model, fuse=True)`: the step runs through torch.compile (aot_eager here: exact), fullgraph,
+    compiled once per signature and reused by later calls."""
+    monkeypatch.setattr(fast_decode, "FUSE_BACKEND", "aot_eager")
+    model, ref = _dispatched(arch, tmp_path, disk_layer=False)
+    decode.set_graph_decode(model, fuse=True)
+    ids, mask = _padded()
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, **REF)
+    eos = ref.generation_config.eos_token_id
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    got = fast_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    again = fast_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    longer, longer_mask = _padded(length=9, seed=2)  # another prompt length: the same bucketed cache and graph
+    want = ref.generate(longer, attention_mask=longer_mask, max_new_tokens=12, **REF)
+    assert torch.equal(
+        fast_generate(model, longer, longer_mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0), want
+    )
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    compiled = fast_state(model).compiled
+    assert compiled is not None and compiled._orig_mod is model
+    decode.set_graph_decode(model, fuse=False)
+    assert not model.shardq_runtime.graph_fuse
+
+
 def test_eos_midway_pads_and_stops_when_all_done(tmp_path):
     model, ref = _dispatched("llama", tmp_path, disk_layer=False)
     ids, mask = _padded()

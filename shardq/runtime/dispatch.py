@@ -127,6 +127,7 @@ class Runtime:
     model_class: type | None = None  # the model's class before `model_class.expose_main_device` swapped it
     model_dtype: torch.dtype | None = None  # the model's floating dtype before dispatch
     graph_decode: bool = True  # static-cache generate() replays decode steps from graphs (shardq.runtime.decode)
+    graph_fuse: bool = False  # the fast loop's step compiled by torch.compile before capture (fewer kernels)
     decoder: Any = None  # its GraphDecoder, made on first use
     fast: Any = None  # its fast_decode.FastState (static graph loops of generate()), made on first use
 

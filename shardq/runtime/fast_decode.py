@@ -32,6 +32,11 @@ ENABLED = True
 # Dispatched models on the CPU keep transformers' loop in generate() (as GPU-less transformers does); tests set this
 # to route CPU models through the fast loop too.
 FAST_CPU = False
+# torch.compile backend of fused steps (`set_graph_decode(model, fuse=True)`); CPU tests use "aot_eager".
+FUSE_BACKEND = "inductor"
+# Fused steps size the static cache in multiples of this many positions, so prompts of other lengths reuse the
+# compiled step (positions past the current one are masked, as in any static cache longer than the text).
+FUSE_BUCKET = 256
 
 # GenerationConfig fields that add a logits processor or stopping rule the fast loop does not run: the values that
 # leave them off (anything else falls back to transformers).
@@ -176,6 +181,7 @@ class FastState:
         default_factory=lambda: {"fast": 0, "fallback": 0, "captures": 0, "replays": 0, "eager_steps": 0}
     )
     last_fallback: str | None = None
+    compiled: Any = None  # the model's torch.compile'd call for fused steps (made on the first fused step)
 
 
 def fast_state(model: nn.Module) -> FastState:
@@ -246,7 +252,17 @@ def _advance(loop: Loop, token: torch.Tensor) -> None:
     loop.idx.add_(1)
 
 
-def _step(model: nn.Module, loop: Loop, s: Sampling) -> None:
+def _step_forward(model: nn.Module, state: FastState) -> Any:
+    """What runs a decode step's forward: the model, or its torch.compile'd call when steps are fused (one graph,
+    static shapes: a new batch size or cache length recompiles once)."""
+    if not _runtime(model).graph_fuse:
+        return model
+    if state.compiled is None:
+        state.compiled = torch.compile(model, backend=FUSE_BACKEND, fullgraph=True, dynamic=False)
+    return state.compiled
+
+
+def _step(model: nn.Module, loop: Loop, s: Sampling, forward: Any) -> None:
     """One token: the forward transformers' loop would run (same input preparation and 4-D mask), then the choice
     and the writes. Everything reads and writes static buffers, so it is captured as it is."""
     inputs = model.prepare_inputs_for_generation(
@@ -257,7 +273,7 @@ def _step(model: nn.Module, loop: Loop, s: Sampling) -> None:
         position_ids=loop.pos,
         use_cache=True,
     )
-    logits = model(**inputs, return_dict=True).logits[:, -1].float()
+    logits = forward(**inputs, return_dict=True).logits[:, -1].float()
     _advance(loop, choose(_suppress_eos(logits, loop, s), s, loop.noise))
 
 
@@ -301,19 +317,20 @@ def _draw_noise(loop: Loop, generator: torch.Generator | None) -> None:
 
 
 def _run_step(model: nn.Module, loop: Loop, s: Sampling, state: FastState, device: torch.device) -> None:
-    """Eager on the CPU; on a GPU the first step of a signature is the warm-up, the second is captured (and
-    replayed at once), later ones replay."""
+    """Eager on the CPU; on a GPU the first step of a signature is the warm-up (and the compile of fused steps),
+    the second is captured (and replayed at once), later ones replay."""
+    forward = _step_forward(model, state)
     if loop.graph is not None:
         state.stats["replays"] += 1
         loop.graph.replay()
     elif device.type != "cuda" or not loop.warm:
         loop.warm = True
         state.stats["eager_steps"] += 1
-        _step(model, loop, s)
+        _step(model, loop, s, forward)
     else:
         graph = graphs.new_graph(device, decoder_of(model).pools)
         graph.begin()
-        _step(model, loop, s)
+        _step(model, loop, s, forward)
         graph.end()
         graph.replay()
         loop.graph = graph
@@ -396,6 +413,8 @@ def fast_generate(
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     batch, prompt = ids.shape
     cache_len = prompt + max_new_tokens - 1  # as transformers sizes it: the last token never enters the cache
+    if _runtime(model).graph_fuse:
+        cache_len = -(-cache_len // FUSE_BUCKET) * FUSE_BUCKET
     key = (batch, cache_len, max_new_tokens, _runtime(model).model_dtype, device, s, tuple(eos), pad)
     state = fast_state(model)
     loop = state.loops.get(key)
