@@ -110,9 +110,25 @@ def ping_pong(rank: int, nbytes: int, reps: int = 20) -> float:
     return statistics.median(out)
 
 
+def physical_cores() -> list[int]:
+    """One logical CPU per physical core among those this process may use (hyperthread siblings share a core's
+    units: two ranks pinned to siblings would run one after the other)."""
+    seen, out = set(), []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            key = ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+        except OSError:
+            key = ("", str(cpu))
+        if key not in seen:
+            seen.add(key)
+            out.append(cpu)
+    return out
+
+
 def rank_main(rank: int, world: int, port: int, path: str, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    cores = sorted(os.sched_getaffinity(0))
+    cores = physical_cores()
     os.sched_setaffinity(0, {cores[rank % len(cores)]})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -238,7 +254,7 @@ def main() -> None:
     if args.paper:
         write(paper_70b(), args.out)
         return
-    cores = len(os.sched_getaffinity(0))
+    cores = len(physical_cores())
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(Path(tmp) / "llama12", args.hidden)
         one, times, overhead = single(path, args, 1)
@@ -259,7 +275,7 @@ def main() -> None:
             notes.append(f"{world} ranks: stages {got['stages']} blocks; gloo link {got['link_gbps']:.2f} GB/s, "
                          f"{got['link_latency'] * 1e6:.0f} us latency (ping-pong, same run)")
     notes += [f"one process: {one * 1e3:.1f} ms with 1 thread, {one_all * 1e3:.1f} ms with {cores} threads",
-              f"{cores} cores: ranks beyond {cores} share a core (rank r on core r % {cores}); the physical limit "
+              f"{cores} physical cores ({len(os.sched_getaffinity(0))} logical CPUs), one rank pinned per core: ranks beyond {cores} share a core (rank r on core r % {cores}); the physical limit "
               "column is one process's 1-thread time / min(ranks, cores)",
               "prediction: cost.predict with per-block times fitted in one process at 1 and 8 sequences, "
               "processors = cores"]
