@@ -202,6 +202,19 @@ def _merged(path: Path, res: dict) -> dict:
     return res
 
 
+def _public(argv: list[str]) -> list[str]:
+    """argv without --out and its folder (the JSON says how to rerun, not where it ran)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1.1b,7b")
@@ -214,6 +227,8 @@ def main() -> None:
     p.add_argument("--resident", type=int, default=None, help="layers kept on the GPU in the capped run (default: "
                    "as many as fit under the cap next to the peak measured with every layer streamed)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", default="train", help="benchmark name and JSON file stem (e.g. train_13b for the 13B "
+                   "targets, which use another batch and sequence length)")
     p.add_argument("--smoke", action="store_true", help="check the script on the CPU: tiny shape, shardq only, "
                    "1 step, no limits measured (what tests/test_train_bench.py runs)")
     args = p.parse_args()
@@ -238,11 +253,13 @@ def main() -> None:
     base = {r[0]: r[2] for r in rows if r[1] == "bnb" and isinstance(r[2], float)}
     for r in rows:
         r.append(round(base[r[0]] / r[2], 2) if r[0] in base and isinstance(r[2], float) else "")
+    for r in rows:
+        r.append(("yes" if r[4] <= r[6] else "NO") if isinstance(r[6], int) and isinstance(r[4], int) else "")
     cols = ["shape", "contender", "step_ms", "tokens_per_s", "peak_MB", "weights_MB", "cap_MB", "resident_layers",
-            "gemm_bound_ms", "speedup_vs_bnb"]
-    res = {"benchmark": "train", "title": f"QLoRA step (nf4+dq, r=16 all linears, batch {args.batch}x{args.seq})",
+            "gemm_bound_ms", "speedup_vs_bnb", "peak_within_cap"]
+    res = {"benchmark": args.name, "title": f"QLoRA step (nf4+dq, r=16 all linears, batch {args.batch}x{args.seq})",
            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name() if not args.smoke else "none (smoke)",
-           "command": "python " + " ".join(sys.argv), "columns": cols, "rows": rows,
+           "command": "python " + " ".join(_public(sys.argv)), "columns": cols, "rows": rows,
            "notes": [(f"bf16 GEMM 8192^3: {args.gemm_flops / 1e12:.0f} TFLOP/s; gemm_bound_ms = 6*params*tokens at "
                       "that rate (forward, recompute, input gradients)"),
                      f"pinned H2D: {h2d:.1f} GB/s; the capped run streams each non-resident layer twice per step",
