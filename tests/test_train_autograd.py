@@ -103,9 +103,14 @@ def test_frozen_inputs_get_no_gradient_and_bias_only_when_asked():
     torch.testing.assert_close(x.grad, torch.ones(3, 12) @ wdq.float())
 
 
-@pytest.mark.parametrize("cls,cfg", [(Linear4bit, QuantConfig(method="nf4", double_quant=True)),
-                                     (Linear4bit, QuantConfig(method="fp4", compute_dtype=torch.float32)),
-                                     (Linear8bit, QuantConfig(method="int8", threshold=6.0))])
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [
+        (Linear4bit, QuantConfig(method="nf4", double_quant=True)),
+        (Linear4bit, QuantConfig(method="fp4", compute_dtype=torch.float32)),
+        (Linear8bit, QuantConfig(method="int8", threshold=6.0)),
+    ],
+)
 def test_layers_backward_through_their_forward(cls, cfg):
     """The layers' forwards (compute-dtype casts, `ops.call`) keep the graph: grad_x = g @ W_deq."""
     torch.manual_seed(0)
@@ -124,11 +129,16 @@ def test_opcheck_autograd_registration():
     b = torch.randn(12, requires_grad=True)
     w = torch.randn(12, 40)
     q, scb = torch.ops.shardq.quantize_int8_rowwise(w)
-    cases = [(torch.ops.shardq.gemm_4bit.default, (x, *args, b)),
-             (torch.ops.shardq.int8_linear.default, (x, q, scb, b, 6.0))]
+    cases = [
+        (torch.ops.shardq.gemm_4bit.default, (x, *args, b)),
+        (torch.ops.shardq.int8_linear.default, (x, q, scb, b, 6.0)),
+    ]
     for op, sample in cases:
-        torch.library.opcheck(op, sample, test_utils=("test_schema", "test_autograd_registration",
-                                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+        torch.library.opcheck(
+            op,
+            sample,
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
 
 
 @pytest.mark.parametrize("cls,cfg", [(Linear4bit, QuantConfig(method="nf4")), (Linear8bit, QuantConfig(method="int8"))])
@@ -149,3 +159,28 @@ def test_trained_bias_goes_through_the_op(monkeypatch, cls, cfg):
     layer(torch.randn(2, 32)).sum().backward()
     assert len(calls) == 1
     torch.testing.assert_close(layer.bias.grad, torch.full((16,), 2.0))
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_eager_function_equals_the_op_and_gradchecks(double):
+    """`ops.call` with an input that needs a gradient runs the same formulas as a plain autograd.Function (no
+    dispatcher, so no torch.library autograd layer per call): same output and gradient as the op."""
+    args, _ = _4bit((24, 64), "nf4", 32, double, seed=3)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.float64)
+    out = shardq.kernels.ops.call("gemm_4bit", x, *args, bias)
+    assert type(out.grad_fn).__name__ == "gemm_4bit_functionBackward"
+    grad = torch.autograd.grad(out.square().sum(), x)[0]
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.ops.shardq.gemm_4bit(x2, *args, bias)
+    assert torch.equal(out, ref) and torch.equal(grad, torch.autograd.grad(ref.square().sum(), x2)[0])
+    assert torch.autograd.gradcheck(lambda x: shardq.kernels.ops.call("gemm_4bit", x, *args, bias), (x,))
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    scb = torch.rand(24, dtype=torch.float32) * 3
+    xi = torch.randn(5, 64, dtype=torch.float32, requires_grad=True)
+    out = shardq.kernels.ops.call("int8_linear", xi, w, scb, None, 0.0)
+    assert type(out.grad_fn).__name__ == "int8_linear_functionBackward"
+    xr = xi.detach().clone().requires_grad_(True)
+    ref = torch.ops.shardq.int8_linear(xr, w, scb, None, 0.0)
+    g1 = torch.autograd.grad(out.sum(), xi)[0]
+    assert torch.equal(out, ref) and torch.equal(g1, torch.autograd.grad(ref.sum(), xr)[0])

@@ -113,12 +113,26 @@ def reference(name: str) -> Callable:
 def call(name: str, *args):
     """Run `shardq::<name>` eagerly. A plain CUDA tensor as first argument, outside torch.compile and needing no
     gradient, goes straight to the op's CUDA kernel: the torch.library dispatcher costs 8-28 µs of host time per
-    call (bench/bench_op_overhead.py), more than a decode-sized kernel takes. Anything else
-    (CPU, meta and fake tensors, tracing, autograd) goes through the op, so torch.compile sees the op."""
+    call (bench/bench_op_overhead.py), more than a decode-sized kernel takes. A real tensor that needs a gradient
+    runs the op's backward formulas as a plain autograd.Function (`autograd.EAGER`). Anything else (CPU without
+    gradients, meta and fake tensors, tracing) goes through the op, so torch.compile sees the op."""
     x = args[0]
     if _direct(x):
         return cuda_kernel(name)(*args)
+    if name in shardq.kernels.autograd.EAGER and _eager_grad(x):
+        return shardq.kernels.autograd.EAGER[name].apply(*args)
     return getattr(torch.ops.shardq, name)(*args)
+
+
+def _eager_grad(x: Tensor) -> bool:
+    """Eager autograd on a real tensor: the op's formulas run as a plain autograd.Function (`autograd.EAGER`)."""
+    return (
+        type(x) is Tensor
+        and x.device.type in ("cuda", "cpu")
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _direct(x: Tensor) -> bool:
