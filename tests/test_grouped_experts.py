@@ -197,7 +197,8 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_forward_gives_the_eager_logits(models, arch, cfg, dtype):
     q = quantize_model(copy.deepcopy(models[arch]).to(dtype), CONFIGS[cfg])
-    assert len(experts_modules(q)) == 2 and all(m.config._experts_implementation == "shardq" for m in experts_modules(q))
+    mods = experts_modules(q)
+    assert len(mods) == 2 and all(m.config._experts_implementation == qexperts.IMPLEMENTATION for m in mods)
     ids = torch.randint(0, VOCAB, (3, 7), generator=_gen("ids", arch, cfg))
     want = _logits(with_implementation(q, "eager"), ids)
     calls = []

@@ -131,7 +131,8 @@ def grouped_gemm_4bit(
             continue
         real = absmax[e]
         if nested_absmax is not None:
-            torch._check(nested_code is not None and nested_offset is not None, lambda: "double quant needs all parts")
+            if nested_code is None or nested_offset is None:
+                raise ValueError("double quant needs nested_absmax, nested_code and nested_offset")
             real = blockwise.dequantize_absmax(absmax[e], nested_absmax[e], nested_code[e], float(nested_offset[e]))
         w = blockwise.dequantize_4bit_ref(packed[e], real, code[e], blocksize, [out_features, x.shape[1]], x.dtype)
         out[start:stop] = torch.nn.functional.linear(x[start:stop], w)
