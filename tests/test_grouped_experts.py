@@ -256,3 +256,22 @@ def test_deepcopy_keeps_the_implementation(models):
     c = copy.deepcopy(with_implementation(q, qexperts.GROUPED))
     assert {m.config._experts_implementation for m in experts_modules(c)} == {qexperts.GROUPED}
     torch.testing.assert_close(_logits(c, ids), _logits(q, ids), rtol=0, atol=0)
+
+
+def test_bench_smoke_writes_a_result_the_renderer_accepts(tmp_path, monkeypatch):
+    """bench/bench_moe.py --smoke (CPU, tiny shapes, the reference op) runs every variant and writes moe.json in the
+    results schema (to tmp_path only: no numbers of this machine land in bench/results/)."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    monkeypatch.delenv("OUT", raising=False)
+    import bench_moe
+    import render_results
+
+    assert bench_moe.main(["--smoke", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (res,) = render_results.load_results(tmp_path)
+    assert res["benchmark"] == "moe" and res["notes"][0].startswith("MoE experts layer")
+    by_variant = {r[1]: r for r in res["rows"] if r[0] == 1}
+    assert {"sq_nf4_grouped", "sq_nf4_old", "hf_bf16_eager"} <= set(by_variant)
+    assert by_variant["sq_nf4_grouped"][2] is not None and by_variant["sq_nf4_grouped"][7] < 1e-2
