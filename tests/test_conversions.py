@@ -106,7 +106,7 @@ def test_quantized_matches_quantize_model_and_experts_are_quantized(saved, arch,
     for m in experts:  # fused tensors: quantized stacks, no float 3-D parameter left
         assert [p for p in m._parameters.values() if p is not None and p.dim() == 3] == []
         assert {type(m._modules[a]).__name__ for a in ("gate_up_proj", "down_proj")} == {"QuantizedExperts"}
-        assert m.config._experts_implementation == "eager"
+        assert m.config._experts_implementation == "shardq"
     assert any(type(m).__name__ == ("Linear8bit" if method == "int8" else "Linear4bit") for m in model.modules())
     assert not any("fused MoE expert" in w for w in model.shardq_plan.warnings)
 

@@ -31,6 +31,23 @@ def test_csrc_compiles_and_exports_every_launcher():
     _check_fused_refusals(loaded, "shardq_gemm_4bit_wgmma")
     _check_int8_fused_refusals(loaded)
     _check_flat_refusals(loaded)
+    _check_grouped_refusals(loaded)
+
+
+def _check_grouped_refusals(loaded: ctypes.CDLL) -> None:
+    """shardq_grouped_gemm_4bit refuses, before any CUDA call, what it cannot run: grouped_gemm_4bit then runs each
+    expert through gemm_4bit."""
+    fn = loaded.shardq_grouped_gemm_4bit
+    fn.argtypes, fn.restype = lib.SIGNATURES["shardq_grouped_gemm_4bit"], ctypes.c_int
+    ok = dict(x=4096, w=8192, T=4, E=8, N=1000, K=1024, bs=64, dtype=0, absmax=64, q=None)
+    bad = [dict(K=1000), dict(K=64), dict(K=0), dict(T=0), dict(E=0), dict(E=257), dict(N=0), dict(dtype=2),
+           dict(bs=48), dict(bs=16), dict(x=4104), dict(w=8200), dict(absmax=None), dict(absmax=None, q=512),
+           dict(T=2**31)]
+    for change in bad:
+        a = dict(ok, **change)
+        rc = fn(a["x"], 32, a["w"], a["absmax"], a["q"], None, None, None, 128, 256, a["T"], a["E"], a["N"], a["K"],
+                a["bs"], a["dtype"], None)
+        assert rc == lib.CUDA_ERROR_NOT_SUPPORTED, f"{change}: rc {rc}"
 
 
 def _check_tc_refusals(loaded: ctypes.CDLL) -> None:

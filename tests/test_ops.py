@@ -17,6 +17,9 @@ OPS = {
     "gemm_4bit": "shardq::gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
                  "int out_features, int in_features, Tensor? nested_absmax, Tensor? nested_code, "
                  "float nested_offset, Tensor? bias) -> Tensor",
+    "grouped_gemm_4bit": "shardq::grouped_gemm_4bit(Tensor x, Tensor offsets, Tensor packed, Tensor absmax, "
+                         "Tensor code, int blocksize, int out_features, Tensor? nested_absmax, Tensor? nested_code, "
+                         "Tensor? nested_offset) -> Tensor",
     "quantize_int8_rowwise": "shardq::quantize_int8_rowwise(Tensor A) -> (Tensor q, Tensor scale)",
     "int8_linear": "shardq::int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias, "
                    "float threshold) -> Tensor",
@@ -86,6 +89,8 @@ def _samples():
         "dequantize_4bit": [(packed, absmax, code, 32, [12, 40], torch.bfloat16)],
         "gemm_4bit": [(x, packed, absmax, code, 32, 12, 40, None, None, 0.0, b),
                       (x.bfloat16(), packed, dq.q, code, 32, 12, 40, dq.nested_absmax, dq.code, dq.offset.item(), None)],
+        "grouped_gemm_4bit": [(x, torch.tensor([0, 2, 2, 3]), packed.reshape(1, -1).expand(3, -1), absmax.expand(3, -1),
+                               code.expand(3, 16), 32, 12, None, None, None)],
         "quantize_int8_rowwise": [(w,), (x.half(),)],
         "int8_linear": [(x, q8, scb, b, 6.0), (x.half(), q8, scb, None, 0.0)],
     }

@@ -63,6 +63,7 @@ def _cases(dev: torch.device) -> list[CheckRow]:
             out = torch.ops.shardq.gemm_4bit(x, packed, absmax, code, 64, 96, 1001, None, None, 0.0, None)
             ref = reference("gemm_4bit")(x, packed, absmax, code, 64, 96, 1001, None, None, 0.0, None)
             rows.append(CheckRow("gemm_4bit", f"{qt} K=1001 M={m}", _rel(out, ref), 5e-3))
+    rows += _grouped_cases(dev, g)
     a = torch.randn(300, 1000, device=dev, dtype=torch.float16, generator=g)
     q, s = torch.ops.shardq.quantize_int8_rowwise(a)
     rq, rs = reference("quantize_int8_rowwise")(a)
@@ -80,6 +81,29 @@ def _cases(dev: torch.device) -> list[CheckRow]:
     out = torch.ops.shardq.int8_linear(x, w8, scb, None, 6.0)
     ref = reference("int8_linear")(x, w8, scb, None, 6.0)
     rows.append(CheckRow("int8_linear", "K=1001 M=1 thr=6", _rel(out, ref), 5e-3))
+    return rows
+
+
+def _grouped_cases(dev: torch.device, g: torch.Generator) -> list[CheckRow]:
+    """grouped_gemm_4bit: 4 experts of 384x1024 nf4, expert 2 without rows, 1 and 16 tokens per expert."""
+    from shardq.formats import codebooks
+    from shardq.kernels.ops import reference
+
+    code = codebooks.code_4bit("nf4", dev)
+    parts = [
+        torch.ops.shardq.quantize_4bit(torch.randn(384, 1024, device=dev, generator=g), code, 64) for _ in range(4)
+    ]
+    packed = torch.stack([p.reshape(-1) for p, _ in parts])
+    absmax, codes = torch.stack([a for _, a in parts]), code.expand(4, 16).contiguous()
+    rows = []
+    for per in (1, 16):
+        offsets = torch.tensor([0, per, 2 * per, 2 * per, 3 * per], device=dev)
+        x = torch.randn(3 * per, 1024, device=dev, dtype=torch.float16, generator=g)
+        args = (x, offsets, packed, absmax, codes, 64, 384, None, None, None)
+        out = torch.ops.shardq.grouped_gemm_4bit(*args)
+        rows.append(
+            CheckRow("grouped_gemm_4bit", f"nf4 E=4 rows={per}", _rel(out, reference("grouped_gemm_4bit")(*args)), 5e-3)
+        )
     return rows
 
 

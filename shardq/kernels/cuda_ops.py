@@ -86,6 +86,12 @@ WGMMA_MIN_FILL = 0.5
 WGMMA_MAX_SPLITS = 8
 WGMMA_MIN_SPLIT_TILES = 8
 WGMMA_SPLIT_MIN_K = 8192
+# grouped_gemm_4bit (MoE experts): csrc/grouped_gemm_4bit.cu, one launch for all experts, while the rows per expert
+# average at most GROUPED_MAX_AVG_ROWS (T <= GROUPED_MAX_AVG_ROWS * E) and always while a CUDA graph is captured;
+# above that, eagerly, each expert with rows through gemm_4bit (one host sync for the offsets; its M > 32 kernels
+# read each weight once where the grouped kernel re-reads a tile's weights for every 32-row pass).
+# SHARDQ_GROUPED_MAX_ROWS sets the threshold (0: per expert wherever the call is eager).
+GROUPED_MAX_AVG_ROWS = int(os.environ.get("SHARDQ_GROUPED_MAX_ROWS", "32"))
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -569,10 +575,102 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, t
     return out.reshape(*x.shape[:-1], n)
 
 
+def grouped_gemm_4bit(
+    x: Tensor,
+    offsets: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
+) -> Tensor:
+    """MoE experts' 4-bit matmuls in one launch (small rows per expert, graph capture), else per expert (see
+    GROUPED_MAX_AVG_ROWS). Offsets are trusted on the kernel path (checking them would need a host sync)."""
+    args = (x, offsets, packed, absmax, code, blocksize, out_features, nested_absmax, nested_code, nested_offset)
+    lib = _lib.load()
+    if lib is None or x.dtype not in (torch.float16, torch.bfloat16):
+        return _ref.grouped_gemm_4bit(*args)
+    _ref.check_grouped_args(x, offsets, packed, absmax, code, blocksize, out_features)
+    _same_device(
+        x.device,
+        offsets=offsets,
+        packed=packed,
+        absmax=absmax,
+        code=code,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        nested_offset=nested_offset,
+    )
+    t, experts = x.shape[0], packed.shape[0]
+    out = torch.empty((t, out_features), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing and t > GROUPED_MAX_AVG_ROWS * experts:
+        return _grouped_per_expert(args, out)
+    if _grouped_launch(lib, args, out):
+        return out
+    if capturing:
+        raise ValueError(
+            f"grouped_gemm_4bit cannot be captured for this layout (K = {x.shape[1]}, blocksize {blocksize}): "
+            "the kernel needs K % 128 == 0 and a power-of-two blocksize >= 32, and the per-expert path syncs"
+        )
+    return _grouped_per_expert(args, out)
+
+
+def _grouped_launch(lib, args: tuple, out: Tensor) -> bool:
+    """csrc/grouped_gemm_4bit.cu; False if it refuses the layout."""
+    x, offsets, packed, absmax, code, blocksize, n, nested_absmax, nested_code, nested_offset = args
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be fp32 without double quant, got {absmax.dtype}")
+        keep = [absmax.contiguous(), None, None, None, None]
+    else:
+        if nested_code is None or nested_offset is None or absmax.dtype != torch.uint8:
+            raise ValueError("double quant needs uint8 absmax codes, nested_absmax, nested_code and nested_offset")
+        keep = [
+            None,
+            absmax.contiguous(),
+            *(v.float().contiguous() for v in (nested_absmax, nested_code, nested_offset)),
+        ]
+    x2, off = x.contiguous(), offsets.to(torch.int32).contiguous()
+    w, c = packed.contiguous(), code.contiguous()
+    t, k = x2.shape
+    with _on_device(x.device):
+        return _launch(
+            lib.shardq_grouped_gemm_4bit,
+            (x2.data_ptr(), off.data_ptr(), w.data_ptr(), *(_ptr(v) for v in keep), c.data_ptr(), out.data_ptr(),
+             t, packed.shape[0], n, k, blocksize, DTYPE_CODES[x.dtype]),
+            _stream(x),
+            "grouped_gemm_4bit",
+        )  # fmt: skip
+
+
+def _grouped_per_expert(args: tuple, out: Tensor) -> Tensor:
+    """Each expert with rows through gemm_4bit (its own routing: the tensor-core and wgmma kernels, or dequantize +
+    cuBLAS); the offsets (and double quant's offsets) come to the host once."""
+    x, offsets, packed, absmax, code, blocksize, n, nested_absmax, nested_code, nested_offset = args
+    bounds = offsets.tolist()
+    shifts = nested_offset.tolist() if nested_offset is not None else None
+    for e, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        if stop <= start:
+            continue
+        na, nc, shift = (None, None, 0.0)
+        if shifts is not None and nested_absmax is not None and nested_code is not None:
+            na, nc, shift = nested_absmax[e], nested_code[e], float(shifts[e])
+        xe = x[start:stop]
+        out[start:stop] = gemm_4bit(xe, packed[e], absmax[e], code[e], blocksize, n, x.shape[1], na, nc, shift, None)
+    return out
+
+
 KERNELS: dict[str, Callable] = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
     "gemm_4bit": gemm_4bit,
+    "grouped_gemm_4bit": grouped_gemm_4bit,
     "quantize_int8_rowwise": quantize_int8_rowwise,
     "int8_linear": int8_linear,
 }

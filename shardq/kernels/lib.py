@@ -30,6 +30,7 @@ SIGNATURES: dict[str, list] = {
     "shardq_gemm_4bit_gemv_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_tc_split": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_gemm_4bit_wgmma": [_P, _P, _P, _P, _P, _P, _F32, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _P],
+    "shardq_grouped_gemm_4bit": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _P],
     "shardq_dequantize_4bit": [_P, _P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _I64, _INT, _P],
     "shardq_quantize_4bit": [_P, _P, _P, _P, _I64, _I64, _INT, _P],
     "shardq_quantize_int8_rowwise": [_P, _P, _P, _I64, _I64, _INT, _P],

@@ -26,6 +26,10 @@ _SCHEMAS = {
         "(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, int in_features, "
         "Tensor? nested_absmax, Tensor? nested_code, float nested_offset, Tensor? bias) -> Tensor"
     ),
+    "grouped_gemm_4bit": (
+        "(Tensor x, Tensor offsets, Tensor packed, Tensor absmax, Tensor code, int blocksize, int out_features, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset) -> Tensor"
+    ),
     "quantize_int8_rowwise": "(Tensor A) -> (Tensor q, Tensor scale)",
     "int8_linear": "(Tensor x, Tensor weight, Tensor scale, Tensor? bias, float threshold) -> Tensor",
 }
@@ -77,6 +81,26 @@ def _(
 ) -> Tensor:
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, layer takes {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+grouped_gemm_4bit = _op("grouped_gemm_4bit")
+
+
+@grouped_gemm_4bit.register_fake
+def _(
+    x: Tensor,
+    offsets: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
+) -> Tensor:
+    reference_impl.check_grouped_args(x, offsets, packed, absmax, code, blocksize, out_features)
+    return x.new_empty((x.shape[0], out_features))
 
 
 quantize_int8_rowwise = _op("quantize_int8_rowwise")

@@ -10,16 +10,22 @@ int8 here is weight-only: the weight is dequantized and multiplied in the comput
 (no int8 activations, no outlier columns), as the eager forward calls `F.linear` on the indexed weight.
 
 transformers' grouped and batched experts kernels (`grouped_mm`, `batched_mm`, ...) read the whole 3-D tensor or
-gather it with index tensors; a quantized experts module is switched to the eager loop (`force_eager`), which
-dequantizes only the experts a batch uses.
+gather it with index tensors; a quantized experts module is switched to shardq's own experts implementation
+(`IMPLEMENTATION`, registered in transformers' `ALL_EXPERTS_FUNCTIONS`). With both stacks 4-bit and the input on a
+GPU it runs `grouped_experts_forward`: tokens sorted by expert once, gate_up and down each one
+`shardq::grouped_gemm_4bit` (one kernel launch for all experts, weights dequantized in registers, experts without
+tokens never read). Elsewhere (CPU, int8 stacks, gradients, layouts it does not cover) it runs the module's own eager
+loop, which dequantizes each expert a batch uses whole (`stack[e]`): the CPU path and the oracle.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import shardq.kernels.ops  # registers torch.ops.shardq
 from shardq.config import NESTED_BLOCKSIZE, QuantConfig
@@ -169,24 +175,118 @@ def _quantize_4bit(w: torch.Tensor, method: str, blocksize: int, double_quant: b
     }
 
 
-def force_eager(experts: nn.Module) -> None:
-    """Make a transformers experts module run its eager loop whatever the model's `experts_implementation`: it
-    reads `self.config._experts_implementation` at each forward, so it gets its own shallow config copy set to
-    "eager" (the model's config, shared by every other module, is left alone)."""
+# Experts implementations shardq registers with transformers: IMPLEMENTATION runs the grouped forward where the
+# input is on a GPU and the stacks are 4-bit (else the eager loop); GROUPED runs it on every device (the CPU runs
+# the reference op: tests compare it with the eager loop).
+IMPLEMENTATION = "shardq"
+GROUPED = "shardq_grouped"
+# SHARDQ_GROUPED_EXPERTS=0 keeps the eager loop on the GPU too (for comparisons).
+GROUPED_EXPERTS = os.environ.get("SHARDQ_GROUPED_EXPERTS", "1") == "1"
+
+
+def set_implementation(experts: nn.Module, name: str) -> None:
+    """Make a transformers experts module run implementation `name` whatever the model's `experts_implementation`:
+    it reads `self.config._experts_implementation` at each forward, so it gets its own shallow config copy set to
+    `name` (the model's config, shared by every other module, is left alone)."""
     cfg = getattr(experts, "config", None)
-    if cfg is None or getattr(cfg, "_experts_implementation", None) == "eager":
+    if cfg is None or getattr(cfg, "_experts_implementation", None) == name:
         return
+    if name in (IMPLEMENTATION, GROUPED):
+        register_implementations()
     own = copy.copy(cfg)
-    own._experts_implementation_internal = "eager"  # the property setter would also rewrite shared sub-configs
+    own._experts_implementation_internal = name  # the property setter would also rewrite shared sub-configs
     experts.config = own
 
 
+def force_eager(experts: nn.Module) -> None:
+    """Make a transformers experts module run its own eager loop."""
+    set_implementation(experts, "eager")
+
+
 def replace_stack(experts: nn.Module, attr: str, new: nn.Module) -> nn.Parameter:
-    """Put `new` where the experts module held parameter `attr`; returns the parameter taken out."""
+    """Put `new` where the experts module held parameter `attr`; returns the parameter taken out. The module then
+    runs shardq's experts implementation (grouped 4-bit matmuls on the GPU, else its eager loop)."""
     old = experts._parameters.pop(attr)
     experts._modules[attr] = new
-    force_eager(experts)
+    set_implementation(experts, IMPLEMENTATION)
     return old
+
+
+def register_implementations() -> None:
+    """Register shardq's experts forwards in transformers' `ALL_EXPERTS_FUNCTIONS` (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS[IMPLEMENTATION] = shardq_experts_forward
+    ALL_EXPERTS_FUNCTIONS[GROUPED] = grouped_experts_forward
+
+
+def _eager_forward(experts: nn.Module) -> Callable:
+    """The experts class's own forward (the eager loop) under transformers' dispatching wrapper."""
+    fn = type(experts).forward
+    return getattr(fn, "__wrapped__", fn)
+
+
+def grouped_supported(experts: nn.Module, hidden_states: Tensor) -> bool:
+    """Whether `grouped_experts_forward` computes this module's forward: both stacks 4-bit `QuantizedExperts` of
+    matching sizes, the gated [gate; up] layout without biases, post norm or expert parallelism, 2-D input of the
+    stacks' dtype family, no gradient wanted (the grouped op has no backward)."""
+    gate_up, down = experts._modules.get("gate_up_proj"), experts._modules.get("down_proj")
+    if not (isinstance(gate_up, QuantizedExperts) and isinstance(down, QuantizedExperts)):
+        return False
+    return (
+        gate_up.method != "int8"
+        and down.method != "int8"
+        and getattr(experts, "has_gate", False)
+        and not getattr(experts, "has_bias", False)
+        and not getattr(experts, "is_transposed", False)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and not getattr(experts, "_is_expert_parallel", False)
+        and hidden_states.dim() == 2
+        and gate_up.in_features == hidden_states.shape[-1] == down.out_features
+        and gate_up.out_features == 2 * down.in_features
+        and not (hidden_states.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def shardq_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """shardq's experts implementation: the grouped 4-bit forward for GPU inputs it supports, else the eager loop."""
+    if GROUPED_EXPERTS and hidden_states.is_cuda and grouped_supported(self, hidden_states):
+        return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+
+
+def grouped_matmul(stack: QuantizedExperts, x: Tensor, offsets: Tensor) -> Tensor:
+    """Rows offsets[e]:offsets[e + 1] of x through expert e of a 4-bit stack: one `shardq::grouped_gemm_4bit`."""
+    nested = (stack.nested_absmax, stack.nested_quant_map, stack.nested_offset) if stack.double_quant else (None,) * 3
+    return shardq.kernels.ops.call(
+        "grouped_gemm_4bit", x, offsets, stack.weight, stack.absmax, stack.quant_map, stack.blocksize,
+        stack.out_features, *nested,
+    )  # fmt: skip
+
+
+def grouped_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The eager loop's result with two grouped matmuls: the (token, slot) pairs sorted by expert once (stable:
+    each expert's rows in token order, as the loop gathers them), offsets by binary search (no host sync, so CUDA
+    graphs can capture it), gate_up, the gate, down, the routing weights, then the rows added back per token in
+    expert order (index_add_, as the loop does). Falls back to the eager loop where `grouped_supported` says no."""
+    if not grouped_supported(self, hidden_states):
+        return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    num_experts, top_k = len(self.gate_up_proj), top_k_index.shape[-1]
+    with torch.no_grad():
+        expert_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        bounds = torch.arange(num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype)
+        offsets = torch.searchsorted(expert_ids, bounds)
+    token_idx = perm // top_k
+    h = grouped_matmul(self.gate_up_proj, hidden_states[token_idx], offsets)
+    h = self._apply_gate(h)
+    h = grouped_matmul(self.down_proj, h, offsets)
+    h = h * top_k_weights.reshape(-1)[perm, None]
+    out = torch.zeros_like(hidden_states)
+    return out.index_add_(0, token_idx, h.to(out.dtype))
 
 
 def quantize_stacks(model: nn.Module, stacks: dict[str, tuple[int, int, int]], cfg: QuantConfig) -> None:
