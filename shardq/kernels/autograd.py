@@ -123,25 +123,24 @@ torch.library.register_autograd(f"{_LIB}::gemm_4bit", _backward_gemm_4bit, setup
 torch.library.register_autograd(f"{_LIB}::int8_linear", _backward_int8_linear, setup_context=_setup_int8_linear)
 
 
-def _eager_function(name: str, setup: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """The same formulas as a plain `torch.autograd.Function` whose forward calls the op's implementation directly.
-    Eager training calls each quantized matmul three times a step (forward, recomputation, backward); through the
-    dispatcher, torch.library's Python autograd layer costs 0.1-0.3 ms of host time per call, which at 1B scale
-    is a third of a QLoRA step. torch.compile and fake tensors keep going through the op (`ops.call`)."""
+FORMULAS = {
+    "gemm_4bit": (_setup_gemm_4bit, _backward_gemm_4bit),
+    "int8_linear": (_setup_int8_linear, _backward_int8_linear),
+}
+
+
+def eager_function(name: str, impl_for: Callable[[Tensor], Callable]) -> type[torch.autograd.Function]:
+    """Op `name`'s formulas as a plain `torch.autograd.Function` whose forward calls `impl_for(x)` (the op's CUDA
+    kernel or reference) directly. Eager training calls each quantized matmul three times a step (forward,
+    recomputation, backward); through the dispatcher, torch.library's Python autograd layer costs 0.1-0.3 ms of
+    host time per call, which at 1B scale is a third of a QLoRA step. torch.compile and fake tensors keep going
+    through the op (`ops.call`)."""
+    setup, backward = FORMULAS[name]
 
     def forward(ctx: Any, *args: Any) -> Tensor:
-        from shardq.kernels import ops
-
-        x = args[0]
-        out = (ops.cuda_kernel(name) if x.is_cuda else ops.reference(name))(*args)
+        out = impl_for(args[0])(*args)
         setup(ctx, args, out)  # in forward, not a setup_context: Function.apply binds a signature per call for that
         return out
 
     body = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
     return type(f"{name}_function", (torch.autograd.Function,), body)
-
-
-EAGER = {
-    "gemm_4bit": _eager_function("gemm_4bit", _setup_gemm_4bit, _backward_gemm_4bit),
-    "int8_linear": _eager_function("int8_linear", _setup_int8_linear, _backward_int8_linear),
-}

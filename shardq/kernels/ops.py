@@ -138,18 +138,18 @@ def call(name: str, *args):
     """Run `shardq::<name>` eagerly. A plain CUDA tensor as first argument, outside torch.compile and needing no
     gradient, goes straight to the op's CUDA kernel: the torch.library dispatcher costs 8-28 µs of host time per
     call (bench/bench_op_overhead.py), more than a decode-sized kernel takes. A real tensor that needs a gradient
-    runs the op's backward formulas as a plain autograd.Function (`autograd.EAGER`). Anything else (CPU without
+    runs the op's backward formulas as a plain autograd.Function (`EAGER`). Anything else (CPU without
     gradients, meta and fake tensors, tracing) goes through the op, so torch.compile sees the op."""
     x = args[0]
     if _direct(x):
         return cuda_kernel(name)(*args)
-    if name in shardq.kernels.autograd.EAGER and _eager_grad(x):
-        return shardq.kernels.autograd.EAGER[name].apply(*args)
+    if name in EAGER and _eager_grad(x):
+        return EAGER[name].apply(*args)
     return getattr(torch.ops.shardq, name)(*args)
 
 
 def _eager_grad(x: Tensor) -> bool:
-    """Eager autograd on a real tensor: the op's formulas run as a plain autograd.Function (`autograd.EAGER`)."""
+    """Eager autograd on a real tensor: the op's formulas run as a plain autograd.Function (`EAGER`)."""
     return (
         type(x) is Tensor
         and x.device.type in ("cuda", "cpu")
@@ -168,4 +168,14 @@ def _direct(x: Tensor) -> bool:
     )
 
 
-import shardq.kernels.autograd  # noqa: E402,F401  (backward formulas of the ops above)
+import shardq.kernels.autograd  # noqa: E402  (backward formulas of the ops above)
+
+
+def _impl_for(name: str) -> Callable[[Tensor], Callable]:
+    return lambda x: cuda_kernel(name) if x.is_cuda else reference(name)
+
+
+# the ops' autograd as plain Functions, for eager calls whose input needs a gradient (`call`)
+EAGER = {
+    name: shardq.kernels.autograd.eager_function(name, _impl_for(name)) for name in shardq.kernels.autograd.FORMULAS
+}
