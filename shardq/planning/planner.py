@@ -16,9 +16,13 @@ Reserves (the runtime's working memory, counted against the budget):
        activations one block's forward for the workload (batch x seq_len), + fp32 logits where the head runs
        stream      on the execution GPU: two slots of the largest streamed block (prefetch double buffering);
                    streamed are all CPU blocks in "stream" mode, and disk blocks always
+       workspace   scratch of the CUDA quantized matmuls for the workload's tokens
   CPU  (when it holds blocks) the largest tensor of the model (every tensor is read through host memory),
        fp32 activations when blocks compute there, two staging buffers of the largest disk block, and
        without a GPU the two stream slots of disk blocks computed on the CPU.
+Generation (`kv_cache`, on by default for causal LMs) and training (`training`) add the reserves of
+`shardq.planning.reserves`: each block's KV cache, LoRA states and checkpoints on the device that executes it
+(streamed blocks: the execution GPU), decode graph pools, recomputed activations and the logits' gradient.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ from shardq.memory import (
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
 from shardq.planning.devicemap import explicit_units, unknown_name
 from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
-from shardq.planning.placement import Placement, Plan, PlanError
+from shardq.planning.placement import Placement, Plan, PlanError, Training
+from shardq.planning.reserves import Extras, add_bytes, build_extras, check_kv_cache, check_training
 from shardq.planning.runmode import (
     DEFAULT_WORKLOAD,
     BlockKind,
@@ -92,6 +97,7 @@ class _Ctx:
     reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
     search_complete: bool = True  # the last complete search explored every branch (its "no" is a proof)
     search_steps: int = 200_000  # nodes x units the complete search may visit (about a second)
+    extras: Extras = field(default_factory=Extras)  # generation and training reserves (planning.reserves)
 
 
 @dataclass
@@ -101,6 +107,7 @@ class _Assumed:
     stream: int = 0
     head_on_exec: bool = False
     disk_staging: int = 0
+    carried: dict[str, int] = field(default_factory=dict)  # KV cache, LoRA states... of streamed blocks, by name
 
 
 def plan_model(
@@ -113,6 +120,8 @@ def plan_model(
     gpus: Any = None,
     offload_mode: str | Mapping[str, str] | None = None,
     offload_dir: str | os.PathLike | None = None,
+    kv_cache: bool | None = None,
+    training: bool | Training = False,
 ) -> Plan:
     """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
 
@@ -122,10 +131,16 @@ def plan_model(
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
     ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU), one
     string for all or a dict per block (`check_offload_mode`); the others follow `shardq.planning.runmode`.
+    `kv_cache` counts generate()'s KV cache and decode graphs for the workload (seq_len = prompt + new tokens);
+    None (default) turns it on for causal LMs, False plans plain forwards. `training` (True, or a
+    `Training(rank, target_modules)`) counts QLoRA training instead: adapters with their gradients and AdamW
+    states, checkpointed hidden states, the recomputed block and the logits' gradient (`planning.reserves`).
     """
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
     batch, seq_len = _check_workload(workload)
+    train = check_training(training)
+    kv = check_kv_cache(model, kv_cache, train)
     budgets, notes = clip_budgets(
         get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir), device_capacities(gpus), max_memory is not None
     )
@@ -136,7 +151,7 @@ def plan_model(
         raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
-    ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode, (kv, train))
     ctx.reserve_only = reserve_only
     device_map = _whole_model_map(device_map)
     if isinstance(device_map, Mapping):
@@ -160,7 +175,7 @@ def plan_model(
             )
 
         def fresh(b: dict[DeviceKey, int]) -> _Ctx:
-            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode)
+            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode, (kv, train))
             c.reserve_only = reserve_only
             return c
 
@@ -206,6 +221,7 @@ def _place_exactly(
 
         devices = [d for d in ctx.budgets if d not in ctx.reserve_only]
         ceiling = 2 * sum(max(e.fp32, e.stored) for u in ctx.units for e in u.entries) + 2**30
+        ceiling += 2 * sum(sum(c.nbytes(4).values()) for c in ctx.extras.carried.values())
         raise refine_error(error, least_extra(dict(ctx.budgets), feasible, devices, ceiling)) from None
 
 
@@ -241,7 +257,9 @@ def _context(
     split_guard: set[str],
     workload: tuple[int, int],
     offload_mode: str | dict[str, str] | None,
+    modes: tuple[bool, Training | None] = (False, None),
 ) -> _Ctx:
+    """The context of one plan; `modes` = (kv_cache, training) as checked (`planning.reserves`)."""
     gpus = [k for k in budgets if isinstance(k, int)]
     exec_dev = next((g for g in gpus if budgets[g] > 0), None)
     per_block = offload_mode if isinstance(offload_mode, dict) else {}
@@ -282,6 +300,8 @@ def _context(
         itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
+    decode_ws = sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0], itemsize)
+    ctx.extras = build_extras(model, [u.name for u in units], workload, itemsize, *modes, decode_ws)
     return ctx
 
 
@@ -477,15 +497,22 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
         quantized_here = any(e.quantized for u in units for e in u.entries)
         if ctx.workspace and (quantized_here or (dev == ctx.exec_dev and assumed.stream)):
             out["matmul workspace"] = ctx.workspace
-        return out
+        carried = ctx.extras.carried_bytes(names, ctx.itemsize)
+        if dev == ctx.exec_dev:
+            carried = add_bytes(carried, assumed.carried)
+        return {**out, **carried, **ctx.extras.gpu(head, dev == ctx.exec_dev)}
     if dev == "disk":
         return {"file headers": disk_overhead(ctx.quant, units)} if units else {}
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
-        if ctx.exec_dev is None or any(_run(ctx, u, dev) == "cpu" for u in units):  # blocks compute on the CPU
+        computing = [u.name for u in units if _run(ctx, u, dev) == "cpu"]
+        if ctx.exec_dev is None or computing:  # blocks compute on the CPU
             head = ctx.head_unit in names or (ctx.exec_dev is None and assumed.head_on_exec)
             out["activations"] = ctx.act_fp32 + (ctx.head_act if head else 0)
+            carried = ctx.extras.carried_bytes(computing, 4)  # CPU blocks compute (and cache) in fp32
+            out.update(add_bytes(carried, assumed.carried) if ctx.exec_dev is None else carried)
+            out.update(ctx.extras.cpu(head))
         if streams_here:
             out["stream"] = assumed.stream
         if assumed.disk_staging:
@@ -504,6 +531,7 @@ def _needs(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None 
         stream=2 * max((_bytes(ctx, [u], "disk") for u in streamed), default=0),
         head_on_exec=any(u.name == ctx.head_unit for u in streamed),
         disk_staging=2 * max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
+        carried=ctx.extras.carried_bytes([u.name for u in streamed], ctx.itemsize if ctx.exec_dev is not None else 4),
     )
 
 
@@ -609,7 +637,8 @@ def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey
         if any(keys[e.key] > 1 for e in u.entries) or u.own_only or name == ctx.head_unit:
             return name  # tied, nested or the head: unlike any other unit
         load = max((e.source_bytes + 4 * e.numel for e in u.entries if e.quantized), default=0)
-        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load)
+        carried = ctx.extras.carried.get(name)
+        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load, carried)
 
     partner = {u.name: g[0].name for g in tied_groups(ctx.units) for u in g}
 
@@ -655,19 +684,31 @@ def _settle(
     gpu_first: bool = True,
 ) -> dict[str, DeviceKey]:
     """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
-    head, disk staging) until the placement needs no more than assumed."""
+    head, disk staging, what streamed blocks carry to the execution GPU) until the placement needs no more than
+    assumed."""
     assumed = _Assumed(stream=stream)
-    for _ in range(8):
+    for _ in range(SETTLE_ROUNDS):
         assign = _fill(ctx, groups, caps, assumed, pinned, gpu_first)
         need = _needs(ctx, assign)
         if need.stream > stream:
             raise PlanError(f"a streamed block needs {need.stream} bytes of stream buffers, over the {stream} assumed")
-        if need.disk_staging <= assumed.disk_staging and (assumed.head_on_exec or not need.head_on_exec):
+        carried = {k: max(v, assumed.carried.get(k, 0)) for k, v in need.carried.items()}
+        if (
+            need.disk_staging <= assumed.disk_staging
+            and (assumed.head_on_exec or not need.head_on_exec)
+            and all(v <= assumed.carried.get(k, 0) for k, v in need.carried.items())
+        ):
             return assign
         assumed = _Assumed(
-            stream, assumed.head_on_exec or need.head_on_exec, max(assumed.disk_staging, need.disk_staging)
+            stream,
+            assumed.head_on_exec or need.head_on_exec,
+            max(assumed.disk_staging, need.disk_staging),
+            {**assumed.carried, **carried},
         )
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
+
+
+SETTLE_ROUNDS = 32  # fills per assumed stream size: each raises the assumed reserves to what the last one needed
 
 
 def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
@@ -753,10 +794,10 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) 
     caps = dict(ctx.budgets)
     if len(gpus) < 2:
         return caps
-    total = _bytes(ctx, ctx.units, gpus[0])
-    biggest = max((_bytes(ctx, g, gpus[0]) for g in groups), default=0)
+    total = _bytes(ctx, ctx.units, gpus[0]) + _carried_total(ctx, ctx.units)
+    biggest = max((_bytes(ctx, g, gpus[0]) + _carried_total(ctx, g) for g in groups), default=0)
     largest_load = max((e.source_bytes + 4 * e.numel for u in ctx.units for e in u.entries if e.quantized), default=0)
-    per_gpu_reserve = ctx.act + ctx.head_act + largest_load
+    per_gpu_reserve = ctx.act + ctx.head_act + largest_load + sum(ctx.extras.gpu(False, False).values())
     if total + len(gpus) * per_gpu_reserve > sum(ctx.budgets[g] for g in gpus):
         return caps
     spread = gpus[1:] if low_zero else gpus
@@ -767,6 +808,11 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) 
         room = sum(caps[g] - per_gpu_reserve for g in spread)
         caps[gpus[0]] = min(ctx.budgets[gpus[0]], max(0, total - room) + per_gpu_reserve)
     return caps
+
+
+def _carried_total(ctx: _Ctx, units: list[Unit]) -> int:
+    """Bytes `units` carry to the GPU that executes them (KV cache, LoRA states, checkpoints)."""
+    return sum(ctx.extras.carried_bytes([u.name for u in units], ctx.itemsize).values())
 
 
 def _missing_error(
@@ -815,7 +861,7 @@ def _missing_error(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
         f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "
         f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
-        "or shrink the workload (batch, seq_len)."
+        "or shrink the workload (batch, seq_len)." + ctx.extras.hint()
     )
     error.missing = missing
     return error
@@ -851,7 +897,7 @@ def _build(
                 f"{device_label(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
                 f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
                 f"max_memory of {format_size(ctx.budgets[d])}: move modules off {device_label(d)}, raise its "
-                f"cap, or shrink the workload (batch, seq_len).{stream}"
+                f"cap, or shrink the workload (batch, seq_len).{stream}{ctx.extras.hint()}"
             )
     placements = [_placement(ctx, u, assign[u.name]) for u in ctx.units]
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), "float32")
@@ -875,6 +921,8 @@ def _build(
         ),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
+        kv_cache=ctx.extras.kv_cache,
+        training=ctx.extras.training,
     )
 
 
