@@ -779,7 +779,8 @@ def load_sharded(
     `model.shardq_offload_modes[block].reason` says why. `workload` = (batch, seq_len) sizes the activation
     reserve, and for generation (`kv_cache`, on by default for causal LMs; False for plain forwards) the KV cache
     of a seq_len-token context (prompt + new tokens). `training` (True or a `shardq.planning.Training`) reserves
-    QLoRA training's memory instead (`shardq.planning.reserves`). `dtype`: cast floating weights to it (default: the model's own dtypes).
+    QLoRA training's memory instead (`shardq.planning.reserves`). `dtype`: cast floating weights to it (default:
+    the model's own dtypes).
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.

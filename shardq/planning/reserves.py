@@ -221,7 +221,8 @@ def cache_lengths(cfg: Any, layers: int, seq_len: int) -> list[int]:
 def kv_elements(model: nn.Module, dims: sizing.Dims, batch: int, seq_len: int) -> dict[str, int]:
     """K and V elements of each attention module's cache for `batch` x `seq_len` (module docstring)."""
     cfg = getattr(model, "config", None)
-    text = cfg.get_text_config(decoder=True) if callable(getattr(cfg, "get_text_config", None)) else cfg
+    getter = getattr(cfg, "get_text_config", None)
+    text = getter(decoder=True) if callable(getter) else cfg
     layers = attention_layers(model)
     kv_heads, head_dim = kv_geometry(text, dims)
     lengths = cache_lengths(text, max((i for _, i in layers), default=-1) + 1, seq_len)
@@ -320,4 +321,3 @@ def build_extras(
             logits_grad=2 * sizing.head_bytes(dims, batch, seq_len),
         )
     return ex
-
