@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from shardq import hf
-from shardq.config import COMPUTE_DTYPES, QuantConfig
+from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.memory import (
     DeviceKey,
@@ -46,10 +46,22 @@ from shardq.memory import (
     device_label,
     format_size,
     get_max_memory,
-    normalize_device,
 )
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
-from shardq.planning.devicemap import explicit_units, unknown_name
+from shardq.planning.devicemap import explicit_units
+from shardq.planning.inputs import (
+    STRATEGIES,
+    check_forced,
+    check_offload_mode,
+    check_workload,
+    checkpoint_dtype,
+    compute_itemsize,
+    expert_workspace,
+    head_unit,
+    quantized_shapes,
+    resolve_dtype,
+    whole_model_map,
+)
 from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
 from shardq.planning.placement import Placement, Plan, PlanError, Training
 from shardq.planning.reserves import Extras, add_bytes, build_extras, check_kv_cache, check_training
@@ -58,7 +70,6 @@ from shardq.planning.runmode import (
     BlockKind,
     RunMode,
     choose_cpu_run,
-    covers,
     forced,
     forcing_key,
     lookup_width,
@@ -68,9 +79,6 @@ from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.units import Unit, decompose, make_units, tied_groups
 from shardq.quant import sizing
 from shardq.quant.sizing import TensorEntry
-
-STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
-OFFLOAD_MODES = ("cpu", "stream")
 
 
 @dataclass
@@ -138,7 +146,7 @@ def plan_model(
     """
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
-    batch, seq_len = _check_workload(workload)
+    batch, seq_len = check_workload(workload)
     train = check_training(training)
     kv = check_kv_cache(model, kv_cache, train)
     budgets, notes = clip_budgets(
@@ -153,7 +161,7 @@ def plan_model(
     entries = sizing.tensor_entries(model, q)
     ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode, (kv, train))
     ctx.reserve_only = reserve_only
-    device_map = _whole_model_map(device_map)
+    device_map = whole_model_map(device_map)
     if isinstance(device_map, Mapping):
         assign, units = explicit_units(
             model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
@@ -187,7 +195,7 @@ def plan_model(
             "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
             "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}"
         )
-    _check_forced(ctx, assign)
+    check_forced(ctx.units, ctx.forced_for, assign)
     result = _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
     if host_note and "disk" in result.device_map.values():
         warnings.warn(host_note, stacklevel=2)
@@ -225,30 +233,6 @@ def _place_exactly(
         raise refine_error(error, least_extra(dict(ctx.budgets), feasible, devices, ceiling)) from None
 
 
-def _whole_model_map(device_map: Any) -> Any:
-    """One device for the whole model, as transformers takes it (`device_map=0`, "cuda:1", "cpu",
-    torch.device("cuda", 0)), is the map {"": device}; strategies, dicts and anything else pass unchanged."""
-    if isinstance(device_map, (Mapping, bool)) or device_map in STRATEGIES:
-        return device_map
-    if isinstance(device_map, (int, str, torch.device)):
-        try:
-            normalize_device(device_map, num_gpus=10**6)  # whether it names a device; which ones exist: later
-        except ValueError:
-            return device_map
-        return {"": device_map}
-    return device_map
-
-
-def _check_workload(workload: Any) -> tuple[int, int]:
-    try:
-        batch, seq_len = (int(x) for x in workload)
-    except (TypeError, ValueError):
-        raise PlanError(f"workload={workload!r} must be (batch, seq_len), e.g. (1, 512)") from None
-    if batch < 1 or seq_len < 1:
-        raise PlanError(f"workload={workload!r} must have batch >= 1 and seq_len >= 1")
-    return batch, seq_len
-
-
 def _context(
     model: nn.Module,
     q: QuantConfig,
@@ -276,7 +260,7 @@ def _context(
         )
     cpu_mode = forced_all or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
-    itemsize = _compute_itemsize(model, q)
+    itemsize = compute_itemsize(model, q)
     units = make_units(model, decompose(model, split_guard), entries, split_guard)
     ctx = _Ctx(
         units=units,
@@ -287,12 +271,12 @@ def _context(
         act=sizing.activation_bytes(dims, *workload, itemsize),
         act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload),
-        head_unit=_head_unit(model, dims, units),
+        head_unit=head_unit(model, dims, units),
         quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
         workspace=max(
-            sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
-            _expert_workspace(model, q, itemsize),
+            sizing.matmul_workspace_bytes(quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+            expert_workspace(model, q, itemsize),
         ),
         forced=forced_all,
         forced_for=dict(per_block),
@@ -300,75 +284,9 @@ def _context(
         itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
-    decode_ws = sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0], itemsize)
+    decode_ws = sizing.matmul_workspace_bytes(quantized_shapes(model, q), q, workload[0], itemsize)
     ctx.extras = build_extras(model, [u.name for u in units], workload, itemsize, *modes, decode_ws)
     return ctx
-
-
-def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, str] | None:
-    """The user's forced run modes, checked before anything is planned or loaded: None, "cpu" or "stream" for
-    every "cpu" block, or a dict {module name: "cpu" | "stream"}. A name is a block or a parent of blocks
-    (accelerate-style module names, "" = the whole model; the longest matching name decides a block). Whether
-    each name covers a block placed on "cpu" is checked once the map is known (`_check_forced`)."""
-    if offload_mode is None or isinstance(offload_mode, str):
-        if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
-            raise PlanError(
-                f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                "'stream' (copy weights to a GPU for each forward)"
-            )
-        return offload_mode
-    if not isinstance(offload_mode, Mapping):
-        raise PlanError(
-            f"offload_mode must be None, 'cpu', 'stream' or a dict of module name -> 'cpu'|'stream' "
-            f"(e.g. {{'model.layers': 'stream', 'model.embed_tokens': 'cpu'}}), not "
-            f"{type(offload_mode).__name__}"
-        )
-    modules = dict(model.named_modules(remove_duplicate=False))
-    tensors = dict.fromkeys(
-        n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    )
-    out: dict[str, str] = {}
-    for key, mode in offload_mode.items():
-        if not isinstance(key, str):
-            raise PlanError(f"offload_mode key {key!r} must be a module name (str), e.g. 'model.layers.3'")
-        if key not in modules:
-            raise PlanError(unknown_name(key, modules, tensors, "offload_mode key"))
-        if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
-            raise PlanError(
-                f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                "'stream' (copy weights to a GPU for each forward)"
-            )
-        out[key] = str(mode)
-    return out
-
-
-def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
-    """Each name of a per-block offload_mode covers a block placed on "cpu" (a mode applies only there; a
-    parent's blocks elsewhere are left as placed), and no block holding nested entries is forced to stream."""
-    for key, mode in ctx.forced_for.items():
-        mine = [u for u in ctx.units if covers(key, u.name)]
-        if not mine:
-            owner = max((u.name for u in ctx.units if covers(u.name, key)), key=len, default=None)
-            where = (
-                f"is inside block {owner!r}: a mode applies to whole blocks, name {owner!r}"
-                if owner is not None
-                else "holds no weights of any block: name a block"
-            )
-            raise PlanError(f"offload_mode names {key!r}, which {where} (or a parent) instead")
-        on_cpu = [u for u in mine if assign[u.name] == "cpu"]
-        if not on_cpu:
-            devs = sorted({device_label(assign[u.name]) for u in mine})
-            raise PlanError(
-                f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
-                "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
-                "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)"
-            )
-        nested = [u.name for u in on_cpu if u.own_only and forcing_key(u.name, ctx.forced_for) == key]
-        if mode == "stream" and nested:
-            raise PlanError(
-                f"offload_mode[{key!r}]='stream' would stream {nested[0]!r}, which holds tensors of its own "
-                "around other device-map entries and cannot stream: force it 'cpu', or name its children"
-            )
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
@@ -397,42 +315,6 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
         if key is not None:
             runs[u.name] = forced(ctx.forced_for[key], f"offload_mode[{key!r}]")
     return runs
-
-
-def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
-    """(out, in) of every layer the config quantizes (`sizing.quantized_layers`)."""
-    out = []
-    for m in sizing.quantized_layers(model, q).values():
-        dims = sizing.linear_shape(m)
-        assert dims is not None  # quantized_layers holds only Linear and Conv1D layers
-        out.append(dims)
-    return out
-
-
-def _expert_workspace(model: nn.Module, q: QuantConfig, itemsize: int) -> int:
-    """The largest expert weight a quantized expert stack dequantizes per call (the eager loop's `stack[e]`)."""
-    return max((o * i * itemsize for _, o, i in sizing.quantized_experts(model, q).values()), default=0)
-
-
-def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
-    if q.compute_dtype is not None:
-        return q.compute_dtype.itemsize
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return dtype.itemsize
-
-
-def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[Unit]) -> str | None:
-    """The unit holding the output head (the last Linear whose width is the vocabulary)."""
-    if not dims.vocab:
-        return None
-    heads = [n for n, m in model.named_modules() if (s := sizing.linear_shape(m)) is not None and s[0] == dims.vocab]
-    if not heads:
-        return None
-    head = heads[-1]
-    for u in units:
-        if u.name == "" or head == u.name or head.startswith(u.name + "."):
-            return u.name
-    return None
 
 
 def _run(ctx: _Ctx, u: Unit, dev: DeviceKey) -> RunMode:
@@ -712,9 +594,9 @@ SETTLE_ROUNDS = 32  # fills per assumed stream size: each raises the assumed res
 
 
 def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
-    """Every name the user forced a mode for still covers a block placed on "cpu" (`_check_forced`)."""
+    """Every name the user forced a mode for still covers a block placed on "cpu" (`check_forced`)."""
     try:
-        _check_forced(ctx, assign)
+        check_forced(ctx.units, ctx.forced_for, assign)
     except PlanError:
         return False
     return True
@@ -962,7 +844,7 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
     index = index_checkpoint(path)
     if quant is None and getattr(config, "quantization_config", None) is not None:
         quant = config.quantization_config
-    model = hf.meta_model_from_config(config, resolve_dtype(dtype) or _checkpoint_dtype(index))
+    model = hf.meta_model_from_config(config, resolve_dtype(dtype) or checkpoint_dtype(index))
     result = plan_model(model, quant, **kwargs)
     from shardq.checkpoint.conversions import apply_conversions
     from shardq.checkpoint.source import checkpoint_source
@@ -971,20 +853,3 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
     result.mismatches = problems + check_checkpoint(model, converted)
     result.source = path
     return result
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A floating torch dtype from a dtype, its name or a common alias ("fp16", "bf16", "fp32", "half")."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).strip().lower().removeprefix("torch.")
-    value = COMPUTE_DTYPES.get(name, getattr(torch, name, None))
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise PlanError(f"dtype={dtype!r} is not a floating dtype: use float16, bfloat16 or float32")
-    return value
-
-
-def _checkpoint_dtype(index: Any) -> torch.dtype | None:
-    """The floating dtype holding most of the checkpoint's bytes (its working dtype)."""
-    floats = {d: n for d, n in index.dtype_counts().items() if d.is_floating_point}
-    return max(floats, key=lambda d: floats[d]) if floats else None
