@@ -68,6 +68,18 @@ def test_kv_cache_per_device_llama_gqa():
     assert (_kv(forced, 0), _kv(forced, "cpu")) == (2 * layer, 2 * layer)  # computed on the CPU: fp32 there
 
 
+def test_kv_cache_of_coarse_explicit_maps():
+    """Map entries above the blocks (a parent module) are the units: their layers' caches are counted there."""
+    m = _meta(transformers.LlamaForCausalLM, _llama_cfg())
+    layer = _kv_layer(1, 32, 2, 8, 2)
+    p = plan_model(m, None, max_memory=BIG, gpus="2x1GB", device_map={"model": 1, "lm_head": 0}, workload=(1, 32))
+    assert (_kv(p, 0), _kv(p, 1)) == (0, 4 * layer)
+    p = plan_model(m, None, max_memory=BIG, gpus="2x1GB", workload=(1, 32),
+                   device_map={"model.embed_tokens": 1, "model.layers": "cpu", "model.norm": 1,
+                               "model.rotary_emb": 1, "lm_head": 1})
+    assert (_kv(p, 0), _kv(p, 1)) == (0, 4 * layer)  # streamed to the map's first GPU, GPU 1
+
+
 def test_kv_cache_per_device_neox():
     m = _meta(transformers.GPTNeoXForCausalLM, _neox_cfg())
     split = {"gpt_neox.embed_in": 0, "gpt_neox.layers.0": 0, "gpt_neox.layers.1": 1, "gpt_neox.layers.2": 1,

@@ -163,17 +163,7 @@ def plan_model(
     ctx.reserve_only = reserve_only
     device_map = whole_model_map(device_map)
     if isinstance(device_map, Mapping):
-        assign, units = explicit_units(
-            model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
-        )
-        ctx.units = units
-        refuse_reserve_only(assign, reserve_only)
-        used = sorted(d for d in assign.values() if isinstance(d, int))
-        if used:
-            ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
-        elif offload_mode is None or (isinstance(offload_mode, dict) and "stream" not in offload_mode.values()):
-            ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
-        ctx.runs = _cpu_runs(model, ctx)
+        assign = _explicit(model, ctx, device_map, entries, split_guard, gpus, offload_mode, (kv, train))
         strategy = "explicit"
     elif device_map in STRATEGIES:
 
@@ -202,6 +192,32 @@ def plan_model(
         notes.append(host_note)
     result.warnings[:0] = notes
     return result
+
+
+def _explicit(
+    model: nn.Module,
+    ctx: _Ctx,
+    device_map: Mapping[str, Any],
+    entries: dict[str, TensorEntry],
+    split_guard: set[str],
+    gpus: Any,
+    offload_mode: str | dict[str, str] | None,
+    modes: tuple[bool, Training | None],
+) -> dict[str, DeviceKey]:
+    """The units of an explicit map and their devices, with `ctx` set for them (units, execution GPU, run modes,
+    reserves: the map's entries are the units)."""
+    assign, ctx.units = explicit_units(
+        model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
+    )
+    refuse_reserve_only(assign, ctx.reserve_only)
+    used = sorted(d for d in assign.values() if isinstance(d, int))
+    if used:
+        ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
+    elif offload_mode is None or (isinstance(offload_mode, dict) and "stream" not in offload_mode.values()):
+        ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
+    ctx.runs = _cpu_runs(model, ctx)
+    _set_extras(model, ctx, modes)
+    return assign
 
 
 def _place_exactly(
@@ -284,9 +300,16 @@ def _context(
         itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
-    decode_ws = sizing.matmul_workspace_bytes(quantized_shapes(model, q), q, workload[0], itemsize)
-    ctx.extras = build_extras(model, [u.name for u in units], workload, itemsize, *modes, decode_ws)
+    _set_extras(model, ctx, modes)
     return ctx
+
+
+def _set_extras(model: nn.Module, ctx: _Ctx, modes: tuple[bool, Training | None]) -> None:
+    """The generation and training reserves of `ctx`'s units (`planning.reserves`); `modes` = (kv_cache, training)."""
+    decode_ws = sizing.matmul_workspace_bytes(
+        quantized_shapes(model, ctx.quant), ctx.quant, ctx.workload[0], ctx.itemsize
+    )
+    ctx.extras = build_extras(model, [u.name for u in ctx.units], ctx.workload, ctx.itemsize, *modes, decode_ws)
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
