@@ -76,7 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         "such as model.layers (repeatable; the longest name wins over --offload-mode)",
     )
     p.add_argument("--batch", type=int, default=1, help="workload batch size for the activation reserve (default 1)")
-    p.add_argument("--seq-len", type=int, default=512, help="workload sequence length (default 512)")
+    p.add_argument(
+        "--seq-len", type=int, default=512, help="workload sequence length: prompt + new tokens (default 512)"
+    )
+    p.add_argument(
+        "--no-kv-cache",
+        dest="kv_cache",
+        action="store_const",
+        const=False,
+        default=None,
+        help="plain forwards: reserve no KV cache or decode graphs (default: reserved for causal LMs)",
+    )
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="reserve QLoRA training: adapters with gradients and AdamW states, checkpoints, recompute",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, metavar="R", help="with --train: LoRA rank (default 16)")
+    p.add_argument(
+        "--lora-targets",
+        metavar="NAMES",
+        help="with --train: comma-separated module names the adapters target (default: all linear layers)",
+    )
     p.add_argument(
         "--dtype", help="weights dtype: float16/fp16, bfloat16/bf16 or float32/fp32 (default: the checkpoint's)"
     )
@@ -236,6 +257,7 @@ def run(args: argparse.Namespace) -> Plan:
         workload=(args.batch, args.seq_len),
         offload_mode=parse_offload_modes(args.offload_mode, args.offload_mode_for),
         offload_dir=args.offload_dir,
+        **reserve_kwargs(args),
     )
     if source.is_file() and source.suffix == ".json":
         from shardq import hf
@@ -246,6 +268,18 @@ def run(args: argparse.Namespace) -> Plan:
         result.warnings.append("planned from config.json alone: the checkpoint's tensors were not checked")
         return result
     return plan(os.fspath(source), _quant(args), dtype=dtype, **kwargs)
+
+
+def reserve_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`kv_cache` and `training` of the plan from --no-kv-cache, --train, --lora-rank and --lora-targets."""
+    if not args.train:
+        if args.lora_targets or args.lora_rank != 16:
+            raise ValueError("--lora-rank and --lora-targets size training: add --train")
+        return {"kv_cache": args.kv_cache}
+    from shardq.planning.placement import Training
+
+    targets = tuple(_names(args.lora_targets) or ()) or "all-linear"
+    return {"kv_cache": args.kv_cache, "training": Training(args.lora_rank, targets)}
 
 
 def _ranks(args: argparse.Namespace) -> int:
@@ -262,6 +296,7 @@ def _ranks(args: argparse.Namespace) -> int:
         resolve_dtype(parse_dtype(args.dtype)),
         workload=(args.batch, args.seq_len),
         offload_dir=args.offload_dir,
+        **reserve_kwargs(args),
     )
     print(json.dumps(rp.to_dict(), indent=2) if args.json else format_rank_plan(rp))
     return 0

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that run the job, so `--
 
 PROMPT_LEN = 32
 NEW_TOKENS = 8
+CONTEXT = PROMPT_LEN + NEW_TOKENS  # the workload's seq_len: the KV cache holds the prompt and the new tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,13 +82,13 @@ def default_caps(ckpt: Path, quant: str) -> dict[Any, Any]:
     from shardq.planning.planner import PlanError
 
     key = 0 if torch.cuda.is_available() else "cpu"
-    whole = plan_model(model, quant, max_memory={key: "1TB"}, workload=(1, PROMPT_LEN))
+    whole = plan_model(model, quant, max_memory={key: "1TB"}, workload=(1, CONTEXT))
     total, first = whole.totals[key], None
     for i in range(8, 32):  # from a quarter of the weights up: the first cap that plans with blocks offloaded
         cap = int(total * i / 32 + whole.reserves[key])
         caps = {0: cap, "cpu": "8GB", "disk": "20GB"} if key == 0 else {"cpu": cap, "disk": "20GB"}
         try:
-            plan = plan_model(model, quant, max_memory=caps, workload=(1, PROMPT_LEN))
+            plan = plan_model(model, quant, max_memory=caps, workload=(1, CONTEXT))
         except PlanError:
             continue
         first = first or caps
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             f"fp32) as {n_files} safetensors shards"
         )
         caps = parse_caps(args.max_memory) if args.max_memory else default_caps(ckpt, method)
-        plan = plan_model(meta_model_from_dir(ckpt), method, max_memory=caps, workload=(1, PROMPT_LEN))
+        plan = plan_model(meta_model_from_dir(ckpt), method, max_memory=caps, workload=(1, CONTEXT))
         print(f"\nplan for max_memory={caps}, quant={method}:")
         print(format_plan(plan))
         t0 = time.perf_counter()
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             max_memory=caps,
             quant=method,
             offload_dir=out / "offload",
-            workload=(1, PROMPT_LEN),
+            workload=(1, CONTEXT),
             progress=True,
         )
         load_s = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from shardq import hf  # noqa: E402
 from shardq.config import QuantConfig  # noqa: E402
 from shardq.memory import get_max_memory  # noqa: E402
 from shardq.planning import planner  # noqa: E402
+from shardq.planning.reserves import check_kv_cache  # noqa: E402
 from shardq.planning.runmode import RunMode  # noqa: E402
 from shardq.planning.units import tied_groups  # noqa: E402
 from shardq.quant import sizing  # noqa: E402
@@ -29,7 +30,8 @@ from shardq.quant import sizing  # noqa: E402
 def _context(model, q: QuantConfig, caps: dict, workload, n_gpus: int):
     budgets = get_max_memory(caps, gpus=[10**12] * n_gpus)
     entries = sizing.tensor_entries(model, q)
-    return planner._context(model, q, budgets, entries, set(hf.no_split_modules(model)), workload, None)
+    modes = (check_kv_cache(model, None, None), None)  # plan_model's default reserves: a causal LM's KV cache
+    return planner._context(model, q, budgets, entries, set(hf.no_split_modules(model)), workload, None, modes)
 
 
 def brute_force(model, quant, caps: dict, workload, n_gpus: int) -> dict | None:

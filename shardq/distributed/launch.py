@@ -72,7 +72,9 @@ class Pipeline:
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = rank_caps(max_memory, rank, world)
         budgets = gather_budgets(mine, offload_dir)
-        plan_kw = {k: kwargs[k] for k in ("device_map", "workload", "offload_mode") if k in kwargs}
+        plan_kw = {
+            k: kwargs[k] for k in ("device_map", "workload", "offload_mode", "kv_cache", "training") if k in kwargs
+        }
         rp = plan_ranks(model, budgets, quant, self.stages, offload_dir=offload_dir, **plan_kw)
         stage_model(model, rp, rank, checkpoint_aliases(model, checkpoint, dropped_units(rp, rank)))
         error = None

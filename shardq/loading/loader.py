@@ -756,6 +756,8 @@ def load_sharded(
     offload_dir: str | os.PathLike | None = None,
     offload_mode: str | Mapping[str, str] | None = None,
     workload: tuple[int, int] = (1, 512),
+    kv_cache: bool | None = None,
+    training: Any = False,
     dtype: torch.dtype | None = None,
     progress: bool | str = True,
     prefetch: bool = True,
@@ -775,7 +777,10 @@ def load_sharded(
     module name: mode} (the longest matching name wins; each name must cover a block placed on "cpu"); blocks
     not forced follow the planner's rule (`shardq.planning.runmode`), and
     `model.shardq_offload_modes[block].reason` says why. `workload` = (batch, seq_len) sizes the activation
-    reserve. `dtype`: cast floating weights to it (default: the model's own dtypes).
+    reserve, and for generation (`kv_cache`, on by default for causal LMs; False for plain forwards) the KV cache
+    of a seq_len-token context (prompt + new tokens). `training` (True or a `shardq.planning.Training`) reserves
+    QLoRA training's memory instead (`shardq.planning.reserves`). `dtype`: cast floating weights to it (default:
+    the model's own dtypes).
     `progress`: tqdm bar over bytes for loads of 256 MiB or more (False: never, "always": any size).
     Every check (checkpoint, names, shapes, plan) runs before anything is placed; on failure the model is
     left as it was and nothing stays allocated.
@@ -794,6 +799,8 @@ def load_sharded(
             offload_dir=offload_dir,
             offload_mode=offload_mode,
             workload=workload,
+            kv_cache=kv_cache,
+            training=training,
             dtype=dtype,
             progress=progress,
             prefetch=prefetch,
@@ -826,6 +833,8 @@ def load_sharded(
             workload=workload,
             offload_mode=offload_mode,
             offload_dir=offload_dir,
+            kv_cache=kv_cache,
+            training=training,
         )
         folder = _check_offload_dir(plan, offload_dir)
         claim = _claim_offload_dir(plan, folder, checkpoint, model, load_id)

@@ -12,6 +12,16 @@ from shardq.memory import DeviceKey
 from shardq.planning.runmode import RunMode
 
 
+@dataclass(frozen=True)
+class Training:
+    """The LoRA training a plan reserves memory for (`training=` of `plan_model` / `load_sharded`): adapters of
+    `rank` on `target_modules`, PEFT's spelling: "all-linear" (every nn.Linear / Conv1D but the output head), a
+    regex matched against full module names, or a list of names matched as name suffixes."""
+
+    rank: int = 16
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
 class PlanError(ValueError):
     """A model that cannot be placed under the given budgets, or an invalid device map. `missing` is the
     shortfall in bytes when the budgets are too small (0 otherwise)."""
@@ -64,6 +74,8 @@ class Plan:
     mismatches: list[str] = field(default_factory=list)
     source: str = ""
     offload_mode: str | dict[str, str] | None = None  # the user's forced modes, as given (validated)
+    kv_cache: bool = False  # the reserves count the KV cache and decode graphs of generate() for the workload
+    training: Training | None = None  # the reserves count LoRA training (adapters, checkpoints, recompute)
 
     @property
     def offload_modes(self) -> dict[str, str]:
@@ -103,6 +115,8 @@ class Plan:
             "execution_device": self.execution_device,
             "cpu_mode": self.cpu_mode,
             "offload_mode": self.offload_mode,
+            "kv_cache": self.kv_cache,
+            "training": asdict(self.training) if self.training is not None else None,
             "placements": [asdict(p) for p in self.placements],
             "device_map": dict(self.device_map),
             "offload_modes": self.offload_modes,

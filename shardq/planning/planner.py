@@ -16,9 +16,13 @@ Reserves (the runtime's working memory, counted against the budget):
        activations one block's forward for the workload (batch x seq_len), + fp32 logits where the head runs
        stream      on the execution GPU: two slots of the largest streamed block (prefetch double buffering);
                    streamed are all CPU blocks in "stream" mode, and disk blocks always
+       workspace   scratch of the CUDA quantized matmuls for the workload's tokens
   CPU  (when it holds blocks) the largest tensor of the model (every tensor is read through host memory),
        fp32 activations when blocks compute there, two staging buffers of the largest disk block, and
        without a GPU the two stream slots of disk blocks computed on the CPU.
+Generation (`kv_cache`, on by default for causal LMs) and training (`training`) add the reserves of
+`shardq.planning.reserves`: each block's KV cache, LoRA states and checkpoints on the device that executes it
+(streamed blocks: the execution GPU), decode graph pools, recomputed activations and the logits' gradient.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from shardq import hf
-from shardq.config import COMPUTE_DTYPES, QuantConfig
+from shardq.config import QuantConfig
 from shardq.hf import check_checkpoint
 from shardq.memory import (
     DeviceKey,
@@ -42,18 +46,30 @@ from shardq.memory import (
     device_label,
     format_size,
     get_max_memory,
-    normalize_device,
 )
 from shardq.planning.budgets import disk_overhead, host_for_disk, refuse_reserve_only
-from shardq.planning.devicemap import explicit_units, unknown_name
+from shardq.planning.devicemap import explicit_units
+from shardq.planning.inputs import (
+    STRATEGIES,
+    check_forced,
+    check_offload_mode,
+    check_workload,
+    checkpoint_dtype,
+    compute_itemsize,
+    expert_workspace,
+    head_unit,
+    quantized_shapes,
+    resolve_dtype,
+    whole_model_map,
+)
 from shardq.planning.notes import expert_warnings, tie_warnings, unquantized_warnings
-from shardq.planning.placement import Placement, Plan, PlanError
+from shardq.planning.placement import Placement, Plan, PlanError, Training
+from shardq.planning.reserves import Extras, add_bytes, build_extras, check_kv_cache, check_training
 from shardq.planning.runmode import (
     DEFAULT_WORKLOAD,
     BlockKind,
     RunMode,
     choose_cpu_run,
-    covers,
     forced,
     forcing_key,
     lookup_width,
@@ -63,9 +79,6 @@ from shardq.planning.shortfall import least_extra, refine_error
 from shardq.planning.units import Unit, decompose, make_units, tied_groups
 from shardq.quant import sizing
 from shardq.quant.sizing import TensorEntry
-
-STRATEGIES = ("auto", "sequential", "balanced", "balanced_low_0")
-OFFLOAD_MODES = ("cpu", "stream")
 
 
 @dataclass
@@ -92,6 +105,7 @@ class _Ctx:
     reserve_only: set[DeviceKey] = field(default_factory=set)  # budgets that count reserves but hold no block
     search_complete: bool = True  # the last complete search explored every branch (its "no" is a proof)
     search_steps: int = 200_000  # nodes x units the complete search may visit (about a second)
+    extras: Extras = field(default_factory=Extras)  # generation and training reserves (planning.reserves)
 
 
 @dataclass
@@ -101,6 +115,7 @@ class _Assumed:
     stream: int = 0
     head_on_exec: bool = False
     disk_staging: int = 0
+    carried: dict[str, int] = field(default_factory=dict)  # KV cache, LoRA states... of streamed blocks, by name
 
 
 def plan_model(
@@ -113,6 +128,8 @@ def plan_model(
     gpus: Any = None,
     offload_mode: str | Mapping[str, str] | None = None,
     offload_dir: str | os.PathLike | None = None,
+    kv_cache: bool | None = None,
+    training: bool | Training = False,
 ) -> Plan:
     """Plan `model` (meta device is enough) under `max_memory` for the quantization `quant`.
 
@@ -122,10 +139,16 @@ def plan_model(
     `workload` = (batch, seq_len) sizes the activation reserve. `gpus` plans for hypothetical GPUs
     ("2x24GB"). `offload_mode` forces how CPU blocks run: "cpu" (fp32 on the CPU) or "stream" (to a GPU), one
     string for all or a dict per block (`check_offload_mode`); the others follow `shardq.planning.runmode`.
+    `kv_cache` counts generate()'s KV cache and decode graphs for the workload (seq_len = prompt + new tokens);
+    None (default) turns it on for causal LMs, False plans plain forwards. `training` (True, or a
+    `Training(rank, target_modules)`) counts QLoRA training instead: adapters with their gradients and AdamW
+    states, checkpointed hidden states, the recomputed block and the logits' gradient (`planning.reserves`).
     """
     offload_mode = check_offload_mode(model, offload_mode)
     q = QuantConfig.from_any(quant)
-    batch, seq_len = _check_workload(workload)
+    batch, seq_len = check_workload(workload)
+    train = check_training(training)
+    kv = check_kv_cache(model, kv_cache, train)
     budgets, notes = clip_budgets(
         get_max_memory(max_memory, gpus=gpus, offload_dir=offload_dir), device_capacities(gpus), max_memory is not None
     )
@@ -136,21 +159,11 @@ def plan_model(
         raise PlanError("max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}")
     split_guard = set(no_split) if no_split is not None else set(hf.no_split_modules(model))
     entries = sizing.tensor_entries(model, q)
-    ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode)
+    ctx = _context(model, q, budgets, entries, split_guard, (batch, seq_len), offload_mode, (kv, train))
     ctx.reserve_only = reserve_only
-    device_map = _whole_model_map(device_map)
+    device_map = whole_model_map(device_map)
     if isinstance(device_map, Mapping):
-        assign, units = explicit_units(
-            model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
-        )
-        ctx.units = units
-        refuse_reserve_only(assign, reserve_only)
-        used = sorted(d for d in assign.values() if isinstance(d, int))
-        if used:
-            ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
-        elif offload_mode is None or (isinstance(offload_mode, dict) and "stream" not in offload_mode.values()):
-            ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
-        ctx.runs = _cpu_runs(model, ctx)
+        assign = _explicit(model, ctx, device_map, entries, split_guard, gpus, offload_mode, (kv, train))
         strategy = "explicit"
     elif device_map in STRATEGIES:
 
@@ -160,7 +173,7 @@ def plan_model(
             )
 
         def fresh(b: dict[DeviceKey, int]) -> _Ctx:
-            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode)
+            c = _context(model, q, dict(b), entries, split_guard, (batch, seq_len), offload_mode, (kv, train))
             c.reserve_only = reserve_only
             return c
 
@@ -172,13 +185,39 @@ def plan_model(
             "one device for the whole model (0, 'cuda:1', 'cpu'), or a dict of module names to devices, "
             "e.g. {'model.embed_tokens': 0, 'model.layers': 'cpu', ...}"
         )
-    _check_forced(ctx, assign)
+    check_forced(ctx.units, ctx.forced_for, assign)
     result = _build(model, ctx, assign, strategy, sorted(split_guard), (batch, seq_len))
     if host_note and "disk" in result.device_map.values():
         warnings.warn(host_note, stacklevel=2)
         notes.append(host_note)
     result.warnings[:0] = notes
     return result
+
+
+def _explicit(
+    model: nn.Module,
+    ctx: _Ctx,
+    device_map: Mapping[str, Any],
+    entries: dict[str, TensorEntry],
+    split_guard: set[str],
+    gpus: Any,
+    offload_mode: str | dict[str, str] | None,
+    modes: tuple[bool, Training | None],
+) -> dict[str, DeviceKey]:
+    """The units of an explicit map and their devices, with `ctx` set for them (units, execution GPU, run modes,
+    reserves: the map's entries are the units)."""
+    assign, ctx.units = explicit_units(
+        model, device_map, entries, ctx.budgets, split_guard, gpus, ctx.forced == "stream"
+    )
+    refuse_reserve_only(assign, ctx.reserve_only)
+    used = sorted(d for d in assign.values() if isinstance(d, int))
+    if used:
+        ctx.exec_dev = used[0]  # as accelerate: the map's first GPU runs the offloaded blocks
+    elif offload_mode is None or (isinstance(offload_mode, dict) and "stream" not in offload_mode.values()):
+        ctx.exec_dev, ctx.cpu_mode = None, "cpu"  # a map without GPUs runs on the CPU
+    ctx.runs = _cpu_runs(model, ctx)
+    _set_extras(model, ctx, modes)
+    return assign
 
 
 def _place_exactly(
@@ -206,31 +245,8 @@ def _place_exactly(
 
         devices = [d for d in ctx.budgets if d not in ctx.reserve_only]
         ceiling = 2 * sum(max(e.fp32, e.stored) for u in ctx.units for e in u.entries) + 2**30
+        ceiling += 2 * sum(sum(c.nbytes(4).values()) for c in ctx.extras.carried.values())
         raise refine_error(error, least_extra(dict(ctx.budgets), feasible, devices, ceiling)) from None
-
-
-def _whole_model_map(device_map: Any) -> Any:
-    """One device for the whole model, as transformers takes it (`device_map=0`, "cuda:1", "cpu",
-    torch.device("cuda", 0)), is the map {"": device}; strategies, dicts and anything else pass unchanged."""
-    if isinstance(device_map, (Mapping, bool)) or device_map in STRATEGIES:
-        return device_map
-    if isinstance(device_map, (int, str, torch.device)):
-        try:
-            normalize_device(device_map, num_gpus=10**6)  # whether it names a device; which ones exist: later
-        except ValueError:
-            return device_map
-        return {"": device_map}
-    return device_map
-
-
-def _check_workload(workload: Any) -> tuple[int, int]:
-    try:
-        batch, seq_len = (int(x) for x in workload)
-    except (TypeError, ValueError):
-        raise PlanError(f"workload={workload!r} must be (batch, seq_len), e.g. (1, 512)") from None
-    if batch < 1 or seq_len < 1:
-        raise PlanError(f"workload={workload!r} must have batch >= 1 and seq_len >= 1")
-    return batch, seq_len
 
 
 def _context(
@@ -241,7 +257,9 @@ def _context(
     split_guard: set[str],
     workload: tuple[int, int],
     offload_mode: str | dict[str, str] | None,
+    modes: tuple[bool, Training | None] = (False, None),
 ) -> _Ctx:
+    """The context of one plan; `modes` = (kv_cache, training) as checked (`planning.reserves`)."""
     gpus = [k for k in budgets if isinstance(k, int)]
     exec_dev = next((g for g in gpus if budgets[g] > 0), None)
     per_block = offload_mode if isinstance(offload_mode, dict) else {}
@@ -258,7 +276,7 @@ def _context(
         )
     cpu_mode = forced_all or ("cpu" if q.fp32_cpu_offload or exec_dev is None else "stream")
     dims = sizing.model_dims(model)
-    itemsize = _compute_itemsize(model, q)
+    itemsize = compute_itemsize(model, q)
     units = make_units(model, decompose(model, split_guard), entries, split_guard)
     ctx = _Ctx(
         units=units,
@@ -269,12 +287,12 @@ def _context(
         act=sizing.activation_bytes(dims, *workload, itemsize),
         act_fp32=sizing.activation_bytes(dims, *workload, 4),
         head_act=sizing.head_bytes(dims, *workload),
-        head_unit=_head_unit(model, dims, units),
+        head_unit=head_unit(model, dims, units),
         quant=q,
         largest_tensor=max((e.source_bytes for e in entries.values()), default=0),
         workspace=max(
-            sizing.matmul_workspace_bytes(_quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
-            _expert_workspace(model, q, itemsize),
+            sizing.matmul_workspace_bytes(quantized_shapes(model, q), q, workload[0] * workload[1], itemsize),
+            expert_workspace(model, q, itemsize),
         ),
         forced=forced_all,
         forced_for=dict(per_block),
@@ -282,73 +300,16 @@ def _context(
         itemsize=itemsize,
     )
     ctx.runs = _cpu_runs(model, ctx)
+    _set_extras(model, ctx, modes)
     return ctx
 
 
-def check_offload_mode(model: nn.Module, offload_mode: Any) -> str | dict[str, str] | None:
-    """The user's forced run modes, checked before anything is planned or loaded: None, "cpu" or "stream" for
-    every "cpu" block, or a dict {module name: "cpu" | "stream"}. A name is a block or a parent of blocks
-    (accelerate-style module names, "" = the whole model; the longest matching name decides a block). Whether
-    each name covers a block placed on "cpu" is checked once the map is known (`_check_forced`)."""
-    if offload_mode is None or isinstance(offload_mode, str):
-        if offload_mode is not None and offload_mode not in OFFLOAD_MODES:
-            raise PlanError(
-                f"offload_mode={offload_mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                "'stream' (copy weights to a GPU for each forward)"
-            )
-        return offload_mode
-    if not isinstance(offload_mode, Mapping):
-        raise PlanError(
-            f"offload_mode must be None, 'cpu', 'stream' or a dict of module name -> 'cpu'|'stream' "
-            f"(e.g. {{'model.layers': 'stream', 'model.embed_tokens': 'cpu'}}), not "
-            f"{type(offload_mode).__name__}"
-        )
-    modules = dict(model.named_modules(remove_duplicate=False))
-    tensors = dict.fromkeys(
-        n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+def _set_extras(model: nn.Module, ctx: _Ctx, modes: tuple[bool, Training | None]) -> None:
+    """The generation and training reserves of `ctx`'s units (`planning.reserves`); `modes` = (kv_cache, training)."""
+    decode_ws = sizing.matmul_workspace_bytes(
+        quantized_shapes(model, ctx.quant), ctx.quant, ctx.workload[0], ctx.itemsize
     )
-    out: dict[str, str] = {}
-    for key, mode in offload_mode.items():
-        if not isinstance(key, str):
-            raise PlanError(f"offload_mode key {key!r} must be a module name (str), e.g. 'model.layers.3'")
-        if key not in modules:
-            raise PlanError(unknown_name(key, modules, tensors, "offload_mode key"))
-        if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
-            raise PlanError(
-                f"offload_mode[{key!r}]={mode!r} is unknown: use 'cpu' (compute on the CPU in fp32) or "
-                "'stream' (copy weights to a GPU for each forward)"
-            )
-        out[key] = str(mode)
-    return out
-
-
-def _check_forced(ctx: _Ctx, assign: Mapping[str, DeviceKey]) -> None:
-    """Each name of a per-block offload_mode covers a block placed on "cpu" (a mode applies only there; a
-    parent's blocks elsewhere are left as placed), and no block holding nested entries is forced to stream."""
-    for key, mode in ctx.forced_for.items():
-        mine = [u for u in ctx.units if covers(key, u.name)]
-        if not mine:
-            owner = max((u.name for u in ctx.units if covers(u.name, key)), key=len, default=None)
-            where = (
-                f"is inside block {owner!r}: a mode applies to whole blocks, name {owner!r}"
-                if owner is not None
-                else "holds no weights of any block: name a block"
-            )
-            raise PlanError(f"offload_mode names {key!r}, which {where} (or a parent) instead")
-        on_cpu = [u for u in mine if assign[u.name] == "cpu"]
-        if not on_cpu:
-            devs = sorted({device_label(assign[u.name]) for u in mine})
-            raise PlanError(
-                f"offload_mode names {key!r}, but the plan puts its block(s) on {', '.join(devs)}, not on "
-                "'cpu': a forced mode applies only to blocks placed on 'cpu'. Remove the name from "
-                "offload_mode, or place the block on 'cpu' (device_map, or a smaller GPU cap in max_memory)"
-            )
-        nested = [u.name for u in on_cpu if u.own_only and forcing_key(u.name, ctx.forced_for) == key]
-        if mode == "stream" and nested:
-            raise PlanError(
-                f"offload_mode[{key!r}]='stream' would stream {nested[0]!r}, which holds tensors of its own "
-                "around other device-map entries and cannot stream: force it 'cpu', or name its children"
-            )
+    ctx.extras = build_extras(model, [u.name for u in ctx.units], ctx.workload, ctx.itemsize, *modes, decode_ws)
 
 
 def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
@@ -377,42 +338,6 @@ def _cpu_runs(model: nn.Module, ctx: _Ctx) -> dict[str, RunMode]:
         if key is not None:
             runs[u.name] = forced(ctx.forced_for[key], f"offload_mode[{key!r}]")
     return runs
-
-
-def _quantized_shapes(model: nn.Module, q: QuantConfig) -> list[tuple[int, int]]:
-    """(out, in) of every layer the config quantizes (`sizing.quantized_layers`)."""
-    out = []
-    for m in sizing.quantized_layers(model, q).values():
-        dims = sizing.linear_shape(m)
-        assert dims is not None  # quantized_layers holds only Linear and Conv1D layers
-        out.append(dims)
-    return out
-
-
-def _expert_workspace(model: nn.Module, q: QuantConfig, itemsize: int) -> int:
-    """The largest expert weight a quantized expert stack dequantizes per call (the eager loop's `stack[e]`)."""
-    return max((o * i * itemsize for _, o, i in sizing.quantized_experts(model, q).values()), default=0)
-
-
-def _compute_itemsize(model: nn.Module, q: QuantConfig) -> int:
-    if q.compute_dtype is not None:
-        return q.compute_dtype.itemsize
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return dtype.itemsize
-
-
-def _head_unit(model: nn.Module, dims: sizing.Dims, units: list[Unit]) -> str | None:
-    """The unit holding the output head (the last Linear whose width is the vocabulary)."""
-    if not dims.vocab:
-        return None
-    heads = [n for n, m in model.named_modules() if (s := sizing.linear_shape(m)) is not None and s[0] == dims.vocab]
-    if not heads:
-        return None
-    head = heads[-1]
-    for u in units:
-        if u.name == "" or head == u.name or head.startswith(u.name + "."):
-            return u.name
-    return None
 
 
 def _run(ctx: _Ctx, u: Unit, dev: DeviceKey) -> RunMode:
@@ -477,15 +402,22 @@ def _reserve(ctx: _Ctx, dev: DeviceKey, units: list[Unit], assumed: _Assumed) ->
         quantized_here = any(e.quantized for u in units for e in u.entries)
         if ctx.workspace and (quantized_here or (dev == ctx.exec_dev and assumed.stream)):
             out["matmul workspace"] = ctx.workspace
-        return out
+        carried = ctx.extras.carried_bytes(names, ctx.itemsize)
+        if dev == ctx.exec_dev:
+            carried = add_bytes(carried, assumed.carried)
+        return {**out, **carried, **ctx.extras.gpu(head, dev == ctx.exec_dev)}
     if dev == "disk":
         return {"file headers": disk_overhead(ctx.quant, units)} if units else {}
     streams_here = ctx.exec_dev is None and assumed.stream > 0  # no GPU: disk blocks stream into host slots
     if dev == "cpu" and (units or assumed.disk_staging or streams_here):
         out = {"load": ctx.largest_tensor}  # every tensor is read into host memory on its way to its device
-        if ctx.exec_dev is None or any(_run(ctx, u, dev) == "cpu" for u in units):  # blocks compute on the CPU
+        computing = [u.name for u in units if _run(ctx, u, dev) == "cpu"]
+        if ctx.exec_dev is None or computing:  # blocks compute on the CPU
             head = ctx.head_unit in names or (ctx.exec_dev is None and assumed.head_on_exec)
             out["activations"] = ctx.act_fp32 + (ctx.head_act if head else 0)
+            carried = ctx.extras.carried_bytes(computing, 4)  # CPU blocks compute (and cache) in fp32
+            out.update(add_bytes(carried, assumed.carried) if ctx.exec_dev is None else carried)
+            out.update(ctx.extras.cpu(head))
         if streams_here:
             out["stream"] = assumed.stream
         if assumed.disk_staging:
@@ -504,6 +436,7 @@ def _needs(ctx: _Ctx, assign: Mapping[str, DeviceKey], units: list[Unit] | None 
         stream=2 * max((_bytes(ctx, [u], "disk") for u in streamed), default=0),
         head_on_exec=any(u.name == ctx.head_unit for u in streamed),
         disk_staging=2 * max((_bytes(ctx, [u], "disk") for u in disk), default=0) if "cpu" in ctx.budgets else 0,
+        carried=ctx.extras.carried_bytes([u.name for u in streamed], ctx.itemsize if ctx.exec_dev is not None else 4),
     )
 
 
@@ -609,7 +542,8 @@ def _search_fit(ctx: _Ctx, node_limit: int | None = None) -> dict[str, DeviceKey
         if any(keys[e.key] > 1 for e in u.entries) or u.own_only or name == ctx.head_unit:
             return name  # tied, nested or the head: unlike any other unit
         load = max((e.source_bytes + 4 * e.numel for e in u.entries if e.quantized), default=0)
-        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load)
+        carried = ctx.extras.carried.get(name)
+        return (tuple(_bytes(ctx, [u], d) for d in devices), str(rule[name]), load, carried)
 
     partner = {u.name: g[0].name for g in tied_groups(ctx.units) for u in g}
 
@@ -655,25 +589,37 @@ def _settle(
     gpu_first: bool = True,
 ) -> dict[str, DeviceKey]:
     """Fill with the stream reserve fixed at `stream`, raising the other assumed reserves (logits of a streamed
-    head, disk staging) until the placement needs no more than assumed."""
+    head, disk staging, what streamed blocks carry to the execution GPU) until the placement needs no more than
+    assumed."""
     assumed = _Assumed(stream=stream)
-    for _ in range(8):
+    for _ in range(SETTLE_ROUNDS):
         assign = _fill(ctx, groups, caps, assumed, pinned, gpu_first)
         need = _needs(ctx, assign)
         if need.stream > stream:
             raise PlanError(f"a streamed block needs {need.stream} bytes of stream buffers, over the {stream} assumed")
-        if need.disk_staging <= assumed.disk_staging and (assumed.head_on_exec or not need.head_on_exec):
+        carried = {k: max(v, assumed.carried.get(k, 0)) for k, v in need.carried.items()}
+        if (
+            need.disk_staging <= assumed.disk_staging
+            and (assumed.head_on_exec or not need.head_on_exec)
+            and all(v <= assumed.carried.get(k, 0) for k, v in need.carried.items())
+        ):
             return assign
         assumed = _Assumed(
-            stream, assumed.head_on_exec or need.head_on_exec, max(assumed.disk_staging, need.disk_staging)
+            stream,
+            assumed.head_on_exec or need.head_on_exec,
+            max(assumed.disk_staging, need.disk_staging),
+            {**assumed.carried, **carried},
         )
     raise PlanError("the planner did not settle on its reserves; report this model to shardq")
 
 
+SETTLE_ROUNDS = 32  # fills per assumed stream size: each raises the assumed reserves to what the last one needed
+
+
 def _forced_hold(ctx: _Ctx, assign: dict[str, DeviceKey]) -> bool:
-    """Every name the user forced a mode for still covers a block placed on "cpu" (`_check_forced`)."""
+    """Every name the user forced a mode for still covers a block placed on "cpu" (`check_forced`)."""
     try:
-        _check_forced(ctx, assign)
+        check_forced(ctx.units, ctx.forced_for, assign)
     except PlanError:
         return False
     return True
@@ -753,10 +699,10 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) 
     caps = dict(ctx.budgets)
     if len(gpus) < 2:
         return caps
-    total = _bytes(ctx, ctx.units, gpus[0])
-    biggest = max((_bytes(ctx, g, gpus[0]) for g in groups), default=0)
+    total = _bytes(ctx, ctx.units, gpus[0]) + _carried_total(ctx, ctx.units)
+    biggest = max((_bytes(ctx, g, gpus[0]) + _carried_total(ctx, g) for g in groups), default=0)
     largest_load = max((e.source_bytes + 4 * e.numel for u in ctx.units for e in u.entries if e.quantized), default=0)
-    per_gpu_reserve = ctx.act + ctx.head_act + largest_load
+    per_gpu_reserve = ctx.act + ctx.head_act + largest_load + sum(ctx.extras.gpu(False, False).values())
     if total + len(gpus) * per_gpu_reserve > sum(ctx.budgets[g] for g in gpus):
         return caps
     spread = gpus[1:] if low_zero else gpus
@@ -767,6 +713,11 @@ def _balanced_caps(ctx: _Ctx, groups: list[list[Unit]], low_zero: bool = False) 
         room = sum(caps[g] - per_gpu_reserve for g in spread)
         caps[gpus[0]] = min(ctx.budgets[gpus[0]], max(0, total - room) + per_gpu_reserve)
     return caps
+
+
+def _carried_total(ctx: _Ctx, units: list[Unit]) -> int:
+    """Bytes `units` carry to the GPU that executes them (KV cache, LoRA states, checkpoints)."""
+    return sum(ctx.extras.carried_bytes([u.name for u in units], ctx.itemsize).values())
 
 
 def _missing_error(
@@ -815,7 +766,7 @@ def _missing_error(
         f"the model does not fit in max_memory: about {format_size(missing)} ({missing} bytes) are missing;{why} "
         f"{len(units)} block(s) from {left[0][0].name!r} on ({format_size(need)}) found no room{where}. "
         f"Devices: {'; '.join(rows) or 'none'}. To fix:{hint} raise the caps, quantize (quant='nf4' or 'int8'), "
-        "or shrink the workload (batch, seq_len)."
+        "or shrink the workload (batch, seq_len)." + ctx.extras.hint()
     )
     error.missing = missing
     return error
@@ -851,7 +802,7 @@ def _build(
                 f"{device_label(d)} would hold {format_size(totals[d])} of weights + {format_size(reserves[d])} "
                 f"reserve ({_fmt_detail(detail[d])}), {format_size(over)} ({over} bytes) over its "
                 f"max_memory of {format_size(ctx.budgets[d])}: move modules off {device_label(d)}, raise its "
-                f"cap, or shrink the workload (batch, seq_len).{stream}"
+                f"cap, or shrink the workload (batch, seq_len).{stream}{ctx.extras.hint()}"
             )
     placements = [_placement(ctx, u, assign[u.name]) for u in ctx.units]
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), "float32")
@@ -875,6 +826,8 @@ def _build(
         ),
         source=type(model).__name__,
         offload_mode=ctx.forced or (dict(ctx.forced_for) or None),
+        kv_cache=ctx.extras.kv_cache,
+        training=ctx.extras.training,
     )
 
 
@@ -914,7 +867,7 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
     index = index_checkpoint(path)
     if quant is None and getattr(config, "quantization_config", None) is not None:
         quant = config.quantization_config
-    model = hf.meta_model_from_config(config, resolve_dtype(dtype) or _checkpoint_dtype(index))
+    model = hf.meta_model_from_config(config, resolve_dtype(dtype) or checkpoint_dtype(index))
     result = plan_model(model, quant, **kwargs)
     from shardq.checkpoint.conversions import apply_conversions
     from shardq.checkpoint.source import checkpoint_source
@@ -923,20 +876,3 @@ def plan(source: Any, quant: Any = None, *, dtype: torch.dtype | str | None = No
     result.mismatches = problems + check_checkpoint(model, converted)
     result.source = path
     return result
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A floating torch dtype from a dtype, its name or a common alias ("fp16", "bf16", "fp32", "half")."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).strip().lower().removeprefix("torch.")
-    value = COMPUTE_DTYPES.get(name, getattr(torch, name, None))
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise PlanError(f"dtype={dtype!r} is not a floating dtype: use float16, bfloat16 or float32")
-    return value
-
-
-def _checkpoint_dtype(index: Any) -> torch.dtype | None:
-    """The floating dtype holding most of the checkpoint's bytes (its working dtype)."""
-    floats = {d: n for d, n in index.dtype_counts().items() if d.is_floating_point}
-    return max(floats, key=lambda d: floats[d]) if floats else None

@@ -91,7 +91,7 @@ def format_plan(plan: Plan, full: bool = False, pcie_gbps: float = PCIE_GBPS, di
     )
     out = [
         f"shardq plan of {plan.source}: {plan.dtype}, quantization {qdesc}, strategy {plan.strategy}, "
-        f"workload batch {plan.workload[0]} x seq_len {plan.workload[1]}",
+        f"workload batch {plan.workload[0]} x seq_len {plan.workload[1]} ({_mode(plan)})",
         "",
     ]
     rows = [_row(p) for p in plan.placements] if full else _fold(plan.placements)
@@ -135,6 +135,18 @@ def format_plan(plan: Plan, full: bool = False, pcie_gbps: float = PCIE_GBPS, di
     out += [f"warning: {w}" for w in plan.warnings]
     out += [f"checkpoint mismatch: {m}" for m in plan.mismatches]
     return "\n".join(out)
+
+
+def _mode(plan: Plan) -> str:
+    """What the reserves are sized for: generation (KV cache, decode graphs), LoRA training, or plain forwards."""
+    modes = []
+    if plan.kv_cache:
+        modes.append("generation: KV cache and decode graphs reserved")
+    if plan.training is not None:
+        t = plan.training
+        targets = t.target_modules if isinstance(t.target_modules, str) else ",".join(t.target_modules)
+        modes.append(f"training: LoRA rank {t.rank} on {targets}")
+    return "; ".join(modes) or "forward only, no KV cache reserved"
 
 
 def _summary(plan: Plan) -> str:

@@ -283,3 +283,36 @@ def _up8(v: int) -> int:
 def head_bytes(dims: Dims, batch: int, seq_len: int) -> int:
     """The output head's logits, which transformers returns in fp32: batch x seq_len x vocab x 4."""
     return batch * seq_len * dims.vocab * 4
+
+
+def kv_cache_bytes(batch: int, cache_len: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """K and V of one attention layer's cache, as transformers' `StaticCache` preallocates them (a dynamic cache
+    grows to the same): 2 x batch x cache_len x kv_heads x head_dim x itemsize."""
+    return 2 * batch * cache_len * kv_heads * head_dim * itemsize
+
+
+def decode_step_bytes(dims: Dims, batch: int, cache_len: int, itemsize: int) -> int:
+    """Intermediates of one block's one-token step for `batch` rows, all kept alive, as a CUDA graph's private pool
+    may hold them: per row 12 x hidden (block input, norms, q/k/v, rotated q/k, attention and projection outputs,
+    residuals) + 4 x intermediate (gate, up, their product, the activation) in the compute dtype, and the attention
+    scores, probabilities and mask over the whole cache in fp32 (2 x heads x cache_len + cache_len, 4 bytes)."""
+    per_row = (12 * dims.hidden + 4 * dims.intermediate) * itemsize + (2 * dims.heads + 1) * cache_len * 4
+    return batch * per_row
+
+
+def decode_head_bytes(dims: Dims, batch: int, itemsize: int) -> int:
+    """The head's output of a one-token step and its fp32 copy (the logits transformers returns): batch x vocab x
+    (itemsize + 4)."""
+    return batch * dims.vocab * (itemsize + 4)
+
+
+def decode_buffer_bytes(dims: Dims, batch: int, cache_len: int) -> int:
+    """Static inputs and outputs of a captured token step (`runtime.fast_decode`): int64 attention mask and token
+    buffer of cache_len per row, ids, positions and flags (4 x int64 per row), and the fp32 sampling noise (vocab
+    per row)."""
+    return batch * (8 * (2 * cache_len + 4) + 4 * dims.vocab)
+
+
+def lora_params(out_features: int, in_features: int, rank: int) -> int:
+    """Parameters of one LoRA adapter on a linear [out, in]: A is [rank, in], B is [out, rank]."""
+    return rank * (in_features + out_features)
