@@ -41,6 +41,12 @@ VARIANTS = {  # name -> (method, blocksize, double quant)
 }
 
 
+@pytest.fixture(autouse=True)
+def grouped_on(monkeypatch):
+    """The grouped forward is off by default until these tests pass on a GPU; they test it switched on."""
+    monkeypatch.setattr(qexperts, "GROUPED_EXPERTS", True)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _library():
     if lib.load() is None:
