@@ -3,7 +3,13 @@ checkpointing) of random Llama shapes: transformers + bitsandbytes + PEFT agains
 run on one GPU, and shardq with the GPU capped (`--cap-frac` of the model's nf4 bytes) and the other layers streamed.
 
     python bench/bench_train.py                       # 1.1b and 7b, batch 4 x 512; writes bench/results/train.json
-    python bench/bench_train.py --shapes 13b --batch 1 --seq 1024 --contenders shardq,shardq_capped --cap-mb 7629
+    python bench/bench_train.py --shapes 13b --batch 1 --seq 1024 --contenders shardq,shardq_capped --cap-mb 7629 \
+        --name train_13b
+
+The capped run keeps on the GPU the layers the planner's training plan puts there under the cap (`plan_model(...,
+training=Training(...))`: adapters and AdamW states, checkpoints, one block's recomputation, the logits' gradient,
+two stream slots), streams the others, and reports the allocator's peak against the cap; a cap below the fixed part
+gives a "failed: PlanError" row. `--resident N` overrides the planner.
 
 Columns: step time (mean of the timed steps after one warm-up), tokens/s, the allocator's peak during the timed
 steps, and for the capped run the cap and the layers left resident. Limits measured in the same run: the bf16 GEMM
@@ -32,13 +38,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MB = 2**20
 
 
+def llama_config(shape: str) -> transformers.LlamaConfig:
+    hidden, layers, inter, heads, kv = SHAPES[shape]
+    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                                    num_attention_heads=heads, num_key_value_heads=kv,
+                                    vocab_size=512 if shape == "tiny" else 32000,
+                                    max_position_embeddings=4096, tie_word_embeddings=False)
+
+
 def build(shape: str, dev: str) -> torch.nn.Module:
     """A random bf16 Llama of `shape` on `dev` (weights N(0, 0.02), norms 1), built without slow init."""
-    hidden, layers, inter, heads, kv = SHAPES[shape]
-    cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                                   num_attention_heads=heads, num_key_value_heads=kv,
-                                   vocab_size=512 if shape == "tiny" else 32000,
-                                   max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = llama_config(shape)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
     model.to_empty(device=dev)
@@ -131,6 +141,27 @@ def nf4_bytes(model: torch.nn.Module) -> int:
     return memory_footprint(model)
 
 
+def planned_resident(shape: str, cap_bytes: int, args) -> int:
+    """Decoder layers the planner keeps on GPU 0 under `cap_bytes` for this QLoRA step (nf4 + double quant, LoRA
+    r=16 on TARGETS, the batch x seq workload; the rest streamed): its training reserve (adapters + AdamW states,
+    checkpoints, one block's recomputation, the logits' gradient) and stream slots counted. Raises PlanError
+    when even the fixed part does not fit: the row then says so."""
+    from shardq.config import QuantConfig
+    from shardq.planning import Training
+    from shardq.planning.planner import plan_model
+
+    import psutil
+
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM._from_config(llama_config(shape), dtype=torch.bfloat16)
+    quant = QuantConfig(method="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    host = int(psutil.virtual_memory().available * 0.9)
+    plan = plan_model(meta, quant, max_memory={0: cap_bytes, "cpu": host}, device_map="sequential",
+                      workload=(args.batch, args.seq), offload_mode="stream", gpus=args.plan_gpus,
+                      training=Training(rank=16, target_modules=tuple(TARGETS)))
+    return sum(1 for name, dev in plan.device_map.items() if ".layers." in name and dev == 0)
+
+
 def run_one(shape: str, contender: str, args) -> list:
     dev = args.device
     model = build(shape, dev)
@@ -143,14 +174,7 @@ def run_one(shape: str, contender: str, args) -> list:
     weights = nf4_bytes(model)
     if contender == "shardq_capped":
         cap_bytes = int(args.cap_mb * MB) if args.cap_mb else int(args.cap_frac * weights)
-        n = len(model.model.layers)
-        layer = nf4_bytes(model.model.layers[0])
-        if args.resident is None:
-            stream_layers(model, 0, dev)
-            base = step_time(model, args.batch, args.seq, 1, dev)[1]  # fixed: head, slots, adapters, activations
-            k = max(0, min(n, (cap_bytes - base) // layer))
-        else:
-            k = args.resident
+        k = args.resident if args.resident is not None else planned_resident(shape, cap_bytes, args)
         del model
         _empty_cache()
         model = shardq_quantize(build(shape, dev))
@@ -238,6 +262,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU (--smoke checks the script on the CPU)")
     args.device = "cpu" if args.smoke else "cuda"
+    args.plan_gpus = None if torch.cuda.is_available() else "1x80GB"  # --smoke: plan for a hypothetical GPU
     args.gemm_flops, h2d = (1e12, 0.0) if args.smoke else (gemm_flops(), h2d_gbps())
     rows = []
     for shape in args.shapes.split(","):

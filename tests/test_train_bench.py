@@ -25,3 +25,23 @@ def test_bench_train_smoke_writes_its_results(tmp_path):
     assert all(isinstance(r["step_ms"], float) and r["step_ms"] > 0 for r in rows.values())
     assert rows["shardq_capped"]["resident_layers"] == 1  # two of the three layers streamed
     assert "step_ms" in done.stdout.splitlines()[-3]  # the table is printed last
+
+
+def test_capped_run_takes_its_layers_from_the_training_plan():
+    """The capped contender asks the planner (training reserve: adapters + AdamW, checkpoints, recomputation,
+    logits gradient; stream slots) how many layers stay on the GPU, for a hypothetical 80 GB GPU 0."""
+    import types
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_train
+
+    from shardq.planning.placement import PlanError
+
+    one = types.SimpleNamespace(batch=1, seq=1024, plan_gpus="1x80GB")
+    assert bench_train.planned_resident("13b", 16 * 10**9, one) == 40  # the guide's 13B on a 16 GB GPU: resident
+    assert 0 < bench_train.planned_resident("13b", 8 * 10**9, one) < 40  # 8 GB: the rest streamed
+    four = types.SimpleNamespace(batch=4, seq=512, plan_gpus="1x80GB")
+    with pytest.raises(PlanError, match="does not fit"):  # half the 7B nf4 bytes: the fixed part alone is larger
+        bench_train.planned_resident("7b", 1843 * 2**20, four)
