@@ -563,13 +563,7 @@ def load_sharded(
             progress=progress,
             prefetch=prefetch,
         )
-    if hasattr(model, "shardq_runtime"):
-        raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise LoadError(
-            f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32"
-        )
-    check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
+    _check_request(model, dtype, offload_mode)
     finite = FiniteCheck(check_mode(nonfinite))
     src = open_source(model, checkpoint, quant)
     cfg = src.cfg
@@ -602,19 +596,8 @@ def load_sharded(
         routes = plan_routes(slots_now, plan, qweights)
         stats = stream_tensors(model, src.tensors, match, routes, journal, folder, progress, src.layers, plan, finite)
         finite.resolve(quantized=cfg.method in ("nf4", "fp4"))
-        offload_modes = {k: m for k, m in plan.offload_modes.items() if plan.device_map[k] == "cpu"}  # with reasons
         t0 = time.perf_counter()
-        # with a GPU, "cpu" blocks were loaded in fp32 but the GPU blocks after them work in the planned dtype
-        working = getattr(torch, plan.dtype) if plan.execution_device is not None else None
-        dispatch_model(
-            model,
-            plan.device_map,
-            offload_modes=offload_modes or None,
-            execution_device=plan.execution_device,
-            offload_dir=folder,
-            prefetch=prefetch,
-            dtype=working,
-        )
+        _dispatch_planned(model, plan, folder, prefetch)
     except BaseException:
         journal.rollback()
         _abort_offload(claim, folder, load_id)
@@ -622,6 +605,38 @@ def load_sharded(
             torch.cuda.empty_cache()
         raise
     stats.dispatch_seconds = time.perf_counter() - t0
+    return _finish(model, plan, stats, claim)
+
+
+def _check_request(model: nn.Module, dtype: torch.dtype | None, offload_mode: Any) -> None:
+    """The arguments' own errors, before anything is read."""
+    if hasattr(model, "shardq_runtime"):
+        raise LoadError("this model is already loaded and dispatched: build a fresh model (e.g. on meta) to load again")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LoadError(
+            f"dtype={dtype!r} is not a floating torch dtype: use torch.float16, torch.bfloat16 or torch.float32"
+        )
+    check_offload_mode(model, offload_mode)  # names and values now; whether each name is on "cpu": by the planner
+
+
+def _dispatch_planned(model: nn.Module, plan: Plan, folder: Path | None, prefetch: bool) -> None:
+    """Hook the loaded model's blocks as planned (offload modes with their reasons, the working dtype)."""
+    offload_modes = {k: m for k, m in plan.offload_modes.items() if plan.device_map[k] == "cpu"}
+    # with a GPU, "cpu" blocks were loaded in fp32 but the GPU blocks after them work in the planned dtype
+    working = getattr(torch, plan.dtype) if plan.execution_device is not None else None
+    dispatch_model(
+        model,
+        plan.device_map,
+        offload_modes=offload_modes or None,
+        execution_device=plan.execution_device,
+        offload_dir=folder,
+        prefetch=prefetch,
+        dtype=working,
+    )
+
+
+def _finish(model: nn.Module, plan: Plan, stats: LoadStats, claim: OffloadFolder | None) -> nn.Module:
+    """Record the plan, the load's statistics (allocator peaks included) and the offload folder's claim."""
     stats.gpu_peak = (
         {i: torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
         if torch.cuda.is_available() and torch.cuda.is_initialized()
