@@ -248,7 +248,7 @@ def test_memory_report_and_readable_state(tmp_path):
 
 
 def test_remove_dispatch_restores_forwards():
-    model = tiny("llama", tie=False)
+    model = tiny("llama", tie=False).half()  # "cpu" blocks of a 16-bit model compute in fp32: wrapped
     dispatch_model(model, {"": "cpu", "model.layers.1": "cpu"}, offload_modes="cpu")
     assert "forward" in model.__dict__ and "forward" in model.model.layers[1].__dict__
     import inspect
@@ -256,6 +256,21 @@ def test_remove_dispatch_restores_forwards():
     remove_dispatch(model)
     assert not hasattr(model, "shardq_runtime")
     assert "forward" not in model.__dict__ and "forward" not in model.model.layers[1].__dict__
+
+
+def test_fp32_model_on_the_cpu_gets_no_block_wrappers():
+    """Nothing moves and nothing is cast: the blocks run as the undispatched model's (no cost when nothing moves)."""
+    model = tiny("llama", tie=False)
+    ids = torch.randint(1, 100, (2, 5))
+    want = model(ids).logits
+    dmap = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+            "model.rotary_emb": "cpu"}
+    dispatch_model(model, dmap, offload_modes="cpu")
+    assert not any("forward" in m.__dict__ for m in model.model.modules())
+    assert torch.equal(model(ids).logits, want)
+    half = tiny("llama", tie=False).half()  # fp16 weights: "cpu" blocks compute in fp32, so they are wrapped
+    dispatch_model(half, dmap, offload_modes="cpu")
+    assert "forward" in half.model.layers.__dict__ and "forward" in half.lm_head.__dict__
 
 
 # ---- move_to

@@ -574,8 +574,9 @@ def dispatch_model(
     if streamer is not None:
         streamer.allocate()
     modules = dict(model.named_modules(remove_duplicate=False))
+    fp32_cpu = main.type == "cpu" and working in (None, torch.float32) and _all_fp32(tensors)
     for b in blocks.values():
-        if needs_wrapper(b, blocks, main):
+        if needs_wrapper(b, blocks, main, fp32_cpu):
             _wrap_block(modules[b.name], rt, b)
     _wrap_root(model, rt)
     model.shardq_runtime = rt
@@ -585,13 +586,20 @@ def dispatch_model(
     return model
 
 
-def needs_wrapper(b: Block, blocks: dict[str, Block], main: torch.device) -> bool:
+def needs_wrapper(b: Block, blocks: dict[str, Block], main: torch.device, fp32_cpu: bool = False) -> bool:
     """Whether a block's forward must be wrapped. Not for a block resident on the main device with nothing
     borrowed, when every block hands its outputs to that device too (so its inputs are always there already):
-    "no cost when nothing moves" (the model's own forward, not a wrapper, then calls it)."""
-    if b.mode != "gpu" or b.borrowed or b.exec_device != main or b.out_device not in (None, main):
+    "no cost when nothing moves" (the model's own forward, not a wrapper, then calls it). `fp32_cpu`: the model
+    runs on the CPU with every floating weight in fp32, so a "cpu" block's fp32 cast is a no-op and it counts as
+    resident too."""
+    resident = b.mode == "gpu" or (fp32_cpu and b.mode == "cpu")
+    if not resident or b.borrowed or b.exec_device != main or b.out_device not in (None, main):
         return True
     return any((o.out_device or o.exec_device) != main for o in blocks.values())
+
+
+def _all_fp32(tensors: list[_Tensor]) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors if t.dtype.is_floating_point)
 
 
 def _working_dtype(blocks: dict[str, Block], tensors: list[_Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
