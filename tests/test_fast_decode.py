@@ -4,6 +4,7 @@ and the support check."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -134,6 +135,24 @@ def test_generate_hook_takes_fast_path_and_falls_back(tmp_path, fast_cpu):
     decode.set_graph_decode(model)  # static by default now
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=9, pad_token_id=0), want)
     assert stats["fast"] == 2
+
+
+def test_encoder_decoder_models_keep_transformers_loop(fast_cpu):
+    from _f_models import model_class, tiny_config
+
+    from shardq.runtime.dispatch import dispatch_model
+
+    torch.manual_seed(0)
+    model = model_class("t5")(tiny_config("t5")).eval()
+    ref = copy.deepcopy(model)
+    dispatch_model(model, {"": "cpu"})
+    ids = torch.randint(2, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(
+        max_new_tokens=4, do_sample=False, cache_implementation="static", decoder_start_token_id=0, pad_token_id=0
+    )
+    got = model.generate(ids, **kw)
+    assert torch.equal(got, ref.generate(ids, disable_compile=True, **kw))
+    assert fast_state(model).stats["fast"] == 0 and "encoder-decoder" in fast_state(model).last_fallback
 
 
 def test_generate_hook_cpu_model_uses_transformers_without_flag(tmp_path, monkeypatch):

@@ -446,6 +446,8 @@ def _reason(model: nn.Module, config: Any, model_kwargs: dict, generate_args: di
         return reason
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
         return "input_ids are not a 2-D LongTensor"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder models decode through transformers' loop"
     device = step_device(model)
     if device is None:
         return "blocks are not all resident on one device"
