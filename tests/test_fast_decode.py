@@ -137,6 +137,17 @@ def test_generate_hook_takes_fast_path_and_falls_back(tmp_path, fast_cpu):
     assert stats["fast"] == 2
 
 
+def test_loops_of_old_signatures_are_freed(tmp_path):
+    """Prompts of ever new lengths reuse at most MAX_LOOPS kept loops (each holds a static cache and a graph)."""
+    model, ref = _dispatched("llama", tmp_path, disk_layer=False)
+    for length in (3, 4, 5, 6, 4):
+        ids, mask = _padded(length=length, seed=length)
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=3, **REF)
+        assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=3, pad_token_id=0), want)
+        assert len(fast_state(model).loops) <= fast_decode.MAX_LOOPS
+    assert fast_state(model).stats["fast"] == 5
+
+
 def test_encoder_decoder_models_keep_transformers_loop(fast_cpu):
     from _f_models import model_class, tiny_config
 

@@ -15,6 +15,7 @@ dispatched model: it takes requests `fast_support` accepts and leaves every othe
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ from shardq.runtime import graphs
 from shardq.runtime.decode import decoder_of
 
 SYNC_EVERY = 16
+# Loops (static cache + graph per signature) kept for reuse by later generate() calls; older ones are freed.
+MAX_LOOPS = 2
 # generate() hook switch: on by default (GPU tests passed on an H100, 2026-12-07, transformers 5.17); False keeps
 # transformers' loop with the per-step GraphDecoder.
 ENABLED = True
@@ -176,7 +179,7 @@ class Loop:
 class FastState:
     """The fast loops of one model (one per signature) and counters saying which path each generate() took."""
 
-    loops: dict[tuple, Loop] = field(default_factory=dict)
+    loops: OrderedDict[tuple, Loop] = field(default_factory=OrderedDict)  # most recently used last
     stats: dict[str, int] = field(
         default_factory=lambda: {"fast": 0, "fallback": 0, "captures": 0, "replays": 0, "eager_steps": 0}
     )
@@ -316,6 +319,23 @@ def _draw_noise(loop: Loop, generator: torch.Generator | None) -> None:
         loop.noise.exponential_(generator=generator)
 
 
+def _loop_for(state: FastState, key: tuple) -> Loop | None:
+    """The kept loop of this signature (marked most recently used), if any."""
+    loop = state.loops.get(key)
+    if loop is not None:
+        state.loops.move_to_end(key)
+    return loop
+
+
+def _keep(state: FastState, key: tuple, loop: Loop) -> Loop:
+    """Keep `loop`, dropping the least recently used beyond MAX_LOOPS: each holds a static cache and a graph, so
+    requests of ever new lengths must not pile them up on the GPU."""
+    state.loops[key] = loop
+    while len(state.loops) > MAX_LOOPS:
+        state.loops.popitem(last=False)
+    return loop
+
+
 def _run_step(model: nn.Module, loop: Loop, s: Sampling, state: FastState, device: torch.device) -> None:
     """Eager on the CPU; on a GPU the first step of a signature is the warm-up (and the compile of fused steps),
     the second is captured (and replayed at once), later ones replay."""
@@ -417,9 +437,9 @@ def fast_generate(
         cache_len = -(-cache_len // FUSE_BUCKET) * FUSE_BUCKET
     key = (batch, cache_len, max_new_tokens, _runtime(model).model_dtype, device, s, tuple(eos), pad)
     state = fast_state(model)
-    loop = state.loops.get(key)
+    loop = _loop_for(state, key)
     if loop is None:
-        loop = state.loops[key] = _new_loop(model, batch, max_new_tokens, cache_len, s, eos, pad, device)
+        loop = _keep(state, key, _new_loop(model, batch, max_new_tokens, cache_len, s, eos, pad, device))
     state.stats["fast"] += 1
     with torch.no_grad():
         _prefill(model, loop, ids, mask, s, generator)
