@@ -132,6 +132,21 @@ def test_left_padded_batch_and_new_batch_size_recaptures(tmp_path, capture_cpu):
     assert model.shardq_runtime.decoder.stats["captures"] == 2
 
 
+def test_steps_of_old_signatures_are_freed(tmp_path, capture_cpu):
+    """Captured steps (static inputs + the cache they were captured on) beyond MAX_STEPS are dropped, least
+    recently used first; tokens stay equal to eager."""
+    from shardq.runtime import decode
+
+    model, ref = _dispatched("llama", tmp_path, disk_layer=False)
+    kw = dict(cache_implementation="static", **GEN)
+    for batch in range(1, decode.MAX_STEPS + 3):
+        ids = torch.randint(1, 200, (batch, 5), generator=torch.Generator().manual_seed(batch))
+        got = model.generate(ids, compile_config=cpu_compile_config(), **kw)
+        assert torch.equal(got, ref.generate(ids, disable_compile=True, **kw))
+        assert len(model.shardq_runtime.decoder.steps) <= decode.MAX_STEPS
+    assert model.shardq_runtime.decoder.stats["captures"] == decode.MAX_STEPS + 2
+
+
 def test_sampling_with_fixed_seed_equals_eager(tmp_path, capture_cpu):
     model, ref = _dispatched("qwen2", tmp_path, disk_layer=False)
     ids = torch.randint(1, 200, (2, 4), generator=torch.Generator().manual_seed(3))

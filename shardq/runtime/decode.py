@@ -20,6 +20,7 @@ padding, masks) stays as it is; only the forward of a one-token step is replayed
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ from shardq.runtime import graphs
 from shardq.runtime.graphs import Call, joins_run, storage_key, tensors_of
 
 CACHE_TENSORS = ("keys", "values", "cumulative_length")
+# Captured steps kept per model (one per signature: batch, dtype, cache length); the least recently used beyond
+# this are freed with the cache they were captured on.
+MAX_STEPS = 4
 # Blocks that run on the CPU are eager; tests set this to capture them with graphs.ReplayGraph (the CPU stand-in of
 # a CUDA graph), so CI runs the run/buffer logic of the GPU path.
 CAPTURE_CPU = False
@@ -173,7 +177,7 @@ class GraphDecoder:
     def __init__(self, model: nn.Module, rt: Any) -> None:
         self.model, self.rt = model, rt
         self.whole_device = _whole_step_device(rt)
-        self.steps: dict[tuple, Step] = {}
+        self.steps: OrderedDict[tuple, Step] = OrderedDict()  # most recently used last
         self.warm: set[tuple] = set()
         self.pools: dict[torch.device, Any] = {}
         self.active: Step | None = None
@@ -189,13 +193,14 @@ class GraphDecoder:
             return self.model(*args, **kwargs)
         key = graphs.signature((args, kwargs))
         step = self.steps.get(key)
-        if step is None:
-            if key not in self.warm:  # warm-up: lazy initialisation happens outside any capture
-                self.warm.add(key)
-                self.stats["eager"] += 1
-                return self.model(*args, **kwargs)
-            return self._capture(key, args, kwargs).out
-        return self._replay(step, args, kwargs)
+        if step is not None:
+            self.steps.move_to_end(key)
+            return self._replay(step, args, kwargs)
+        if key not in self.warm:  # warm-up: lazy initialisation happens outside any capture
+            self.warm.add(key)
+            self.stats["eager"] += 1
+            return self.model(*args, **kwargs)
+        return self._capture(key, args, kwargs).out
 
     def _capture(self, key: tuple, args: tuple, kwargs: dict) -> Step:
         sargs, skw = graphs.static_copy((args, kwargs))
@@ -220,6 +225,8 @@ class GraphDecoder:
             finally:
                 self.active, step.capturing = None, False
         self.steps[key] = step
+        while len(self.steps) > MAX_STEPS:  # each step holds its static inputs and the cache it was captured on
+            self.steps.popitem(last=False)
         return step
 
     def _replay(self, step: Step, args: tuple, kwargs: dict) -> Any:
