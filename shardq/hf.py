@@ -6,6 +6,8 @@ models are built under `torch.device("meta")`, so a 70B architecture costs a few
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from collections import Counter
@@ -208,9 +210,14 @@ def cache_kwarg(model: nn.Module) -> str:
     """The name under which `model`'s forward takes the KV cache in the installed transformers: `cache` in recent
     releases, `past_key_values` before (an unknown keyword is swallowed by `**kwargs`, so the wrong one silently
     runs without the cache)."""
-    import inspect
+    cls: type = type(model)  # as `type`: mypy does not see a `type[Any]` as Hashable (the cache's key)
+    return _cache_kwarg_of(cls)
 
-    for fn in (getattr(type(model), "prepare_inputs_for_generation", None), getattr(type(model), "forward", None)):
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    """`cache_kwarg` per class: read from the signatures once (callers ask on every step)."""
+    for fn in (getattr(cls, "prepare_inputs_for_generation", None), getattr(cls, "forward", None)):
         if fn is None:
             continue
         params = inspect.signature(fn).parameters

@@ -339,18 +339,17 @@ def _keep(state: FastState, key: tuple, loop: Loop) -> Loop:
 def _run_step(model: nn.Module, loop: Loop, s: Sampling, state: FastState, device: torch.device) -> None:
     """Eager on the CPU; on a GPU the first step of a signature is the warm-up (and the compile of fused steps),
     the second is captured (and replayed at once), later ones replay."""
-    forward = _step_forward(model, state)
     if loop.graph is not None:
         state.stats["replays"] += 1
         loop.graph.replay()
     elif device.type != "cuda" or not loop.warm:
         loop.warm = True
         state.stats["eager_steps"] += 1
-        _step(model, loop, s, forward)
+        _step(model, loop, s, _step_forward(model, state))
     else:
         graph = graphs.new_graph(device, decoder_of(model).pools)
         graph.begin()
-        _step(model, loop, s, forward)
+        _step(model, loop, s, _step_forward(model, state))
         graph.end()
         graph.replay()
         loop.graph = graph
