@@ -28,6 +28,8 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from results_io import public_argv
+
 from shardq.loading.loader import load_sharded_from_dir
 from shardq.runtime.decode import set_graph_decode
 from shardq.runtime import fast_decode
@@ -207,19 +209,6 @@ def _has_bnb() -> bool:
     return True
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    """argv without the machine-local --out/--dir paths (the JSON records how to rerun, not where it ran)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--out", "--dir"):
-            skip = True
-        elif not a.startswith(("--out=", "--dir=")):
-            out.append(a)
-    return out
-
-
 def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = False) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +221,7 @@ def write(args, rows: list, notes: list, hbm: float, h2d: float, quiet: bool = F
              f"torch {torch.__version__}, transformers {transformers.__version__}"] + notes
     res = {"benchmark": "decode", "title": "Decode ms per token: transformers, bitsandbytes and shardq eager/graph",
            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-           "command": "python " + " ".join(_public_args(sys.argv)), "notes": notes,
+           "command": "python " + " ".join(public_argv(sys.argv)), "notes": notes,
            "columns": ["model", "variant", "batch", "ms_per_token", "floor_ms", "x_floor", "weights_MiB", "path"],
            "rows": rows}
     (out / "decode.json").write_text(json.dumps(res, indent=1))

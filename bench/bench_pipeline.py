@@ -38,6 +38,9 @@ from shardq.distributed import Pipeline  # noqa: E402
 from shardq.distributed.cost import BlockTime, Link, predict, roofline_time  # noqa: E402
 from shardq.distributed.stages import split_model  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from results_io import public_argv  # noqa: E402
+
 MICRO = 8
 
 
@@ -286,22 +289,9 @@ def main() -> None:
                "vs one process (1 thread)", "physical limit ms"]
     doc = {"benchmark": "pipeline", "title": f"Pipeline stages over gloo, 12-layer Llama (hidden {args.hidden}), "
            f"prefill of {args.batch} x {args.tokens} tokens, fp32 CPU", "date": datetime.date.today().isoformat(),
-           "gpu": "none (CPU)", "command": "python bench/bench_pipeline.py " + " ".join(_public(sys.argv[1:])),
+           "gpu": "none (CPU)", "command": "python bench/bench_pipeline.py " + " ".join(public_argv(sys.argv[1:])),
            "columns": columns, "rows": rows, "notes": notes}
     write(doc, args.out)
-
-
-def _public(argv: list[str]) -> list[str]:
-    """argv without --out and its folder (the JSON says how to rerun, not where it ran)."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--out="):
-            skip = False
-        elif a == "--out":
-            skip = True
-        else:
-            out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers
 from peft import LoraConfig, get_peft_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import public_argv  # noqa: E402
+
 SHAPES = {"tiny": (64, 3, 96, 4, 2), "1.1b": (2048, 16, 8192, 32, 4), "7b": (4096, 32, 11008, 32, 32), "13b": (5120, 40, 13824, 40, 40)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MB = 2**20
@@ -226,19 +229,6 @@ def _merged(path: Path, res: dict) -> dict:
     return res
 
 
-def _public(argv: list[str]) -> list[str]:
-    """argv without --out and its folder (the JSON says how to rerun, not where it ran)."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--out="):
-            skip = False
-        elif a == "--out":
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1.1b,7b")
@@ -284,7 +274,7 @@ def main() -> None:
             "gemm_bound_ms", "speedup_vs_bnb", "peak_within_cap"]
     res = {"benchmark": args.name, "title": f"QLoRA step (nf4+dq, r=16 all linears, batch {args.batch}x{args.seq})",
            "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name() if not args.smoke else "none (smoke)",
-           "command": "python " + " ".join(_public(sys.argv)), "columns": cols, "rows": rows,
+           "command": "python " + " ".join(public_argv(sys.argv)), "columns": cols, "rows": rows,
            "notes": [(f"bf16 GEMM 8192^3: {args.gemm_flops / 1e12:.0f} TFLOP/s; gemm_bound_ms = 6*params*tokens at "
                       "that rate (forward, recompute, input gradients)"),
                      f"pinned H2D: {h2d:.1f} GB/s; the capped run streams each non-resident layer twice per step",

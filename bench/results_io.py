@@ -55,6 +55,19 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) + (f" x{n}" if n > 1 else "")
 
 
+def public_argv(argv: list[str]) -> list[str]:
+    """argv without the machine-local --out/--dir paths (a result records how to rerun, not where it ran)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--dir"):
+            skip = True
+        elif not a.startswith(("--out=", "--dir=")):
+            out.append(a)
+    return out
+
+
 def write_result(
     benchmark: str,
     title: str,
