@@ -11,7 +11,10 @@
 # 4-bit kernels; PROFILE_M, PROFILE_WG_M). Each is bounded by its own timeout; one call may run 600 s at most, so
 # split them. KERNEL_ARGS (e.g. "--shapes 8192x28672 --ms 1,16 --kinds fp16,sq_nf4") narrows the kernels step;
 # TEST_ARGS (pytest arguments, split on spaces), TEST_K (a pytest -k expression, kept whole) and TEST_LIMIT
-# (seconds) the tests step. "pipeline" runs bench/bench_pipeline.py on the host's idle CPU cores (PIPELINE_ARGS).
+# (seconds) the tests step. "pipeline" runs bench/bench_pipeline.py on the host's idle CPU cores (PIPELINE_ARGS);
+# "moe" bench/bench_moe.py (MOE_LIMIT). After a round of GPU-facing changes, one call can check and measure them:
+#   TEST_ARGS="tests/test_grouped_experts_gpu.py tests/test_decode_gpu.py tests/test_compile_gpu.py" \
+#   DECODE_ARGS="--shapes 1.1B --batches 1 --kinds sq_nf4_fused,sq_nf4_fast" bash bench/gpu_session.sh tests decode moe
 set -u
 OUT=${OUT:-/tmp/shardq-gpu}
 mkdir -p "$OUT"
@@ -57,11 +60,12 @@ for s in $steps; do
             step decode ${DECODE_LIMIT:-420} python3 bench/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} ;;
     train) step traintests 200 python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py tests/test_train_autograd.py
            step train ${TRAIN_LIMIT:-400} python3 bench/bench_train.py ${TRAIN_ARGS:-} ;;
+    moe) step moe ${MOE_LIMIT:-80} python3 bench/bench_moe.py --tokens 1,16,512 --reps 20 --out "$OUT" ;;
     pipeline) step pipeline ${PIPELINE_LIMIT:-240} python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} ;;
     offload) step offload 300 python3 bench/bench_offload.py ;;
     dispatch) step dispatch 240 python3 bench/bench_dispatch.py ;;
     load) step load 540 python3 bench/bench_load.py ${LOAD_ARGS:-} ;;
-    *) echo "unknown step $s (check tests kernels profile profilewg decode train pipeline offload dispatch load)"; exit 2 ;;
+    *) echo "unknown step $s (check tests kernels profile profilewg decode train moe pipeline offload dispatch load)"; exit 2 ;;
   esac
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
